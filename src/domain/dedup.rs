@@ -1,0 +1,183 @@
+//! De-duplication and lateness of one tenant's events (DESIGN.md invariant 2).
+//!
+//! Owns: the ids accepted within the horizon, kept by event second so that they
+//! expire exactly when an event with that time would be `late` anyway; nothing can
+//! be counted twice. Ids are kept as 128-bit xxh3 hashes (24 bytes an entry plus
+//! the expiry index) rather than strings.
+//! Must not: read the clock or evict an id before its horizon: when the table is
+//! full the caller must refuse the batch (`ids_free`), never forget.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::time::{counts_in_some_window, second_of_ms, DayBounds};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Admission {
+    Accepted,
+    Duplicate,
+    Late,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("de-duplication table is full ({ids_max} ids)")]
+pub struct DedupFull {
+    pub ids_max: usize,
+}
+
+/// The key an id is remembered by.
+pub fn id_key(id: &str) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(id.as_bytes())
+}
+
+#[derive(Debug, Clone)]
+pub struct DedupIndex {
+    seconds_by_id: HashMap<u128, i64>,
+    ids_by_second: BTreeMap<i64, Vec<u128>>,
+    horizon_s: i64,
+    ids_max: usize,
+}
+
+impl DedupIndex {
+    pub fn new(horizon_s: i64, ids_max: usize) -> Self {
+        DedupIndex {
+            seconds_by_id: HashMap::new(),
+            ids_by_second: BTreeMap::new(),
+            horizon_s,
+            ids_max,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.seconds_by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seconds_by_id.is_empty()
+    }
+
+    /// Forgets ids whose event second is at or before `now - horizon`.
+    pub fn expire(&mut self, now_ms: i64) {
+        let oldest_kept_s = second_of_ms(now_ms) - self.horizon_s + 1;
+        while let Some(entry) = self.ids_by_second.first_entry() {
+            if *entry.key() >= oldest_kept_s {
+                break;
+            }
+            for key in entry.remove() {
+                self.seconds_by_id.remove(&key);
+            }
+        }
+    }
+
+    /// How many more ids fit; call after `expire`.
+    pub fn ids_free(&self) -> usize {
+        self.ids_max.saturating_sub(self.seconds_by_id.len())
+    }
+
+    /// Decides one event's outcome and remembers it when accepted.
+    /// `today` is the tenant's local day at `now_ms`.
+    pub fn admit(
+        &mut self,
+        id: &str,
+        ts_ms: i64,
+        now_ms: i64,
+        today: DayBounds,
+    ) -> Result<Admission, DedupFull> {
+        let ts_s = second_of_ms(ts_ms);
+        let now_s = second_of_ms(now_ms);
+        if ts_s <= now_s - self.horizon_s {
+            return Ok(Admission::Late);
+        }
+        let key = id_key(id);
+        if self.seconds_by_id.contains_key(&key) {
+            return Ok(Admission::Duplicate);
+        }
+        if !counts_in_some_window(ts_s, now_s, today) {
+            return Ok(Admission::Late);
+        }
+        if self.seconds_by_id.len() >= self.ids_max {
+            return Err(DedupFull {
+                ids_max: self.ids_max,
+            });
+        }
+        self.seconds_by_id.insert(key, ts_s);
+        self.ids_by_second.entry(ts_s).or_default().push(key);
+        Ok(Admission::Accepted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW_MS: i64 = 1_763_805_600_000;
+    const DAY: DayBounds = DayBounds {
+        start_s: 1_763_769_600,
+        end_s: 1_763_856_000,
+    };
+
+    #[test]
+    fn second_sighting_is_a_duplicate() {
+        let mut index = DedupIndex::new(86_400, 10);
+        assert_eq!(
+            index.admit("a", NOW_MS, NOW_MS, DAY),
+            Ok(Admission::Accepted)
+        );
+        assert_eq!(
+            index.admit("a", NOW_MS, NOW_MS, DAY),
+            Ok(Admission::Duplicate)
+        );
+        assert_eq!(
+            index.admit("b", NOW_MS, NOW_MS, DAY),
+            Ok(Admission::Accepted)
+        );
+    }
+
+    #[test]
+    fn older_than_the_horizon_is_late_and_ids_expire_with_it() {
+        let mut index = DedupIndex::new(3_600, 10);
+        let old_ms = NOW_MS - 3_599_000;
+        assert_eq!(
+            index.admit("a", old_ms, NOW_MS, DAY),
+            Ok(Admission::Accepted)
+        );
+        let later_ms = NOW_MS + 1_000;
+        index.expire(later_ms);
+        assert!(index.is_empty());
+        assert_eq!(index.admit("a", old_ms, later_ms, DAY), Ok(Admission::Late));
+    }
+
+    #[test]
+    fn outside_every_window_is_late() {
+        let mut index = DedupIndex::new(86_400, 10);
+        // yesterday, more than 30 minutes ago
+        let yesterday_ms = DAY.start_s * 1000 - 1_000;
+        let now_ms = DAY.start_s * 1000 + 1_800_000;
+        assert_eq!(
+            index.admit("a", yesterday_ms, now_ms, DAY),
+            Ok(Admission::Late)
+        );
+        // within the 15 m prev window, even though it is yesterday
+        let recent_ms = DAY.start_s * 1000 - 1_000;
+        let just_after_ms = DAY.start_s * 1000 + 600_000;
+        assert_eq!(
+            index.admit("b", recent_ms, just_after_ms, DAY),
+            Ok(Admission::Accepted)
+        );
+    }
+
+    #[test]
+    fn a_full_table_refuses_instead_of_forgetting() {
+        let mut index = DedupIndex::new(86_400, 2);
+        index.admit("a", NOW_MS, NOW_MS, DAY).unwrap();
+        index.admit("b", NOW_MS, NOW_MS, DAY).unwrap();
+        assert_eq!(index.ids_free(), 0);
+        assert_eq!(
+            index.admit("c", NOW_MS, NOW_MS, DAY),
+            Err(DedupFull { ids_max: 2 })
+        );
+        assert_eq!(
+            index.admit("a", NOW_MS, NOW_MS, DAY),
+            Ok(Admission::Duplicate)
+        );
+    }
+}

@@ -1,0 +1,229 @@
+//! Exact-membership rolling windows of one histogram series.
+//!
+//! Owns: one compact slice per second (HDR bucket → count) for the seconds the
+//! sliding windows and their `prev` cover (plus the allowed skew ahead), and a
+//! running HDR histogram for `today`. Sliding windows are merged from their slices
+//! when read, so a window's edges are exact to the second and its quantiles equal
+//! those of one HDR histogram fed the same values.
+//! Must not: read the clock, or grow without bound: a slice holds at most one
+//! entry per HDR bucket, and the ring has a fixed number of slices.
+
+use chrono_tz::Tz;
+use hdrhistogram::Histogram;
+
+use super::time::{day_bounds, second_of_ms, DayBounds, SlidingWindow, BUCKET_HISTORY_S};
+use super::window::{ring_len_s, RecordError};
+
+/// Significant decimal digits of every histogram (API.md §4).
+pub const HISTOGRAM_SIGNIFICANT_DIGITS: u8 = 3;
+
+/// Count and quantiles of one window; quantiles are `None` when it is empty.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HistogramStats {
+    pub count: u64,
+    pub p50: Option<u64>,
+    pub p90: Option<u64>,
+    pub p95: Option<u64>,
+    pub p99: Option<u64>,
+    pub max: Option<u64>,
+}
+
+impl HistogramStats {
+    pub fn of(histogram: &Histogram<u64>) -> HistogramStats {
+        if histogram.is_empty() {
+            return HistogramStats::default();
+        }
+        HistogramStats {
+            count: histogram.len(),
+            p50: Some(histogram.value_at_quantile(0.50)),
+            p90: Some(histogram.value_at_quantile(0.90)),
+            p95: Some(histogram.value_at_quantile(0.95)),
+            p99: Some(histogram.value_at_quantile(0.99)),
+            max: Some(histogram.max()),
+        }
+    }
+}
+
+/// Every window of a histogram series at one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HistogramReading {
+    pub sec30: HistogramStats,
+    pub min15: HistogramStats,
+    pub today: HistogramStats,
+}
+
+/// A new empty histogram for values in `[0, value_max]`.
+pub fn empty_histogram(value_max: u64) -> Histogram<u64> {
+    // Invariant: low = 1, high >= 2 = 2 * low and 3 significant digits are valid
+    // bounds for every u64 `value_max`, so creation cannot fail.
+    Histogram::new_with_bounds(1, value_max.max(2), HISTOGRAM_SIGNIFICANT_DIGITS)
+        .expect("valid histogram bounds")
+}
+
+#[derive(Debug, Clone)]
+pub struct HistogramWindows {
+    // Per second: (lowest equivalent value of an HDR bucket, count), sorted by value.
+    slices: Vec<Vec<(u64, u64)>>,
+    ring_len: i64,
+    ahead_s: i64,
+    head_s: i64,
+    tz: Tz,
+    day: DayBounds,
+    today: Histogram<u64>,
+    value_max: u64,
+}
+
+impl HistogramWindows {
+    pub fn new(now_ms: i64, ahead_s: i64, tz: Tz, value_max: u64) -> Self {
+        let ring_len = ring_len_s(ahead_s);
+        let head_s = second_of_ms(now_ms);
+        HistogramWindows {
+            slices: vec![Vec::new(); ring_len as usize],
+            ring_len,
+            ahead_s,
+            head_s,
+            tz,
+            day: day_bounds(head_s, tz),
+            today: empty_histogram(value_max),
+            value_max,
+        }
+    }
+
+    fn slot(&self, second: i64) -> usize {
+        second.rem_euclid(self.ring_len) as usize
+    }
+
+    pub fn advance(&mut self, now_ms: i64) {
+        let target_s = second_of_ms(now_ms);
+        let steps = (target_s - self.head_s).min(self.ring_len);
+        for _ in 0..steps {
+            let second = self.head_s + 1;
+            if second >= self.day.end_s {
+                self.day = day_bounds(second, self.tz);
+                self.today.reset();
+            }
+            let slot = self.slot(second);
+            for &(value, count) in &self.slices[slot] {
+                // values in slices were range-checked when recorded
+                let _ = self.today.record_n(value, count);
+            }
+            let expired = self.slot(second - BUCKET_HISTORY_S);
+            self.slices[expired].clear();
+            self.head_s = second;
+        }
+        if target_s > self.head_s {
+            self.head_s = target_s;
+            if target_s >= self.day.end_s {
+                self.day = day_bounds(target_s, self.tz);
+                self.today.reset();
+            }
+        }
+    }
+
+    pub fn record(&mut self, ts_ms: i64, value: u64, now_ms: i64) -> Result<(), RecordError> {
+        self.advance(now_ms);
+        if value > self.value_max {
+            return Err(RecordError::ValueOutOfRange(value));
+        }
+        let second = second_of_ms(ts_ms);
+        let head_s = self.head_s;
+        if second > head_s + self.ahead_s {
+            return Err(RecordError::TooFarAhead {
+                ts_second: second,
+                head_second: head_s,
+            });
+        }
+        let in_today = second <= head_s && second >= self.day.start_s;
+        if in_today {
+            self.today
+                .record(value)
+                .map_err(|_| RecordError::ValueOutOfRange(value))?;
+        }
+        if second <= head_s - BUCKET_HISTORY_S {
+            return Ok(());
+        }
+        let key = self.today.lowest_equivalent(value);
+        let slot = self.slot(second);
+        let slice = &mut self.slices[slot];
+        match slice.binary_search_by_key(&key, |&(value, _)| value) {
+            Ok(index) => slice[index].1 += 1,
+            Err(index) => slice.insert(index, (key, 1)),
+        }
+        Ok(())
+    }
+
+    /// Merges the slices of seconds `(to_s - length_s, to_s]` into one histogram.
+    pub fn merge_seconds(&self, to_s: i64, length_s: i64) -> Histogram<u64> {
+        let mut merged = empty_histogram(self.value_max);
+        let from_s = (to_s - length_s + 1).max(self.head_s - BUCKET_HISTORY_S + 1);
+        for second in from_s..=to_s.min(self.head_s) {
+            for &(value, count) in &self.slices[self.slot(second)] {
+                let _ = merged.record_n(value, count);
+            }
+        }
+        merged
+    }
+
+    pub fn window_histogram(&mut self, window: SlidingWindow, now_ms: i64) -> Histogram<u64> {
+        self.advance(now_ms);
+        self.merge_seconds(self.head_s, window.length_s())
+    }
+
+    pub fn read(&mut self, now_ms: i64) -> HistogramReading {
+        self.advance(now_ms);
+        HistogramReading {
+            sec30: HistogramStats::of(&self.merge_seconds(self.head_s, 30)),
+            min15: HistogramStats::of(&self.merge_seconds(self.head_s, 900)),
+            today: HistogramStats::of(&self.today),
+        }
+    }
+
+    pub fn head_second(&self) -> i64 {
+        self.head_s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0_MS: i64 = 1_763_805_600_000;
+
+    #[test]
+    fn quantiles_match_one_histogram_of_the_same_values() {
+        let mut windows = HistogramWindows::new(T0_MS, 300, Tz::UTC, 3_600_000);
+        let mut reference = empty_histogram(3_600_000);
+        for (offset_s, value) in [(0, 120), (1, 455), (2, 1300), (3, 212), (4, 390), (5, 800)] {
+            windows
+                .record(T0_MS + offset_s * 1000, value, T0_MS + 5_000)
+                .unwrap();
+            reference.record(value).unwrap();
+        }
+        let reading = windows.read(T0_MS + 5_000);
+        assert_eq!(reading.sec30, HistogramStats::of(&reference));
+        assert_eq!(reading.sec30.count, 6);
+        assert_eq!(reading.sec30.max, Some(1300));
+        assert_eq!(reading.today, reading.sec30);
+        // 30 s after the first value it leaves the 30 s window but not 15 m.
+        let later = windows.read(T0_MS + 30_000);
+        assert_eq!(later.sec30.count, 5);
+        assert_eq!(later.min15.count, 6);
+    }
+
+    #[test]
+    fn an_empty_window_has_no_quantiles() {
+        let mut windows = HistogramWindows::new(T0_MS, 300, Tz::UTC, 3_600_000);
+        assert_eq!(windows.read(T0_MS).sec30, HistogramStats::default());
+        assert_eq!(windows.read(T0_MS).sec30.p95, None);
+    }
+
+    #[test]
+    fn values_past_the_maximum_are_refused() {
+        let mut windows = HistogramWindows::new(T0_MS, 300, Tz::UTC, 1000);
+        assert_eq!(
+            windows.record(T0_MS, 1001, T0_MS),
+            Err(RecordError::ValueOutOfRange(1001))
+        );
+        assert_eq!(windows.read(T0_MS).today.count, 0);
+    }
+}

@@ -1,0 +1,398 @@
+//! The state of one metric of one tenant: its total series and its breakdowns by
+//! dimension value, capped at `series_max` breakdown series (values past the cap
+//! fold into `__other__`).
+//! Owns: what an accepted event contributes to this metric, and the series.
+//! Must not: decide whether an event is accepted (the tenant does), or read the
+//! clock. Mean metrics have no state here; they are derived when read.
+
+use std::collections::HashMap;
+
+use chrono_tz::Tz;
+
+use super::catalogue::{MetricDef, MetricKind, SumField};
+use super::event::ValidEvent;
+use super::histogram::{HistogramReading, HistogramStats, HistogramWindows};
+use super::time::{SlidingWindow, BUCKET_HISTORY_S};
+use super::window::{CounterReading, CounterWindows, RecordError, Tally};
+
+/// The breakdown series that takes dim values past the cap.
+pub const OTHER_DIM_VALUE: &str = "__other__";
+/// The breakdown series of events that do not carry the dim.
+pub const NONE_DIM_VALUE: &str = "__none__";
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SeriesSettings {
+    /// Seconds an event may lie ahead of now (the clock skew, rounded up).
+    pub ahead_s: i64,
+    pub tz: Tz,
+    pub histogram_value_max: u64,
+    /// Breakdown series per metric, over all its dims (`__other__` excepted).
+    pub series_max: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Series {
+    Counter(CounterWindows),
+    Histogram(HistogramWindows),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeriesReading {
+    Counter(CounterReading),
+    Histogram(HistogramReading),
+}
+
+/// Points of `/series`: `(second the point starts at, value)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SeriesPoints {
+    Counter(Vec<(i64, Tally)>),
+    Histogram(Vec<(i64, HistogramStats)>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Contribution {
+    Counter { sum: i64, count: u32 },
+    Histogram(u64),
+}
+
+impl Series {
+    fn new(kind: &MetricKind, settings: &SeriesSettings, now_ms: i64) -> Series {
+        match kind {
+            MetricKind::Histogram => Series::Histogram(HistogramWindows::new(
+                now_ms,
+                settings.ahead_s,
+                settings.tz,
+                settings.histogram_value_max,
+            )),
+            _ => Series::Counter(CounterWindows::new(now_ms, settings.ahead_s, settings.tz)),
+        }
+    }
+
+    fn record(
+        &mut self,
+        ts_ms: i64,
+        contribution: Contribution,
+        now_ms: i64,
+    ) -> Result<(), RecordError> {
+        match (self, contribution) {
+            (Series::Counter(windows), Contribution::Counter { sum, count }) => {
+                windows.record(ts_ms, sum, count, now_ms)
+            }
+            (Series::Histogram(windows), Contribution::Histogram(value)) => {
+                windows.record(ts_ms, value, now_ms)
+            }
+            // a series is made for its metric's kind, and so is the contribution
+            _ => Ok(()),
+        }
+    }
+
+    fn read(&mut self, now_ms: i64) -> SeriesReading {
+        match self {
+            Series::Counter(windows) => SeriesReading::Counter(windows.read(now_ms)),
+            Series::Histogram(windows) => SeriesReading::Histogram(windows.read(now_ms)),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Breakdown {
+    dim: String,
+    by_value: HashMap<String, Series>,
+}
+
+/// What applying a batch did, for telemetry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub events_applied: u64,
+    /// Breakdown updates that went to `__other__` because of the cap.
+    pub values_folded: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricState {
+    index: usize,
+    kind: MetricKind,
+    settings: SeriesSettings,
+    total: Series,
+    breakdowns: Vec<Breakdown>,
+    breakdown_series: usize,
+}
+
+impl MetricState {
+    /// `index` is the metric's place in the catalogue (its routing bit).
+    pub fn new(index: usize, def: &MetricDef, settings: SeriesSettings, now_ms: i64) -> Self {
+        MetricState {
+            index,
+            kind: def.kind.clone(),
+            settings,
+            total: Series::new(&def.kind, &settings, now_ms),
+            breakdowns: def
+                .dims
+                .iter()
+                .map(|dim| Breakdown {
+                    dim: dim.clone(),
+                    by_value: HashMap::new(),
+                })
+                .collect(),
+            breakdown_series: 0,
+        }
+    }
+
+    pub fn kind(&self) -> &MetricKind {
+        &self.kind
+    }
+
+    fn contribution(&self, event: &ValidEvent) -> Option<Contribution> {
+        let bit = 1u64 << self.index;
+        let feeds = event.route.feeds & bit != 0;
+        match self.kind {
+            MetricKind::Sum { field } if feeds => {
+                let sum = match field {
+                    SumField::Amount => event.amount,
+                    SumField::Value => event.value_integer,
+                };
+                // validation makes the field present for every type a sum feeds on
+                sum.map(|sum| Contribution::Counter { sum, count: 1 })
+            }
+            MetricKind::Count if feeds => Some(Contribution::Counter { sum: 0, count: 1 }),
+            MetricKind::Histogram if feeds => {
+                Some(Contribution::Histogram(event.histogram_value()))
+            }
+            MetricKind::Ratio => {
+                let numerator = event.route.feeds_numerator & bit != 0;
+                (numerator || feeds).then_some(Contribution::Counter {
+                    sum: numerator as i64,
+                    count: feeds as u32,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Counts accepted events. An error means an event broke an invariant that
+    /// validation guarantees (it lies beyond the skew or the histogram range);
+    /// such an event changes no series.
+    pub fn apply(
+        &mut self,
+        events: &[ValidEvent],
+        now_ms: i64,
+    ) -> Result<ApplyReport, RecordError> {
+        let mut report = ApplyReport::default();
+        for event in events {
+            let Some(contribution) = self.contribution(event) else {
+                continue;
+            };
+            self.total.record(event.ts_ms, contribution, now_ms)?;
+            report.events_applied += 1;
+            for breakdown in &mut self.breakdowns {
+                let value = event.dim(&breakdown.dim).unwrap_or(NONE_DIM_VALUE);
+                if let Some(series) = breakdown.by_value.get_mut(value) {
+                    series.record(event.ts_ms, contribution, now_ms)?;
+                    continue;
+                }
+                let key = if self.breakdown_series < self.settings.series_max {
+                    self.breakdown_series += 1;
+                    value
+                } else {
+                    report.values_folded += 1;
+                    OTHER_DIM_VALUE
+                };
+                breakdown
+                    .by_value
+                    .entry(key.to_string())
+                    .or_insert_with(|| Series::new(&self.kind, &self.settings, now_ms))
+                    .record(event.ts_ms, contribution, now_ms)?;
+            }
+        }
+        Ok(report)
+    }
+
+    pub fn read(&mut self, now_ms: i64) -> SeriesReading {
+        self.total.read(now_ms)
+    }
+
+    /// Readings per value of `dim`, sorted by value; `None` when the metric does
+    /// not keep that dim.
+    pub fn read_breakdown(
+        &mut self,
+        dim: &str,
+        now_ms: i64,
+    ) -> Option<Vec<(String, SeriesReading)>> {
+        let breakdown = self.breakdowns.iter_mut().find(|b| b.dim == dim)?;
+        let mut readings: Vec<(String, SeriesReading)> = breakdown
+            .by_value
+            .iter_mut()
+            .map(|(value, series)| (value.clone(), series.read(now_ms)))
+            .collect();
+        readings.sort_by(|a, b| a.0.cmp(&b.0));
+        Some(readings)
+    }
+
+    /// The window's seconds grouped into points of `step_s` seconds, aligned to
+    /// multiples of `step_s`; the first and last points may cover fewer seconds.
+    pub fn series_points(
+        &mut self,
+        window: SlidingWindow,
+        step_s: i64,
+        now_ms: i64,
+    ) -> SeriesPoints {
+        let step_s = step_s.clamp(1, BUCKET_HISTORY_S);
+        match &mut self.total {
+            Series::Counter(windows) => {
+                windows.advance(now_ms);
+                let head_s = windows.head_second();
+                let groups = point_groups(head_s, window.length_s(), step_s);
+                SeriesPoints::Counter(
+                    groups
+                        .into_iter()
+                        .map(|(start_s, end_s)| {
+                            let mut tally = Tally::default();
+                            for second in start_s..=end_s {
+                                tally.add(windows.bucket(second));
+                            }
+                            (start_s, tally)
+                        })
+                        .collect(),
+                )
+            }
+            Series::Histogram(windows) => {
+                windows.advance(now_ms);
+                let head_s = windows.head_second();
+                let groups = point_groups(head_s, window.length_s(), step_s);
+                SeriesPoints::Histogram(
+                    groups
+                        .into_iter()
+                        .map(|(start_s, end_s)| {
+                            let merged = windows.merge_seconds(end_s, end_s - start_s + 1);
+                            (start_s, HistogramStats::of(&merged))
+                        })
+                        .collect(),
+                )
+            }
+        }
+    }
+}
+
+/// `[start_s, end_s]` groups covering `(head_s - length_s, head_s]`.
+fn point_groups(head_s: i64, length_s: i64, step_s: i64) -> Vec<(i64, i64)> {
+    let first_s = head_s - length_s + 1;
+    let mut groups = Vec::new();
+    let mut start_s = first_s.div_euclid(step_s) * step_s;
+    while start_s <= head_s {
+        let end_s = (start_s + step_s - 1).min(head_s);
+        groups.push((start_s.max(first_s), end_s));
+        start_s += step_s;
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::catalogue::{Catalogue, MetricDef};
+    use super::*;
+
+    const NOW_MS: i64 = 1_763_805_600_000;
+
+    fn settings(series_max: usize) -> SeriesSettings {
+        SeriesSettings {
+            ahead_s: 300,
+            tz: Tz::UTC,
+            histogram_value_max: 3_600_000,
+            series_max,
+        }
+    }
+
+    fn order(id: &str, amount: i64, device: Option<&str>, catalogue: &Catalogue) -> ValidEvent {
+        ValidEvent {
+            id: id.into(),
+            event_type: "order.completed".into(),
+            ts_ms: NOW_MS,
+            amount: Some(amount),
+            value: None,
+            value_integer: None,
+            dims: device
+                .map(|d| vec![("device".to_string(), d.to_string())])
+                .unwrap_or_default(),
+            experiments: vec![],
+            route: catalogue.route("order.completed"),
+        }
+    }
+
+    fn gmv_catalogue() -> Catalogue {
+        Catalogue::new(vec![MetricDef {
+            name: "gmv".into(),
+            kind: MetricKind::Sum {
+                field: SumField::Amount,
+            },
+            types: vec!["order.completed".into()],
+            numerator: vec![],
+            dims: vec!["device".into()],
+        }])
+    }
+
+    fn sec30_sum(reading: SeriesReading) -> i128 {
+        match reading {
+            SeriesReading::Counter(counter) => counter.sec30.current.sum,
+            SeriesReading::Histogram(_) => panic!("not a counter"),
+        }
+    }
+
+    #[test]
+    fn breakdowns_past_the_cap_fold_into_other() {
+        let catalogue = gmv_catalogue();
+        let mut state = MetricState::new(0, &catalogue.metrics()[0], settings(2), NOW_MS);
+        let events = vec![
+            order("1", 100, Some("ios"), &catalogue),
+            order("2", 200, None, &catalogue),
+            order("3", 300, Some("web"), &catalogue),
+            order("4", 400, Some("tv"), &catalogue),
+            order("5", 500, Some("ios"), &catalogue),
+        ];
+        let report = state.apply(&events, NOW_MS).unwrap();
+        assert_eq!(report.events_applied, 5);
+        assert_eq!(report.values_folded, 2);
+        assert_eq!(sec30_sum(state.read(NOW_MS)), 1500);
+        let by_device: Vec<(String, i128)> = state
+            .read_breakdown("device", NOW_MS)
+            .unwrap()
+            .into_iter()
+            .map(|(value, reading)| (value, sec30_sum(reading)))
+            .collect();
+        assert_eq!(
+            by_device,
+            vec![
+                ("__none__".to_string(), 200),
+                ("__other__".to_string(), 700),
+                ("ios".to_string(), 600),
+            ]
+        );
+        assert!(state.read_breakdown("country", NOW_MS).is_none());
+    }
+
+    #[test]
+    fn series_points_are_aligned_to_the_step() {
+        assert_eq!(
+            point_groups(105, 30, 10),
+            vec![(76, 79), (80, 89), (90, 99), (100, 105)]
+        );
+        assert_eq!(
+            point_groups(109, 30, 10),
+            vec![(80, 89), (90, 99), (100, 109)]
+        );
+        let catalogue = gmv_catalogue();
+        let mut state = MetricState::new(0, &catalogue.metrics()[0], settings(10), NOW_MS);
+        state
+            .apply(&[order("1", 100, None, &catalogue)], NOW_MS)
+            .unwrap();
+        let SeriesPoints::Counter(points) =
+            state.series_points(SlidingWindow::Sec30, 10, NOW_MS + 5_000)
+        else {
+            panic!("gmv is a counter");
+        };
+        let head_s = NOW_MS / 1000 + 5;
+        assert_eq!(points.len(), 4);
+        assert_eq!(points.last().unwrap().0, head_s / 10 * 10);
+        let total: i128 = points.iter().map(|(_, tally)| tally.sum).sum();
+        assert_eq!(total, 100);
+    }
+}

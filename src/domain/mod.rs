@@ -1,0 +1,11 @@
+//! Pure domain code: event rules, the metric catalogue, windows, histograms,
+//! de-duplication. Everything takes `now` as an argument; nothing here touches
+//! actix, tokio, sled or the clock.
+
+pub mod catalogue;
+pub mod dedup;
+pub mod event;
+pub mod histogram;
+pub mod metric;
+pub mod time;
+pub mod window;

@@ -1,0 +1,3 @@
+//! Tally: a real-time metrics node. See README.md and docs/ for the whole picture.
+
+pub mod domain;

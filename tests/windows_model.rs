@@ -1,0 +1,473 @@
+//! Property test: the window code against a naive reference model.
+//!
+//! Random event streams (late, future, out-of-order and duplicate events, two
+//! tenants in different time zones, time jumping across local midnight) go
+//! through validation, de-duplication and the metric state exactly as the actors
+//! drive them; the reference model keeps a plain list of the events it accepted
+//! and filters it by time. At every step every metric, window, `prev`, `today`
+//! and the device breakdown must be equal.
+
+use std::collections::BTreeMap;
+
+use chrono::TimeZone;
+use chrono_tz::Tz;
+use proptest::prelude::*;
+
+use tally::domain::catalogue::{Catalogue, MetricDef, MetricKind, SumField};
+use tally::domain::dedup::{Admission, DedupIndex};
+use tally::domain::event::{parse_event, validate_event, EventLimits, ValidationContext};
+use tally::domain::histogram::{empty_histogram, HistogramStats};
+use tally::domain::metric::{MetricState, SeriesReading, SeriesSettings};
+use tally::domain::time::{day_bounds, second_of_ms};
+use tally::domain::window::{SlidingTally, Tally};
+
+const SKEW_MS: i64 = 300_000;
+const HORIZON_S: i64 = 7_200;
+const SERIES_MAX: usize = 3;
+const VALUE_MAX: u64 = 3_600_000;
+const TYPES: [&str; 6] = [
+    "order.completed",
+    "payment.failed",
+    "payment.captured",
+    "checkout.completed",
+    "units.earned",
+    "other.thing",
+];
+const DEVICES: [&str; 4] = ["ios", "android", "web", "tv"];
+
+fn catalogue() -> Catalogue {
+    let def = |name: &str, kind, types: &[&str], numerator: &[&str], dims: &[&str]| MetricDef {
+        name: name.into(),
+        kind,
+        types: types.iter().map(|t| t.to_string()).collect(),
+        numerator: numerator.iter().map(|t| t.to_string()).collect(),
+        dims: dims.iter().map(|t| t.to_string()).collect(),
+    };
+    Catalogue::new(vec![
+        def(
+            "gmv",
+            MetricKind::Sum {
+                field: SumField::Amount,
+            },
+            &["order.completed"],
+            &[],
+            &["device"],
+        ),
+        def("orders", MetricKind::Count, &["order.completed"], &[], &[]),
+        def(
+            "payment_failure_rate",
+            MetricKind::Ratio,
+            &["payment.failed", "payment.captured"],
+            &["payment.failed"],
+            &[],
+        ),
+        def(
+            "checkout_latency_ms",
+            MetricKind::Histogram,
+            &["checkout.completed"],
+            &[],
+            &[],
+        ),
+        def(
+            "units_earned",
+            MetricKind::Sum {
+                field: SumField::Value,
+            },
+            &["units.earned"],
+            &[],
+            &[],
+        ),
+    ])
+}
+
+#[derive(Debug, Clone)]
+struct GenEvent {
+    tenant: usize,
+    id: u8,
+    type_index: usize,
+    ts_offset_ms: Option<i64>,
+    amount: i64,
+    value: u64,
+    device: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+struct Step {
+    advance_ms: i64,
+    events: Vec<GenEvent>,
+}
+
+fn ts_offset() -> impl Strategy<Value = Option<i64>> {
+    prop_oneof![
+        1 => Just(None),
+        10 => (-40_000i64..5_000).prop_map(Some),
+        4 => (-2_000_000i64..-30_000).prop_map(Some),
+        1 => (-9_000_000i64..-2_000_000).prop_map(Some),
+        2 => (0i64..400_000).prop_map(Some),
+    ]
+}
+
+fn gen_event() -> impl Strategy<Value = GenEvent> {
+    (
+        0usize..2,
+        0u8..40,
+        0usize..TYPES.len(),
+        ts_offset(),
+        prop_oneof![9 => 0i64..1_000_000, 1 => Just(1_000_000_000_000_000i64)],
+        0u64..5_000,
+        proptest::option::of(0usize..DEVICES.len()),
+    )
+        .prop_map(
+            |(tenant, id, type_index, ts_offset_ms, amount, value, device)| GenEvent {
+                tenant,
+                id,
+                type_index,
+                ts_offset_ms,
+                amount,
+                value,
+                device,
+            },
+        )
+}
+
+fn gen_step() -> impl Strategy<Value = Step> {
+    (
+        prop_oneof![
+            8 => 0i64..3_000,
+            3 => 3_000i64..120_000,
+            1 => 120_000i64..4_000_000,
+        ],
+        proptest::collection::vec(gen_event(), 0..6),
+    )
+        .prop_map(|(advance_ms, events)| Step { advance_ms, events })
+}
+
+fn event_json(event: &GenEvent, now_ms: i64) -> String {
+    let mut fields = vec![
+        format!(r#""id":"e{}""#, event.id),
+        format!(r#""type":"{}""#, TYPES[event.type_index]),
+        format!(r#""amount":{},"currency":"USD""#, event.amount),
+        format!(r#""value":{}"#, event.value),
+    ];
+    if let Some(offset) = event.ts_offset_ms {
+        fields.push(format!(r#""ts":{}"#, now_ms + offset));
+    }
+    if let Some(device) = event.device {
+        fields.push(format!(r#""dims":{{"device":"{}"}}"#, DEVICES[device]));
+    }
+    format!("{{{}}}", fields.join(","))
+}
+
+/// What the reference model keeps of an accepted event.
+#[derive(Debug, Clone)]
+struct Kept {
+    ts_ms: i64,
+    type_index: usize,
+    amount: i64,
+    value: u64,
+    device: Option<usize>,
+}
+
+/// The naive model: a list of accepted events per tenant, filtered by time.
+struct Reference {
+    tz: Tz,
+    accepted: Vec<(String, Kept)>,
+    device_order: Vec<String>,
+}
+
+impl Reference {
+    fn local_date(&self, second: i64) -> chrono::NaiveDate {
+        self.tz.timestamp_opt(second, 0).unwrap().date_naive()
+    }
+
+    /// Decides the outcome from the list alone.
+    fn admit(&mut self, id: String, kept: Kept, now_ms: i64) -> Admission {
+        let now_s = now_ms.div_euclid(1000);
+        let ts_s = kept.ts_ms.div_euclid(1000);
+        if ts_s <= now_s - HORIZON_S {
+            return Admission::Late;
+        }
+        let seen = self.accepted.iter().any(|(other_id, other)| {
+            *other_id == id && other.ts_ms.div_euclid(1000) > now_s - HORIZON_S
+        });
+        if seen {
+            return Admission::Duplicate;
+        }
+        let in_prev_15m = ts_s > now_s - 1800;
+        let in_today = ts_s > now_s || self.local_date(ts_s) >= self.local_date(now_s);
+        if !in_prev_15m && !in_today {
+            return Admission::Late;
+        }
+        if kept.type_index == 0 {
+            let device = device_name(kept.device);
+            if !self.device_order.contains(&device) && self.device_order.len() < SERIES_MAX {
+                self.device_order.push(device);
+            }
+        }
+        self.accepted.push((id, kept));
+        Admission::Accepted
+    }
+
+    fn in_range(ts_ms: i64, now_ms: i64, from_back_s: i64, to_back_s: i64) -> bool {
+        let second = ts_ms.div_euclid(1000);
+        let now_s = now_ms.div_euclid(1000);
+        second > now_s - from_back_s && second <= now_s - to_back_s
+    }
+
+    fn in_today(&self, ts_ms: i64, now_ms: i64) -> bool {
+        let second = ts_ms.div_euclid(1000);
+        let now_s = now_ms.div_euclid(1000);
+        second <= now_s && self.local_date(second) == self.local_date(now_s)
+    }
+
+    fn tally<F: Fn(&Kept) -> Option<(i128, u64)>>(
+        &self,
+        now_ms: i64,
+        pick: F,
+        select: &dyn Fn(&Kept) -> bool,
+    ) -> (SlidingTally, SlidingTally, Tally) {
+        let mut sec30 = SlidingTally::default();
+        let mut min15 = SlidingTally::default();
+        let mut today = Tally::default();
+        for (_, kept) in &self.accepted {
+            let Some((sum, count)) = pick(kept) else {
+                continue;
+            };
+            if !select(kept) {
+                continue;
+            }
+            let delta = Tally { sum, count };
+            let ts = kept.ts_ms;
+            for (window, length) in [(&mut sec30, 30), (&mut min15, 900)] {
+                if Self::in_range(ts, now_ms, length, 0) {
+                    window.current.add(delta);
+                }
+                if Self::in_range(ts, now_ms, 2 * length, length) {
+                    window.prev.add(delta);
+                }
+            }
+            if self.in_today(ts, now_ms) {
+                today.add(delta);
+            }
+        }
+        (sec30, min15, today)
+    }
+
+    fn histogram(&self, now_ms: i64) -> [HistogramStats; 3] {
+        let mut sec30 = empty_histogram(VALUE_MAX);
+        let mut min15 = empty_histogram(VALUE_MAX);
+        let mut today = empty_histogram(VALUE_MAX);
+        for (_, kept) in &self.accepted {
+            if kept.type_index != 3 {
+                continue;
+            }
+            if Self::in_range(kept.ts_ms, now_ms, 30, 0) {
+                sec30.record(kept.value).unwrap();
+            }
+            if Self::in_range(kept.ts_ms, now_ms, 900, 0) {
+                min15.record(kept.value).unwrap();
+            }
+            if self.in_today(kept.ts_ms, now_ms) {
+                today.record(kept.value).unwrap();
+            }
+        }
+        [
+            HistogramStats::of(&sec30),
+            HistogramStats::of(&min15),
+            HistogramStats::of(&today),
+        ]
+    }
+}
+
+fn device_name(device: Option<usize>) -> String {
+    device.map_or("__none__".to_string(), |d| DEVICES[d].to_string())
+}
+
+/// The engine as the actors drive it: de-dup per tenant, then every metric.
+struct Engine {
+    tz: Tz,
+    dedup: DedupIndex,
+    metrics: Vec<MetricState>,
+}
+
+fn counter(reading: SeriesReading) -> (SlidingTally, SlidingTally, Tally) {
+    match reading {
+        SeriesReading::Counter(c) => (c.sec30, c.min15, c.today),
+        SeriesReading::Histogram(_) => panic!("expected a counter"),
+    }
+}
+
+fn run(start_ms: i64, steps: Vec<Step>) -> Result<(), TestCaseError> {
+    let catalogue = catalogue();
+    let limits = EventLimits {
+        max_clock_skew_ms: SKEW_MS,
+        dims_per_event_max: 16,
+        dim_key_bytes_max: 32,
+        dim_value_bytes_max: 128,
+        histogram_value_max: VALUE_MAX,
+    };
+    let zones = [Tz::UTC, Tz::America__New_York];
+    let mut engines: Vec<Engine> = zones
+        .iter()
+        .map(|&tz| {
+            let settings = SeriesSettings {
+                ahead_s: SKEW_MS / 1000,
+                tz,
+                histogram_value_max: VALUE_MAX,
+                series_max: SERIES_MAX,
+            };
+            Engine {
+                tz,
+                dedup: DedupIndex::new(HORIZON_S, 1_000_000),
+                metrics: catalogue
+                    .metrics()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, def)| MetricState::new(i, def, settings, start_ms))
+                    .collect(),
+            }
+        })
+        .collect();
+    let mut references: Vec<Reference> = zones
+        .iter()
+        .map(|&tz| Reference {
+            tz,
+            accepted: Vec::new(),
+            device_order: Vec::new(),
+        })
+        .collect();
+
+    let mut now_ms = start_ms;
+    for step in steps {
+        now_ms += step.advance_ms;
+        let mut batches: Vec<Vec<_>> = vec![Vec::new(), Vec::new()];
+        for event in &step.events {
+            let json = event_json(event, now_ms);
+            let context = ValidationContext {
+                currency: "USD",
+                catalogue: &catalogue,
+                limits: &limits,
+            };
+            let raw = parse_event(json.as_bytes()).unwrap();
+            let validated = validate_event(&raw, &context, now_ms);
+            let ts_ms = now_ms + event.ts_offset_ms.unwrap_or(0);
+            let too_far_ahead = ts_ms > now_ms + SKEW_MS;
+            prop_assert_eq!(validated.is_err(), too_far_ahead, "validation of {}", json);
+            let Ok(valid) = validated else { continue };
+
+            let engine = &mut engines[event.tenant];
+            engine.dedup.expire(now_ms);
+            let today = day_bounds(second_of_ms(now_ms), engine.tz);
+            let admission = engine
+                .dedup
+                .admit(&valid.id, valid.ts_ms, now_ms, today)
+                .unwrap();
+            let kept = Kept {
+                ts_ms,
+                type_index: event.type_index,
+                amount: event.amount,
+                value: event.value,
+                device: event.device,
+            };
+            let expected = references[event.tenant].admit(valid.id.clone(), kept, now_ms);
+            prop_assert_eq!(admission, expected, "outcome of {} at {}", json, now_ms);
+            if admission == Admission::Accepted {
+                batches[event.tenant].push(valid);
+            }
+        }
+        for (engine, batch) in engines.iter_mut().zip(&batches) {
+            for metric in &mut engine.metrics {
+                metric.apply(batch, now_ms).unwrap();
+            }
+        }
+        for (engine, reference) in engines.iter_mut().zip(&references) {
+            check_tenant(engine, reference, now_ms)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_tenant(
+    engine: &mut Engine,
+    reference: &Reference,
+    now_ms: i64,
+) -> Result<(), TestCaseError> {
+    let all = |_: &Kept| true;
+    let gmv = |k: &Kept| (k.type_index == 0).then_some((k.amount as i128, 1));
+    prop_assert_eq!(
+        counter(engine.metrics[0].read(now_ms)),
+        reference.tally(now_ms, gmv, &all),
+        "gmv at {}",
+        now_ms
+    );
+    let orders = |k: &Kept| (k.type_index == 0).then_some((0, 1));
+    prop_assert_eq!(
+        counter(engine.metrics[1].read(now_ms)),
+        reference.tally(now_ms, orders, &all),
+        "orders"
+    );
+    let ratio = |k: &Kept| match k.type_index {
+        1 => Some((1, 1)),
+        2 => Some((0, 1)),
+        _ => None,
+    };
+    prop_assert_eq!(
+        counter(engine.metrics[2].read(now_ms)),
+        reference.tally(now_ms, ratio, &all),
+        "ratio"
+    );
+    let SeriesReading::Histogram(latency) = engine.metrics[3].read(now_ms) else {
+        return Err(TestCaseError::fail("latency is a histogram"));
+    };
+    prop_assert_eq!(
+        [latency.sec30, latency.min15, latency.today],
+        reference.histogram(now_ms),
+        "latency"
+    );
+    let units = |k: &Kept| (k.type_index == 4).then_some((k.value as i128, 1));
+    prop_assert_eq!(
+        counter(engine.metrics[4].read(now_ms)),
+        reference.tally(now_ms, units, &all),
+        "units"
+    );
+
+    // The device breakdown of gmv, with values past the cap folded.
+    let breakdown = engine.metrics[0].read_breakdown("device", now_ms).unwrap();
+    let actual: BTreeMap<String, _> = breakdown
+        .into_iter()
+        .map(|(value, reading)| (value, counter(reading)))
+        .collect();
+    let label_of = |k: &Kept| {
+        let name = device_name(k.device);
+        if reference.device_order.contains(&name) {
+            name
+        } else {
+            "__other__".to_string()
+        }
+    };
+    let mut expected = BTreeMap::new();
+    for (_, kept) in &reference.accepted {
+        if kept.type_index == 0 {
+            let label = label_of(kept);
+            let select = |k: &Kept| label_of(k) == label;
+            let tallies = reference.tally(now_ms, gmv, &select);
+            expected.insert(label, tallies);
+        }
+    }
+    prop_assert_eq!(actual, expected, "gmv by device at {}", now_ms);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Starts 40 minutes before UTC midnight (19:20 in New York) or 40 minutes
+    /// before New York midnight, so `today` rolls over for one of the tenants.
+    #[test]
+    fn windows_equal_the_reference_model(
+        start in prop_oneof![Just(1_763_853_600_000i64), Just(1_763_871_600_000i64)],
+        steps in proptest::collection::vec(gen_step(), 1..120),
+    ) {
+        run(start, steps)?;
+    }
+}
