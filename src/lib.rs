@@ -1,3 +1,9 @@
 //! Tally: a real-time metrics node. See README.md and docs/ for the whole picture.
 
+pub mod actors;
+pub mod app;
+pub mod clock;
+pub mod config;
 pub mod domain;
+pub mod http;
+pub mod telemetry;

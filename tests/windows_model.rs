@@ -377,7 +377,8 @@ fn run(start_ms: i64, steps: Vec<Step>) -> Result<(), TestCaseError> {
         }
         for (engine, batch) in engines.iter_mut().zip(&batches) {
             for metric in &mut engine.metrics {
-                metric.apply(batch, now_ms).unwrap();
+                let report = metric.apply(batch, now_ms);
+                prop_assert_eq!(report.events_refused, 0);
             }
         }
         for (engine, reference) in engines.iter_mut().zip(&references) {

@@ -106,6 +106,9 @@ pub struct ApplyReport {
     pub events_applied: u64,
     /// Breakdown updates that went to `__other__` because of the cap.
     pub values_folded: u64,
+    /// Events that broke an invariant validation guarantees (beyond the skew or
+    /// the histogram range); each changed no series.
+    pub events_refused: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -169,42 +172,43 @@ impl MetricState {
         }
     }
 
-    /// Counts accepted events. An error means an event broke an invariant that
-    /// validation guarantees (it lies beyond the skew or the histogram range);
-    /// such an event changes no series.
-    pub fn apply(
-        &mut self,
-        events: &[ValidEvent],
-        now_ms: i64,
-    ) -> Result<ApplyReport, RecordError> {
+    /// Counts accepted events into the total and the breakdowns.
+    pub fn apply(&mut self, events: &[ValidEvent], now_ms: i64) -> ApplyReport {
         let mut report = ApplyReport::default();
         for event in events {
             let Some(contribution) = self.contribution(event) else {
                 continue;
             };
-            self.total.record(event.ts_ms, contribution, now_ms)?;
+            // The total is recorded first: an event it refuses touches nothing.
+            if self
+                .total
+                .record(event.ts_ms, contribution, now_ms)
+                .is_err()
+            {
+                report.events_refused += 1;
+                continue;
+            }
             report.events_applied += 1;
             for breakdown in &mut self.breakdowns {
                 let value = event.dim(&breakdown.dim).unwrap_or(NONE_DIM_VALUE);
-                if let Some(series) = breakdown.by_value.get_mut(value) {
-                    series.record(event.ts_ms, contribution, now_ms)?;
-                    continue;
-                }
-                let key = if self.breakdown_series < self.settings.series_max {
+                let key = if breakdown.by_value.contains_key(value) {
+                    value
+                } else if self.breakdown_series < self.settings.series_max {
                     self.breakdown_series += 1;
                     value
                 } else {
                     report.values_folded += 1;
                     OTHER_DIM_VALUE
                 };
-                breakdown
+                let series = breakdown
                     .by_value
                     .entry(key.to_string())
-                    .or_insert_with(|| Series::new(&self.kind, &self.settings, now_ms))
-                    .record(event.ts_ms, contribution, now_ms)?;
+                    .or_insert_with(|| Series::new(&self.kind, &self.settings, now_ms));
+                // same time and value as the total, so it cannot refuse them
+                let _ = series.record(event.ts_ms, contribution, now_ms);
             }
         }
-        Ok(report)
+        report
     }
 
     pub fn read(&mut self, now_ms: i64) -> SeriesReading {
@@ -348,7 +352,7 @@ mod tests {
             order("4", 400, Some("tv"), &catalogue),
             order("5", 500, Some("ios"), &catalogue),
         ];
-        let report = state.apply(&events, NOW_MS).unwrap();
+        let report = state.apply(&events, NOW_MS);
         assert_eq!(report.events_applied, 5);
         assert_eq!(report.values_folded, 2);
         assert_eq!(sec30_sum(state.read(NOW_MS)), 1500);
@@ -381,9 +385,7 @@ mod tests {
         );
         let catalogue = gmv_catalogue();
         let mut state = MetricState::new(0, &catalogue.metrics()[0], settings(10), NOW_MS);
-        state
-            .apply(&[order("1", 100, None, &catalogue)], NOW_MS)
-            .unwrap();
+        state.apply(&[order("1", 100, None, &catalogue)], NOW_MS);
         let SeriesPoints::Counter(points) =
             state.series_points(SlidingWindow::Sec30, 10, NOW_MS + 5_000)
         else {

@@ -7,5 +7,6 @@ pub mod dedup;
 pub mod event;
 pub mod histogram;
 pub mod metric;
+pub mod quarantine;
 pub mod time;
 pub mod window;

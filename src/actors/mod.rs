@@ -1,0 +1,65 @@
+//! The actor side of the node: an actix System on its own thread with one
+//! Arbiter per shard. A tenant's TenantActor and its MetricActors live on the
+//! shard its id hashes to, so that window state is owned, never locked.
+//! Must not: be driven with `do_send` on the data path; every data message is a
+//! `send` whose mailbox room is guaranteed by the permits the HTTP layer holds.
+
+pub mod metric;
+pub mod tenant;
+
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use actix::{Arbiter, ArbiterHandle, System};
+
+/// The actor threads: one System thread and `shards` Arbiter threads.
+pub struct ActorRuntime {
+    arbiters: Vec<ArbiterHandle>,
+    system: System,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ActorRuntime {
+    pub fn start(shards: usize) -> std::io::Result<ActorRuntime> {
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("tally-actors".into())
+            .spawn(move || {
+                let runner = System::new();
+                let arbiters: Vec<Arbiter> = (0..shards.max(1)).map(|_| Arbiter::new()).collect();
+                let handles = arbiters.iter().map(|arbiter| arbiter.handle()).collect();
+                let _ = ready_tx.send((handles, System::current()));
+                let _ = runner.run();
+                for arbiter in arbiters {
+                    arbiter.stop();
+                    let _ = arbiter.join();
+                }
+            })?;
+        let (arbiters, system) = ready_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("actor system thread ended before it started"))?;
+        Ok(ActorRuntime {
+            arbiters,
+            system,
+            thread: Some(thread),
+        })
+    }
+
+    /// The Arbiter that owns `tenant_id`.
+    pub fn shard_for(&self, tenant_id: &str) -> &ArbiterHandle {
+        let hash = xxhash_rust::xxh3::xxh3_64(tenant_id.as_bytes());
+        &self.arbiters[(hash % self.arbiters.len() as u64) as usize]
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.arbiters.len()
+    }
+
+    /// Stops every actor and joins the threads.
+    pub fn stop(mut self) {
+        self.system.stop();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,761 @@
+//! Typed configuration: the file, `TALLY_<SECTION>__<KEY>` overrides, and
+//! `validate()`, which reports every problem with its key path.
+//! Owns: config shapes, defaults, and turning config into the domain's catalogue,
+//! event limits and key digests. Must not: start anything or read the clock.
+//!
+//! Every section may be left out; its keys then take the defaults below, which
+//! `config/default.toml` states again with units (a test keeps them equal).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::domain::catalogue::{Catalogue, MetricDef, MetricKind, SumField, METRICS_MAX};
+use crate::domain::event::{is_valid_type, EventLimits};
+
+pub const ENV_PREFIX: &str = "TALLY_";
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub ingest: IngestConfig,
+    pub actors: ActorsConfig,
+    pub windows: WindowsConfig,
+    pub quarantine: QuarantineConfig,
+    pub admin: AdminConfig,
+    pub tenants: Vec<TenantConfig>,
+    pub metrics: Vec<MetricConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub max_body_bytes: usize,
+    pub shutdown_grace_ms: u64,
+    pub retry_after_s: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:7700".into(),
+            max_body_bytes: 8 * 1024 * 1024,
+            shutdown_grace_ms: 10_000,
+            retry_after_s: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub data_dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            data_dir: PathBuf::from("./data"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    pub max_events_per_request: usize,
+    pub max_clock_skew_ms: i64,
+    pub dedup_horizon_s: i64,
+    pub dedup_ids_max: usize,
+    pub tenant_batches_inflight_max: usize,
+    pub dims_per_event_max: usize,
+    pub dim_key_bytes_max: usize,
+    pub dim_value_bytes_max: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_events_per_request: 100_000,
+            max_clock_skew_ms: 300_000,
+            dedup_horizon_s: 86_400,
+            dedup_ids_max: 2_000_000,
+            tenant_batches_inflight_max: 64,
+            dims_per_event_max: 16,
+            dim_key_bytes_max: 32,
+            dim_value_bytes_max: 128,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActorsConfig {
+    pub shards: usize,
+    pub tenant_queries_inflight_max: usize,
+}
+
+impl Default for ActorsConfig {
+    fn default() -> Self {
+        ActorsConfig {
+            shards: 0,
+            tenant_queries_inflight_max: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WindowsConfig {
+    pub max_series_per_metric: usize,
+    pub histogram_value_max: u64,
+}
+
+impl Default for WindowsConfig {
+    fn default() -> Self {
+        WindowsConfig {
+            max_series_per_metric: 1000,
+            histogram_value_max: 3_600_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuarantineConfig {
+    pub events_per_tenant_max: usize,
+    pub raw_bytes_max: usize,
+    pub list_limit_max: usize,
+}
+
+impl Default for QuarantineConfig {
+    fn default() -> Self {
+        QuarantineConfig {
+            events_per_tenant_max: 10_000,
+            raw_bytes_max: 4096,
+            list_limit_max: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub api_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub id: String,
+    pub api_keys: Vec<String>,
+    pub currency: String,
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+}
+
+fn default_timezone() -> String {
+    "UTC".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricConfig {
+    pub name: String,
+    pub kind: String,
+    #[serde(default)]
+    pub help: String,
+    /// sum, count, histogram: the event types counted.
+    #[serde(default)]
+    pub types: Vec<String>,
+    /// sum: `amount` (default) or `value`.
+    #[serde(default)]
+    pub field: Option<String>,
+    /// ratio: numerator and denominator event types.
+    #[serde(default)]
+    pub numerator: Vec<String>,
+    #[serde(default)]
+    pub denominator: Vec<String>,
+    /// mean: the sum metric divided by the count metric, times `scale`.
+    #[serde(default)]
+    pub sum_metric: Option<String>,
+    #[serde(default)]
+    pub count_metric: Option<String>,
+    #[serde(default)]
+    pub scale: Option<u32>,
+    #[serde(default)]
+    pub dims: Vec<String>,
+}
+
+/// One problem with a config, at a key path such as `tenants[0].currency`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+fn issue(path: impl Into<String>, message: impl Into<String>) -> ConfigIssue {
+    ConfigIssue {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+/// An API key as configured: plain text or `sha256:<hex>`; kept as its digest.
+pub fn key_digest(configured: &str) -> Result<[u8; 32], String> {
+    if let Some(hex_digest) = configured.strip_prefix("sha256:") {
+        let bytes = hex::decode(hex_digest).map_err(|_| "sha256 key is not hex".to_string())?;
+        return <[u8; 32]>::try_from(bytes.as_slice())
+            .map_err(|_| "sha256 key must be 64 hex digits".to_string());
+    }
+    if configured.is_empty() {
+        return Err("key is empty".into());
+    }
+    Ok(Sha256::digest(configured.as_bytes()).into())
+}
+
+fn is_identifier(text: &str, bytes_max: usize) -> bool {
+    !text.is_empty()
+        && text.len() <= bytes_max
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+impl Config {
+    /// Reads a file and applies `TALLY_*` overrides from `env`.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, Vec<ConfigIssue>> {
+        let text = std::fs::read_to_string(path).map_err(|error| {
+            vec![issue(
+                path.display().to_string(),
+                format!("cannot read: {error}"),
+            )]
+        })?;
+        Config::parse(&text, env)
+    }
+
+    pub fn parse(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, Vec<ConfigIssue>> {
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|error: toml::de::Error| vec![issue("(file)", error.message().to_string())])?;
+        for (name, value) in env {
+            if let Some(path) = name.strip_prefix(ENV_PREFIX) {
+                apply_override(&mut table, path, &value)
+                    .map_err(|message| vec![issue(format!("(env {name})"), message)])?;
+            }
+        }
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|error| {
+                let path = error.path().to_string();
+                vec![issue(path, error.into_inner().message().to_string())]
+            })?;
+        let issues = config.validate();
+        if issues.is_empty() {
+            Ok(config)
+        } else {
+            Err(issues)
+        }
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        // validate() checked it; the default is a literal that parses
+        SocketAddr::from_str(&self.server.listen)
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7700)))
+    }
+
+    pub fn event_limits(&self) -> EventLimits {
+        EventLimits {
+            max_clock_skew_ms: self.ingest.max_clock_skew_ms,
+            dims_per_event_max: self.ingest.dims_per_event_max,
+            dim_key_bytes_max: self.ingest.dim_key_bytes_max,
+            dim_value_bytes_max: self.ingest.dim_value_bytes_max,
+            histogram_value_max: self.windows.histogram_value_max,
+        }
+    }
+
+    /// The shard count, with 0 meaning one per core.
+    pub fn shard_count(&self) -> usize {
+        if self.actors.shards == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.actors.shards
+        }
+    }
+
+    /// Every problem, each with its key path; empty when the config is valid.
+    pub fn validate(&self) -> Vec<ConfigIssue> {
+        let mut issues = Vec::new();
+        if SocketAddr::from_str(&self.server.listen).is_err() {
+            issues.push(issue(
+                "server.listen",
+                "must be an address such as 127.0.0.1:7700",
+            ));
+        }
+        let positive = [
+            ("server.max_body_bytes", self.server.max_body_bytes),
+            (
+                "ingest.max_events_per_request",
+                self.ingest.max_events_per_request,
+            ),
+            ("ingest.dedup_ids_max", self.ingest.dedup_ids_max),
+            (
+                "ingest.tenant_batches_inflight_max",
+                self.ingest.tenant_batches_inflight_max,
+            ),
+            ("ingest.dims_per_event_max", self.ingest.dims_per_event_max),
+            ("ingest.dim_key_bytes_max", self.ingest.dim_key_bytes_max),
+            (
+                "ingest.dim_value_bytes_max",
+                self.ingest.dim_value_bytes_max,
+            ),
+            (
+                "actors.tenant_queries_inflight_max",
+                self.actors.tenant_queries_inflight_max,
+            ),
+            (
+                "windows.max_series_per_metric",
+                self.windows.max_series_per_metric,
+            ),
+            (
+                "quarantine.events_per_tenant_max",
+                self.quarantine.events_per_tenant_max,
+            ),
+            ("quarantine.raw_bytes_max", self.quarantine.raw_bytes_max),
+            ("quarantine.list_limit_max", self.quarantine.list_limit_max),
+        ];
+        for (path, value) in positive {
+            if value == 0 {
+                issues.push(issue(path, "must be at least 1"));
+            }
+        }
+        if self.actors.shards > 1024 {
+            issues.push(issue(
+                "actors.shards",
+                "must be at most 1024 (0 = one per core)",
+            ));
+        }
+        if !(0..=3_600_000).contains(&self.ingest.max_clock_skew_ms) {
+            issues.push(issue(
+                "ingest.max_clock_skew_ms",
+                "must be within 0..=3600000",
+            ));
+        }
+        if self.ingest.dedup_horizon_s < 1800 {
+            issues.push(issue(
+                "ingest.dedup_horizon_s",
+                "must be at least 1800 (the 15m window and its prev)",
+            ));
+        }
+        if self.windows.histogram_value_max < 2 {
+            issues.push(issue("windows.histogram_value_max", "must be at least 2"));
+        }
+        let mut digests = HashSet::new();
+        let mut check_key =
+            |issues: &mut Vec<ConfigIssue>, path: String, key: &str| match key_digest(key) {
+                Ok(digest) => {
+                    if !digests.insert(digest) {
+                        issues.push(issue(path, "key is used more than once"));
+                    }
+                }
+                Err(message) => issues.push(issue(path, message)),
+            };
+        for (i, key) in self.admin.api_keys.iter().enumerate() {
+            check_key(&mut issues, format!("admin.api_keys[{i}]"), key);
+        }
+        let mut tenant_ids = HashSet::new();
+        for (t, tenant) in self.tenants.iter().enumerate() {
+            let at = format!("tenants[{t}]");
+            if !is_identifier(&tenant.id, 64) {
+                issues.push(issue(format!("{at}.id"), "must match [a-z0-9_-]{1,64}"));
+            } else if !tenant_ids.insert(tenant.id.as_str()) {
+                issues.push(issue(
+                    format!("{at}.id"),
+                    "tenant id is used more than once",
+                ));
+            }
+            for (i, key) in tenant.api_keys.iter().enumerate() {
+                check_key(&mut issues, format!("{at}.api_keys[{i}]"), key);
+            }
+            if !(tenant.currency.len() == 3
+                && tenant.currency.bytes().all(|b| b.is_ascii_uppercase()))
+            {
+                issues.push(issue(
+                    format!("{at}.currency"),
+                    "must be an ISO 4217 code such as USD",
+                ));
+            }
+            if tenant.timezone.parse::<chrono_tz::Tz>().is_err() {
+                issues.push(issue(
+                    format!("{at}.timezone"),
+                    "must be an IANA time zone such as Europe/Berlin",
+                ));
+            }
+        }
+        if let Err(metric_issues) = self.catalogue() {
+            issues.extend(metric_issues);
+        }
+        issues
+    }
+
+    /// The metric catalogue, or every problem of `[[metrics]]`.
+    pub fn catalogue(&self) -> Result<Catalogue, Vec<ConfigIssue>> {
+        let mut issues = Vec::new();
+        if self.metrics.len() > METRICS_MAX {
+            issues.push(issue("metrics", format!("at most {METRICS_MAX} metrics")));
+        }
+        let mut names = HashSet::new();
+        let mut defs = Vec::new();
+        for (m, metric) in self.metrics.iter().enumerate() {
+            let at = format!("metrics[{m}]");
+            if !is_identifier(&metric.name, 64) {
+                issues.push(issue(format!("{at}.name"), "must match [a-z0-9_-]{1,64}"));
+            } else if !names.insert(metric.name.as_str()) {
+                issues.push(issue(
+                    format!("{at}.name"),
+                    "metric name is used more than once",
+                ));
+            }
+            let check_types = |issues: &mut Vec<ConfigIssue>, key: &str, types: &[String]| {
+                if types.is_empty() {
+                    issues.push(issue(
+                        format!("{at}.{key}"),
+                        "must name at least one event type",
+                    ));
+                }
+                for (i, event_type) in types.iter().enumerate() {
+                    if !is_valid_type(event_type) {
+                        issues.push(issue(
+                            format!("{at}.{key}[{i}]"),
+                            "must match [a-z0-9_.-]{1,64}",
+                        ));
+                    }
+                }
+            };
+            let unused = |issues: &mut Vec<ConfigIssue>, key: &str, present: bool| {
+                if present {
+                    issues.push(issue(
+                        format!("{at}.{key}"),
+                        format!("does not apply to kind {}", metric.kind),
+                    ));
+                }
+            };
+            let kind = match metric.kind.as_str() {
+                "sum" | "count" | "histogram" => {
+                    check_types(&mut issues, "types", &metric.types);
+                    unused(&mut issues, "numerator", !metric.numerator.is_empty());
+                    unused(&mut issues, "denominator", !metric.denominator.is_empty());
+                    unused(&mut issues, "sum_metric", metric.sum_metric.is_some());
+                    unused(&mut issues, "count_metric", metric.count_metric.is_some());
+                    unused(&mut issues, "scale", metric.scale.is_some());
+                    match metric.kind.as_str() {
+                        "sum" => match metric.field.as_deref() {
+                            None | Some("amount") => MetricKind::Sum {
+                                field: SumField::Amount,
+                            },
+                            Some("value") => MetricKind::Sum {
+                                field: SumField::Value,
+                            },
+                            Some(_) => {
+                                issues
+                                    .push(issue(format!("{at}.field"), "must be amount or value"));
+                                MetricKind::Sum {
+                                    field: SumField::Amount,
+                                }
+                            }
+                        },
+                        "count" => {
+                            unused(&mut issues, "field", metric.field.is_some());
+                            MetricKind::Count
+                        }
+                        _ => {
+                            unused(&mut issues, "field", metric.field.is_some());
+                            MetricKind::Histogram
+                        }
+                    }
+                }
+                "ratio" => {
+                    check_types(&mut issues, "numerator", &metric.numerator);
+                    check_types(&mut issues, "denominator", &metric.denominator);
+                    unused(&mut issues, "types", !metric.types.is_empty());
+                    unused(&mut issues, "field", metric.field.is_some());
+                    unused(&mut issues, "scale", metric.scale.is_some());
+                    MetricKind::Ratio
+                }
+                "mean" => {
+                    unused(&mut issues, "types", !metric.types.is_empty());
+                    unused(&mut issues, "dims", !metric.dims.is_empty());
+                    let find = |key: &str,
+                                target: &Option<String>,
+                                wanted: &[&str],
+                                issues: &mut Vec<ConfigIssue>| {
+                        let Some(target) = target else {
+                            issues.push(issue(format!("{at}.{key}"), "is required for kind mean"));
+                            return 0;
+                        };
+                        match self.metrics.iter().position(|other| &other.name == target) {
+                            Some(index) if wanted.contains(&self.metrics[index].kind.as_str()) => {
+                                index
+                            }
+                            _ => {
+                                issues.push(issue(
+                                    format!("{at}.{key}"),
+                                    format!("must name a metric of kind {}", wanted.join(" or ")),
+                                ));
+                                0
+                            }
+                        }
+                    };
+                    let sum_metric = find("sum_metric", &metric.sum_metric, &["sum"], &mut issues);
+                    let count_metric = find(
+                        "count_metric",
+                        &metric.count_metric,
+                        &["count", "sum"],
+                        &mut issues,
+                    );
+                    let scale = metric.scale.unwrap_or(1);
+                    if scale == 0 {
+                        issues.push(issue(format!("{at}.scale"), "must be at least 1"));
+                    }
+                    MetricKind::Mean {
+                        sum_metric,
+                        count_metric,
+                        scale,
+                    }
+                }
+                _ => {
+                    issues.push(issue(
+                        format!("{at}.kind"),
+                        "must be one of sum, count, ratio, histogram, mean",
+                    ));
+                    continue;
+                }
+            };
+            if metric.dims.len() > self.ingest.dims_per_event_max {
+                issues.push(issue(
+                    format!("{at}.dims"),
+                    "more dims than an event may carry",
+                ));
+            }
+            let mut seen_dims = HashSet::new();
+            for (d, dim) in metric.dims.iter().enumerate() {
+                if dim.is_empty()
+                    || dim.len() > self.ingest.dim_key_bytes_max
+                    || !seen_dims.insert(dim)
+                {
+                    issues.push(issue(
+                        format!("{at}.dims[{d}]"),
+                        "must be a distinct key of at most dim_key_bytes_max bytes",
+                    ));
+                }
+            }
+            let types = if metric.kind == "ratio" {
+                metric.denominator.clone()
+            } else {
+                metric.types.clone()
+            };
+            defs.push(MetricDef {
+                name: metric.name.clone(),
+                kind,
+                types,
+                numerator: metric.numerator.clone(),
+                dims: metric.dims.clone(),
+            });
+        }
+        if issues.is_empty() {
+            Ok(Catalogue::new(defs))
+        } else {
+            Err(issues)
+        }
+    }
+}
+
+/// Sets `path` (`SECTION__KEY`, lower-cased) in `table`. The value is read as a
+/// TOML value when it parses as one (numbers, booleans, arrays), else as a string.
+fn apply_override(table: &mut toml::Table, path: &str, raw: &str) -> Result<(), String> {
+    let keys: Vec<String> = path
+        .split("__")
+        .map(|key| key.to_ascii_lowercase())
+        .collect();
+    if keys.iter().any(|key| key.is_empty()) {
+        return Err("expected TALLY_<SECTION>__<KEY>".into());
+    }
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut parsed| parsed.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let (last, parents) = keys.split_last().ok_or("empty override")?;
+    let mut current = table;
+    for key in parents {
+        let entry = current
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("{key} is not a section"))?;
+    }
+    current.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+    fn no_env() -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    #[test]
+    fn default_file_is_valid_and_states_the_code_defaults() {
+        let config = Config::parse(DEFAULT_TOML, no_env()).unwrap();
+        let defaults = Config::default();
+        assert_eq!(config.server, defaults.server);
+        assert_eq!(config.storage, defaults.storage);
+        assert_eq!(config.ingest, defaults.ingest);
+        assert_eq!(config.actors, defaults.actors);
+        assert_eq!(config.windows, defaults.windows);
+        assert_eq!(config.quarantine, defaults.quarantine);
+        assert_eq!(config.tenants[0].id, "demo");
+        assert_eq!(config.tenants[0].api_keys, vec!["demo-key".to_string()]);
+        let catalogue = config.catalogue().unwrap();
+        let names: Vec<&str> = catalogue
+            .metrics()
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect();
+        for expected in [
+            "gmv",
+            "orders",
+            "aov",
+            "refunds",
+            "payment_failure_rate",
+            "order_error_rate",
+            "checkout_abandonment_rate",
+            "search_zero_result_rate",
+            "error_rate",
+            "checkout_latency_ms",
+            "ad_spend",
+            "impressions",
+            "cpm",
+            "units_earned",
+            "units_spent",
+        ] {
+            assert!(
+                names.contains(&expected),
+                "{expected} missing from the default catalogue"
+            );
+        }
+    }
+
+    #[test]
+    fn env_overrides_set_nested_keys_with_types() {
+        let env = vec![
+            (
+                "TALLY_SERVER__LISTEN".to_string(),
+                "127.0.0.1:9000".to_string(),
+            ),
+            (
+                "TALLY_INGEST__DEDUP_HORIZON_S".to_string(),
+                "7200".to_string(),
+            ),
+            ("OTHER".to_string(), "x".to_string()),
+        ];
+        let config = Config::parse(DEFAULT_TOML, env).unwrap();
+        assert_eq!(config.server.listen, "127.0.0.1:9000");
+        assert_eq!(config.ingest.dedup_horizon_s, 7200);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_path() {
+        let errors = Config::parse("[server]\nlisten_addr = \"x\"\n", no_env()).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].path, "server.listen_addr");
+        assert!(
+            errors[0].message.contains("unknown field `listen_addr`"),
+            "{}",
+            errors[0].message
+        );
+        let errors =
+            Config::parse("", vec![("TALLY_SERVER__LISTN".into(), "x".into())]).unwrap_err();
+        assert!(errors[0].message.contains("unknown field `listn`"));
+    }
+
+    #[test]
+    fn validate_reports_every_problem_with_its_path() {
+        let text = r#"
+            [server]
+            listen = "nowhere"
+            [ingest]
+            dedup_horizon_s = 60
+            [[tenants]]
+            id = "Bad Id"
+            api_keys = ["sha256:abc", "k1"]
+            currency = "usd"
+            timezone = "Mars/Olympus"
+            [[tenants]]
+            id = "b"
+            api_keys = ["k1"]
+            currency = "EUR"
+            [[metrics]]
+            name = "gmv"
+            kind = "sum"
+            types = []
+            [[metrics]]
+            name = "aov"
+            kind = "mean"
+            sum_metric = "nope"
+            count_metric = "gmv"
+            [[metrics]]
+            name = "x"
+            kind = "median"
+        "#;
+        let errors = Config::parse(text, no_env()).unwrap_err();
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "server.listen",
+                "ingest.dedup_horizon_s",
+                "tenants[0].id",
+                "tenants[0].api_keys[0]",
+                "tenants[0].currency",
+                "tenants[0].timezone",
+                "tenants[1].api_keys[0]",
+                "metrics[0].types",
+                "metrics[1].sum_metric",
+                "metrics[2].kind",
+            ]
+        );
+    }
+
+    #[test]
+    fn sha256_keys_match_their_plain_text() {
+        let digest = key_digest("demo-key").unwrap();
+        let configured = format!("sha256:{}", hex::encode(digest));
+        assert_eq!(key_digest(&configured).unwrap(), digest);
+        assert!(key_digest("sha256:zz").is_err());
+        assert!(key_digest("").is_err());
+    }
+}

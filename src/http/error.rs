@@ -1,0 +1,95 @@
+//! Errors of the HTTP boundary and their one mapping to status codes. Every error
+//! body is `{"error": code, "message": text}`; shed load carries `Retry-After`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::actors::tenant::TenantError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing or unknown api key")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    /// A tenant key named another tenant on events; lists the events.
+    #[error("events name a tenant other than the key's; nothing was applied")]
+    TenantMismatch(Vec<serde_json::Value>),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("content type must be application/json or application/x-ndjson")]
+    UnsupportedMediaType,
+    #[error("{message}")]
+    Overloaded { message: String, retry_after_s: u32 },
+    #[error("{message}")]
+    Unavailable { message: String, retry_after_s: u32 },
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) | ApiError::TenantMismatch(_) => StatusCode::FORBIDDEN,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::TenantMismatch(_) => "tenant_mismatch",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::Overloaded { .. } => "overloaded",
+            ApiError::Unavailable { .. } => "unavailable",
+        }
+    }
+
+    pub fn from_tenant(error: TenantError, retry_after_s: u32) -> ApiError {
+        ApiError::Unavailable {
+            message: error.to_string(),
+            retry_after_s,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut body = json!({"error": self.code(), "message": self.to_string()});
+        let retry_after_s = match &self {
+            ApiError::Overloaded { retry_after_s, .. }
+            | ApiError::Unavailable { retry_after_s, .. } => Some(*retry_after_s),
+            _ => None,
+        };
+        if let ApiError::TenantMismatch(errors) = self {
+            body["errors"] = serde_json::Value::Array(errors);
+        }
+        let mut response = (status, Json(body)).into_response();
+        if let Some(seconds) = retry_after_s {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}

@@ -1,0 +1,59 @@
+//! The HTTP API: every route in one place (`router`), errors mapped to status in
+//! `error`, who-may-do-what in `auth`.
+
+pub mod auth;
+pub mod error;
+pub mod ingest;
+pub mod quarantine;
+pub mod query;
+pub mod shape;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::app::Node;
+
+use error::ApiError;
+
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        // the body limit is enforced by ingest itself, with its own 413 message
+        .route(
+            "/v1/events",
+            post(ingest::post_events).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/metrics", get(query::get_all))
+        .route("/v1/metrics/{name}", get(query::get_one))
+        .route("/v1/metrics/{name}/series", get(query::get_series))
+        .route("/v1/quarantine", get(quarantine::list))
+        .route("/v1/quarantine/{qid}/retry", post(quarantine::retry))
+        .route("/v1/quarantine/{qid}", delete(quarantine::delete))
+        .fallback(not_found)
+        .with_state(node)
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(node): State<Arc<Node>>) -> (StatusCode, Json<Value>) {
+    if node.is_ready() {
+        (StatusCode::OK, Json(json!({"status": "ready"})))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not_ready"})),
+        )
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".into())
+}
