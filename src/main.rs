@@ -53,6 +53,7 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
                         .unwrap_or_else(|_| "info".into()),

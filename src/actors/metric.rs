@@ -74,6 +74,8 @@ impl Handler<ApplyEvents> for MetricActor {
     }
 }
 
+// A reply moved once per read; boxing the reading would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum MetricRead {
     Total(SeriesReading),

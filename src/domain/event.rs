@@ -421,17 +421,19 @@ pub fn validate_event(
         }
         Some(_) => return Err(Reason::AmountNotInteger),
     };
-    match &raw.currency {
-        None if amount.is_some() => return Err(Reason::MissingCurrency),
-        None => {}
-        Some(Scalar::Str(code))
-            if code.len() == 3 && code.bytes().all(|byte| byte.is_ascii_uppercase()) =>
-        {
-            if amount.is_some() && code.as_ref() != context.currency {
-                return Err(Reason::CurrencyMismatch);
-            }
+    let is_currency_code =
+        |code: &str| code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase());
+    match (&raw.currency, amount) {
+        (None, Some(_)) => return Err(Reason::MissingCurrency),
+        (None, None) => {}
+        (Some(Scalar::Str(code)), _) if !is_currency_code(code) => {
+            return Err(Reason::InvalidCurrency)
         }
-        Some(_) => return Err(Reason::InvalidCurrency),
+        (Some(Scalar::Str(code)), Some(_)) if code.as_ref() != context.currency => {
+            return Err(Reason::CurrencyMismatch)
+        }
+        (Some(Scalar::Str(_)), _) => {}
+        (Some(_), _) => return Err(Reason::InvalidCurrency),
     }
     let (value, value_integer) = match &raw.value {
         None => (None, None),

@@ -45,8 +45,9 @@ pub async fn list(
     headers: HeaderMap,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let principal = node.keys.authenticate(&headers)?;
     let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-    let (tenant, _permit) = reading_tenant(&node, &headers, query.tenant.as_deref())?;
+    let (tenant, _permit) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
     let limit_max = node.config.quarantine.list_limit_max;
     let limit = query.limit.unwrap_or(100.min(limit_max));
     if limit == 0 || limit > limit_max {
@@ -89,8 +90,9 @@ pub async fn retry(
     headers: HeaderMap,
     query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let principal = node.keys.authenticate(&headers)?;
     let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-    let (tenant, _permit) = reading_tenant(&node, &headers, query.tenant.as_deref())?;
+    let (tenant, _permit) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
     let qid = parse_qid(&qid)?;
     let now_ms = node.now_ms();
     let outcome = tenant
@@ -117,8 +119,9 @@ pub async fn delete(
     headers: HeaderMap,
     query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<StatusCode, ApiError> {
+    let principal = node.keys.authenticate(&headers)?;
     let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-    let (tenant, _permit) = reading_tenant(&node, &headers, query.tenant.as_deref())?;
+    let (tenant, _permit) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
     let qid = parse_qid(&qid)?;
     let removed = tenant
         .actor

@@ -20,18 +20,17 @@ use crate::domain::histogram::HistogramStats;
 use crate::domain::metric::{SeriesPoints, SeriesReading};
 use crate::domain::time::{SlidingWindow, WindowName};
 
-use super::auth::tenant_for_read;
+use super::auth::{tenant_for_read, Principal};
 use super::error::ApiError;
 use super::shape::{counter_value, int_json, metric_json, needed_readings, ratio_json};
 
 /// The tenant a read addresses, with a read permit held for the request.
 pub fn reading_tenant<'n>(
     node: &'n Node,
-    headers: &HeaderMap,
+    principal: &Principal,
     named: Option<&str>,
 ) -> Result<(&'n TenantHandle, OwnedSemaphorePermit), ApiError> {
-    let principal = node.keys.authenticate(headers)?;
-    let tenant_id = tenant_for_read(&principal, named)?;
+    let tenant_id = tenant_for_read(principal, named)?;
     let tenant = node
         .tenants
         .get(tenant_id)
@@ -105,8 +104,10 @@ pub async fn get_all(
     headers: HeaderMap,
     query: Result<Query<AllMetricsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    // who is asking comes first: a bad query from a stranger is still 401
+    let principal = node.keys.authenticate(&headers)?;
     let Query(query) = query.map_err(bad_query)?;
-    let (tenant, _permit) = reading_tenant(&node, &headers, query.tenant.as_deref())?;
+    let (tenant, _permit) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
     let now_ms = node.now_ms();
     let catalogue = &node.catalogue;
     let indices: Vec<usize> = (0..catalogue.metrics().len()).collect();
@@ -148,8 +149,10 @@ pub async fn get_one(
     headers: HeaderMap,
     query: Result<Query<OneMetricQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    // who is asking comes first: a bad query from a stranger is still 401
+    let principal = node.keys.authenticate(&headers)?;
     let Query(query) = query.map_err(bad_query)?;
-    let (tenant, _permit) = reading_tenant(&node, &headers, query.tenant.as_deref())?;
+    let (tenant, _permit) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
     let catalogue = &node.catalogue;
     let index = metric_index(&node, &name)?;
     let windows = match &query.window {
@@ -238,8 +241,10 @@ pub async fn get_series(
     headers: HeaderMap,
     query: Result<Query<SeriesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    // who is asking comes first: a bad query from a stranger is still 401
+    let principal = node.keys.authenticate(&headers)?;
     let Query(query) = query.map_err(bad_query)?;
-    let (tenant, _permit) = reading_tenant(&node, &headers, query.tenant.as_deref())?;
+    let (tenant, _permit) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
     let catalogue = &node.catalogue;
     let index = metric_index(&node, &name)?;
     let window = match query.window.as_deref().map(parse_window).transpose()? {

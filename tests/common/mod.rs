@@ -1,0 +1,140 @@
+//! A real node on 127.0.0.1:0 with a manual clock, and a small HTTP client.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use tally::app::{start, RunningNode};
+use tally::clock::ManualClock;
+use tally::config::{Config, TenantConfig};
+
+/// 2025-11-22T10:00:00Z
+pub const T0_MS: i64 = 1_763_805_600_000;
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+
+pub struct TestNode {
+    pub base: String,
+    pub clock: ManualClock,
+    pub running: Option<RunningNode>,
+    pub client: reqwest::Client,
+    _data: tempfile::TempDir,
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub retry_after: Option<String>,
+    pub body: Value,
+}
+
+/// The default config plus a second tenant `acme` (EUR, Berlin) and an admin key.
+pub fn test_config() -> Config {
+    let mut config = Config::parse(DEFAULT_TOML, Vec::new()).expect("default config is valid");
+    config.server.listen = "127.0.0.1:0".into();
+    config.actors.shards = 2;
+    config.admin.api_keys = vec!["admin-key".into()];
+    config.tenants.push(TenantConfig {
+        id: "acme".into(),
+        api_keys: vec!["acme-key".into()],
+        currency: "EUR".into(),
+        timezone: "Europe/Berlin".into(),
+    });
+    config
+}
+
+pub async fn start_node(tweak: impl FnOnce(&mut Config)) -> TestNode {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = test_config();
+    config.storage.data_dir = data.path().to_path_buf();
+    tweak(&mut config);
+    assert_eq!(config.validate(), vec![], "test config must be valid");
+    let clock = ManualClock::new(T0_MS);
+    let running = start(config, Arc::new(clock.clone())).await.unwrap();
+    TestNode {
+        base: format!("http://{}", running.local_addr),
+        clock,
+        running: Some(running),
+        client: reqwest::Client::new(),
+        _data: data,
+    }
+}
+
+impl TestNode {
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .map(|value| value.to_str().unwrap().to_string());
+        let text = response.text().await.unwrap();
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Reply {
+            status,
+            retry_after,
+            body,
+        }
+    }
+
+    pub async fn post_raw(
+        &self,
+        key: Option<&str>,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> Reply {
+        let mut request = self
+            .client
+            .post(format!("{}/v1/events", self.base))
+            .header("content-type", content_type)
+            .body(body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        self.send(request).await
+    }
+
+    /// Posts events as NDJSON, one line each.
+    pub async fn post(&self, key: &str, events: &[Value]) -> Reply {
+        let body: Vec<String> = events.iter().map(|event| event.to_string()).collect();
+        self.post_raw(Some(key), "application/x-ndjson", body.join("\n"))
+            .await
+    }
+
+    pub async fn get(&self, key: Option<&str>, path: &str) -> Reply {
+        let mut request = self.client.get(format!("{}{}", self.base, path));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        self.send(request).await
+    }
+
+    pub async fn call(&self, method: reqwest::Method, key: &str, path: &str) -> Reply {
+        let request = self
+            .client
+            .request(method, format!("{}{}", self.base, path))
+            .bearer_auth(key);
+        self.send(request).await
+    }
+
+    /// GET /v1/metrics for a key, asserting 200.
+    pub async fn metrics(&self, key: &str) -> Value {
+        let reply = self.get(Some(key), "/v1/metrics").await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        reply.body
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+}
+
+pub fn order(id: &str, amount: i64, ts_ms: i64) -> Value {
+    serde_json::json!({"id": id, "type": "order.completed", "ts": ts_ms, "amount": amount, "currency": "USD"})
+}
