@@ -82,8 +82,10 @@ fn start_tenants(
     let limits = config.event_limits();
     let batches_max = config.ingest.tenant_batches_inflight_max;
     let queries_max = config.actors.tenant_queries_inflight_max;
-    // Each batch or read in flight puts at most one message in each mailbox, so
-    // a mailbox this size never fills and `send` never waits or reorders.
+    // Each batch or read in flight puts at most one message in each mailbox and
+    // holds its place in the budget until that message is handled (`InFlight`
+    // travels with it), so a mailbox this size never fills and `send` never
+    // waits or reorders, even when clients disconnect mid-request.
     let mailbox_capacity = batches_max + queries_max + 1;
     let ahead_s = (config.ingest.max_clock_skew_ms + 999) / 1000;
     let mut tenants = HashMap::new();

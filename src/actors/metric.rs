@@ -14,6 +14,8 @@ use crate::domain::metric::{MetricState, SeriesPoints, SeriesReading, SeriesSett
 use crate::domain::time::SlidingWindow;
 use crate::telemetry;
 
+use super::InFlight;
+
 pub struct MetricActor {
     tenant_id: Arc<str>,
     name: String,
@@ -88,6 +90,7 @@ pub enum MetricRead {
 pub struct ReadMetric {
     pub now_ms: i64,
     pub by: Option<String>,
+    pub in_flight: InFlight,
 }
 
 impl Handler<ReadMetric> for MetricActor {
@@ -108,6 +111,7 @@ pub struct ReadSeries {
     pub now_ms: i64,
     pub window: SlidingWindow,
     pub step_s: i64,
+    pub in_flight: InFlight,
 }
 
 impl Handler<ReadSeries> for MetricActor {
@@ -162,7 +166,18 @@ mod tests {
             now_ms,
             events: Arc::new(vec![event.clone(), event]),
         });
-        let read = actor.send(ReadMetric { now_ms, by: None }).await.unwrap();
+        let permits = Arc::new(tokio::sync::Semaphore::new(1));
+        let in_flight = InFlight::new(Arc::clone(&permits).try_acquire_owned().unwrap());
+        let read = actor
+            .send(ReadMetric {
+                now_ms,
+                by: None,
+                in_flight,
+            })
+            .await
+            .unwrap();
+        // the read's place in the budget is free once the actor handled it
+        assert_eq!(permits.available_permits(), 1);
         apply.await.unwrap();
         let MetricRead::Total(SeriesReading::Counter(counter)) = read else {
             panic!("orders is a counter total");

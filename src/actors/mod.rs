@@ -7,10 +7,28 @@
 pub mod metric;
 pub mod tenant;
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use actix::{Arbiter, ArbiterHandle, System};
+use tokio::sync::OwnedSemaphorePermit;
+
+/// A place in a tenant's in-flight budget (batches or reads). Every message a
+/// request sends carries it, so the place frees only when the last of them has
+/// been handled, even if the client went away meanwhile. That keeps the number
+/// of messages in a mailbox within the budget the mailbox is sized for.
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    _permit: Arc<OwnedSemaphorePermit>,
+}
+
+impl InFlight {
+    pub fn new(permit: OwnedSemaphorePermit) -> InFlight {
+        InFlight {
+            _permit: Arc::new(permit),
+        }
+    }
+}
 
 /// The actor threads: one System thread and `shards` Arbiter threads.
 pub struct ActorRuntime {

@@ -20,6 +20,7 @@ use crate::domain::time::{day_bounds, second_of_ms, DayBounds};
 use crate::telemetry::{self, Outcome};
 
 use super::metric::{ApplyEvents, MetricActor};
+use super::InFlight;
 
 /// What every part of the node knows of a tenant.
 #[derive(Debug)]
@@ -176,6 +177,7 @@ impl Actor for TenantActor {
 #[derive(Message)]
 #[rtype(result = "Result<Vec<(u32, EventOutcome)>, TenantError>")]
 pub struct IngestBatch {
+    pub in_flight: InFlight,
     pub now_ms: i64,
     pub events: Vec<(u32, ValidEvent)>,
     pub quarantined: Vec<QuarantineCandidate>,
@@ -224,8 +226,10 @@ impl Handler<IngestBatch> for TenantActor {
             ));
         }
         let applied = self.apply(accepted, now_ms);
+        let in_flight = batch.in_flight;
         Box::pin(async move {
             applied.await?;
+            drop(in_flight);
             Ok(outcomes)
         })
     }
@@ -234,6 +238,7 @@ impl Handler<IngestBatch> for TenantActor {
 #[derive(Message)]
 #[rtype(result = "Vec<QuarantinedEvent>")]
 pub struct ListQuarantine {
+    pub in_flight: InFlight,
     pub after: u64,
     pub limit: usize,
 }
@@ -249,6 +254,7 @@ impl Handler<ListQuarantine> for TenantActor {
 #[derive(Message)]
 #[rtype(result = "Result<bool, TenantError>")]
 pub struct DeleteQuarantined {
+    pub in_flight: InFlight,
     pub qid: u64,
 }
 
@@ -264,6 +270,7 @@ impl Handler<DeleteQuarantined> for TenantActor {
 #[derive(Message)]
 #[rtype(result = "Result<Option<EventOutcome>, TenantError>")]
 pub struct RetryQuarantined {
+    pub in_flight: InFlight,
     pub qid: u64,
     pub now_ms: i64,
 }
@@ -314,8 +321,10 @@ impl Handler<RetryQuarantined> for TenantActor {
             Vec::new()
         };
         let applied = self.apply(accepted, now_ms);
+        let in_flight = message.in_flight;
         Box::pin(async move {
             applied.await?;
+            drop(in_flight);
             Ok(Some(outcome))
         })
     }

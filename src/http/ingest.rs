@@ -14,6 +14,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use crate::actors::tenant::{EventOutcome, IngestBatch, QuarantineCandidate};
+use crate::actors::InFlight;
 use crate::app::Node;
 use crate::domain::event::{parse_event, validate_event, Reason, TenantField, ValidEvent};
 use crate::telemetry::{self, Outcome};
@@ -240,7 +241,7 @@ pub async fn post_events(
     for tenant_id in batches.keys() {
         let tenant = &node.tenants[*tenant_id];
         match Arc::clone(&tenant.batch_permits).try_acquire_owned() {
-            Ok(permit) => permits.push(permit),
+            Ok(permit) => permits.push(InFlight::new(permit)),
             Err(_) => {
                 telemetry::count_shed(429);
                 return Err(ApiError::Overloaded {
@@ -253,9 +254,10 @@ pub async fn post_events(
         }
     }
     let mut requests = Vec::with_capacity(batches.len());
-    for (tenant_id, batch) in batches {
+    for ((tenant_id, batch), in_flight) in batches.into_iter().zip(permits) {
         let tenant = &node.tenants[tenant_id];
         requests.push(tenant.actor.send(IngestBatch {
+            in_flight,
             now_ms,
             events: batch.events,
             quarantined: batch.quarantined,
@@ -275,7 +277,6 @@ pub async fn post_events(
             }
         }
     }
-    drop(permits);
     if let Some(error) = failure {
         telemetry::count_shed(error.status().as_u16());
         return Err(error);

@@ -47,7 +47,7 @@ pub async fn list(
 ) -> Result<Json<Value>, ApiError> {
     let principal = node.keys.authenticate(&headers)?;
     let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-    let (tenant, _permit) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
+    let (tenant, in_flight) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
     let limit_max = node.config.quarantine.list_limit_max;
     let limit = query.limit.unwrap_or(100.min(limit_max));
     if limit == 0 || limit > limit_max {
@@ -58,6 +58,7 @@ pub async fn list(
     let entries = tenant
         .actor
         .send(ListQuarantine {
+            in_flight,
             after: query.after.unwrap_or(0),
             limit,
         })
@@ -92,12 +93,16 @@ pub async fn retry(
 ) -> Result<Json<Value>, ApiError> {
     let principal = node.keys.authenticate(&headers)?;
     let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-    let (tenant, _permit) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
+    let (tenant, in_flight) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
     let qid = parse_qid(&qid)?;
     let now_ms = node.now_ms();
     let outcome = tenant
         .actor
-        .send(RetryQuarantined { qid, now_ms })
+        .send(RetryQuarantined {
+            in_flight,
+            qid,
+            now_ms,
+        })
         .await
         .map_err(|_| unavailable(&node))?
         .map_err(|error| ApiError::from_tenant(error, node.config.server.retry_after_s))?
@@ -121,11 +126,11 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     let principal = node.keys.authenticate(&headers)?;
     let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-    let (tenant, _permit) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
+    let (tenant, in_flight) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
     let qid = parse_qid(&qid)?;
     let removed = tenant
         .actor
-        .send(DeleteQuarantined { qid })
+        .send(DeleteQuarantined { in_flight, qid })
         .await
         .map_err(|_| unavailable(&node))?
         .map_err(|error| ApiError::from_tenant(error, node.config.server.retry_after_s))?;

@@ -11,9 +11,9 @@ use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::actors::metric::{MetricRead, ReadMetric, ReadSeries};
+use crate::actors::InFlight;
 use crate::app::{Node, TenantHandle};
 use crate::domain::catalogue::MetricKind;
 use crate::domain::histogram::HistogramStats;
@@ -24,12 +24,12 @@ use super::auth::{tenant_for_read, Principal};
 use super::error::ApiError;
 use super::shape::{counter_value, int_json, metric_json, needed_readings, ratio_json};
 
-/// The tenant a read addresses, with a read permit held for the request.
+/// The tenant a read addresses, with its place in the tenant's read budget.
 pub fn reading_tenant<'n>(
     node: &'n Node,
     principal: &Principal,
     named: Option<&str>,
-) -> Result<(&'n TenantHandle, OwnedSemaphorePermit), ApiError> {
+) -> Result<(&'n TenantHandle, InFlight), ApiError> {
     let tenant_id = tenant_for_read(principal, named)?;
     let tenant = node
         .tenants
@@ -41,7 +41,7 @@ pub fn reading_tenant<'n>(
             message: format!("tenant {tenant_id} has too many reads in flight; retry later"),
             retry_after_s: node.config.server.retry_after_s,
         })?;
-    Ok((tenant, permit))
+    Ok((tenant, InFlight::new(permit)))
 }
 
 fn actor_gone(node: &Node) -> ApiError {
@@ -59,6 +59,7 @@ async fn read_metrics(
     indices: &[usize],
     by: Option<&str>,
     now_ms: i64,
+    in_flight: &InFlight,
 ) -> Result<HashMap<usize, MetricRead>, ApiError> {
     let mut requests = Vec::new();
     for &index in indices {
@@ -68,6 +69,7 @@ async fn read_metrics(
                 addr.send(ReadMetric {
                     now_ms,
                     by: by.map(str::to_string),
+                    in_flight: in_flight.clone(),
                 }),
             ));
         }
@@ -107,11 +109,11 @@ pub async fn get_all(
     // who is asking comes first: a bad query from a stranger is still 401
     let principal = node.keys.authenticate(&headers)?;
     let Query(query) = query.map_err(bad_query)?;
-    let (tenant, _permit) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
+    let (tenant, in_flight) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
     let now_ms = node.now_ms();
     let catalogue = &node.catalogue;
     let indices: Vec<usize> = (0..catalogue.metrics().len()).collect();
-    let readings = totals(read_metrics(&node, tenant, &indices, None, now_ms).await?);
+    let readings = totals(read_metrics(&node, tenant, &indices, None, now_ms, &in_flight).await?);
     let mut metrics = Map::new();
     for (index, def) in catalogue.metrics().iter().enumerate() {
         if let Some(shaped) = metric_json(catalogue, index, &readings, &WindowName::ALL) {
@@ -152,7 +154,7 @@ pub async fn get_one(
     // who is asking comes first: a bad query from a stranger is still 401
     let principal = node.keys.authenticate(&headers)?;
     let Query(query) = query.map_err(bad_query)?;
-    let (tenant, _permit) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
+    let (tenant, in_flight) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
     let catalogue = &node.catalogue;
     let index = metric_index(&node, &name)?;
     let windows = match &query.window {
@@ -163,7 +165,8 @@ pub async fn get_one(
     let now_ms = node.now_ms();
     let kind = catalogue.metrics()[index].kind.name();
     let Some(dim) = query.by else {
-        let readings = totals(read_metrics(&node, tenant, &needed, None, now_ms).await?);
+        let readings =
+            totals(read_metrics(&node, tenant, &needed, None, now_ms, &in_flight).await?);
         let shaped =
             metric_json(catalogue, index, &readings, &windows).ok_or_else(|| actor_gone(&node))?;
         return Ok(Json(json!({
@@ -176,7 +179,7 @@ pub async fn get_one(
             "metric {name} has no breakdown by {dim}"
         )));
     }
-    let reads = read_metrics(&node, tenant, &needed, Some(&dim), now_ms).await?;
+    let reads = read_metrics(&node, tenant, &needed, Some(&dim), now_ms, &in_flight).await?;
     // value of the dim → readings of the metrics the shape needs
     let mut by_value: std::collections::BTreeMap<String, HashMap<usize, SeriesReading>> =
         Default::default();
@@ -244,7 +247,7 @@ pub async fn get_series(
     // who is asking comes first: a bad query from a stranger is still 401
     let principal = node.keys.authenticate(&headers)?;
     let Query(query) = query.map_err(bad_query)?;
-    let (tenant, _permit) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
+    let (tenant, in_flight) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
     let catalogue = &node.catalogue;
     let index = metric_index(&node, &name)?;
     let window = match query.window.as_deref().map(parse_window).transpose()? {
@@ -300,6 +303,7 @@ pub async fn get_series(
                 now_ms,
                 window,
                 step_s,
+                in_flight: in_flight.clone(),
             }));
         }
     }
