@@ -1,28 +1,31 @@
-//! Start-up in dependency order (actor threads, tenant and metric actors, then
-//! the listener) and shutdown in reverse (stop accepting, let in-flight requests
-//! finish within `shutdown_grace_ms`, stop the actors).
+//! Start-up in dependency order (storage, recovery, the commit thread, actor
+//! threads, tenant and metric actors over the recovered state, the snapshot
+//! task, then the listener) and shutdown in reverse (stop accepting, let
+//! in-flight requests finish within `shutdown_grace_ms`, take a final snapshot,
+//! stop the actors and the commit thread).
 //! Owns: `Node`, the state every request handler shares.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, watch, Mutex, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::actors::metric::MetricActor;
-use crate::actors::tenant::{TenantActor, TenantContext};
+use crate::actors::tenant::{Durability, TakeSnapshot, TenantActor, TenantContext};
 use crate::actors::ActorRuntime;
-use crate::clock::SharedClock;
+use crate::clock::{SharedClock, Stopwatch};
 use crate::config::Config;
 use crate::domain::catalogue::Catalogue;
-use crate::domain::dedup::DedupIndex;
-use crate::domain::metric::SeriesSettings;
-use crate::domain::quarantine::QuarantineStore;
 use crate::http::auth::KeyRing;
+use crate::storage::commit::{Committer, FlushMode};
+use crate::storage::recovery::{recover, Recovered, RecoveryReport};
+use crate::storage::snapshot::{prune_ops, snapshot_ops};
+use crate::storage::{SharedStore, SledStore, StorageError};
 
 /// A tenant as request handlers reach it.
 pub struct TenantHandle {
@@ -43,12 +46,18 @@ pub struct Node {
     pub clock: SharedClock,
     pub keys: KeyRing,
     pub tenants: HashMap<String, TenantHandle>,
+    pub store: SharedStore,
+    pub committer: Committer,
+    next_snapshot_id: AtomicU64,
+    /// One snapshot at a time (the periodic one and the final one).
+    snapshot_lock: Mutex<()>,
     ready: AtomicBool,
 }
 
 impl Node {
+    /// Ready while started, not stopping, and storage has not failed.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && !self.committer.is_failed()
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -58,14 +67,98 @@ impl Node {
     pub fn now_ms(&self) -> i64 {
         self.clock.now_ms()
     }
+
+    /// Snapshots every tenant and prunes what newer snapshots cover. The
+    /// tenants' exports are collected from the actors; encoding and writing
+    /// happen here, off the actor threads.
+    pub async fn take_snapshot(&self) -> Result<SnapshotReport, SnapshotError> {
+        let _one_at_a_time = self.snapshot_lock.lock().await;
+        let stopwatch = Stopwatch::start();
+        let mut parts = Vec::with_capacity(self.tenants.len());
+        for tenant in self.tenants.values() {
+            let part = tenant
+                .actor
+                .send(TakeSnapshot)
+                .await
+                .map_err(|_| SnapshotError::Actors)?
+                .map_err(|error| SnapshotError::Tenant(error.to_string()))?;
+            parts.push(part);
+        }
+        let id = self.next_snapshot_id.fetch_add(1, Ordering::SeqCst);
+        let created_ms = self.now_ms();
+        let ops = tokio::task::spawn_blocking(move || snapshot_ops(id, created_ms, &parts))
+            .await
+            .map_err(|_| SnapshotError::Actors)?
+            .map_err(|error| SnapshotError::Storage(StorageError::Io(error.to_string())))?;
+        let bytes: usize = ops
+            .iter()
+            .map(|op| match op {
+                crate::storage::Op::Put { value, .. } => value.len(),
+                crate::storage::Op::Remove { .. } => 0,
+            })
+            .sum();
+        self.committer
+            .commit(ops)
+            .await
+            .map_err(SnapshotError::Storage)?;
+        let store = Arc::clone(&self.store);
+        let keep = self.config.storage.snapshots_kept;
+        let record_bytes_max = self.config.storage.record_bytes_max;
+        let prune = tokio::task::spawn_blocking(move || prune_ops(&*store, keep, record_bytes_max))
+            .await
+            .map_err(|_| SnapshotError::Actors)?
+            .map_err(SnapshotError::Storage)?;
+        let removed = prune.len();
+        self.committer
+            .commit(prune)
+            .await
+            .map_err(SnapshotError::Storage)?;
+        let report = SnapshotReport {
+            id,
+            bytes,
+            removed,
+            duration_ms: stopwatch.elapsed_ms(),
+        };
+        tracing::info!(
+            id,
+            bytes,
+            removed,
+            duration_ms = report.duration_ms,
+            "snapshot written"
+        );
+        Ok(report)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotReport {
+    pub id: u64,
+    pub bytes: usize,
+    /// Old snapshot entries and log records removed.
+    pub removed: usize,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("the actors are not running")]
+    Actors,
+    #[error("tenant refused the snapshot: {0}")]
+    Tenant(String),
+    #[error(transparent)]
+    Storage(StorageError),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("invalid config: {0}")]
     Config(String),
-    #[error("cannot start the actor threads: {0}")]
-    Actors(std::io::Error),
+    #[error("cannot open the store in {path}: {source}")]
+    Store { path: String, source: StorageError },
+    #[error("recovery failed: {0}")]
+    Recovery(StorageError),
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -77,7 +170,8 @@ fn start_tenants(
     config: &Config,
     catalogue: &Arc<Catalogue>,
     runtime: &ActorRuntime,
-    now_ms: i64,
+    mut recovered: Recovered,
+    durability: &Durability,
 ) -> HashMap<String, TenantHandle> {
     let limits = config.event_limits();
     let batches_max = config.ingest.tenant_batches_inflight_max;
@@ -85,11 +179,14 @@ fn start_tenants(
     // Each batch or read in flight puts at most one message in each mailbox and
     // holds its place in the budget until that message is handled (`InFlight`
     // travels with it), so a mailbox this size never fills and `send` never
-    // waits or reorders, even when clients disconnect mid-request.
-    let mailbox_capacity = batches_max + queries_max + 1;
-    let ahead_s = (config.ingest.max_clock_skew_ms + 999) / 1000;
+    // waits or reorders, even when clients disconnect mid-request. Snapshots
+    // add one message at a time.
+    let mailbox_capacity = batches_max + queries_max + 2;
     let mut tenants = HashMap::new();
     for tenant in &config.tenants {
+        let Some(state) = recovered.tenants.remove(&tenant.id) else {
+            continue;
+        };
         let shard = runtime.shard_for(&tenant.id);
         // validate() checked the zone name
         let tz: chrono_tz::Tz = tenant.timezone.parse().unwrap_or(chrono_tz::Tz::UTC);
@@ -100,36 +197,28 @@ fn start_tenants(
             catalogue: Arc::clone(catalogue),
             limits: limits.clone(),
         });
-        let settings = SeriesSettings {
-            ahead_s,
-            tz,
-            histogram_value_max: config.windows.histogram_value_max,
-            series_max: config.windows.max_series_per_metric,
-        };
+        let now_ms = state.now_ms;
         let mut metrics = Vec::new();
-        for (index, def) in catalogue.metrics().iter().enumerate() {
-            if !def.kind.has_state() {
+        for (index, metric_state) in state.metrics.into_iter().enumerate() {
+            let Some(metric_state) = metric_state else {
                 metrics.push(None);
                 continue;
-            }
+            };
             let tenant_id = Arc::clone(&context.id);
-            let def = def.clone();
+            let name = catalogue.metrics()[index].name.clone();
             metrics.push(Some(MetricActor::start_in_arbiter(shard, move |ctx| {
                 ctx.set_mailbox_capacity(mailbox_capacity);
-                MetricActor::new(tenant_id, index, &def, settings, now_ms)
+                MetricActor::from_state(tenant_id, name, metric_state, now_ms)
             })));
         }
         let actor = {
             let context = Arc::clone(&context);
             let metrics = metrics.clone();
-            let dedup = DedupIndex::new(config.ingest.dedup_horizon_s, config.ingest.dedup_ids_max);
-            let quarantine = QuarantineStore::new(
-                config.quarantine.events_per_tenant_max,
-                config.quarantine.raw_bytes_max,
-            );
+            let durability = durability.clone();
+            let (dedup, quarantine) = (state.dedup, state.quarantine);
             TenantActor::start_in_arbiter(shard, move |ctx| {
                 ctx.set_mailbox_capacity(mailbox_capacity);
-                TenantActor::new(context, dedup, quarantine, metrics, now_ms)
+                TenantActor::new(context, dedup, quarantine, metrics, durability, now_ms)
             })
         };
         tenants.insert(
@@ -150,13 +239,37 @@ fn start_tenants(
 pub struct RunningNode {
     pub node: Arc<Node>,
     pub local_addr: SocketAddr,
+    pub recovery: RecoveryReport,
     stop_accepting: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
+    snapshotter: Option<JoinHandle<()>>,
     runtime: Option<ActorRuntime>,
+    commit_thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Starts the actors and the HTTP server; must run inside a tokio runtime.
+/// Opens the store in `storage.data_dir` and starts the node; must run inside
+/// a tokio runtime.
 pub async fn start(config: Config, clock: SharedClock) -> Result<RunningNode, StartError> {
+    let path = config.storage.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&path).map_err(|error| StorageError::Io(error.to_string()))?;
+        SledStore::open(&path)
+    })
+    .await
+    .map_err(|error| StartError::Thread(std::io::Error::other(error.to_string())))?
+    .map_err(|source| StartError::Store {
+        path: config.storage.data_dir.display().to_string(),
+        source,
+    })?;
+    start_with_store(config, clock, Arc::new(store)).await
+}
+
+/// Starts the node over a given store (tests inject faulty ones).
+pub async fn start_with_store(
+    config: Config,
+    clock: SharedClock,
+    store: SharedStore,
+) -> Result<RunningNode, StartError> {
     let catalogue = Arc::new(config.catalogue().map_err(|issues| {
         StartError::Config(
             issues
@@ -167,16 +280,60 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningNode, St
         )
     })?);
     crate::telemetry::describe();
-    let runtime = ActorRuntime::start(config.shard_count()).map_err(StartError::Actors)?;
-    let tenants = start_tenants(&config, &catalogue, &runtime, clock.now_ms());
+
+    let recovered = {
+        let store = Arc::clone(&store);
+        let config = config.clone();
+        let catalogue = Arc::clone(&catalogue);
+        let now_ms = clock.now_ms();
+        tokio::task::spawn_blocking(move || recover(&*store, &config, &catalogue, now_ms))
+            .await
+            .map_err(|error| StartError::Thread(std::io::Error::other(error.to_string())))?
+            .map_err(StartError::Recovery)?
+    };
+    let report = recovered.report.clone();
+    tracing::info!(
+        snapshot = ?report.snapshot_id,
+        replayed = report.records_replayed,
+        skipped_records = report.records_skipped.len(),
+        skipped_snapshots = report.snapshots_skipped.len(),
+        quarantined = report.quarantined_loaded,
+        duration_ms = report.duration_ms,
+        "recovered"
+    );
+    let next_snapshot_id = recovered.next_snapshot_id;
+
+    // Every write set waiting is bounded by the batches and reads in flight.
+    let queue_max = config.tenants.len().max(1)
+        * (config.ingest.tenant_batches_inflight_max + config.actors.tenant_queries_inflight_max)
+        + 16;
+    let mode = if config.storage.group_commit {
+        FlushMode::Group
+    } else {
+        FlushMode::EachWriteSet
+    };
+    let (committer, commit_thread) =
+        Committer::start(Arc::clone(&store), queue_max, mode).map_err(StartError::Thread)?;
+    let durability = Durability {
+        committer: committer.clone(),
+        next_lsn: Arc::new(AtomicU64::new(recovered.next_lsn)),
+    };
+
+    let runtime = ActorRuntime::start(config.shard_count()).map_err(StartError::Thread)?;
+    let tenants = start_tenants(&config, &catalogue, &runtime, recovered, &durability);
     let keys = KeyRing::from_config(&config);
     let addr = config.listen_addr();
+    let snapshot_interval = Duration::from_secs(config.storage.snapshot_interval_s);
     let node = Arc::new(Node {
         config: Arc::new(config),
         catalogue,
         clock,
         keys,
         tenants,
+        store,
+        committer,
+        next_snapshot_id: AtomicU64::new(next_snapshot_id),
+        snapshot_lock: Mutex::new(()),
         ready: AtomicBool::new(false),
     });
     let listener = match tokio::net::TcpListener::bind(addr).await {
@@ -198,24 +355,52 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningNode, St
             })
             .await
     });
+    let snapshotter = {
+        let node = Arc::clone(&node);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(snapshot_interval);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                if node.committer.is_failed() {
+                    return;
+                }
+                if let Err(error) = node.take_snapshot().await {
+                    tracing::error!(%error, "snapshot failed");
+                }
+            }
+        })
+    };
     node.set_ready(true);
     tracing::info!(%local_addr, shards = runtime.shard_count(), tenants = node.tenants.len(), "tally is serving");
     Ok(RunningNode {
         node,
         local_addr,
+        recovery: report,
         stop_accepting: Some(stop_accepting),
         server: Some(server),
+        snapshotter: Some(snapshotter),
         runtime: Some(runtime),
+        commit_thread: Some(commit_thread),
     })
 }
 
 impl RunningNode {
+    /// Resolves with the reason once storage has failed: the node must exit.
+    pub fn fatal(&self) -> watch::Receiver<Option<String>> {
+        self.node.committer.fatal()
+    }
+
     /// Stops accepting, lets in-flight requests finish within the grace period,
-    /// then stops the actors.
+    /// writes a final snapshot (so a restart replays nothing), then stops the
+    /// actors and the commit thread.
     pub async fn shutdown(mut self) {
         self.node.set_ready(false);
         if let Some(stop) = self.stop_accepting.take() {
             let _ = stop.send(());
+        }
+        if let Some(snapshotter) = self.snapshotter.take() {
+            snapshotter.abort();
         }
         let grace = Duration::from_millis(self.node.config.server.shutdown_grace_ms);
         if let Some(server) = self.server.take() {
@@ -229,8 +414,22 @@ impl RunningNode {
                 ),
             }
         }
+        if !self.node.committer.is_failed() {
+            if let Err(error) = self.node.take_snapshot().await {
+                tracing::error!(%error, "final snapshot failed; the next start replays the log");
+            }
+        }
         if let Some(runtime) = self.runtime.take() {
             let _ = tokio::task::spawn_blocking(move || runtime.stop()).await;
+        }
+        let commit_thread = self.commit_thread.take();
+        // the commit thread ends once the last committer handle is gone
+        drop(self);
+        if let Some(thread) = commit_thread {
+            let joined = tokio::task::spawn_blocking(move || thread.join());
+            if tokio::time::timeout(grace, joined).await.is_err() {
+                tracing::warn!("the commit thread did not stop within the grace period");
+            }
         }
         tracing::info!("tally stopped");
     }

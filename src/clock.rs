@@ -55,6 +55,21 @@ impl Clock for ManualClock {
 /// A clock shared across the node.
 pub type SharedClock = Arc<dyn Clock>;
 
+/// Measures how long something took (recovery, snapshots), on the monotonic
+/// clock; never used for window time.
+#[derive(Debug, Clone, Copy)]
+pub struct Stopwatch(std::time::Instant);
+
+impl Stopwatch {
+    pub fn start() -> Stopwatch {
+        Stopwatch(std::time::Instant::now())
+    }
+
+    pub fn elapsed_ms(&self) -> u64 {
+        self.0.elapsed().as_millis() as u64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -57,12 +57,20 @@ impl Default for ServerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     pub data_dir: PathBuf,
+    pub snapshot_interval_s: u64,
+    pub snapshots_kept: usize,
+    pub group_commit: bool,
+    pub record_bytes_max: usize,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             data_dir: PathBuf::from("./data"),
+            snapshot_interval_s: 60,
+            snapshots_kept: 2,
+            group_commit: true,
+            record_bytes_max: 1 << 30,
         }
     }
 }
@@ -341,11 +349,19 @@ impl Config {
             ),
             ("quarantine.raw_bytes_max", self.quarantine.raw_bytes_max),
             ("quarantine.list_limit_max", self.quarantine.list_limit_max),
+            ("storage.snapshots_kept", self.storage.snapshots_kept),
+            ("storage.record_bytes_max", self.storage.record_bytes_max),
         ];
         for (path, value) in positive {
             if value == 0 {
                 issues.push(issue(path, "must be at least 1"));
             }
+        }
+        if self.storage.snapshot_interval_s == 0 {
+            issues.push(issue("storage.snapshot_interval_s", "must be at least 1"));
+        }
+        if self.storage.data_dir.as_os_str().is_empty() {
+            issues.push(issue("storage.data_dir", "must name a directory"));
         }
         if self.actors.shards > 1024 {
             issues.push(issue(

@@ -6,4 +6,5 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod http;
+pub mod storage;
 pub mod telemetry;

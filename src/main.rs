@@ -83,10 +83,24 @@ fn serve(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        wait_for_signal().await;
-        tracing::info!("shutting down");
-        running.shutdown().await;
-        ExitCode::SUCCESS
+        let mut fatal = running.fatal();
+        let storage_failed = tokio::select! {
+            _ = wait_for_signal() => None,
+            _ = fatal.changed() => fatal.borrow().clone(),
+        };
+        match storage_failed {
+            None => {
+                tracing::info!("shutting down");
+                running.shutdown().await;
+                ExitCode::SUCCESS
+            }
+            Some(reason) => {
+                // a failed flush is never retried: exit so that a restart recovers
+                tracing::error!(%reason, "storage failed; exiting for a clean restart");
+                running.shutdown().await;
+                ExitCode::from(3)
+            }
+        }
     })
 }
 

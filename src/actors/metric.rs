@@ -10,7 +10,9 @@ use actix::prelude::*;
 
 use crate::domain::catalogue::MetricDef;
 use crate::domain::event::ValidEvent;
-use crate::domain::metric::{MetricState, SeriesPoints, SeriesReading, SeriesSettings};
+use crate::domain::metric::{
+    MetricExport, MetricState, SeriesPoints, SeriesReading, SeriesSettings,
+};
 use crate::domain::time::SlidingWindow;
 use crate::telemetry;
 
@@ -35,6 +37,16 @@ impl MetricActor {
             tenant_id,
             name: def.name.clone(),
             state: MetricState::new(index, def, settings, now_ms),
+            now_ms,
+        }
+    }
+
+    /// A metric actor over recovered state.
+    pub fn from_state(tenant_id: Arc<str>, name: String, state: MetricState, now_ms: i64) -> Self {
+        MetricActor {
+            tenant_id,
+            name,
+            state,
             now_ms,
         }
     }
@@ -102,6 +114,19 @@ impl Handler<ReadMetric> for MetricActor {
             None => MetricRead::Total(self.state.read(now_ms)),
             Some(dim) => MetricRead::Breakdown(self.state.read_breakdown(&dim, now_ms)),
         })
+    }
+}
+
+/// The state for a snapshot (sent after every apply it must include).
+#[derive(Message)]
+#[rtype(result = "MetricExport")]
+pub struct ExportState;
+
+impl Handler<ExportState> for MetricActor {
+    type Result = MessageResult<ExportState>;
+
+    fn handle(&mut self, _: ExportState, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.state.export())
     }
 }
 

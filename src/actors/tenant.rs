@@ -1,14 +1,17 @@
 //! TenantActor: decides the outcome of each of a tenant's events (de-duplication
-//! and lateness), keeps the tenant's quarantine, and hands accepted events to the
-//! tenant's MetricActors, replying only once they have applied them, so that a
-//! read after an acknowledged ingest sees its events.
+//! and lateness), keeps the tenant's quarantine, makes each batch durable (the
+//! committer's group flush) and then hands accepted events to the tenant's
+//! MetricActors, replying only once they have applied them, so that an
+//! acknowledged event is on disk and visible to the next read.
 //! Must not: validate fields (the HTTP layer did, off the actor thread), read the
-//! clock, or apply part of a batch it refuses.
+//! clock, flush by itself, or apply part of a batch it refuses.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
 use chrono_tz::Tz;
+use tokio::sync::Notify;
 
 use crate::domain::catalogue::Catalogue;
 use crate::domain::dedup::{Admission, DedupIndex};
@@ -17,9 +20,13 @@ use crate::domain::event::{
 };
 use crate::domain::quarantine::{QuarantineStore, QuarantinedEvent};
 use crate::domain::time::{day_bounds, second_of_ms, DayBounds};
+use crate::storage::commit::Committer;
+use crate::storage::envelope::{encode, RecordKind};
+use crate::storage::snapshot::{TenantSnapshot, WalBatchRef};
+use crate::storage::{lsn_key, quarantine_key, Op, Space, StorageError};
 use crate::telemetry::{self, Outcome};
 
-use super::metric::{ApplyEvents, MetricActor};
+use super::metric::{ApplyEvents, ExportState, MetricActor};
 use super::InFlight;
 
 /// What every part of the node knows of a tenant.
@@ -48,6 +55,8 @@ pub enum TenantError {
     DedupFull { tenant: String, ids_max: usize },
     #[error("the actors of tenant {0} are not running")]
     ActorGone(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
 /// The outcome of one event, by its index in the request.
@@ -72,14 +81,86 @@ pub struct QuarantineCandidate {
     pub raw: Vec<u8>,
 }
 
+/// Where the tenant's writes go, and the log's next position (shared by all
+/// tenants: LSNs order the whole log).
+#[derive(Clone)]
+pub struct Durability {
+    pub committer: Committer,
+    pub next_lsn: Arc<AtomicU64>,
+}
+
+/// Counts the batches between "submitted" and "applied", so that a snapshot can
+/// wait until every batch it must include is in the windows.
+#[derive(Default)]
+struct InFlightBatches {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+struct BatchGuard(Arc<InFlightBatches>);
+
+impl Drop for BatchGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl InFlightBatches {
+    fn start(self: &Arc<Self>) -> BatchGuard {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        BatchGuard(Arc::clone(self))
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
 pub struct TenantActor {
     context: Arc<TenantContext>,
     dedup: DedupIndex,
     quarantine: QuarantineStore,
     /// Indexed like the catalogue; `None` for metrics without state (mean).
     metrics: Vec<Option<Addr<MetricActor>>>,
+    durability: Durability,
+    batches: Arc<InFlightBatches>,
     now_ms: i64,
     today: DayBounds,
+}
+
+/// Sends accepted events to every metric they feed and waits until applied.
+async fn apply_to_metrics(
+    metrics: Vec<Addr<MetricActor>>,
+    events: Vec<ValidEvent>,
+    now_ms: i64,
+    tenant: Arc<str>,
+) -> Result<(), TenantError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let events = Arc::new(events);
+    let mut pending = Vec::with_capacity(metrics.len());
+    for addr in &metrics {
+        // room in the mailbox is guaranteed by the permit the batch holds
+        pending.push(addr.send(ApplyEvents {
+            now_ms,
+            events: Arc::clone(&events),
+        }));
+    }
+    for request in pending {
+        request
+            .await
+            .map_err(|_| TenantError::ActorGone(tenant.to_string()))?;
+    }
+    Ok(())
 }
 
 impl TenantActor {
@@ -88,6 +169,7 @@ impl TenantActor {
         dedup: DedupIndex,
         quarantine: QuarantineStore,
         metrics: Vec<Option<Addr<MetricActor>>>,
+        durability: Durability,
         now_ms: i64,
     ) -> Self {
         let today = day_bounds(second_of_ms(now_ms), context.tz);
@@ -96,6 +178,8 @@ impl TenantActor {
             dedup,
             quarantine,
             metrics,
+            durability,
+            batches: Arc::default(),
             now_ms,
             today,
         }
@@ -123,48 +207,90 @@ impl TenantActor {
         }
     }
 
-    fn store_quarantined(
-        &mut self,
-        reason: Reason,
-        now_ms: i64,
-        id: Option<String>,
-        raw: &[u8],
-    ) -> u64 {
-        let (qid, evicted) = self.quarantine.insert(reason, now_ms, id, raw);
-        telemetry::count_quarantine_evicted(&self.context.id, evicted as u64);
-        qid
-    }
-
-    /// Sends accepted events to every metric they feed; resolves once applied.
-    fn apply(
-        &self,
-        events: Vec<ValidEvent>,
-        now_ms: i64,
-    ) -> ResponseFuture<Result<(), TenantError>> {
+    /// The metric actors that any of `events` feeds.
+    fn metrics_fed_by(&self, events: &[ValidEvent]) -> Vec<Addr<MetricActor>> {
         let feeds = events.iter().fold(0u64, |mask, event| {
             mask | event.route.feeds | event.route.feeds_numerator
         });
-        let events = Arc::new(events);
-        let mut pending = Vec::new();
-        for (index, metric) in self.metrics.iter().enumerate() {
-            if let Some(addr) = metric {
-                if feeds & (1u64 << index) != 0 && !events.is_empty() {
-                    // Enqueued here, in order; room is guaranteed by the caller's permits.
-                    pending.push(addr.send(ApplyEvents {
-                        now_ms,
-                        events: Arc::clone(&events),
-                    }));
-                }
-            }
+        self.metrics
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| feeds & (1u64 << index) != 0)
+            .filter_map(|(_, addr)| addr.clone())
+            .collect()
+    }
+
+    fn wal_op(&self, events: &[ValidEvent], now_ms: i64) -> Result<Op, TenantError> {
+        let lsn = self.durability.next_lsn.fetch_add(1, Ordering::SeqCst);
+        let record = WalBatchRef {
+            tenant: &self.context.id,
+            now_ms,
+            events,
+        };
+        let value = encode(RecordKind::WalBatch, &record)
+            .map_err(|error| StorageError::Io(error.to_string()))?;
+        Ok(Op::Put {
+            space: Space::Wal,
+            key: lsn_key(lsn).to_vec(),
+            value,
+        })
+    }
+
+    fn quarantine_ops(
+        &mut self,
+        candidate: &QuarantineCandidate,
+        now_ms: i64,
+        ops: &mut Vec<Op>,
+    ) -> Result<u64, TenantError> {
+        let (qid, evicted) = self.quarantine.insert(
+            candidate.reason,
+            now_ms,
+            candidate.id.clone(),
+            &candidate.raw,
+        );
+        telemetry::count_quarantine_evicted(&self.context.id, evicted.len() as u64);
+        for old in evicted {
+            ops.push(Op::Remove {
+                space: Space::Quarantine,
+                key: quarantine_key(&self.context.id, old),
+            });
         }
-        let tenant = self.context.id.to_string();
+        if let Some(entry) = self.quarantine.get(qid) {
+            let value = encode(RecordKind::Quarantined, entry)
+                .map_err(|error| StorageError::Io(error.to_string()))?;
+            ops.push(Op::Put {
+                space: Space::Quarantine,
+                key: quarantine_key(&self.context.id, qid),
+                value,
+            });
+        }
+        Ok(qid)
+    }
+
+    /// Makes `ops` durable, then applies `accepted`; resolves to `reply`.
+    fn commit_then_apply<T: Send + 'static>(
+        &self,
+        ops: Vec<Op>,
+        accepted: Vec<ValidEvent>,
+        now_ms: i64,
+        in_flight: InFlight,
+        reply: T,
+    ) -> ResponseFuture<Result<T, TenantError>> {
+        // Even a batch with nothing to write waits its turn: its duplicates may
+        // stand for events of an earlier batch whose flush is still under way.
+        let durable = match self.durability.committer.submit(ops) {
+            Ok(durable) => durable,
+            Err(error) => return Box::pin(async move { Err(error.into()) }),
+        };
+        let guard = self.batches.start();
+        let metrics = self.metrics_fed_by(&accepted);
+        let tenant = Arc::clone(&self.context.id);
         Box::pin(async move {
-            for request in pending {
-                request
-                    .await
-                    .map_err(|_| TenantError::ActorGone(tenant.clone()))?;
-            }
-            Ok(())
+            durable.await.unwrap_or(Err(StorageError::Poisoned))?;
+            apply_to_metrics(metrics, accepted, now_ms, tenant).await?;
+            drop(guard);
+            drop(in_flight);
+            Ok(reply)
         })
     }
 }
@@ -209,29 +335,27 @@ impl Handler<IngestBatch> for TenantActor {
             }
             outcomes.push((index, outcome));
         }
-        for candidate in batch.quarantined {
-            let qid = self.store_quarantined(
-                candidate.reason,
-                now_ms,
-                candidate.id.clone(),
-                &candidate.raw,
-            );
-            outcomes.push((
-                candidate.index,
-                EventOutcome::Quarantined {
-                    reason: candidate.reason,
-                    qid,
-                    id: candidate.id,
-                },
-            ));
+        let mut ops = Vec::new();
+        if !accepted.is_empty() {
+            match self.wal_op(&accepted, now_ms) {
+                Ok(op) => ops.push(op),
+                Err(error) => return Box::pin(async move { Err(error) }),
+            }
         }
-        let applied = self.apply(accepted, now_ms);
-        let in_flight = batch.in_flight;
-        Box::pin(async move {
-            applied.await?;
-            drop(in_flight);
-            Ok(outcomes)
-        })
+        for candidate in &batch.quarantined {
+            match self.quarantine_ops(candidate, now_ms, &mut ops) {
+                Ok(qid) => outcomes.push((
+                    candidate.index,
+                    EventOutcome::Quarantined {
+                        reason: candidate.reason,
+                        qid,
+                        id: candidate.id.clone(),
+                    },
+                )),
+                Err(error) => return Box::pin(async move { Err(error) }),
+            }
+        }
+        self.commit_then_apply(ops, accepted, now_ms, batch.in_flight, outcomes)
     }
 }
 
@@ -259,10 +383,17 @@ pub struct DeleteQuarantined {
 }
 
 impl Handler<DeleteQuarantined> for TenantActor {
-    type Result = Result<bool, TenantError>;
+    type Result = ResponseFuture<Result<bool, TenantError>>;
 
     fn handle(&mut self, message: DeleteQuarantined, _: &mut Context<Self>) -> Self::Result {
-        Ok(self.quarantine.remove(message.qid).is_some())
+        if self.quarantine.remove(message.qid).is_none() {
+            return Box::pin(async { Ok(false) });
+        }
+        let ops = vec![Op::Remove {
+            space: Space::Quarantine,
+            key: quarantine_key(&self.context.id, message.qid),
+        }];
+        self.commit_then_apply(ops, Vec::new(), self.now_ms, message.in_flight, true)
     }
 }
 
@@ -295,6 +426,7 @@ impl Handler<RetryQuarantined> for TenantActor {
         let event = match validated {
             Ok(event) => event,
             Err(reason) => {
+                // the new reason lives in memory; storage keeps the first one
                 self.quarantine.set_reason(message.qid, reason);
                 let outcome = EventOutcome::Quarantined {
                     reason,
@@ -309,6 +441,10 @@ impl Handler<RetryQuarantined> for TenantActor {
             Err(error) => return Box::pin(async move { Err(error) }),
         };
         self.quarantine.remove(message.qid);
+        let mut ops = vec![Op::Remove {
+            space: Space::Quarantine,
+            key: quarantine_key(&self.context.id, message.qid),
+        }];
         let outcome_kind = match outcome {
             EventOutcome::Accepted => Outcome::Accepted,
             EventOutcome::Duplicate => Outcome::Duplicate,
@@ -320,12 +456,69 @@ impl Handler<RetryQuarantined> for TenantActor {
         } else {
             Vec::new()
         };
-        let applied = self.apply(accepted, now_ms);
-        let in_flight = message.in_flight;
-        Box::pin(async move {
-            applied.await?;
-            drop(in_flight);
-            Ok(Some(outcome))
-        })
+        if !accepted.is_empty() {
+            match self.wal_op(&accepted, now_ms) {
+                Ok(op) => ops.push(op),
+                Err(error) => return Box::pin(async move { Err(error) }),
+            }
+        }
+        self.commit_then_apply(ops, accepted, now_ms, message.in_flight, Some(outcome))
+    }
+}
+
+/// The tenant's state for a snapshot: waits until every batch already accepted
+/// is applied (taking no new messages meanwhile), then exports.
+#[derive(Message)]
+#[rtype(result = "Result<TenantSnapshot, TenantError>")]
+pub struct TakeSnapshot;
+
+impl Handler<TakeSnapshot> for TenantActor {
+    type Result = AtomicResponse<Self, Result<TenantSnapshot, TenantError>>;
+
+    fn handle(&mut self, _: TakeSnapshot, _: &mut Context<Self>) -> Self::Result {
+        let batches = Arc::clone(&self.batches);
+        let idle = async move { batches.wait_idle().await }.into_actor(self);
+        AtomicResponse::new(Box::pin(idle.then(|(), actor, _| {
+            // Every LSN handed out so far that belongs to this tenant is applied,
+            // and this actor hands out no new one until the export is done.
+            let position_lsn = actor
+                .durability
+                .next_lsn
+                .load(Ordering::SeqCst)
+                .saturating_sub(1);
+            let tenant = actor.context.id.to_string();
+            let now_ms = actor.now_ms;
+            let dedup = actor.dedup.export();
+            let names: Vec<(String, Addr<MetricActor>)> = actor
+                .metrics
+                .iter()
+                .enumerate()
+                .filter_map(|(index, addr)| {
+                    let addr = addr.clone()?;
+                    Some((actor.context.catalogue.metrics()[index].name.clone(), addr))
+                })
+                .collect();
+            async move {
+                let mut requests = Vec::with_capacity(names.len());
+                for (name, addr) in &names {
+                    requests.push((name.clone(), addr.send(ExportState)));
+                }
+                let mut metrics = Vec::with_capacity(requests.len());
+                for (name, request) in requests {
+                    let export = request
+                        .await
+                        .map_err(|_| TenantError::ActorGone(tenant.clone()))?;
+                    metrics.push((name, export));
+                }
+                Ok(TenantSnapshot {
+                    tenant,
+                    position_lsn,
+                    now_ms,
+                    dedup,
+                    metrics,
+                })
+            }
+            .into_actor(actor)
+        })))
     }
 }

@@ -68,6 +68,21 @@ impl DedupIndex {
         }
     }
 
+    /// Every remembered id with its event second (for snapshots).
+    pub fn export(&self) -> Vec<(u128, i64)> {
+        let mut entries: Vec<(u128, i64)> =
+            self.seconds_by_id.iter().map(|(k, s)| (*k, *s)).collect();
+        entries.sort_unstable_by_key(|&(key, second)| (second, key));
+        entries
+    }
+
+    /// Remembers an id that was accepted before (recovery), without judging it.
+    pub fn remember(&mut self, key: u128, ts_s: i64) {
+        if self.seconds_by_id.insert(key, ts_s).is_none() {
+            self.ids_by_second.entry(ts_s).or_default().push(key);
+        }
+    }
+
     /// How many more ids fit; call after `expire`.
     pub fn ids_free(&self) -> usize {
         self.ids_max.saturating_sub(self.seconds_by_id.len())

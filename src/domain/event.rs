@@ -9,7 +9,7 @@ use std::fmt;
 use std::marker::PhantomData;
 
 use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::catalogue::{Catalogue, TypeRoute};
 
@@ -19,7 +19,7 @@ pub const ID_BYTES_MAX: usize = 128;
 pub const TYPE_BYTES_MAX: usize = 64;
 
 /// Why an event was not accepted. The text (`as_str`) is part of the API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Reason {
     MalformedJson,
     NotAnObject,
@@ -315,7 +315,9 @@ pub struct ValidationContext<'c> {
 }
 
 /// An event that passed every rule. `ts_ms` is set (receipt time when absent).
-#[derive(Debug, Clone, PartialEq)]
+/// The log stores it without `route`, which is derived from the catalogue again
+/// when it is read back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ValidEvent {
     pub id: String,
     pub event_type: String,
@@ -326,6 +328,7 @@ pub struct ValidEvent {
     pub value_integer: Option<i64>,
     pub dims: Vec<(String, String)>,
     pub experiments: Vec<(String, String)>,
+    #[serde(skip)]
     pub route: TypeRoute,
 }
 

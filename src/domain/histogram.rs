@@ -10,6 +10,7 @@
 
 use chrono_tz::Tz;
 use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
 
 use super::time::{day_bounds, second_of_ms, DayBounds, SlidingWindow, BUCKET_HISTORY_S};
 use super::window::{ring_len_s, RecordError};
@@ -58,6 +59,16 @@ pub fn empty_histogram(value_max: u64) -> Histogram<u64> {
     // bounds for every u64 `value_max`, so creation cannot fail.
     Histogram::new_with_bounds(1, value_max.max(2), HISTOGRAM_SIGNIFICANT_DIGITS)
         .expect("valid histogram bounds")
+}
+
+/// A histogram series as a snapshot stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistogramExport {
+    pub head_s: i64,
+    /// `(second, [(value, count)])` of every non-empty slice.
+    pub slices: Vec<(i64, Vec<(u64, u64)>)>,
+    /// `(value, count)` of today's histogram.
+    pub today: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -181,6 +192,48 @@ impl HistogramWindows {
     pub fn head_second(&self) -> i64 {
         self.head_s
     }
+
+    pub fn export(&self) -> HistogramExport {
+        let mut slices = Vec::new();
+        for second in (self.head_s - BUCKET_HISTORY_S + 1)..=(self.head_s + self.ahead_s) {
+            let slice = &self.slices[self.slot(second)];
+            if !slice.is_empty() {
+                slices.push((second, slice.clone()));
+            }
+        }
+        let today = self
+            .today
+            .iter_recorded()
+            .map(|bucket| (bucket.value_iterated_to(), bucket.count_at_value()))
+            .collect();
+        HistogramExport {
+            head_s: self.head_s,
+            slices,
+            today,
+        }
+    }
+
+    /// Rebuilds a series from `export`; values past `value_max` (a smaller
+    /// maximum than when exported) are dropped.
+    pub fn import(export: &HistogramExport, ahead_s: i64, tz: Tz, value_max: u64) -> Self {
+        let mut windows =
+            HistogramWindows::new(export.head_s.saturating_mul(1000), ahead_s, tz, value_max);
+        let head_s = windows.head_s;
+        for (second, slice) in &export.slices {
+            if *second > head_s - BUCKET_HISTORY_S && *second <= head_s + ahead_s {
+                let slot = windows.slot(*second);
+                windows.slices[slot] = slice
+                    .iter()
+                    .copied()
+                    .filter(|&(value, _)| value <= value_max)
+                    .collect();
+            }
+        }
+        for &(value, count) in &export.today {
+            let _ = windows.today.record_n(value, count);
+        }
+        windows
+    }
 }
 
 #[cfg(test)]
@@ -208,6 +261,28 @@ mod tests {
         let later = windows.read(T0_MS + 30_000);
         assert_eq!(later.sec30.count, 5);
         assert_eq!(later.min15.count, 6);
+    }
+
+    #[test]
+    fn export_and_import_keep_every_window() {
+        let mut windows = HistogramWindows::new(T0_MS, 300, Tz::UTC, 3_600_000);
+        for (offset_ms, value) in [
+            (-2_000_000, 5),
+            (-800_000, 7000),
+            (-20_000, 123_456),
+            (0, 3),
+            (60_000, 99),
+        ] {
+            windows.record(T0_MS + offset_ms, value, T0_MS).unwrap();
+        }
+        let mut restored = HistogramWindows::import(&windows.export(), 300, Tz::UTC, 3_600_000);
+        for offset_ms in [0, 30_000, 60_000, 900_000] {
+            assert_eq!(
+                restored.read(T0_MS + offset_ms),
+                windows.read(T0_MS + offset_ms),
+                "at +{offset_ms}"
+            );
+        }
     }
 
     #[test]

@@ -8,12 +8,13 @@
 use std::collections::HashMap;
 
 use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
 
 use super::catalogue::{MetricDef, MetricKind, SumField};
 use super::event::ValidEvent;
-use super::histogram::{HistogramReading, HistogramStats, HistogramWindows};
+use super::histogram::{HistogramExport, HistogramReading, HistogramStats, HistogramWindows};
 use super::time::{SlidingWindow, BUCKET_HISTORY_S};
-use super::window::{CounterReading, CounterWindows, RecordError, Tally};
+use super::window::{CounterExport, CounterReading, CounterWindows, RecordError, Tally};
 
 /// The breakdown series that takes dim values past the cap.
 pub const OTHER_DIM_VALUE: &str = "__other__";
@@ -34,6 +35,20 @@ pub struct SeriesSettings {
 enum Series {
     Counter(CounterWindows),
     Histogram(HistogramWindows),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SeriesExport {
+    Counter(CounterExport),
+    Histogram(HistogramExport),
+}
+
+/// A metric's state as a snapshot stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricExport {
+    pub total: SeriesExport,
+    /// Per dim: `(dim value, series)`.
+    pub breakdowns: Vec<(String, Vec<(String, SeriesExport)>)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +107,37 @@ impl Series {
             Series::Histogram(windows) => SeriesReading::Histogram(windows.read(now_ms)),
         }
     }
+
+    fn export(&self) -> SeriesExport {
+        match self {
+            Series::Counter(windows) => SeriesExport::Counter(windows.export()),
+            Series::Histogram(windows) => SeriesExport::Histogram(windows.export()),
+        }
+    }
+
+    /// `None` when the export is of another kind than the metric now is.
+    fn import(
+        kind: &MetricKind,
+        export: &SeriesExport,
+        settings: &SeriesSettings,
+    ) -> Option<Series> {
+        match (kind, export) {
+            (MetricKind::Histogram, SeriesExport::Histogram(export)) => {
+                Some(Series::Histogram(HistogramWindows::import(
+                    export,
+                    settings.ahead_s,
+                    settings.tz,
+                    settings.histogram_value_max,
+                )))
+            }
+            (MetricKind::Histogram, _) | (_, SeriesExport::Histogram(_)) => None,
+            (_, SeriesExport::Counter(export)) => Some(Series::Counter(CounterWindows::import(
+                export,
+                settings.ahead_s,
+                settings.tz,
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -143,6 +189,58 @@ impl MetricState {
 
     pub fn kind(&self) -> &MetricKind {
         &self.kind
+    }
+
+    pub fn export(&self) -> MetricExport {
+        MetricExport {
+            total: self.total.export(),
+            breakdowns: self
+                .breakdowns
+                .iter()
+                .map(|breakdown| {
+                    let mut values: Vec<(String, SeriesExport)> = breakdown
+                        .by_value
+                        .iter()
+                        .map(|(value, series)| (value.clone(), series.export()))
+                        .collect();
+                    values.sort_by(|a, b| a.0.cmp(&b.0));
+                    (breakdown.dim.clone(), values)
+                })
+                .collect(),
+        }
+    }
+
+    /// Rebuilds a metric from a snapshot. Returns `None` when the metric's kind
+    /// changed since (its state cannot carry over). Dims no longer declared are
+    /// dropped; new dims start empty.
+    pub fn import(
+        index: usize,
+        def: &MetricDef,
+        settings: SeriesSettings,
+        export: &MetricExport,
+    ) -> Option<MetricState> {
+        let total = Series::import(&def.kind, &export.total, &settings)?;
+        let mut state = MetricState::new(index, def, settings, 0);
+        state.total = total;
+        for breakdown in &mut state.breakdowns {
+            let Some((_, values)) = export
+                .breakdowns
+                .iter()
+                .find(|(dim, _)| *dim == breakdown.dim)
+            else {
+                continue;
+            };
+            for (value, series) in values {
+                let Some(series) = Series::import(&def.kind, series, &settings) else {
+                    return None;
+                };
+                if value != OTHER_DIM_VALUE {
+                    state.breakdown_series += 1;
+                }
+                breakdown.by_value.insert(value.clone(), series);
+            }
+        }
+        Some(state)
     }
 
     fn contribution(&self, event: &ValidEvent) -> Option<Contribution> {

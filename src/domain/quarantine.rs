@@ -6,9 +6,11 @@
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
+
 use super::event::Reason;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuarantinedEvent {
     pub qid: u64,
     pub reason: Reason,
@@ -46,18 +48,19 @@ impl QuarantineStore {
         self.entries.is_empty()
     }
 
-    /// Stores an event; returns its qid and how many old entries were evicted.
+    /// Stores an event; returns its qid and the qids evicted to make room.
     pub fn insert(
         &mut self,
         reason: Reason,
         received_ms: i64,
         id: Option<String>,
         raw: &[u8],
-    ) -> (u64, usize) {
-        let mut evicted = 0;
+    ) -> (u64, Vec<u64>) {
+        let mut evicted = Vec::new();
         while self.entries.len() >= self.events_max {
-            self.entries.pop_first();
-            evicted += 1;
+            if let Some((qid, _)) = self.entries.pop_first() {
+                evicted.push(qid);
+            }
         }
         let qid = self.next_qid;
         self.next_qid += 1;
@@ -74,6 +77,20 @@ impl QuarantineStore {
             },
         );
         (qid, evicted)
+    }
+
+    /// Puts back an entry read from storage (recovery). Returns the qids evicted
+    /// to keep within the bound.
+    pub fn restore(&mut self, entry: QuarantinedEvent) -> Vec<u64> {
+        self.next_qid = self.next_qid.max(entry.qid + 1);
+        self.entries.insert(entry.qid, entry);
+        let mut evicted = Vec::new();
+        while self.entries.len() > self.events_max {
+            if let Some((qid, _)) = self.entries.pop_first() {
+                evicted.push(qid);
+            }
+        }
+        evicted
     }
 
     /// Up to `limit` entries with qid greater than `after`, oldest first.
@@ -109,12 +126,12 @@ mod tests {
         let mut store = QuarantineStore::new(2, 4);
         assert_eq!(
             store.insert(Reason::MalformedJson, 1, None, b"abcdef"),
-            (1, 0)
+            (1, vec![])
         );
-        assert_eq!(store.insert(Reason::MissingId, 2, None, b"{}"), (2, 0));
+        assert_eq!(store.insert(Reason::MissingId, 2, None, b"{}"), (2, vec![]));
         assert_eq!(
             store.insert(Reason::InvalidTs, 3, Some("x".into()), b"{}"),
-            (3, 1)
+            (3, vec![1])
         );
         let listed = store.list(0, 10);
         assert_eq!(listed.iter().map(|e| e.qid).collect::<Vec<_>>(), vec![2, 3]);

@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 
 use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
 
 use super::time::{day_bounds, second_of_ms, DayBounds, SlidingWindow, BUCKET_HISTORY_S};
 
@@ -68,6 +69,15 @@ pub enum RecordError {
     TooFarAhead { ts_second: i64, head_second: i64 },
     #[error("value {0} is outside the histogram's range")]
     ValueOutOfRange(u64),
+}
+
+/// A counter series as a snapshot stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterExport {
+    pub head_s: i64,
+    /// `(second, sum, count)` of every non-zero bucket.
+    pub buckets: Vec<(i64, i128, u64)>,
+    pub today: (i128, u64),
 }
 
 /// The windows of one counter series.
@@ -269,6 +279,65 @@ impl CounterWindows {
         }
     }
 
+    /// Sets a bucket's tally (import only; the totals are recomputed after).
+    fn set_bucket(&mut self, second: i64, tally: Tally) {
+        self.clear_bucket(second);
+        match (i64::try_from(tally.sum), u32::try_from(tally.count)) {
+            (Ok(sum), Ok(count)) => self.add_to_bucket(second, sum, count),
+            _ => {
+                self.overflow.insert(second, tally);
+            }
+        }
+    }
+
+    /// The state as a snapshot keeps it: the non-zero buckets and today.
+    pub fn export(&self) -> CounterExport {
+        let mut buckets = Vec::new();
+        for second in (self.head_s - BUCKET_HISTORY_S + 1)..=(self.head_s + self.ahead_s) {
+            let tally = self.bucket(second);
+            if tally != Tally::default() {
+                buckets.push((second, tally.sum, tally.count));
+            }
+        }
+        CounterExport {
+            head_s: self.head_s,
+            buckets,
+            today: (self.today.sum, self.today.count),
+        }
+    }
+
+    /// Rebuilds a series from `export`. Buckets outside the ring (a smaller
+    /// skew than when exported) are dropped; totals are recomputed.
+    pub fn import(export: &CounterExport, ahead_s: i64, tz: Tz) -> CounterWindows {
+        let mut windows = CounterWindows::new(export.head_s.saturating_mul(1000), ahead_s, tz);
+        let head_s = windows.head_s;
+        for &(second, sum, count) in &export.buckets {
+            if second > head_s - BUCKET_HISTORY_S && second <= head_s + ahead_s {
+                windows.set_bucket(second, Tally { sum, count });
+            }
+        }
+        for window in SlidingWindow::ALL {
+            let length_s = window.length_s();
+            let mut totals = SlidingTally::default();
+            for second in (head_s - 2 * length_s + 1)..=head_s {
+                if second > head_s - length_s {
+                    totals.current.add(windows.bucket(second));
+                } else {
+                    totals.prev.add(windows.bucket(second));
+                }
+            }
+            match window {
+                SlidingWindow::Sec30 => windows.sec30 = totals,
+                SlidingWindow::Min15 => windows.min15 = totals,
+            }
+        }
+        windows.today = Tally {
+            sum: export.today.0,
+            count: export.today.1,
+        };
+        windows
+    }
+
     /// Bytes this series holds on the heap and inline (for the memory budget).
     pub fn memory_bytes(&self) -> usize {
         std::mem::size_of::<Self>()
@@ -379,6 +448,30 @@ mod tests {
         assert_eq!(windows.read(T0_MS + 30_000).sec30.prev, expected);
         assert_eq!(windows.read(T0_MS + 1_800_000).min15.prev, tally(0, 0));
         assert!(windows.overflow.is_empty());
+    }
+
+    #[test]
+    fn export_and_import_keep_every_window_and_the_future() {
+        let mut windows = CounterWindows::new(T0_MS, 300, Tz::UTC);
+        windows.record(T0_MS - 1_000_000, 1, 1, T0_MS).unwrap();
+        windows.record(T0_MS - 40_000, 2, 1, T0_MS).unwrap();
+        windows.record(T0_MS - 3_000, 4, 1, T0_MS).unwrap();
+        windows.record(T0_MS + 9_000, 8, 1, T0_MS).unwrap();
+        windows.record(T0_MS - 5 * 3_600_000, 16, 1, T0_MS).unwrap();
+        for _ in 0..10_000 {
+            windows
+                .record(T0_MS - 1_000, 1_000_000_000_000_000, 1, T0_MS)
+                .unwrap();
+        }
+        let export = windows.export();
+        let mut restored = CounterWindows::import(&export, 300, Tz::UTC);
+        for offset_ms in [0, 5_000, 9_000, 30_000, 900_000, 1_800_000] {
+            assert_eq!(
+                restored.read(T0_MS + offset_ms),
+                windows.read(T0_MS + offset_ms),
+                "at +{offset_ms}"
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,163 @@
+//! The envelope around everything Tally stores: a magic, a format version, the
+//! record kind, the payload length and a CRC-32 of the payload, then the payload
+//! (bincode 1.3). Decoding checks all of them and bounds the payload size, so a
+//! torn or rotted record is an error, never a panic or a huge allocation.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use bincode::Options;
+
+const MAGIC: [u8; 4] = *b"TLY\x01";
+/// Bump when a stored shape changes; old versions are refused, not misread.
+pub const FORMAT_VERSION: u16 = 1;
+const HEADER_BYTES: usize = 4 + 2 + 1 + 4 + 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RecordKind {
+    WalBatch = 1,
+    SnapshotPart = 2,
+    SnapshotManifest = 3,
+    Quarantined = 4,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("record is shorter than its header ({0} bytes)")]
+    Short(usize),
+    #[error("record has no tally magic")]
+    Magic,
+    #[error("record format version {0} is not {FORMAT_VERSION}")]
+    Version(u16),
+    #[error("record kind {found} is not the expected {expected}")]
+    Kind { found: u8, expected: u8 },
+    #[error("record length {declared} does not match its {actual} payload bytes")]
+    Length { declared: usize, actual: usize },
+    #[error("record payload of {0} bytes is over the limit")]
+    TooLarge(usize),
+    #[error("record checksum does not match")]
+    Checksum,
+    #[error("record payload does not decode: {0}")]
+    Decode(String),
+    #[error("record payload does not encode: {0}")]
+    Encode(String),
+}
+
+fn options(limit_bytes: u64) -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_limit(limit_bytes)
+}
+
+pub fn encode<T: Serialize>(kind: RecordKind, payload: &T) -> Result<Vec<u8>, EnvelopeError> {
+    let body = options(u64::MAX)
+        .serialize(payload)
+        .map_err(|error| EnvelopeError::Encode(error.to_string()))?;
+    let length = u32::try_from(body.len()).map_err(|_| EnvelopeError::TooLarge(body.len()))?;
+    let mut record = Vec::with_capacity(HEADER_BYTES + body.len());
+    record.extend_from_slice(&MAGIC);
+    record.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+    record.push(kind as u8);
+    record.extend_from_slice(&length.to_be_bytes());
+    record.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+    record.extend_from_slice(&body);
+    Ok(record)
+}
+
+pub fn decode<T: DeserializeOwned>(
+    record: &[u8],
+    kind: RecordKind,
+    payload_bytes_max: usize,
+) -> Result<T, EnvelopeError> {
+    if record.len() < HEADER_BYTES {
+        return Err(EnvelopeError::Short(record.len()));
+    }
+    let (header, body) = record.split_at(HEADER_BYTES);
+    if header[0..4] != MAGIC {
+        return Err(EnvelopeError::Magic);
+    }
+    let version = u16::from_be_bytes([header[4], header[5]]);
+    if version != FORMAT_VERSION {
+        return Err(EnvelopeError::Version(version));
+    }
+    if header[6] != kind as u8 {
+        return Err(EnvelopeError::Kind {
+            found: header[6],
+            expected: kind as u8,
+        });
+    }
+    let declared = u32::from_be_bytes([header[7], header[8], header[9], header[10]]) as usize;
+    if declared != body.len() {
+        return Err(EnvelopeError::Length {
+            declared,
+            actual: body.len(),
+        });
+    }
+    if declared > payload_bytes_max {
+        return Err(EnvelopeError::TooLarge(declared));
+    }
+    let checksum = u32::from_be_bytes([header[11], header[12], header[13], header[14]]);
+    if crc32fast::hash(body) != checksum {
+        return Err(EnvelopeError::Checksum);
+    }
+    options(payload_bytes_max as u64)
+        .deserialize(body)
+        .map_err(|error| EnvelopeError::Decode(error.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let record = encode(RecordKind::WalBatch, &(7u64, "gmv".to_string(), -5i128)).unwrap();
+        let back: (u64, String, i128) = decode(&record, RecordKind::WalBatch, 1 << 20).unwrap();
+        assert_eq!(back, (7, "gmv".to_string(), -5));
+    }
+
+    #[test]
+    fn every_damage_is_an_error() {
+        let record = encode(RecordKind::WalBatch, &vec![1u64, 2, 3]).unwrap();
+        let check = |bytes: &[u8]| decode::<Vec<u64>>(bytes, RecordKind::WalBatch, 1 << 20);
+        assert!(matches!(
+            check(&record[..10]),
+            Err(EnvelopeError::Short(10))
+        ));
+        assert!(matches!(
+            check(&record[..record.len() - 1]),
+            Err(EnvelopeError::Length { .. })
+        ));
+        let mut flipped = record.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x40;
+        assert_eq!(check(&flipped), Err(EnvelopeError::Checksum));
+        let mut magic = record.clone();
+        magic[0] = b'X';
+        assert_eq!(check(&magic), Err(EnvelopeError::Magic));
+        assert!(matches!(
+            decode::<Vec<u64>>(&record, RecordKind::SnapshotPart, 1 << 20),
+            Err(EnvelopeError::Kind { .. })
+        ));
+        assert!(matches!(
+            decode::<Vec<u64>>(&record, RecordKind::WalBatch, 8),
+            Err(EnvelopeError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn a_length_prefix_cannot_force_a_huge_allocation() {
+        // a vector claiming 2^60 elements inside a valid envelope
+        let body = options(u64::MAX).serialize(&(1u64 << 60)).unwrap();
+        let mut record = encode(RecordKind::WalBatch, &0u64).unwrap();
+        record.truncate(HEADER_BYTES);
+        record[7..11].copy_from_slice(&(body.len() as u32).to_be_bytes());
+        record[11..15].copy_from_slice(&crc32fast::hash(&body).to_be_bytes());
+        record.extend_from_slice(&body);
+        assert!(matches!(
+            decode::<Vec<u64>>(&record, RecordKind::WalBatch, 1 << 20),
+            Err(EnvelopeError::Decode(_))
+        ));
+    }
+}

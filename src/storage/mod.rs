@@ -1,0 +1,289 @@
+//! Durable storage behind one small trait, so that the engine (sled 0.34.7 today)
+//! can be replaced and faults injected in tests.
+//! Owns: spaces of sorted keys (the write-ahead log, snapshots, the quarantine),
+//! the envelope every value is stored in, group commit (`commit`), snapshots and
+//! recovery (`snapshot`, `recovery`).
+//! Must not: retry a failed flush (a failure poisons the store; the node restarts
+//! cleanly instead), or be called from the actor threads for anything slow.
+
+pub mod commit;
+pub mod envelope;
+pub mod recovery;
+pub mod snapshot;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// A space of sorted keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Space {
+    /// Accepted batches, keyed by LSN (big-endian u64).
+    Wal,
+    /// Snapshot parts and manifests, keyed by snapshot id then part.
+    Snapshot,
+    /// Quarantined events, keyed by tenant id, a 0 byte, then qid (big-endian).
+    Quarantine,
+}
+
+impl Space {
+    fn tree_name(self) -> &'static str {
+        match self {
+            Space::Wal => "wal",
+            Space::Snapshot => "snapshot",
+            Space::Quarantine => "quarantine",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Put {
+        space: Space,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Remove {
+        space: Space,
+        key: Vec<u8>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage failed: {0}")]
+    Io(String),
+    #[error("storage failed earlier; the node must restart")]
+    Poisoned,
+}
+
+/// The storage engine. Writes are not durable until `flush` returns Ok.
+pub trait Store: Send + Sync + 'static {
+    fn apply(&self, ops: &[Op]) -> Result<(), StorageError>;
+    fn flush(&self) -> Result<(), StorageError>;
+    /// Visits the entries with key ≥ `from`, in key order, while `visit` says true.
+    fn scan(
+        &self,
+        space: Space,
+        from: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError>;
+    fn last_key(&self, space: Space) -> Result<Option<Vec<u8>>, StorageError>;
+}
+
+pub type SharedStore = Arc<dyn Store>;
+
+/// sled 0.34.7, one tree per space.
+pub struct SledStore {
+    db: sled::Db,
+    trees: [sled::Tree; 3],
+}
+
+fn io(error: sled::Error) -> StorageError {
+    StorageError::Io(error.to_string())
+}
+
+impl SledStore {
+    pub fn open(path: &Path) -> Result<SledStore, StorageError> {
+        let db = sled::Config::new().path(path).open().map_err(io)?;
+        let trees = [
+            db.open_tree(Space::Wal.tree_name()).map_err(io)?,
+            db.open_tree(Space::Snapshot.tree_name()).map_err(io)?,
+            db.open_tree(Space::Quarantine.tree_name()).map_err(io)?,
+        ];
+        Ok(SledStore { db, trees })
+    }
+
+    fn tree(&self, space: Space) -> &sled::Tree {
+        match space {
+            Space::Wal => &self.trees[0],
+            Space::Snapshot => &self.trees[1],
+            Space::Quarantine => &self.trees[2],
+        }
+    }
+}
+
+impl Store for SledStore {
+    fn apply(&self, ops: &[Op]) -> Result<(), StorageError> {
+        for op in ops {
+            match op {
+                Op::Put { space, key, value } => {
+                    self.tree(*space)
+                        .insert(key, value.as_slice())
+                        .map_err(io)?;
+                }
+                Op::Remove { space, key } => {
+                    self.tree(*space).remove(key).map_err(io)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StorageError> {
+        // one flush of the db covers every tree
+        self.db.flush().map(|_| ()).map_err(io)
+    }
+
+    fn scan(
+        &self,
+        space: Space,
+        from: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
+        for entry in self.tree(space).range(from..) {
+            let (key, value) = entry.map_err(io)?;
+            if !visit(&key, &value) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn last_key(&self, space: Space) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self
+            .tree(space)
+            .last()
+            .map_err(io)?
+            .map(|(key, _)| key.to_vec()))
+    }
+}
+
+/// A store that starts failing on command: for tests of storage failure.
+pub struct FaultyStore {
+    inner: SharedStore,
+    /// Flushes that still succeed; `u64::MAX` = never fail.
+    flushes_left: AtomicU64,
+    failing: AtomicBool,
+}
+
+impl FaultyStore {
+    pub fn new(inner: SharedStore) -> FaultyStore {
+        FaultyStore {
+            inner,
+            flushes_left: AtomicU64::new(u64::MAX),
+            failing: AtomicBool::new(false),
+        }
+    }
+
+    /// Lets `flushes` more flushes succeed; every later write and flush fails.
+    pub fn fail_after_flushes(&self, flushes: u64) {
+        self.flushes_left.store(flushes, Ordering::SeqCst);
+    }
+
+    fn check(&self) -> Result<(), StorageError> {
+        if self.failing.load(Ordering::SeqCst) {
+            Err(StorageError::Io("injected fault".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Store for FaultyStore {
+    fn apply(&self, ops: &[Op]) -> Result<(), StorageError> {
+        self.check()?;
+        self.inner.apply(ops)
+    }
+
+    fn flush(&self) -> Result<(), StorageError> {
+        self.check()?;
+        let left = self.flushes_left.load(Ordering::SeqCst);
+        if left == 0 {
+            self.failing.store(true, Ordering::SeqCst);
+            return Err(StorageError::Io("injected fault".into()));
+        }
+        if left != u64::MAX {
+            self.flushes_left.store(left - 1, Ordering::SeqCst);
+        }
+        self.inner.flush()
+    }
+
+    fn scan(
+        &self,
+        space: Space,
+        from: &[u8],
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
+        self.inner.scan(space, from, visit)
+    }
+
+    fn last_key(&self, space: Space) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.last_key(space)
+    }
+}
+
+/// The key of a WAL record.
+pub fn lsn_key(lsn: u64) -> [u8; 8] {
+    lsn.to_be_bytes()
+}
+
+pub fn key_lsn(key: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(key).ok().map(u64::from_be_bytes)
+}
+
+/// The key of a quarantined event.
+pub fn quarantine_key(tenant: &str, qid: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(tenant.len() + 9);
+    key.extend_from_slice(tenant.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&qid.to_be_bytes());
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sled_store_keeps_what_it_flushed_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store
+                .apply(&[
+                    Op::Put {
+                        space: Space::Wal,
+                        key: lsn_key(2).to_vec(),
+                        value: b"b".to_vec(),
+                    },
+                    Op::Put {
+                        space: Space::Wal,
+                        key: lsn_key(1).to_vec(),
+                        value: b"a".to_vec(),
+                    },
+                    Op::Put {
+                        space: Space::Quarantine,
+                        key: quarantine_key("demo", 1),
+                        value: b"q".to_vec(),
+                    },
+                ])
+                .unwrap();
+            store.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        let mut seen = Vec::new();
+        store
+            .scan(Space::Wal, &[], &mut |key, value| {
+                seen.push((key_lsn(key).unwrap(), value.to_vec()));
+                true
+            })
+            .unwrap();
+        assert_eq!(seen, vec![(1, b"a".to_vec()), (2, b"b".to_vec())]);
+        assert_eq!(
+            store.last_key(Space::Wal).unwrap(),
+            Some(lsn_key(2).to_vec())
+        );
+        assert_eq!(store.last_key(Space::Snapshot).unwrap(), None);
+    }
+
+    #[test]
+    fn a_faulty_store_fails_from_the_chosen_flush_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FaultyStore::new(Arc::new(SledStore::open(dir.path()).unwrap()));
+        store.fail_after_flushes(1);
+        assert!(store.flush().is_ok());
+        assert!(store.flush().is_err());
+        assert!(store.apply(&[]).is_err());
+    }
+}

@@ -1,0 +1,244 @@
+//! Recovery at start-up: the newest snapshot whose every part reads, then the
+//! log records after each tenant's position, then the quarantine. A snapshot or
+//! record that fails its checksum is reported and skipped (for the next older
+//! snapshot), never a panic.
+//! Owns: rebuilding the domain state of every configured tenant. Must not start
+//! actors or write anything but the removals of entries it cannot use.
+
+use std::collections::HashMap;
+
+use chrono_tz::Tz;
+
+use crate::clock::Stopwatch;
+use crate::config::Config;
+use crate::domain::catalogue::Catalogue;
+use crate::domain::dedup::{id_key, DedupIndex};
+use crate::domain::metric::{MetricState, SeriesSettings};
+use crate::domain::quarantine::{QuarantineStore, QuarantinedEvent};
+use crate::domain::time::second_of_ms;
+
+use super::envelope::{decode, RecordKind};
+use super::snapshot::{load_snapshot, snapshot_ids, TenantSnapshot, WalBatch};
+use super::{key_lsn, lsn_key, quarantine_key, Space, StorageError, Store};
+
+/// The state of one tenant, ready for its actors.
+pub struct RecoveredTenant {
+    pub now_ms: i64,
+    pub dedup: DedupIndex,
+    /// Indexed like the catalogue; `None` for metrics without state.
+    pub metrics: Vec<Option<MetricState>>,
+    pub quarantine: QuarantineStore,
+}
+
+/// What recovery did, for the log and for tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub snapshot_id: Option<u64>,
+    pub snapshots_skipped: Vec<(u64, String)>,
+    pub records_replayed: u64,
+    pub records_skipped: Vec<(u64, String)>,
+    pub quarantined_loaded: u64,
+    pub duration_ms: u64,
+}
+
+pub struct Recovered {
+    pub tenants: HashMap<String, RecoveredTenant>,
+    /// The LSN the next log record gets.
+    pub next_lsn: u64,
+    /// The id the next snapshot gets.
+    pub next_snapshot_id: u64,
+    pub report: RecoveryReport,
+}
+
+/// The settings every series of a tenant is built with.
+pub fn series_settings(config: &Config, tz: Tz) -> SeriesSettings {
+    SeriesSettings {
+        ahead_s: (config.ingest.max_clock_skew_ms + 999) / 1000,
+        tz,
+        histogram_value_max: config.windows.histogram_value_max,
+        series_max: config.windows.max_series_per_metric,
+    }
+}
+
+fn fresh_metrics(
+    catalogue: &Catalogue,
+    settings: SeriesSettings,
+    now_ms: i64,
+) -> Vec<Option<MetricState>> {
+    catalogue
+        .metrics()
+        .iter()
+        .enumerate()
+        .map(|(index, def)| {
+            def.kind
+                .has_state()
+                .then(|| MetricState::new(index, def, settings, now_ms))
+        })
+        .collect()
+}
+
+pub fn recover(
+    store: &dyn Store,
+    config: &Config,
+    catalogue: &Catalogue,
+    now_ms: i64,
+) -> Result<Recovered, StorageError> {
+    let started = Stopwatch::start();
+    let record_bytes_max = config.storage.record_bytes_max;
+    let mut report = RecoveryReport::default();
+
+    let ids = snapshot_ids(store)?;
+    let next_snapshot_id = ids.first().map_or(1, |id| id + 1);
+    let mut snapshot: Vec<TenantSnapshot> = Vec::new();
+    for id in ids {
+        match load_snapshot(store, id, record_bytes_max) {
+            Ok((_, parts)) => {
+                report.snapshot_id = Some(id);
+                snapshot = parts;
+                break;
+            }
+            Err(reason) => {
+                tracing::warn!(snapshot = id, %reason, "skipping a snapshot that cannot be used");
+                report.snapshots_skipped.push((id, reason));
+            }
+        }
+    }
+
+    let mut tenants = HashMap::new();
+    let mut positions: HashMap<String, u64> = HashMap::new();
+    for tenant in &config.tenants {
+        // validate() checked the zone name
+        let tz: Tz = tenant.timezone.parse().unwrap_or(Tz::UTC);
+        let settings = series_settings(config, tz);
+        let mut dedup = DedupIndex::new(config.ingest.dedup_horizon_s, config.ingest.dedup_ids_max);
+        let mut metrics = fresh_metrics(catalogue, settings, now_ms);
+        let mut tenant_now_ms = now_ms;
+        let mut position = 0;
+        if let Some(part) = snapshot.iter().find(|part| part.tenant == tenant.id) {
+            position = part.position_lsn;
+            tenant_now_ms = part.now_ms;
+            for &(key, second) in &part.dedup {
+                dedup.remember(key, second);
+            }
+            for (index, def) in catalogue.metrics().iter().enumerate() {
+                if !def.kind.has_state() {
+                    continue;
+                }
+                let Some((_, export)) = part.metrics.iter().find(|(name, _)| *name == def.name)
+                else {
+                    metrics[index] = Some(MetricState::new(index, def, settings, part.now_ms));
+                    continue;
+                };
+                metrics[index] = match MetricState::import(index, def, settings, export) {
+                    Some(state) => Some(state),
+                    None => {
+                        tracing::warn!(tenant = %tenant.id, metric = %def.name, "metric changed kind since the snapshot; it starts empty");
+                        Some(MetricState::new(index, def, settings, part.now_ms))
+                    }
+                };
+            }
+        }
+        positions.insert(tenant.id.clone(), position);
+        tenants.insert(
+            tenant.id.clone(),
+            RecoveredTenant {
+                now_ms: tenant_now_ms,
+                dedup,
+                metrics,
+                quarantine: QuarantineStore::new(
+                    config.quarantine.events_per_tenant_max,
+                    config.quarantine.raw_bytes_max,
+                ),
+            },
+        );
+    }
+
+    // Replay the log after the lowest position; each record only for a tenant
+    // whose position it is past.
+    let mut next_lsn = positions.values().copied().max().unwrap_or(0) + 1;
+    let from_lsn = positions.values().copied().min().unwrap_or(0) + 1;
+    let mut scan_error = None;
+    store.scan(Space::Wal, &lsn_key(from_lsn), &mut |key, value| {
+        let Some(lsn) = key_lsn(key) else {
+            return true;
+        };
+        next_lsn = next_lsn.max(lsn + 1);
+        let batch: WalBatch = match decode(value, RecordKind::WalBatch, record_bytes_max) {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::warn!(lsn, %error, "skipping a log record that cannot be read");
+                report.records_skipped.push((lsn, error.to_string()));
+                return true;
+            }
+        };
+        let (Some(tenant), Some(&position)) = (tenants.get_mut(&batch.tenant), positions.get(&batch.tenant)) else {
+            tracing::warn!(lsn, tenant = %batch.tenant, "log record of a tenant no longer configured; skipped");
+            return true;
+        };
+        if lsn <= position {
+            return true;
+        }
+        let mut events = batch.events;
+        for event in &mut events {
+            event.route = catalogue.route(&event.event_type);
+            tenant.dedup.remember(id_key(&event.id), second_of_ms(event.ts_ms));
+        }
+        tenant.now_ms = tenant.now_ms.max(batch.now_ms);
+        for metric in tenant.metrics.iter_mut().flatten() {
+            let applied = metric.apply(&events, batch.now_ms);
+            if applied.events_refused > 0 {
+                scan_error = Some(format!("log record {lsn} broke a window invariant"));
+            }
+        }
+        report.records_replayed += 1;
+        true
+    })?;
+    if let Some(error) = scan_error {
+        tracing::error!(%error, "replay refused events");
+    }
+    if let Some(last) = store.last_key(Space::Wal)?.as_deref().and_then(key_lsn) {
+        next_lsn = next_lsn.max(last + 1);
+    }
+
+    // The quarantine: keys are tenant, a 0 byte, then the qid.
+    let mut quarantined = Vec::new();
+    store.scan(Space::Quarantine, &[], &mut |key, value| {
+        let Some(split) = key.iter().position(|byte| *byte == 0) else {
+            return true;
+        };
+        let tenant = String::from_utf8_lossy(&key[..split]).into_owned();
+        match decode::<QuarantinedEvent>(value, RecordKind::Quarantined, record_bytes_max) {
+            Ok(entry) => quarantined.push((tenant, entry)),
+            Err(error) => {
+                tracing::warn!(%tenant, %error, "skipping a quarantined event that cannot be read")
+            }
+        }
+        true
+    })?;
+    for (tenant_id, entry) in quarantined {
+        if let Some(tenant) = tenants.get_mut(&tenant_id) {
+            report.quarantined_loaded += 1;
+            let evicted = tenant.quarantine.restore(entry);
+            // a smaller bound than before: the oldest go, as they would have
+            let removals: Vec<_> = evicted
+                .into_iter()
+                .map(|qid| super::Op::Remove {
+                    space: Space::Quarantine,
+                    key: quarantine_key(&tenant_id, qid),
+                })
+                .collect();
+            store.apply(&removals)?;
+        }
+    }
+    for tenant in tenants.values_mut() {
+        tenant.dedup.expire(now_ms.max(tenant.now_ms));
+    }
+
+    report.duration_ms = started.elapsed_ms();
+    Ok(Recovered {
+        tenants,
+        next_lsn,
+        next_snapshot_id,
+        report,
+    })
+}
