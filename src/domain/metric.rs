@@ -231,9 +231,7 @@ impl MetricState {
                 continue;
             };
             for (value, series) in values {
-                let Some(series) = Series::import(&def.kind, series, &settings) else {
-                    return None;
-                };
+                let series = Series::import(&def.kind, series, &settings)?;
                 if value != OTHER_DIM_VALUE {
                     state.breakdown_series += 1;
                 }
