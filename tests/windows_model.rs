@@ -5,7 +5,9 @@
 //! through validation, de-duplication and the metric state exactly as the actors
 //! drive them; the reference model keeps a plain list of the events it accepted
 //! and filters it by time. At every step every metric, window, `prev`, `today`
-//! and the device breakdown must be equal.
+//! and the device breakdown must be equal. At random steps the engine restarts:
+//! its state goes through a snapshot (export, envelope, decode, import) and the
+//! run goes on from what was restored, as recovery does.
 
 use std::collections::BTreeMap;
 
@@ -20,6 +22,8 @@ use tally::domain::histogram::{empty_histogram, HistogramStats};
 use tally::domain::metric::{MetricState, SeriesReading, SeriesSettings};
 use tally::domain::time::{day_bounds, second_of_ms};
 use tally::domain::window::{SlidingTally, Tally};
+use tally::storage::envelope::{decode, encode, RecordKind};
+use tally::storage::snapshot::TenantSnapshot;
 
 const SKEW_MS: i64 = 300_000;
 const HORIZON_S: i64 = 7_200;
@@ -95,6 +99,7 @@ struct GenEvent {
 struct Step {
     advance_ms: i64,
     events: Vec<GenEvent>,
+    restart: bool,
 }
 
 fn ts_offset() -> impl Strategy<Value = Option<i64>> {
@@ -138,8 +143,13 @@ fn gen_step() -> impl Strategy<Value = Step> {
             1 => 120_000i64..4_000_000,
         ],
         proptest::collection::vec(gen_event(), 0..6),
+        proptest::bool::weighted(0.1),
     )
-        .prop_map(|(advance_ms, events)| Step { advance_ms, events })
+        .prop_map(|(advance_ms, events, restart)| Step {
+            advance_ms,
+            events,
+            restart,
+        })
 }
 
 fn event_json(event: &GenEvent, now_ms: i64) -> String {
@@ -288,6 +298,38 @@ struct Engine {
     tz: Tz,
     dedup: DedupIndex,
     metrics: Vec<MetricState>,
+    settings: SeriesSettings,
+}
+
+impl Engine {
+    /// Through a snapshot and back, as a restart does.
+    fn restart(&mut self, catalogue: &Catalogue, now_ms: i64) {
+        let snapshot = TenantSnapshot {
+            tenant: "t".into(),
+            position_lsn: 0,
+            now_ms,
+            dedup: self.dedup.export(),
+            metrics: catalogue
+                .metrics()
+                .iter()
+                .zip(&self.metrics)
+                .map(|(def, state)| (def.name.clone(), state.export()))
+                .collect(),
+        };
+        let bytes = encode(RecordKind::SnapshotPart, &snapshot).unwrap();
+        let restored: TenantSnapshot = decode(&bytes, RecordKind::SnapshotPart, 1 << 30).unwrap();
+        let mut dedup = DedupIndex::new(HORIZON_S, 1_000_000);
+        for (key, second) in restored.dedup {
+            dedup.remember(key, second);
+        }
+        self.dedup = dedup;
+        self.metrics = catalogue
+            .metrics()
+            .iter()
+            .enumerate()
+            .map(|(index, def)| MetricState::import(index, def, self.settings, &restored.metrics[index].1).unwrap())
+            .collect();
+    }
 }
 
 fn counter(reading: SeriesReading) -> (SlidingTally, SlidingTally, Tally) {
@@ -318,6 +360,7 @@ fn run(start_ms: i64, steps: Vec<Step>) -> Result<(), TestCaseError> {
             };
             Engine {
                 tz,
+                settings,
                 dedup: DedupIndex::new(HORIZON_S, 1_000_000),
                 metrics: catalogue
                     .metrics()
@@ -376,6 +419,9 @@ fn run(start_ms: i64, steps: Vec<Step>) -> Result<(), TestCaseError> {
             }
         }
         for (engine, batch) in engines.iter_mut().zip(&batches) {
+            if step.restart {
+                engine.restart(&catalogue, now_ms);
+            }
             for metric in &mut engine.metrics {
                 let report = metric.apply(batch, now_ms);
                 prop_assert_eq!(report.events_refused, 0);
