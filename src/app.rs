@@ -394,7 +394,17 @@ impl RunningNode {
     /// Stops accepting, lets in-flight requests finish within the grace period,
     /// writes a final snapshot (so a restart replays nothing), then stops the
     /// actors and the commit thread.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
+        self.stop(true).await
+    }
+
+    /// Stops like a crash would leave things: no final snapshot, so the next
+    /// start recovers from the last periodic one and the log (for tests).
+    pub async fn halt(self) {
+        self.stop(false).await
+    }
+
+    async fn stop(mut self, final_snapshot: bool) {
         self.node.set_ready(false);
         if let Some(stop) = self.stop_accepting.take() {
             let _ = stop.send(());
@@ -414,7 +424,7 @@ impl RunningNode {
                 ),
             }
         }
-        if !self.node.committer.is_failed() {
+        if final_snapshot && !self.node.committer.is_failed() {
             if let Err(error) = self.node.take_snapshot().await {
                 tracing::error!(%error, "final snapshot failed; the next start replays the log");
             }

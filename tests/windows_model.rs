@@ -327,7 +327,9 @@ impl Engine {
             .metrics()
             .iter()
             .enumerate()
-            .map(|(index, def)| MetricState::import(index, def, self.settings, &restored.metrics[index].1).unwrap())
+            .map(|(index, def)| {
+                MetricState::import(index, def, self.settings, &restored.metrics[index].1).unwrap()
+            })
             .collect();
     }
 }

@@ -22,6 +22,12 @@ pub struct TestNode {
     _data: tempfile::TempDir,
 }
 
+/// A stopped node's data directory and clock, to start it again.
+pub struct Stopped {
+    pub data: tempfile::TempDir,
+    pub clock: ManualClock,
+}
+
 pub struct Reply {
     pub status: StatusCode,
     pub retry_after: Option<String>,
@@ -44,12 +50,19 @@ pub fn test_config() -> Config {
 }
 
 pub async fn start_node(tweak: impl FnOnce(&mut Config)) -> TestNode {
-    let data = tempfile::tempdir().unwrap();
+    start_node_in(tempfile::tempdir().unwrap(), ManualClock::new(T0_MS), tweak).await
+}
+
+/// A node over `data` (which it keeps), e.g. to restart on the same directory.
+pub async fn start_node_in(
+    data: tempfile::TempDir,
+    clock: ManualClock,
+    tweak: impl FnOnce(&mut Config),
+) -> TestNode {
     let mut config = test_config();
     config.storage.data_dir = data.path().to_path_buf();
     tweak(&mut config);
     assert_eq!(config.validate(), vec![], "test config must be valid");
-    let clock = ManualClock::new(T0_MS);
     let running = start(config, Arc::new(clock.clone())).await.unwrap();
     TestNode {
         base: format!("http://{}", running.local_addr),
@@ -132,6 +145,32 @@ impl TestNode {
         if let Some(running) = self.running.take() {
             running.shutdown().await;
         }
+    }
+
+    /// Graceful stop that keeps the data directory for a restart.
+    pub async fn stop_keeping_data(mut self) -> Stopped {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+        Stopped {
+            data: self._data,
+            clock: self.clock,
+        }
+    }
+
+    /// Crash-like stop (no final snapshot) that keeps the data directory.
+    pub async fn halt_keeping_data(mut self) -> Stopped {
+        if let Some(running) = self.running.take() {
+            running.halt().await;
+        }
+        Stopped {
+            data: self._data,
+            clock: self.clock,
+        }
+    }
+
+    pub fn recovery(&self) -> &tally::storage::recovery::RecoveryReport {
+        &self.running.as_ref().unwrap().recovery
     }
 }
 

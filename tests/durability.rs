@@ -1,0 +1,327 @@
+//! Durability against a real node and real sled files: restarts keep every
+//! window, de-duplication and the quarantine; a damaged snapshot or a torn last
+//! log record is reported and skipped; a storage failure is 503, not ready, and
+//! fatal. (The kill -9 cycles are in tests/crash.rs, against the binary.)
+
+mod common;
+
+use std::sync::Arc;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use common::{order, start_node, start_node_in, TestNode, T0_MS};
+use tally::storage::envelope::{decode, encode, RecordKind};
+use tally::storage::snapshot::{manifest_key, part_key, snapshot_ids, SnapshotManifest};
+use tally::storage::{key_lsn, Op, SledStore, Space, Store};
+
+async fn windows(node: &TestNode) -> Value {
+    let mut metrics = node.metrics("demo-key").await;
+    metrics.as_object_mut().unwrap().remove("at");
+    metrics
+}
+
+fn with_store<T>(dir: &std::path::Path, work: impl FnOnce(&SledStore) -> T) -> T {
+    let store = SledStore::open(dir).unwrap();
+    let result = work(&store);
+    store.flush().unwrap();
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_restart_replays_nothing_and_keeps_everything() {
+    let node = start_node(|_| {}).await;
+    let events = [
+        order("o-1", 1250, T0_MS - 20_000),
+        order("o-2", 800, T0_MS - 400_000),
+        json!({"id": "c-1", "type": "checkout.completed", "value": 212}),
+        json!({"id": "p-1", "type": "payment.failed", "dims": {"method": "card"}}),
+    ];
+    assert_eq!(node.post("demo-key", &events).await.body["accepted"], 4);
+    let quarantined = node
+        .post_raw(Some("demo-key"), "application/x-ndjson", "not json")
+        .await;
+    assert_eq!(quarantined.body["quarantined"], 1);
+    let before = windows(&node).await;
+    let stopped = node.stop_keeping_data().await;
+
+    let node = start_node_in(stopped.data, stopped.clock, |_| {}).await;
+    assert_eq!(
+        node.recovery().records_replayed,
+        0,
+        "the final snapshot covers the log"
+    );
+    assert!(node.recovery().snapshot_id.is_some());
+    assert_eq!(windows(&node).await, before);
+    // de-duplication survived: the same events are duplicates
+    assert_eq!(node.post("demo-key", &events).await.body["duplicates"], 4);
+    let listed = node.get(Some("demo-key"), "/v1/quarantine").await;
+    assert_eq!(listed.body["events"][0]["raw"], "not json");
+    assert_eq!(listed.body["events"][0]["qid"], 1);
+    // new quarantined events continue the qids
+    let more = node
+        .post_raw(Some("demo-key"), "application/x-ndjson", "still not json")
+        .await;
+    assert_eq!(more.body["errors"][0]["qid"], 2);
+    // and the windows still slide from where they were
+    node.clock.set_ms(T0_MS + 30_000);
+    let gmv = node.metrics("demo-key").await["metrics"]["gmv"]["windows"]["30s"].clone();
+    assert_eq!(
+        gmv,
+        json!({"value": 0, "count": 0, "prev": 1250, "prev_count": 1})
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_final_snapshot_the_log_is_replayed() {
+    let node = start_node(|_| {}).await;
+    for batch in 0..5 {
+        let events: Vec<Value> = (0..10)
+            .map(|i| order(&format!("b{batch}-{i}"), 100 + i, T0_MS - i * 1000))
+            .collect();
+        assert_eq!(node.post("demo-key", &events).await.body["accepted"], 10);
+    }
+    let before = windows(&node).await;
+    let stopped = node.halt_keeping_data().await;
+
+    let node = start_node_in(stopped.data, stopped.clock, |_| {}).await;
+    assert_eq!(node.recovery().snapshot_id, None);
+    assert_eq!(node.recovery().records_replayed, 5);
+    assert_eq!(windows(&node).await, before);
+    assert_eq!(
+        node.metrics("demo-key").await["metrics"]["orders"]["windows"]["today"]["value"],
+        50
+    );
+    let again = node.post("demo-key", &[order("b0-0", 100, T0_MS)]).await;
+    assert_eq!(again.body["duplicates"], 1);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_newest_snapshot_falls_back_to_the_one_before() {
+    // snapshot 1 holds the first batch; snapshot 2 both
+    let node = start_node(|_| {}).await;
+    node.post("demo-key", &[order("a", 100, T0_MS)]).await;
+    let stopped = node.stop_keeping_data().await;
+    let node = start_node_in(stopped.data, stopped.clock, |_| {}).await;
+    node.post("demo-key", &[order("b", 20, T0_MS)]).await;
+    let before = windows(&node).await;
+    assert_eq!(before["metrics"]["gmv"]["windows"]["today"]["value"], 120);
+    let stopped = node.stop_keeping_data().await;
+
+    let newest = with_store(stopped.data.path(), |store| {
+        let ids = snapshot_ids(store).unwrap();
+        assert_eq!(ids, vec![2, 1]);
+        // flip one byte in the middle of the newest snapshot's demo part
+        let key = part_key(ids[0], "demo");
+        let mut value = None;
+        store
+            .scan(Space::Snapshot, &key, &mut |found, bytes| {
+                if found == key.as_slice() {
+                    value = Some(bytes.to_vec());
+                }
+                false
+            })
+            .unwrap();
+        let mut value = value.expect("the newest snapshot has a demo part");
+        let middle = value.len() / 2;
+        value[middle] ^= 0xFF;
+        store
+            .apply(&[Op::Put {
+                space: Space::Snapshot,
+                key,
+                value,
+            }])
+            .unwrap();
+        ids[0]
+    });
+
+    let node = start_node_in(stopped.data, stopped.clock, |_| {}).await;
+    let report = node.recovery().clone();
+    assert_eq!(report.snapshot_id, Some(1));
+    assert_eq!(report.snapshots_skipped.len(), 1);
+    assert_eq!(report.snapshots_skipped[0].0, newest);
+    assert!(
+        report.snapshots_skipped[0].1.contains("checksum"),
+        "{:?}",
+        report.snapshots_skipped
+    );
+    assert_eq!(
+        report.records_replayed, 1,
+        "the batch after snapshot 1 comes from the log"
+    );
+    assert_eq!(windows(&node).await, before);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_last_log_record_is_skipped_and_the_rest_served() {
+    let node = start_node(|_| {}).await;
+    node.post(
+        "demo-key",
+        &[order("a", 100, T0_MS), order("b", 200, T0_MS)],
+    )
+    .await;
+    node.post("demo-key", &[order("c", 4000, T0_MS)]).await;
+    let stopped = node.halt_keeping_data().await;
+
+    let last = with_store(stopped.data.path(), |store| {
+        let last_key = store.last_key(Space::Wal).unwrap().unwrap();
+        let mut value = Vec::new();
+        store
+            .scan(Space::Wal, &last_key, &mut |_, bytes| {
+                value = bytes.to_vec();
+                false
+            })
+            .unwrap();
+        value.truncate(value.len() - 7);
+        store
+            .apply(&[Op::Put {
+                space: Space::Wal,
+                key: last_key.clone(),
+                value,
+            }])
+            .unwrap();
+        key_lsn(&last_key).unwrap()
+    });
+
+    let node = start_node_in(stopped.data, stopped.clock, |_| {}).await;
+    let report = node.recovery().clone();
+    assert_eq!(report.records_replayed, 1);
+    assert_eq!(report.records_skipped.len(), 1);
+    assert_eq!(report.records_skipped[0].0, last);
+    let gmv = node.metrics("demo-key").await["metrics"]["gmv"]["windows"]["today"].clone();
+    assert_eq!(gmv, json!({"value": 300, "count": 2}));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_prune_the_log_and_older_snapshots() {
+    let node = start_node(|config| config.storage.snapshots_kept = 2).await;
+    let running = node.running.as_ref().unwrap();
+    for round in 0..4 {
+        node.post("demo-key", &[order(&format!("r{round}"), 10, T0_MS)])
+            .await;
+        running.node.take_snapshot().await.unwrap();
+    }
+    let store = &running.node.store;
+    assert_eq!(snapshot_ids(&**store).unwrap(), vec![4, 3]);
+    // the log is kept back to snapshot 3's position: only round 3's record
+    let mut lsns = Vec::new();
+    store
+        .scan(Space::Wal, &[], &mut |key, _| {
+            lsns.push(key_lsn(key).unwrap());
+            true
+        })
+        .unwrap();
+    assert_eq!(lsns, vec![4]);
+    let mut manifest = None;
+    store
+        .scan(Space::Snapshot, &manifest_key(3), &mut |_, value| {
+            manifest = Some(
+                decode::<SnapshotManifest>(value, RecordKind::SnapshotManifest, 1 << 20).unwrap(),
+            );
+            false
+        })
+        .unwrap();
+    assert_eq!(manifest.unwrap().min_position_lsn, 3);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_failure_is_503_not_ready_and_fatal() {
+    let data = tempfile::tempdir().unwrap();
+    let faulty = Arc::new(tally::storage::FaultyStore::new(Arc::new(
+        SledStore::open(data.path()).unwrap(),
+    )));
+    let mut config = common::test_config();
+    config.storage.data_dir = data.path().to_path_buf();
+    let clock = tally::clock::ManualClock::new(T0_MS);
+    let running = tally::app::start_with_store(config, Arc::new(clock), faulty.clone())
+        .await
+        .unwrap();
+    let base = format!("http://{}", running.local_addr);
+    let client = reqwest::Client::new();
+    let post = |body: String| {
+        client
+            .post(format!("{base}/v1/events"))
+            .bearer_auth("demo-key")
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .send()
+    };
+    assert_eq!(
+        post(order("ok", 1, T0_MS).to_string())
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    let mut fatal = running.fatal();
+    faulty.fail_after_flushes(0);
+    let failed = post(order("lost", 2, T0_MS).to_string()).await.unwrap();
+    assert_eq!(failed.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(failed.headers().contains_key("retry-after"));
+    let body: Value = failed.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("storage failed"),
+        "{body}"
+    );
+    fatal.changed().await.unwrap();
+    assert!(fatal.borrow().is_some());
+    let ready = client.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // nothing after the failure is acknowledged either
+    assert_eq!(
+        post(order("later", 3, T0_MS).to_string())
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    running.shutdown().await;
+    drop(faulty); // sled locks its directory while open
+
+    // What was acknowledged is there after a restart. The batch whose flush
+    // failed may or may not have reached the disk (as with any failed commit);
+    // its retry is then either accepted or a duplicate, never counted twice.
+    let node = start_node_in(data, tally::clock::ManualClock::new(T0_MS), |_| {}).await;
+    let today = node.metrics("demo-key").await["metrics"]["gmv"]["windows"]["today"].clone();
+    assert!(
+        today == json!({"value": 1, "count": 1}) || today == json!({"value": 3, "count": 2}),
+        "{today}"
+    );
+    let retried = node
+        .post(
+            "demo-key",
+            &[order("lost", 2, T0_MS), order("later", 3, T0_MS)],
+        )
+        .await;
+    assert_eq!(
+        retried.body["accepted"].as_u64().unwrap() + retried.body["duplicates"].as_u64().unwrap(),
+        2
+    );
+    let gmv = node.metrics("demo-key").await["metrics"]["gmv"]["windows"]["today"].clone();
+    assert_eq!(gmv, json!({"value": 6, "count": 3}));
+    node.stop().await;
+}
+
+#[test]
+fn an_unreadable_manifest_means_an_unfinished_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    store
+        .apply(&[Op::Put {
+            space: Space::Snapshot,
+            key: manifest_key(7),
+            value: encode(RecordKind::WalBatch, &1u8).unwrap(),
+        }])
+        .unwrap();
+    let result = tally::storage::snapshot::load_snapshot(&store, 7, 1 << 20);
+    assert!(result.unwrap_err().contains("manifest"));
+    assert_eq!(
+        tally::storage::snapshot::load_snapshot(&store, 8, 1 << 20).unwrap_err(),
+        "no manifest (the snapshot was not finished)"
+    );
+}
