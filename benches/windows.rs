@@ -104,7 +104,7 @@ fn decode_validate(c: &mut Criterion) {
                 let mut valid = 0;
                 for line in bytes.split(|byte| *byte == b'\n').filter(|l| !l.is_empty()) {
                     let raw = parse_event(line).unwrap();
-                    if validate_event(&raw, &context, T0_MS).is_ok() {
+                    if validate_event(&raw, &context, T0_MS, T0_MS).is_ok() {
                         valid += 1;
                     }
                 }

@@ -48,6 +48,8 @@ pub struct Node {
     pub tenants: HashMap<String, TenantHandle>,
     pub store: SharedStore,
     pub committer: Committer,
+    /// Request body bytes being read and validated, in KiB, node-wide.
+    pub ingest_kib: Arc<Semaphore>,
     next_snapshot_id: AtomicU64,
     /// One snapshot at a time (the periodic one and the final one).
     snapshot_lock: Mutex<()>,
@@ -324,6 +326,9 @@ pub async fn start_with_store(
     let keys = KeyRing::from_config(&config);
     let addr = config.listen_addr();
     let snapshot_interval = Duration::from_secs(config.storage.snapshot_interval_s);
+    let ingest_kib = Arc::new(Semaphore::new(
+        config.server.ingest_bytes_inflight_max / 1024,
+    ));
     let node = Arc::new(Node {
         config: Arc::new(config),
         catalogue,
@@ -332,6 +337,7 @@ pub async fn start_with_store(
         tenants,
         store,
         committer,
+        ingest_kib,
         next_snapshot_id: AtomicU64::new(next_snapshot_id),
         snapshot_lock: Mutex::new(()),
         ready: AtomicBool::new(false),

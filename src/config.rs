@@ -38,6 +38,8 @@ pub struct Config {
 pub struct ServerConfig {
     pub listen: String,
     pub max_body_bytes: usize,
+    pub ingest_bytes_inflight_max: usize,
+    pub body_read_timeout_ms: u64,
     pub shutdown_grace_ms: u64,
     pub retry_after_s: u32,
 }
@@ -47,6 +49,8 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: "127.0.0.1:7700".into(),
             max_body_bytes: 8 * 1024 * 1024,
+            ingest_bytes_inflight_max: 256 * 1024 * 1024,
+            body_read_timeout_ms: 30_000,
             shutdown_grace_ms: 10_000,
             retry_after_s: 1,
         }
@@ -375,14 +379,26 @@ impl Config {
                 "must be within 0..=3600000",
             ));
         }
-        if self.ingest.dedup_horizon_s < 1800 {
+        if self.ingest.dedup_horizon_s < 86_400 {
             issues.push(issue(
                 "ingest.dedup_horizon_s",
-                "must be at least 1800 (the 15m window and its prev)",
+                "must be at least 86400 (the today window is a day long)",
             ));
         }
-        if self.windows.histogram_value_max < 2 {
-            issues.push(issue("windows.histogram_value_max", "must be at least 2"));
+        if !(2..=(1u64 << 53)).contains(&self.windows.histogram_value_max) {
+            issues.push(issue(
+                "windows.histogram_value_max",
+                "must be within 2..=9007199254740992 (2^53, exact as a float)",
+            ));
+        }
+        if self.server.ingest_bytes_inflight_max < self.server.max_body_bytes {
+            issues.push(issue(
+                "server.ingest_bytes_inflight_max",
+                "must be at least server.max_body_bytes",
+            ));
+        }
+        if self.server.body_read_timeout_ms == 0 {
+            issues.push(issue("server.body_read_timeout_ms", "must be at least 1"));
         }
         let mut digests = HashSet::new();
         let mut check_key =
@@ -694,13 +710,13 @@ mod tests {
             ),
             (
                 "TALLY_INGEST__DEDUP_HORIZON_S".to_string(),
-                "7200".to_string(),
+                "172800".to_string(),
             ),
             ("OTHER".to_string(), "x".to_string()),
         ];
         let config = Config::parse(DEFAULT_TOML, env).unwrap();
         assert_eq!(config.server.listen, "127.0.0.1:9000");
-        assert_eq!(config.ingest.dedup_horizon_s, 7200);
+        assert_eq!(config.ingest.dedup_horizon_s, 172_800);
     }
 
     #[test]
@@ -724,7 +740,7 @@ mod tests {
             [server]
             listen = "nowhere"
             [ingest]
-            dedup_horizon_s = 60
+            dedup_horizon_s = 3600
             [[tenants]]
             id = "Bad Id"
             api_keys = ["sha256:abc", "k1"]

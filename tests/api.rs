@@ -495,7 +495,6 @@ async fn reads_past_their_limit_are_503() {
 async fn a_full_dedup_table_is_503_and_forgets_nothing() {
     let node = start_node(|config| {
         config.ingest.dedup_ids_max = 3;
-        config.ingest.dedup_horizon_s = 1800;
     })
     .await;
     assert_eq!(
@@ -524,15 +523,21 @@ async fn a_full_dedup_table_is_503_and_forgets_nothing() {
         node.post("demo-key", &[order("o-1", 1, T0_MS)]).await.body["duplicates"],
         1
     );
+    // a resent batch of known ids needs no room: duplicates, not 503
+    let resent = node
+        .post(
+            "demo-key",
+            &[order("o-1", 1, T0_MS), order("o-2", 2, T0_MS)],
+        )
+        .await;
+    assert_eq!(resent.body["duplicates"], 2, "{}", resent.body);
     // once the horizon has passed the ids expire and new events fit again
-    node.clock.set_ms(T0_MS + 1_801_000);
+    let later_ms = T0_MS + 86_401_000;
+    node.clock.set_ms(later_ms);
     let later = node
         .post(
             "demo-key",
-            &[
-                order("o-3", 4, T0_MS + 1_801_000),
-                order("o-4", 8, T0_MS + 1_801_000),
-            ],
+            &[order("o-3", 4, later_ms), order("o-4", 8, later_ms)],
         )
         .await;
     assert_eq!(later.body["accepted"], 2, "{}", later.body);
@@ -820,5 +825,181 @@ async fn health_and_readiness() {
     let missing = node.get(None, "/v2/nothing").await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
     assert_eq!(missing.body["error"], "not_found");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingest_query_names_a_tenant_only_within_the_key() {
+    let node = start_node(|_| {}).await;
+    let post = |query: &'static str, key: &'static str, events: Value| {
+        let request = node
+            .client
+            .post(format!("{}/v1/events{query}", node.base))
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(events.to_string());
+        node.send(request)
+    };
+    let foreign = post("?tenant=acme", "demo-key", json!([order("o-1", 5, T0_MS)])).await;
+    assert_eq!(foreign.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        post("?colour=red", "demo-key", json!([order("o-1", 5, T0_MS)]))
+            .await
+            .status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        post("?tenant=nope", "admin-key", json!([order("o-1", 5, T0_MS)]))
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        node.metrics("demo-key").await["metrics"]["gmv"]["windows"]["today"]["value"],
+        0
+    );
+    assert_eq!(
+        post("?tenant=demo", "demo-key", json!([order("o-1", 5, T0_MS)]))
+            .await
+            .body["accepted"],
+        1
+    );
+    // an admin's ?tenant= places events that name none
+    let eur = json!({"id": "a-1", "type": "order.completed", "amount": 9, "currency": "EUR"});
+    assert_eq!(
+        post("?tenant=acme", "admin-key", json!([eur])).await.body["accepted"],
+        1
+    );
+    assert_eq!(
+        node.metrics("acme-key").await["metrics"]["gmv"]["windows"]["today"]["value"],
+        9
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let node = start_node(|_| {}).await;
+    let request = node
+        .client
+        .get(format!("{}/v1/metrics", node.base))
+        .header("authorization", "bearer demo-key");
+    assert_eq!(node.send(request).await.status, StatusCode::OK);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_event_without_ts_keeps_its_receipt_time() {
+    let narrow = |config: &mut tally::config::Config| config.windows.histogram_value_max = 1000;
+    let node = start_node(narrow).await;
+    let slow = json!({"id": "c-1", "type": "checkout.completed", "value": 5000});
+    let other = json!({"id": "c-2", "type": "checkout.completed", "value": 6000});
+    let reply = node.post("demo-key", &[slow, other]).await;
+    assert_eq!(reply.body["errors"][0]["reason"], "value_out_of_range");
+    let stopped = node.stop_keeping_data().await;
+
+    // a wider histogram after a restart: the quarantined events now pass
+    let wide = |config: &mut tally::config::Config| config.windows.histogram_value_max = 10_000;
+    let node = common::start_node_in(stopped.data, stopped.clock, wide).await;
+    node.clock.set_ms(T0_MS + 10_000);
+    let retry = node
+        .call(Method::POST, "demo-key", "/v1/quarantine/1/retry")
+        .await;
+    assert_eq!(retry.body, json!({"qid": 1, "outcome": "accepted"}));
+    let latency =
+        node.metrics("demo-key").await["metrics"]["checkout_latency_ms"]["windows"].clone();
+    assert_eq!(latency["30s"]["count"], 1);
+    // counted at T0, when it arrived: 30 s after that it has left the 30 s window
+    node.clock.set_ms(T0_MS + 30_000);
+    let latency =
+        node.metrics("demo-key").await["metrics"]["checkout_latency_ms"]["windows"].clone();
+    assert_eq!(
+        (
+            latency["30s"]["count"].clone(),
+            latency["15m"]["count"].clone()
+        ),
+        (json!(0), json!(1))
+    );
+    // a day after its arrival it is late, whatever the time of the retry
+    node.clock.set_ms(T0_MS + 86_400_000);
+    let late = node
+        .call(Method::POST, "demo-key", "/v1/quarantine/2/retry")
+        .await;
+    assert_eq!(late.body, json!({"qid": 2, "outcome": "late"}));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_quarantined_event_is_cut_flagged_and_keeps_its_reason() {
+    let node = start_node(|_| {}).await;
+    let long =
+        json!({"id": "o-1", "type": "order.completed", "amount": 5, "note": "n".repeat(5000)});
+    let reply = node.post("demo-key", &[long]).await;
+    assert_eq!(reply.body["errors"][0]["reason"], "missing_currency");
+    let listed = node.get(Some("demo-key"), "/v1/quarantine").await;
+    assert_eq!(listed.body["events"][0]["truncated"], true);
+    assert_eq!(
+        listed.body["events"][0]["raw"].as_str().unwrap().len(),
+        4096
+    );
+    let retry = node
+        .call(Method::POST, "demo-key", "/v1/quarantine/1/retry")
+        .await;
+    assert_eq!(
+        retry.body,
+        json!({"qid": 1, "outcome": "quarantined", "reason": "missing_currency"})
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bytes_in_flight_are_bounded_node_wide() {
+    let node = start_node(|config| {
+        config.server.max_body_bytes = 64 * 1024;
+        config.server.ingest_bytes_inflight_max = 64 * 1024;
+    })
+    .await;
+    let running = node.running.as_ref().unwrap();
+    let held = running
+        .node
+        .ingest_kib
+        .clone()
+        .acquire_many_owned(60)
+        .await
+        .unwrap();
+    let body = json!([order("o-1", 1, T0_MS)]).to_string();
+    let reply = node
+        .send(
+            node.client
+                .post(format!("{}/v1/events", node.base))
+                .bearer_auth("demo-key")
+                .header("content-type", "application/json")
+                .header("content-length", "10000")
+                .body(format!("{body}{}", " ".repeat(10_000 - body.len()))),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.retry_after.as_deref(), Some("1"));
+    drop(held);
+    assert_eq!(
+        node.post("demo-key", &[order("o-1", 1, T0_MS)]).await.body["accepted"],
+        1
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_does_not_arrive_is_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = start_node(|config| config.server.body_read_timeout_ms = 200).await;
+    let addr = node.running.as_ref().unwrap().local_addr;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = "POST /v1/events HTTP/1.1\r\nhost: x\r\nauthorization: Bearer demo-key\r\n\
+                content-type: application/json\r\ncontent-length: 100\r\n\r\n[";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut response = vec![0u8; 512];
+    let read = stream.read(&mut response).await.unwrap();
+    let text = String::from_utf8_lossy(&response[..read]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     node.stop().await;
 }

@@ -194,14 +194,14 @@ impl Reference {
     fn admit(&mut self, id: String, kept: Kept, now_ms: i64) -> Admission {
         let now_s = now_ms.div_euclid(1000);
         let ts_s = kept.ts_ms.div_euclid(1000);
-        if ts_s <= now_s - HORIZON_S {
-            return Admission::Late;
-        }
         let seen = self.accepted.iter().any(|(other_id, other)| {
             *other_id == id && other.ts_ms.div_euclid(1000) > now_s - HORIZON_S
         });
         if seen {
             return Admission::Duplicate;
+        }
+        if ts_s <= now_s - HORIZON_S {
+            return Admission::Late;
         }
         let in_prev_15m = ts_s > now_s - 1800;
         let in_today = ts_s > now_s || self.local_date(ts_s) >= self.local_date(now_s);
@@ -394,7 +394,7 @@ fn run(start_ms: i64, steps: Vec<Step>) -> Result<(), TestCaseError> {
                 limits: &limits,
             };
             let raw = parse_event(json.as_bytes()).unwrap();
-            let validated = validate_event(&raw, &context, now_ms);
+            let validated = validate_event(&raw, &context, now_ms, now_ms);
             let ts_ms = now_ms + event.ts_offset_ms.unwrap_or(0);
             let too_far_ahead = ts_ms > now_ms + SKEW_MS;
             prop_assert_eq!(validated.is_err(), too_far_ahead, "validation of {}", json);

@@ -314,8 +314,15 @@ impl Handler<IngestBatch> for TenantActor {
 
     fn handle(&mut self, batch: IngestBatch, _: &mut Context<Self>) -> Self::Result {
         let now_ms = self.advance(batch.now_ms);
-        // Refuse the whole batch up front rather than apply part of it.
-        if self.dedup.ids_free() < batch.events.len() {
+        // Refuse the whole batch up front rather than apply part of it; only
+        // ids that would be new need room (a resent batch is all duplicates).
+        let mut new_ids = std::collections::HashSet::new();
+        for (_, event) in &batch.events {
+            if self.dedup.judge(&event.id, event.ts_ms, now_ms, self.today) == Admission::Accepted {
+                new_ids.insert(event.id.as_str());
+            }
+        }
+        if self.dedup.ids_free() < new_ids.len() {
             let error = TenantError::DedupFull {
                 tenant: self.context.id.to_string(),
                 ids_max: self.dedup.ids_free() + self.dedup.len(),
@@ -414,6 +421,15 @@ impl Handler<RetryQuarantined> for TenantActor {
         let Some(entry) = self.quarantine.get(message.qid).cloned() else {
             return Box::pin(async { Ok(None) });
         };
+        if entry.truncated {
+            // only part of it was kept: it can be listed and dropped, not retried
+            let outcome = EventOutcome::Quarantined {
+                reason: entry.reason,
+                qid: message.qid,
+                id: entry.id,
+            };
+            return Box::pin(async move { Ok(Some(outcome)) });
+        }
         let validated = parse_event(&entry.raw).and_then(|raw| {
             match raw.tenant() {
                 TenantField::Named(named) if named != &*self.context.id => {
@@ -421,7 +437,7 @@ impl Handler<RetryQuarantined> for TenantActor {
                 }
                 _ => {}
             }
-            validate_event(&raw, &self.context.validation(), now_ms)
+            validate_event(&raw, &self.context.validation(), entry.received_ms, now_ms)
         });
         let event = match validated {
             Ok(event) => event,

@@ -88,6 +88,20 @@ impl DedupIndex {
         self.ids_max.saturating_sub(self.seconds_by_id.len())
     }
 
+    /// The outcome `admit` would give, without remembering anything. A known id
+    /// is a duplicate even when its time would also make it late.
+    pub fn judge(&self, id: &str, ts_ms: i64, now_ms: i64, today: DayBounds) -> Admission {
+        let ts_s = second_of_ms(ts_ms);
+        let now_s = second_of_ms(now_ms);
+        if self.seconds_by_id.contains_key(&id_key(id)) {
+            Admission::Duplicate
+        } else if ts_s <= now_s - self.horizon_s || !counts_in_some_window(ts_s, now_s, today) {
+            Admission::Late
+        } else {
+            Admission::Accepted
+        }
+    }
+
     /// Decides one event's outcome and remembers it when accepted.
     /// `today` is the tenant's local day at `now_ms`.
     pub fn admit(
@@ -97,18 +111,12 @@ impl DedupIndex {
         now_ms: i64,
         today: DayBounds,
     ) -> Result<Admission, DedupFull> {
+        let judged = self.judge(id, ts_ms, now_ms, today);
+        if judged != Admission::Accepted {
+            return Ok(judged);
+        }
         let ts_s = second_of_ms(ts_ms);
-        let now_s = second_of_ms(now_ms);
-        if ts_s <= now_s - self.horizon_s {
-            return Ok(Admission::Late);
-        }
         let key = id_key(id);
-        if self.seconds_by_id.contains_key(&key) {
-            return Ok(Admission::Duplicate);
-        }
-        if !counts_in_some_window(ts_s, now_s, today) {
-            return Ok(Admission::Late);
-        }
         if self.seconds_by_id.len() >= self.ids_max {
             return Err(DedupFull {
                 ids_max: self.ids_max,

@@ -369,14 +369,17 @@ fn string_pairs(
     if entries.len() > limits.dims_per_event_max {
         return Err(reason);
     }
-    let mut pairs = Vec::with_capacity(entries.len());
+    let mut pairs: Vec<(String, String)> = Vec::with_capacity(entries.len());
     for (key, value) in entries {
         let (Scalar::Str(key), Scalar::Str(value)) = (key, value) else {
             return Err(reason);
         };
+        // `__`-values name the breakdowns Tally makes itself (`__none__`, `__other__`)
         if key.is_empty()
             || key.len() > limits.dim_key_bytes_max
             || value.len() > limits.dim_value_bytes_max
+            || value.starts_with("__")
+            || pairs.iter().any(|(seen, _)| seen.as_str() == key.as_ref())
         {
             return Err(reason);
         }
@@ -385,10 +388,13 @@ fn string_pairs(
     Ok(pairs)
 }
 
-/// Applies every field rule of API.md §3. `now_ms` is the time of receipt.
+/// Applies every field rule of API.md §3. An event without `ts` happened at
+/// `received_ms` (when it first reached the node, also for a retry from the
+/// quarantine); the skew is judged against `now_ms`.
 pub fn validate_event(
     raw: &RawEvent<'_>,
     context: &ValidationContext<'_>,
+    received_ms: i64,
     now_ms: i64,
 ) -> Result<ValidEvent, Reason> {
     let id = match &raw.id {
@@ -405,7 +411,7 @@ pub fn validate_event(
         return Err(Reason::InvalidTenant);
     }
     let ts_ms = match &raw.ts {
-        None => now_ms,
+        None => received_ms,
         Some(Scalar::Int(ms)) => i64::try_from(*ms).map_err(|_| Reason::InvalidTs)?,
         Some(Scalar::Str(text)) => chrono::DateTime::parse_from_rfc3339(text)
             .map_err(|_| Reason::InvalidTs)?
@@ -537,7 +543,7 @@ mod tests {
             limits: &limits,
         };
         let raw = parse_event(json.as_bytes())?;
-        validate_event(&raw, &context, NOW_MS)
+        validate_event(&raw, &context, NOW_MS, NOW_MS)
     }
 
     #[test]
@@ -638,6 +644,18 @@ mod tests {
                 Reason::InvalidDims,
             ),
             (
+                r#"{"id":"a","type":"x","dims":{"device":"__none__"}}"#,
+                Reason::InvalidDims,
+            ),
+            (
+                r#"{"id":"a","type":"x","dims":{"d":"a","d":"b"}}"#,
+                Reason::InvalidDims,
+            ),
+            (
+                r#"{"id":"a","type":"x","experiments":{"e":"A","e":"B"}}"#,
+                Reason::InvalidExperiments,
+            ),
+            (
                 r#"{"id":"a","type":"x","experiments":{"cta":true}}"#,
                 Reason::InvalidExperiments,
             ),
@@ -667,6 +685,43 @@ mod tests {
         assert!(check(&ok).is_ok());
         let long = format!(r#"{{"id":"{}","type":"x"}}"#, "i".repeat(129));
         assert_eq!(check(&long).map(|_| ()), Err(Reason::InvalidId));
+    }
+
+    #[test]
+    fn an_absent_ts_is_the_receipt_time_and_skew_is_judged_now() {
+        let catalogue = catalogue();
+        let limits = limits();
+        let context = ValidationContext {
+            currency: "USD",
+            catalogue: &catalogue,
+            limits: &limits,
+        };
+        let raw = parse_event(br#"{"id":"a","type":"x"}"#).unwrap();
+        let event = validate_event(&raw, &context, NOW_MS - 86_400_000, NOW_MS).unwrap();
+        assert_eq!(event.ts_ms, NOW_MS - 86_400_000);
+        let ahead = parse_event(br#"{"id":"a","type":"x","ts":1763805900000}"#).unwrap();
+        // exactly now + skew is allowed; one millisecond more is not
+        assert!(validate_event(&ahead, &context, NOW_MS, NOW_MS).is_ok());
+        assert_eq!(
+            validate_event(&ahead, &context, NOW_MS - 1, NOW_MS - 1).map(|_| ()),
+            Err(Reason::FutureTimestamp)
+        );
+    }
+
+    #[test]
+    fn extreme_timestamps_do_not_panic() {
+        for ts in [
+            "-9223372036854775808",
+            "9223372036854775807",
+            "\"0001-01-01T00:00:00Z\"",
+            "\"9999-12-31T23:59:59.999999999+14:00\"",
+        ] {
+            let json = format!(r#"{{"id":"a","type":"x","ts":{ts}}}"#);
+            let _ = check(&json);
+        }
+        let with_offset =
+            check(r#"{"id":"a","type":"x","ts":"2025-11-22T11:00:00.1239+01:00"}"#).unwrap();
+        assert_eq!(with_offset.ts_ms, NOW_MS + 123);
     }
 
     #[test]

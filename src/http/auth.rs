@@ -58,7 +58,11 @@ impl KeyRing {
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
+            // the scheme is case-insensitive (RFC 9110 §11.1)
+            .and_then(|value| {
+                let (scheme, token) = value.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then_some(token)
+            })
             .ok_or(ApiError::Unauthorized)?;
         self.resolve(token.trim()).ok_or(ApiError::Unauthorized)
     }

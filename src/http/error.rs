@@ -25,6 +25,8 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("content type must be application/json or application/x-ndjson")]
     UnsupportedMediaType,
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("{message}")]
     Overloaded { message: String, retry_after_s: u32 },
     #[error("{message}")]
@@ -40,6 +42,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -54,6 +57,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::Overloaded { .. } => "overloaded",
             ApiError::Unavailable { .. } => "unavailable",
         }

@@ -8,9 +8,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap};
 use axum::Json;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::actors::tenant::{EventOutcome, IngestBatch, QuarantineCandidate};
@@ -140,14 +141,71 @@ struct Rejection {
     reason: Reason,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestQuery {
+    /// A tenant key may name only its own tenant; an admin key names the tenant
+    /// of events that carry no `tenant` field.
+    tenant: Option<String>,
+}
+
+/// The tenant events without a `tenant` field belong to.
+fn default_tenant<'n>(
+    node: &'n Node,
+    principal: &Principal,
+    named: Option<&str>,
+) -> Result<Option<&'n str>, ApiError> {
+    let Some(named) = named else {
+        return Ok(match principal {
+            Principal::Tenant(own) => node.tenants.get_key_value(own).map(|(id, _)| id.as_str()),
+            Principal::Admin => None,
+        });
+    };
+    if matches!(principal, Principal::Tenant(own) if own != named) {
+        return Err(ApiError::Forbidden(
+            "a tenant key can only write its own tenant".into(),
+        ));
+    }
+    node.tenants
+        .get_key_value(named)
+        .map(|(id, _)| Some(id.as_str()))
+        .ok_or_else(|| ApiError::NotFound(format!("unknown tenant {named}")))
+}
+
 pub async fn post_events(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
+    query: Result<Query<IngestQuery>, axum::extract::rejection::QueryRejection>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let principal = node.keys.authenticate(&headers)?;
+    let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let query_tenant = default_tenant(&node, &principal, query.tenant.as_deref())?;
     let format = body_format(&headers)?;
-    let bytes = read_body(&headers, body, node.config.server.max_body_bytes).await?;
+    let retry_after_s = node.config.server.retry_after_s;
+    let max_body_bytes = node.config.server.max_body_bytes;
+    // Room for the whole body in the node-wide budget before reading any of it.
+    let declared_bytes = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<usize>().ok())
+        .unwrap_or(max_body_bytes)
+        .min(max_body_bytes);
+    let _budget = Arc::clone(&node.ingest_kib)
+        .try_acquire_many_owned(declared_bytes.div_ceil(1024).max(1) as u32)
+        .map_err(|_| {
+            telemetry::count_shed(503);
+            ApiError::Unavailable {
+                message: "the node is reading too many request bytes at once; retry later".into(),
+                retry_after_s,
+            }
+        })?;
+    let read_timeout = std::time::Duration::from_millis(node.config.server.body_read_timeout_ms);
+    let bytes = tokio::time::timeout(read_timeout, read_body(&headers, body, max_body_bytes))
+        .await
+        .map_err(|_| {
+            ApiError::RequestTimeout("the request body did not arrive in time".into())
+        })??;
     let items = split_events(&bytes, format)?;
     let events_max = node.config.ingest.max_events_per_request;
     if items.len() > events_max {
@@ -157,7 +215,6 @@ pub async fn post_events(
         )));
     }
     let now_ms = node.now_ms();
-    let raw_bytes_max = node.config.quarantine.raw_bytes_max;
 
     let mut batches: BTreeMap<&str, TenantBatch> = BTreeMap::new();
     let mut rejections = Vec::new();
@@ -186,7 +243,7 @@ pub async fn post_events(
                         .get_key_value(named)
                         .map(|(key, _)| key.as_str())
                         .ok_or(Reason::UnknownTenant),
-                    TenantField::Absent => Err(Reason::MissingTenant),
+                    TenantField::Absent => query_tenant.ok_or(Reason::MissingTenant),
                     TenantField::Invalid => Err(Reason::InvalidTenant),
                 };
                 match named {
@@ -216,13 +273,16 @@ pub async fn post_events(
             continue;
         };
         let batch = batches.entry(tenant_id).or_default();
-        match parsed.and_then(|raw| validate_event(&raw, &tenant.context.validation(), now_ms)) {
+        match parsed
+            .and_then(|raw| validate_event(&raw, &tenant.context.validation(), now_ms, now_ms))
+        {
             Ok(event) => batch.events.push((index, event)),
             Err(reason) => batch.quarantined.push(QuarantineCandidate {
                 index,
                 id,
                 reason,
-                raw: item[..item.len().min(raw_bytes_max)].to_vec(),
+                // the quarantine cuts it to raw_bytes_max and says so
+                raw: item.to_vec(),
             }),
         }
     }
@@ -236,7 +296,6 @@ pub async fn post_events(
     }
 
     // Take a permit of every tenant first, so that a shed request applies nothing.
-    let retry_after_s = node.config.server.retry_after_s;
     let mut permits = Vec::with_capacity(batches.len());
     for tenant_id in batches.keys() {
         let tenant = &node.tenants[*tenant_id];
@@ -267,7 +326,12 @@ pub async fn post_events(
     let mut failure = None;
     for request in requests {
         match request.await {
-            Ok(Ok(tenant_outcomes)) => outcomes.extend(tenant_outcomes),
+            Ok(Ok(tenant_outcomes)) => {
+                // counted as each tenant answers: a later tenant's failure does
+                // not undo what this one applied
+                count_outcomes(&tenant_outcomes);
+                outcomes.extend(tenant_outcomes);
+            }
             Ok(Err(error)) => failure = Some(ApiError::from_tenant(error, retry_after_s)),
             Err(error) => {
                 failure = Some(ApiError::Unavailable {
@@ -284,6 +348,23 @@ pub async fn post_events(
     Ok(Json(respond(outcomes, rejections)))
 }
 
+fn count_outcomes(outcomes: &[(u32, EventOutcome)]) {
+    let (mut accepted, mut duplicates, mut late) = (0u64, 0u64, 0u64);
+    for (_, outcome) in outcomes {
+        match outcome {
+            EventOutcome::Accepted => accepted += 1,
+            EventOutcome::Duplicate => duplicates += 1,
+            EventOutcome::Late => late += 1,
+            EventOutcome::Quarantined { reason, .. } => {
+                telemetry::count_outcome(Outcome::Quarantined, Some(*reason), 1)
+            }
+        }
+    }
+    telemetry::count_outcome(Outcome::Accepted, None, accepted);
+    telemetry::count_outcome(Outcome::Duplicate, None, duplicates);
+    telemetry::count_outcome(Outcome::Late, None, late);
+}
+
 fn respond(mut outcomes: Vec<(u32, EventOutcome)>, rejections: Vec<Rejection>) -> Value {
     outcomes.sort_by_key(|(index, _)| *index);
     let (mut accepted, mut duplicates, mut late, mut quarantined) = (0u64, 0u64, 0u64, 0u64);
@@ -295,7 +376,6 @@ fn respond(mut outcomes: Vec<(u32, EventOutcome)>, rejections: Vec<Rejection>) -
             EventOutcome::Late => late += 1,
             EventOutcome::Quarantined { reason, qid, id } => {
                 quarantined += 1;
-                telemetry::count_outcome(Outcome::Quarantined, Some(*reason), 1);
                 errors.push((
                     *index,
                     json!({"index": index, "id": id, "outcome": "quarantined", "reason": reason.as_str(), "qid": qid}),
@@ -310,9 +390,6 @@ fn respond(mut outcomes: Vec<(u32, EventOutcome)>, rejections: Vec<Rejection>) -
             json!({"index": rejection.index, "id": rejection.id, "outcome": "rejected", "reason": rejection.reason.as_str()}),
         ));
     }
-    telemetry::count_outcome(Outcome::Accepted, None, accepted);
-    telemetry::count_outcome(Outcome::Duplicate, None, duplicates);
-    telemetry::count_outcome(Outcome::Late, None, late);
     errors.sort_by_key(|(index, _)| *index);
     json!({
         "accepted": accepted,
