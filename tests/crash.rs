@@ -294,7 +294,7 @@ async fn kill_9_cycles_lose_nothing_and_count_nothing_twice() {
     );
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
-        log_text.matches("recovered").count() as u64 >= cycles + 1,
+        log_text.matches("recovered").count() as u64 > cycles,
         "every start recovers"
     );
     kill_9(&mut node);
