@@ -94,11 +94,16 @@ fn build_recovery_fixture(dir: &std::path::Path, now_ms: i64) -> Config {
             tenant: format!("t{tenant}"),
             position_lsn: 0,
             now_ms: now_ms - 20_000,
-            dedup: events.iter().map(|e| (id_key(&e.id), second_of_ms(e.ts_ms))).collect(),
+            dedup: events
+                .iter()
+                .map(|e| (id_key(&e.id), second_of_ms(e.ts_ms)))
+                .collect(),
             metrics,
         });
     }
-    store.apply(&snapshot_ops(1, now_ms, &parts).unwrap()).unwrap();
+    store
+        .apply(&snapshot_ops(1, now_ms, &parts).unwrap())
+        .unwrap();
     // 10 s of log after the snapshot, 1 000-event batches, round-robin tenants
     let records = LOG_EVENTS_PER_S * LOG_SECONDS / BATCH;
     for lsn in 1..=records as u64 {
@@ -145,7 +150,10 @@ fn recovery(c: &mut Criterion) {
         b.iter(|| {
             let store = SledStore::open(dir.path()).unwrap();
             let recovered = recover(&store, &config, &catalogue, now_ms).unwrap();
-            assert_eq!(recovered.report.records_replayed as usize, LOG_EVENTS_PER_S * LOG_SECONDS / BATCH);
+            assert_eq!(
+                recovered.report.records_replayed as usize,
+                LOG_EVENTS_PER_S * LOG_SECONDS / BATCH
+            );
             recovered.tenants.len()
         })
     });
@@ -166,7 +174,10 @@ fn ndjson_batch(prefix: &str, batch: usize) -> String {
 fn durable_ingest(c: &mut Criterion) {
     const CLIENTS: usize = 16;
     const BATCHES_PER_ITER: usize = 64;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let mut group = c.benchmark_group("durable_ingest");
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(20));
@@ -184,7 +195,11 @@ fn durable_ingest(c: &mut Criterion) {
         let url = format!("http://{}/v1/events", running.local_addr);
         let client = reqwest::Client::new();
         let mut round = 0usize;
-        let name = if group_commit { "group_commit" } else { "flush_per_batch" };
+        let name = if group_commit {
+            "group_commit"
+        } else {
+            "flush_per_batch"
+        };
         group.bench_function(format!("{name}_16_clients_1000_event_batches"), |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
@@ -198,7 +213,8 @@ fn durable_ingest(c: &mut Criterion) {
                         let bodies = Arc::new(bodies);
                         let mut tasks = Vec::new();
                         for worker in 0..CLIENTS {
-                            let (client, url, bodies) = (client.clone(), url.clone(), Arc::clone(&bodies));
+                            let (client, url, bodies) =
+                                (client.clone(), url.clone(), Arc::clone(&bodies));
                             tasks.push(tokio::spawn(async move {
                                 for batch in (worker..BATCHES_PER_ITER).step_by(CLIENTS) {
                                     let response = client
@@ -209,7 +225,11 @@ fn durable_ingest(c: &mut Criterion) {
                                         .send()
                                         .await
                                         .unwrap();
-                                    assert!(response.status().is_success(), "{}", response.status());
+                                    assert!(
+                                        response.status().is_success(),
+                                        "{}",
+                                        response.status()
+                                    );
                                 }
                             }));
                         }
@@ -223,9 +243,15 @@ fn durable_ingest(c: &mut Criterion) {
             })
         });
         let stats = &running.node.committer.stats;
-        let flushes = stats.flushes.load(std::sync::atomic::Ordering::Relaxed).max(1);
+        let flushes = stats
+            .flushes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(1);
         let write_sets = stats.write_sets.load(std::sync::atomic::Ordering::Relaxed);
-        eprintln!("{name}: {write_sets} write sets in {flushes} flushes ({:.1} per flush)", write_sets as f64 / flushes as f64);
+        eprintln!(
+            "{name}: {write_sets} write sets in {flushes} flushes ({:.1} per flush)",
+            write_sets as f64 / flushes as f64
+        );
         runtime.block_on(running.shutdown());
     }
     group.finish();

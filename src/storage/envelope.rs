@@ -20,6 +20,9 @@ pub enum RecordKind {
     SnapshotPart = 2,
     SnapshotManifest = 3,
     Quarantined = 4,
+    OutboxRecord = 5,
+    Rule = 6,
+    Experiment = 7,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -8,6 +8,7 @@
 
 pub mod commit;
 pub mod envelope;
+pub mod outbox;
 pub mod recovery;
 pub mod snapshot;
 
@@ -24,6 +25,12 @@ pub enum Space {
     Snapshot,
     /// Quarantined events, keyed by tenant id, a 0 byte, then qid (big-endian).
     Quarantine,
+    /// Alert rules set through the API, keyed by tenant id, a 0 byte, rule id.
+    Rules,
+    /// Experiments, keyed by tenant id, a 0 byte, experiment id.
+    Experiments,
+    /// Alert and signal records, keyed by tenant, topic and seq (`outbox`).
+    Outbox,
 }
 
 impl Space {
@@ -32,6 +39,9 @@ impl Space {
             Space::Wal => "wal",
             Space::Snapshot => "snapshot",
             Space::Quarantine => "quarantine",
+            Space::Rules => "rules",
+            Space::Experiments => "experiments",
+            Space::Outbox => "outbox",
         }
     }
 }
@@ -76,7 +86,7 @@ pub type SharedStore = Arc<dyn Store>;
 /// sled 0.34.7, one tree per space.
 pub struct SledStore {
     db: sled::Db,
-    trees: [sled::Tree; 3],
+    trees: [sled::Tree; 6],
 }
 
 fn io(error: sled::Error) -> StorageError {
@@ -90,6 +100,9 @@ impl SledStore {
             db.open_tree(Space::Wal.tree_name()).map_err(io)?,
             db.open_tree(Space::Snapshot.tree_name()).map_err(io)?,
             db.open_tree(Space::Quarantine.tree_name()).map_err(io)?,
+            db.open_tree(Space::Rules.tree_name()).map_err(io)?,
+            db.open_tree(Space::Experiments.tree_name()).map_err(io)?,
+            db.open_tree(Space::Outbox.tree_name()).map_err(io)?,
         ];
         Ok(SledStore { db, trees })
     }
@@ -99,6 +112,9 @@ impl SledStore {
             Space::Wal => &self.trees[0],
             Space::Snapshot => &self.trees[1],
             Space::Quarantine => &self.trees[2],
+            Space::Rules => &self.trees[3],
+            Space::Experiments => &self.trees[4],
+            Space::Outbox => &self.trees[5],
         }
     }
 }
@@ -224,10 +240,24 @@ pub fn key_lsn(key: &[u8]) -> Option<u64> {
 
 /// The key of a quarantined event.
 pub fn quarantine_key(tenant: &str, qid: u64) -> Vec<u8> {
-    let mut key = Vec::with_capacity(tenant.len() + 9);
+    let mut key = tenant_prefix(tenant);
+    key.extend_from_slice(&qid.to_be_bytes());
+    key
+}
+
+/// Every per-tenant key starts with the tenant id and a 0 byte (ids never hold
+/// one), so one tenant's keys are one contiguous range.
+pub fn tenant_prefix(tenant: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(tenant.len() + 17);
     key.extend_from_slice(tenant.as_bytes());
     key.push(0);
-    key.extend_from_slice(&qid.to_be_bytes());
+    key
+}
+
+/// The key of a rule or an experiment of a tenant.
+pub fn named_key(tenant: &str, name: &str) -> Vec<u8> {
+    let mut key = tenant_prefix(tenant);
+    key.extend_from_slice(name.as_bytes());
     key
 }
 
