@@ -62,6 +62,9 @@ pub fn next_seq(store: &dyn Store, tenant: &str, topic: Topic) -> Result<u64, St
     Ok(last + 1)
 }
 
+/// A record as read back: its seq, and the record or why it does not decode.
+pub type OutboxEntry<T> = (u64, Result<T, EnvelopeError>);
+
 /// Up to `limit` records with seq greater than `since`, in seq order. A record
 /// that does not decode is returned as its error, in its place.
 pub fn read_since<T: DeserializeOwned>(
@@ -71,7 +74,7 @@ pub fn read_since<T: DeserializeOwned>(
     since: u64,
     limit: usize,
     record_bytes_max: usize,
-) -> Result<Vec<(u64, Result<T, EnvelopeError>)>, StorageError> {
+) -> Result<Vec<OutboxEntry<T>>, StorageError> {
     let prefix = topic_prefix(tenant, topic);
     let mut records = Vec::new();
     store.scan(
@@ -119,15 +122,15 @@ mod tests {
         assert_eq!(next_seq(&store, "demo", Topic::Signals).unwrap(), 2);
         assert_eq!(next_seq(&store, "demo-2", Topic::Alerts).unwrap(), 2);
         assert_eq!(next_seq(&store, "dem", Topic::Alerts).unwrap(), 1);
-        let page: Vec<(u64, Result<String, EnvelopeError>)> =
+        let page: Vec<OutboxEntry<String>> =
             read_since(&store, "demo", Topic::Alerts, 255, 10, 1 << 20).unwrap();
         let seqs: Vec<u64> = page.iter().map(|(seq, _)| *seq).collect();
         assert_eq!(seqs, (256..=265).collect::<Vec<u64>>());
         assert_eq!(page[0].1.as_deref(), Ok("alert 256"));
-        let tail: Vec<(u64, Result<String, EnvelopeError>)> =
+        let tail: Vec<OutboxEntry<String>> =
             read_since(&store, "demo", Topic::Alerts, 299, 10, 1 << 20).unwrap();
         assert_eq!(tail.len(), 1);
-        let none: Vec<(u64, Result<String, EnvelopeError>)> =
+        let none: Vec<OutboxEntry<String>> =
             read_since(&store, "demo", Topic::Alerts, 300, 10, 1 << 20).unwrap();
         assert!(none.is_empty());
     }
