@@ -88,10 +88,13 @@ impl Node {
         }
         let id = self.next_snapshot_id.fetch_add(1, Ordering::SeqCst);
         let created_ms = self.now_ms();
-        let ops = tokio::task::spawn_blocking(move || snapshot_ops(id, created_ms, &parts))
-            .await
-            .map_err(|_| SnapshotError::Actors)?
-            .map_err(|error| SnapshotError::Storage(StorageError::Io(error.to_string())))?;
+        let record_bytes_max = self.config.storage.record_bytes_max;
+        let ops = tokio::task::spawn_blocking(move || {
+            snapshot_ops(id, created_ms, &parts, record_bytes_max)
+        })
+        .await
+        .map_err(|_| SnapshotError::Actors)?
+        .map_err(|error| SnapshotError::Storage(StorageError::Io(error.to_string())))?;
         let bytes: usize = ops
             .iter()
             .map(|op| match op {
@@ -105,7 +108,6 @@ impl Node {
             .map_err(SnapshotError::Storage)?;
         let store = Arc::clone(&self.store);
         let keep = self.config.storage.snapshots_kept;
-        let record_bytes_max = self.config.storage.record_bytes_max;
         let prune = tokio::task::spawn_blocking(move || prune_ops(&*store, keep, record_bytes_max))
             .await
             .map_err(|_| SnapshotError::Actors)?
@@ -281,7 +283,7 @@ pub async fn start_with_store(
                 .join("; "),
         )
     })?);
-    crate::telemetry::describe();
+    let _prometheus = crate::telemetry::install();
 
     let recovered = {
         let store = Arc::clone(&store);
@@ -319,6 +321,7 @@ pub async fn start_with_store(
     let durability = Durability {
         committer: committer.clone(),
         next_lsn: Arc::new(AtomicU64::new(recovered.next_lsn)),
+        record_bytes_max: config.storage.record_bytes_max,
     };
 
     let runtime = ActorRuntime::start(config.shard_count()).map_err(StartError::Thread)?;
@@ -431,8 +434,14 @@ impl RunningNode {
             }
         }
         if final_snapshot && !self.node.committer.is_failed() {
-            if let Err(error) = self.node.take_snapshot().await {
-                tracing::error!(%error, "final snapshot failed; the next start replays the log");
+            match tokio::time::timeout(grace, self.node.take_snapshot()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    tracing::error!(%error, "final snapshot failed; the next start replays the log")
+                }
+                Err(_) => tracing::error!(
+                    "final snapshot outlived the grace period; the next start replays the log"
+                ),
             }
         }
         if let Some(runtime) = self.runtime.take() {

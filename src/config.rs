@@ -397,6 +397,13 @@ impl Config {
                 "must be at least server.max_body_bytes",
             ));
         }
+        // every log record (one request's events, re-encoded) must read back
+        if self.storage.record_bytes_max < 4 * self.server.max_body_bytes + (1 << 20) {
+            issues.push(issue(
+                "storage.record_bytes_max",
+                "must be at least 4 x server.max_body_bytes + 1 MiB, so that every log record reads back",
+            ));
+        }
         if self.server.body_read_timeout_ms == 0 {
             issues.push(issue("server.body_read_timeout_ms", "must be at least 1"));
         }

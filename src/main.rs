@@ -52,8 +52,10 @@ fn main() -> ExitCode {
                 Ok(config) => config,
                 Err(code) => return code,
             };
+            use std::io::IsTerminal;
             tracing_subscriber::fmt()
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
                         .unwrap_or_else(|_| "info".into()),
@@ -86,7 +88,11 @@ fn serve(config: Config) -> ExitCode {
         let mut fatal = running.fatal();
         let storage_failed = tokio::select! {
             _ = wait_for_signal() => None,
-            _ = fatal.changed() => fatal.borrow().clone(),
+            // a closed channel means the commit thread is gone: a failure too
+            changed = fatal.changed() => Some(match changed {
+                Ok(()) => fatal.borrow().clone().unwrap_or_else(|| "storage failed".into()),
+                Err(_) => "the commit thread ended".into(),
+            }),
         };
         match storage_failed {
             None => {

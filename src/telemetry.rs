@@ -1,20 +1,45 @@
 //! Node telemetry: every metric name and its help text in one place, recorded
-//! through the `metrics` facade. The Prometheus exporter is installed by the node
-//! at start-up (see the Prometheus issue); until then recording is a no-op.
-//! Label values are bounded: outcomes and reasons are closed enums, metric names
-//! come from config.
+//! through the `metrics` facade and rendered by metrics-exporter-prometheus
+//! (`install`). Label values are bounded: outcomes, reasons and actor kinds are
+//! closed sets; tenant ids and metric names come from config.
+//! Must not: create labels from request input.
 
-use metrics::{counter, describe_counter, Unit};
+use std::sync::OnceLock;
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::domain::event::Reason;
 
 pub const EVENTS_TOTAL: &str = "tally_events_total";
 pub const EVENTS_QUARANTINED_BY_REASON_TOTAL: &str = "tally_events_quarantined_by_reason_total";
 pub const EVENTS_REJECTED_BY_REASON_TOTAL: &str = "tally_events_rejected_by_reason_total";
-pub const INGEST_SHED_TOTAL: &str = "tally_ingest_shed_total";
+pub const REQUESTS_SHED_TOTAL: &str = "tally_requests_shed_total";
+pub const INGEST_REQUEST_SECONDS: &str = "tally_ingest_request_duration_seconds";
+pub const INGEST_REQUEST_EVENTS: &str = "tally_ingest_request_events";
+pub const WAL_FLUSH_SECONDS: &str = "tally_wal_flush_duration_seconds";
+pub const WAL_WRITE_SETS_PER_FLUSH: &str = "tally_wal_write_sets_per_flush";
+pub const SNAPSHOT_SECONDS: &str = "tally_snapshot_duration_seconds";
+pub const SNAPSHOT_BYTES: &str = "tally_snapshot_size_bytes";
+pub const RECOVERY_SECONDS: &str = "tally_recovery_duration_seconds";
+pub const ACTOR_MESSAGES_TOTAL: &str = "tally_actor_messages_total";
+pub const QUARANTINE_EVENTS: &str = "tally_quarantine_events";
 pub const QUARANTINE_EVICTED_TOTAL: &str = "tally_quarantine_evicted_total";
 pub const SERIES_FOLDED_TOTAL: &str = "tally_series_folded_total";
 pub const METRIC_APPLY_ERRORS_TOTAL: &str = "tally_metric_apply_errors_total";
+pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "tally_process_resident_memory_bytes";
+pub const TENANT_SERIES_DROPPED_TOTAL: &str = "tally_tenant_series_dropped_total";
+
+/// Latency buckets in seconds (100 µs to 10 s).
+const SECONDS_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0,
+];
+/// Size buckets (events per request, write sets per flush).
+const COUNT_BUCKETS: [f64; 10] = [
+    1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 10_000.0, 100_000.0,
+];
 
 /// Outcome of one event (API.md §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,8 +63,75 @@ impl Outcome {
     }
 }
 
-pub fn describe() {
-    describe_counter!(EVENTS_TOTAL, Unit::Count, "events by outcome");
+/// Why a request was refused to shed load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shed {
+    /// The tenant's ingest batches in flight (429).
+    BatchesInFlight,
+    /// The tenant's reads in flight (503).
+    ReadsInFlight,
+    /// The node's request bytes in flight (503).
+    RequestBytes,
+    /// The tenant's de-dup table (503).
+    DedupFull,
+    /// Storage failed or the actors stopped (503).
+    Unavailable,
+}
+
+impl Shed {
+    fn as_str(self) -> &'static str {
+        match self {
+            Shed::BatchesInFlight => "batches_in_flight",
+            Shed::ReadsInFlight => "reads_in_flight",
+            Shed::RequestBytes => "request_bytes",
+            Shed::DedupFull => "dedup_full",
+            Shed::Unavailable => "unavailable",
+        }
+    }
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process and describes every
+/// metric; later calls (a second node in the same test process) share it.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(INGEST_REQUEST_EVENTS.into()),
+                        &COUNT_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(WAL_WRITE_SETS_PER_FLUSH.into()),
+                        &COUNT_BUCKETS,
+                    )
+                });
+            // the bucket lists are constants and not empty, so this cannot fail
+            let builder = builder.unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!(
+                    "a metrics recorder was already installed; /metrics shows only window values"
+                );
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(
+        EVENTS_TOTAL,
+        Unit::Count,
+        "events by outcome (accepted, duplicate, late, quarantined, rejected)"
+    );
     describe_counter!(
         EVENTS_QUARANTINED_BY_REASON_TOTAL,
         Unit::Count,
@@ -51,9 +143,50 @@ pub fn describe() {
         "rejected events by reason"
     );
     describe_counter!(
-        INGEST_SHED_TOTAL,
+        REQUESTS_SHED_TOTAL,
         Unit::Count,
-        "ingest requests refused to shed load, by status"
+        "requests refused to shed load (429/503), by limit"
+    );
+    describe_histogram!(
+        INGEST_REQUEST_SECONDS,
+        Unit::Seconds,
+        "POST /v1/events from receipt to response, answered requests"
+    );
+    describe_histogram!(
+        INGEST_REQUEST_EVENTS,
+        Unit::Count,
+        "events in one POST /v1/events"
+    );
+    describe_histogram!(
+        WAL_FLUSH_SECONDS,
+        Unit::Seconds,
+        "write and flush of one group of write sets"
+    );
+    describe_histogram!(
+        WAL_WRITE_SETS_PER_FLUSH,
+        Unit::Count,
+        "write sets (batches) that shared one flush"
+    );
+    describe_histogram!(
+        SNAPSHOT_SECONDS,
+        Unit::Seconds,
+        "taking and writing one snapshot"
+    );
+    describe_gauge!(SNAPSHOT_BYTES, Unit::Bytes, "size of the last snapshot");
+    describe_gauge!(
+        RECOVERY_SECONDS,
+        Unit::Seconds,
+        "duration of the recovery at the last start"
+    );
+    describe_counter!(
+        ACTOR_MESSAGES_TOTAL,
+        Unit::Count,
+        "actor messages handled, by actor kind"
+    );
+    describe_gauge!(
+        QUARANTINE_EVENTS,
+        Unit::Count,
+        "events in the quarantine, by tenant"
     );
     describe_counter!(
         QUARANTINE_EVICTED_TOTAL,
@@ -69,6 +202,16 @@ pub fn describe() {
         METRIC_APPLY_ERRORS_TOTAL,
         Unit::Count,
         "accepted events a metric could not record (an invariant broke)"
+    );
+    describe_gauge!(
+        PROCESS_RESIDENT_MEMORY_BYTES,
+        Unit::Bytes,
+        "resident memory of the node process"
+    );
+    describe_counter!(
+        TENANT_SERIES_DROPPED_TOTAL,
+        Unit::Count,
+        "tenant window samples left out of scrapes by prometheus.tenant_series_max"
     );
 }
 
@@ -89,8 +232,35 @@ pub fn count_outcome(outcome: Outcome, reason: Option<Reason>, events: u64) {
     }
 }
 
-pub fn count_shed(status: u16) {
-    counter!(INGEST_SHED_TOTAL, "status" => status.to_string()).increment(1);
+pub fn count_shed(shed: Shed) {
+    counter!(REQUESTS_SHED_TOTAL, "limit" => shed.as_str()).increment(1);
+}
+
+pub fn record_ingest(seconds: f64, events: usize) {
+    histogram!(INGEST_REQUEST_SECONDS).record(seconds);
+    histogram!(INGEST_REQUEST_EVENTS).record(events as f64);
+}
+
+pub fn record_flush(seconds: f64, write_sets: usize) {
+    histogram!(WAL_FLUSH_SECONDS).record(seconds);
+    histogram!(WAL_WRITE_SETS_PER_FLUSH).record(write_sets as f64);
+}
+
+pub fn record_snapshot(seconds: f64, bytes: usize) {
+    histogram!(SNAPSHOT_SECONDS).record(seconds);
+    gauge!(SNAPSHOT_BYTES).set(bytes as f64);
+}
+
+pub fn record_recovery(seconds: f64) {
+    gauge!(RECOVERY_SECONDS).set(seconds);
+}
+
+pub fn count_actor_message(actor: &'static str) {
+    counter!(ACTOR_MESSAGES_TOTAL, "actor" => actor).increment(1);
+}
+
+pub fn set_quarantine_size(tenant: &str, events: usize) {
+    gauge!(QUARANTINE_EVENTS, "tenant" => tenant.to_string()).set(events as f64);
 }
 
 pub fn count_quarantine_evicted(tenant: &str, evicted: u64) {
@@ -109,5 +279,29 @@ pub fn count_folded(tenant: &str, metric: &str, folded: u64) {
 pub fn count_apply_errors(metric: &str, errors: u64) {
     if errors > 0 {
         counter!(METRIC_APPLY_ERRORS_TOTAL, "metric" => metric.to_string()).increment(errors);
+    }
+}
+
+pub fn count_tenant_series_dropped(samples: u64) {
+    counter!(TENANT_SERIES_DROPPED_TOTAL).increment(samples);
+}
+
+/// Reads the resident memory from /proc (Linux); `None` elsewhere.
+pub fn update_process_memory() {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return;
+    };
+    let resident_kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        });
+    if let Some(kib) = resident_kib {
+        gauge!(PROCESS_RESIDENT_MEMORY_BYTES).set(kib * 1024.0);
     }
 }

@@ -318,10 +318,146 @@ fn an_unreadable_manifest_means_an_unfinished_snapshot() {
             value: encode(RecordKind::WalBatch, &1u8).unwrap(),
         }])
         .unwrap();
-    let result = tally::storage::snapshot::load_snapshot(&store, 7, 1 << 20);
+    let result = tally::storage::snapshot::load_snapshot(&store, 7, 1 << 20).unwrap();
     assert!(result.unwrap_err().contains("manifest"));
     assert_eq!(
-        tally::storage::snapshot::load_snapshot(&store, 8, 1 << 20).unwrap_err(),
+        tally::storage::snapshot::load_snapshot(&store, 8, 1 << 20)
+            .unwrap()
+            .unwrap_err(),
         "no manifest (the snapshot was not finished)"
     );
+}
+
+/// Flips a byte in the middle of a snapshot's part of `tenant`.
+fn damage_part(store: &SledStore, id: u64, tenant: &str) {
+    let key = part_key(id, tenant);
+    let mut value = None;
+    store
+        .scan(Space::Snapshot, &key, &mut |found, bytes| {
+            if found == key.as_slice() {
+                value = Some(bytes.to_vec());
+            }
+            false
+        })
+        .unwrap();
+    let mut value = value.expect("the snapshot has that part");
+    let middle = value.len() / 2;
+    value[middle] ^= 0xFF;
+    store
+        .apply(&[Op::Put {
+            space: Space::Snapshot,
+            key,
+            value,
+        }])
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_refuses_to_start_rather_than_lose_pruned_events() {
+    let node = start_node(|_| {}).await;
+    let running = node.running.as_ref().unwrap();
+    for round in 0..3 {
+        node.post("demo-key", &[order(&format!("r{round}"), 10, T0_MS)])
+            .await;
+        running.node.take_snapshot().await.unwrap();
+    }
+    let stopped = node.halt_keeping_data().await;
+    // both kept snapshots damaged: the pruned log cannot make up for them
+    with_store(stopped.data.path(), |store| {
+        assert_eq!(snapshot_ids(store).unwrap(), vec![3, 2]);
+        damage_part(store, 3, "demo");
+        damage_part(store, 2, "demo");
+    });
+    let mut config = common::test_config();
+    config.storage.data_dir = stopped.data.path().to_path_buf();
+    let started = tally::app::start(config, Arc::new(stopped.clock.clone())).await;
+    let error = started.err().expect("recovery must refuse").to_string();
+    assert!(error.contains("refusing to start"), "{error}");
+    assert!(error.contains("log is kept only after LSN 2"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantine_ids_are_never_reused_after_a_restart() {
+    let node = start_node(|_| {}).await;
+    assert_eq!(
+        node.post_raw(Some("demo-key"), "application/x-ndjson", "bad")
+            .await
+            .body["errors"][0]["qid"],
+        1
+    );
+    assert_eq!(
+        node.call(reqwest::Method::DELETE, "demo-key", "/v1/quarantine/1")
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    let stopped = node.stop_keeping_data().await;
+    let node = start_node_in(stopped.data, stopped.clock, |_| {}).await;
+    let reply = node
+        .post_raw(Some("demo-key"), "application/x-ndjson", "also bad")
+        .await;
+    assert_eq!(reply.body["errors"][0]["qid"], 2);
+    // the old qid stays gone: a repeated delete cannot hit the new event
+    assert_eq!(
+        node.call(reqwest::Method::DELETE, "demo-key", "/v1/quarantine/1")
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_snapshots_do_not_count_as_kept() {
+    let node = start_node(|config| config.storage.snapshots_kept = 2).await;
+    let running = node.running.as_ref().unwrap();
+    node.post("demo-key", &[order("a", 10, T0_MS)]).await;
+    running.node.take_snapshot().await.unwrap(); // 1
+    node.post("demo-key", &[order("b", 10, T0_MS)]).await;
+    running.node.take_snapshot().await.unwrap(); // 2
+    let stopped = node.halt_keeping_data().await;
+    // snapshot 3 was being written when the node died: a part, no manifest
+    with_store(stopped.data.path(), |store| {
+        store
+            .apply(&[Op::Put {
+                space: Space::Snapshot,
+                key: part_key(3, "demo"),
+                value: b"partial".to_vec(),
+            }])
+            .unwrap();
+    });
+    let node = start_node_in(stopped.data, stopped.clock, |config| {
+        config.storage.snapshots_kept = 2
+    })
+    .await;
+    assert_eq!(node.recovery().snapshot_id, Some(2));
+    assert_eq!(node.recovery().snapshots_skipped.len(), 1);
+    let running = node.running.as_ref().unwrap();
+    let report = running.node.take_snapshot().await.unwrap();
+    assert_eq!(report.id, 4);
+    // kept: the two newest complete snapshots, 4 and 2; the unfinished 3 goes
+    assert_eq!(snapshot_ids(&*running.node.store).unwrap(), vec![4, 2]);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_right_after_a_snapshot_are_replayed_on_top_of_it() {
+    let node = start_node(|_| {}).await;
+    let running = node.running.as_ref().unwrap();
+    node.post("demo-key", &[order("before", 100, T0_MS)]).await;
+    running.node.take_snapshot().await.unwrap();
+    node.post("demo-key", &[order("after-1", 20, T0_MS)]).await;
+    let acme = json!({"id": "a", "type": "order.completed", "amount": 7, "currency": "EUR"});
+    node.post("acme-key", &[acme]).await;
+    node.post("demo-key", &[order("after-2", 3, T0_MS)]).await;
+    let stopped = node.halt_keeping_data().await;
+
+    let node = start_node_in(stopped.data, stopped.clock, |_| {}).await;
+    assert_eq!(node.recovery().snapshot_id, Some(1));
+    assert_eq!(node.recovery().records_replayed, 3);
+    let gmv = node.metrics("demo-key").await["metrics"]["gmv"]["windows"]["today"].clone();
+    assert_eq!(gmv, json!({"value": 123, "count": 3}));
+    let acme = node.metrics("acme-key").await["metrics"]["gmv"]["windows"]["today"].clone();
+    assert_eq!(acme, json!({"value": 7, "count": 1}));
+    node.stop().await;
 }

@@ -21,9 +21,9 @@ use crate::domain::event::{
 use crate::domain::quarantine::{QuarantineStore, QuarantinedEvent};
 use crate::domain::time::{day_bounds, second_of_ms, DayBounds};
 use crate::storage::commit::Committer;
-use crate::storage::envelope::{encode, RecordKind};
+use crate::storage::envelope::{encode, encode_within, RecordKind};
 use crate::storage::snapshot::{TenantSnapshot, WalBatchRef};
-use crate::storage::{lsn_key, quarantine_key, Op, Space, StorageError};
+use crate::storage::{lsn_key, quarantine_key, quarantine_next_key, Op, Space, StorageError};
 use crate::telemetry::{self, Outcome};
 
 use super::metric::{ApplyEvents, ExportState, MetricActor};
@@ -87,6 +87,8 @@ pub struct QuarantineCandidate {
 pub struct Durability {
     pub committer: Committer,
     pub next_lsn: Arc<AtomicU64>,
+    /// The largest record recovery reads back; larger ones are refused.
+    pub record_bytes_max: usize,
 }
 
 /// Counts the batches between "submitted" and "applied", so that a snapshot can
@@ -220,15 +222,28 @@ impl TenantActor {
             .collect()
     }
 
-    fn wal_op(&self, events: &[ValidEvent], now_ms: i64) -> Result<Op, TenantError> {
-        let lsn = self.durability.next_lsn.fetch_add(1, Ordering::SeqCst);
+    /// The log record of accepted events. When it cannot be written (too large
+    /// to read back), their ids are forgotten again: nothing of it was applied.
+    fn wal_op(&mut self, events: &[ValidEvent], now_ms: i64) -> Result<Op, TenantError> {
         let record = WalBatchRef {
             tenant: &self.context.id,
             now_ms,
             events,
         };
-        let value = encode(RecordKind::WalBatch, &record)
-            .map_err(|error| StorageError::Io(error.to_string()))?;
+        let value = match encode_within(
+            RecordKind::WalBatch,
+            &record,
+            self.durability.record_bytes_max,
+        ) {
+            Ok(value) => value,
+            Err(error) => {
+                for event in events {
+                    self.dedup.forget(&event.id);
+                }
+                return Err(StorageError::Io(format!("log record refused: {error}")).into());
+            }
+        };
+        let lsn = self.durability.next_lsn.fetch_add(1, Ordering::SeqCst);
         Ok(Op::Put {
             space: Space::Wal,
             key: lsn_key(lsn).to_vec(),
@@ -264,6 +279,12 @@ impl TenantActor {
                 value,
             });
         }
+        // qids are never reused, also after the entries are gone and the node restarts
+        ops.push(Op::Put {
+            space: Space::Quarantine,
+            key: quarantine_next_key(&self.context.id),
+            value: (qid + 1).to_be_bytes().to_vec(),
+        });
         Ok(qid)
     }
 
@@ -457,10 +478,6 @@ impl Handler<RetryQuarantined> for TenantActor {
             Err(error) => return Box::pin(async move { Err(error) }),
         };
         self.quarantine.remove(message.qid);
-        let mut ops = vec![Op::Remove {
-            space: Space::Quarantine,
-            key: quarantine_key(&self.context.id, message.qid),
-        }];
         let outcome_kind = match outcome {
             EventOutcome::Accepted => Outcome::Accepted,
             EventOutcome::Duplicate => Outcome::Duplicate,
@@ -472,12 +489,20 @@ impl Handler<RetryQuarantined> for TenantActor {
         } else {
             Vec::new()
         };
+        // The log record is written before the removal: sled does not make the
+        // two atomic, and a crash between them must leave the event quarantined
+        // (a retry then finds it a duplicate), never gone.
+        let mut ops = Vec::new();
         if !accepted.is_empty() {
             match self.wal_op(&accepted, now_ms) {
                 Ok(op) => ops.push(op),
                 Err(error) => return Box::pin(async move { Err(error) }),
             }
         }
+        ops.push(Op::Remove {
+            space: Space::Quarantine,
+            key: quarantine_key(&self.context.id, message.qid),
+        });
         self.commit_then_apply(ops, accepted, now_ms, message.in_flight, Some(outcome))
     }
 }

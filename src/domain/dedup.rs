@@ -83,6 +83,20 @@ impl DedupIndex {
         }
     }
 
+    /// Forgets an id accepted moments ago whose batch could not be written, so
+    /// that its retry is judged anew rather than as a duplicate.
+    pub fn forget(&mut self, id: &str) {
+        let key = id_key(id);
+        if let Some(second) = self.seconds_by_id.remove(&key) {
+            if let Some(keys) = self.ids_by_second.get_mut(&second) {
+                keys.retain(|other| *other != key);
+                if keys.is_empty() {
+                    self.ids_by_second.remove(&second);
+                }
+            }
+        }
+    }
+
     /// How many more ids fit; call after `expire`.
     pub fn ids_free(&self) -> usize {
         self.ids_max.saturating_sub(self.seconds_by_id.len())
@@ -184,6 +198,18 @@ mod tests {
         let just_after_ms = DAY.start_s * 1000 + 600_000;
         assert_eq!(
             index.admit("b", recent_ms, just_after_ms, DAY),
+            Ok(Admission::Accepted)
+        );
+    }
+
+    #[test]
+    fn a_forgotten_id_is_new_again() {
+        let mut index = DedupIndex::new(86_400, 10);
+        index.admit("a", NOW_MS, NOW_MS, DAY).unwrap();
+        index.forget("a");
+        assert!(index.is_empty());
+        assert_eq!(
+            index.admit("a", NOW_MS, NOW_MS, DAY),
             Ok(Admission::Accepted)
         );
     }

@@ -216,6 +216,14 @@ impl HistogramWindows {
     /// Rebuilds a series from `export`; values past `value_max` (a smaller
     /// maximum than when exported) are dropped.
     pub fn import(export: &HistogramExport, ahead_s: i64, tz: Tz, value_max: u64) -> Self {
+        // a smaller skew than when exported must not drop acknowledged future events
+        let furthest_s = export
+            .slices
+            .iter()
+            .map(|s| s.0 - export.head_s)
+            .max()
+            .unwrap_or(0);
+        let ahead_s = ahead_s.max(furthest_s.min(3600));
         let mut windows =
             HistogramWindows::new(export.head_s.saturating_mul(1000), ahead_s, tz, value_max);
         let head_s = windows.head_s;

@@ -93,6 +93,11 @@ impl QuarantineStore {
         evicted
     }
 
+    /// Makes the next qid at least `next_qid` (recovery of the stored mark).
+    pub fn reserve_qids_below(&mut self, next_qid: u64) {
+        self.next_qid = self.next_qid.max(next_qid);
+    }
+
     /// Up to `limit` entries with qid greater than `after`, oldest first.
     pub fn list(&self, after: u64, limit: usize) -> Vec<QuarantinedEvent> {
         self.entries

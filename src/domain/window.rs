@@ -309,6 +309,14 @@ impl CounterWindows {
     /// Rebuilds a series from `export`. Buckets outside the ring (a smaller
     /// skew than when exported) are dropped; totals are recomputed.
     pub fn import(export: &CounterExport, ahead_s: i64, tz: Tz) -> CounterWindows {
+        // a smaller skew than when exported must not drop acknowledged future events
+        let furthest_s = export
+            .buckets
+            .iter()
+            .map(|b| b.0 - export.head_s)
+            .max()
+            .unwrap_or(0);
+        let ahead_s = ahead_s.max(furthest_s.min(3600));
         let mut windows = CounterWindows::new(export.head_s.saturating_mul(1000), ahead_s, tz);
         let head_s = windows.head_s;
         for &(second, sum, count) in &export.buckets {

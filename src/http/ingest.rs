@@ -14,7 +14,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::actors::tenant::{EventOutcome, IngestBatch, QuarantineCandidate};
+use crate::actors::tenant::{EventOutcome, IngestBatch, QuarantineCandidate, TenantError};
 use crate::actors::InFlight;
 use crate::app::Node;
 use crate::domain::event::{parse_event, validate_event, Reason, TenantField, ValidEvent};
@@ -194,7 +194,7 @@ pub async fn post_events(
     let _budget = Arc::clone(&node.ingest_kib)
         .try_acquire_many_owned(declared_bytes.div_ceil(1024).max(1) as u32)
         .map_err(|_| {
-            telemetry::count_shed(503);
+            telemetry::count_shed(telemetry::Shed::RequestBytes);
             ApiError::Unavailable {
                 message: "the node is reading too many request bytes at once; retry later".into(),
                 retry_after_s,
@@ -302,7 +302,7 @@ pub async fn post_events(
         match Arc::clone(&tenant.batch_permits).try_acquire_owned() {
             Ok(permit) => permits.push(InFlight::new(permit)),
             Err(_) => {
-                telemetry::count_shed(429);
+                telemetry::count_shed(telemetry::Shed::BatchesInFlight);
                 return Err(ApiError::Overloaded {
                     message: format!(
                         "tenant {tenant_id} has too many ingest batches in flight; retry later"
@@ -332,8 +332,15 @@ pub async fn post_events(
                 count_outcomes(&tenant_outcomes);
                 outcomes.extend(tenant_outcomes);
             }
-            Ok(Err(error)) => failure = Some(ApiError::from_tenant(error, retry_after_s)),
+            Ok(Err(error)) => {
+                telemetry::count_shed(match error {
+                    TenantError::DedupFull { .. } => telemetry::Shed::DedupFull,
+                    _ => telemetry::Shed::Unavailable,
+                });
+                failure = Some(ApiError::from_tenant(error, retry_after_s));
+            }
             Err(error) => {
+                telemetry::count_shed(telemetry::Shed::Unavailable);
                 failure = Some(ApiError::Unavailable {
                     message: format!("tenant actor did not answer: {error}"),
                     retry_after_s,
@@ -342,7 +349,6 @@ pub async fn post_events(
         }
     }
     if let Some(error) = failure {
-        telemetry::count_shed(error.status().as_u16());
         return Err(error);
     }
     Ok(Json(respond(outcomes, rejections)))

@@ -37,9 +37,12 @@ pub fn reading_tenant<'n>(
         .ok_or_else(|| ApiError::NotFound(format!("unknown tenant {tenant_id}")))?;
     let permit = Arc::clone(&tenant.query_permits)
         .try_acquire_owned()
-        .map_err(|_| ApiError::Unavailable {
-            message: format!("tenant {tenant_id} has too many reads in flight; retry later"),
-            retry_after_s: node.config.server.retry_after_s,
+        .map_err(|_| {
+            crate::telemetry::count_shed(crate::telemetry::Shed::ReadsInFlight);
+            ApiError::Unavailable {
+                message: format!("tenant {tenant_id} has too many reads in flight; retry later"),
+                retry_after_s: node.config.server.retry_after_s,
+            }
         })?;
     Ok((tenant, InFlight::new(permit)))
 }

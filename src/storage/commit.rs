@@ -26,6 +26,19 @@ pub struct CommitStats {
     pub write_sets: AtomicU64,
 }
 
+struct FailOnExit {
+    failed: Arc<AtomicBool>,
+    fatal: watch::Sender<Option<String>>,
+}
+
+impl Drop for FailOnExit {
+    fn drop(&mut self) {
+        if std::thread::panicking() && !self.failed.swap(true, Ordering::SeqCst) {
+            let _ = self.fatal.send(Some("the commit thread panicked".into()));
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Committer {
     queue: mpsc::Sender<WriteSet>,
@@ -60,6 +73,12 @@ impl Committer {
             std::thread::Builder::new()
                 .name("tally-commit".into())
                 .spawn(move || {
+                    // Whatever ends this thread (a panic in the engine too) is a
+                    // storage failure: the node must exit non-zero and restart.
+                    let _on_exit = FailOnExit {
+                        failed: Arc::clone(&failed),
+                        fatal: fatal_tx.clone(),
+                    };
                     let mut group: Vec<WriteSet> = Vec::new();
                     while let Some(first) = receiver.blocking_recv() {
                         group.push(first);

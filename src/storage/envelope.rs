@@ -54,6 +54,23 @@ fn options(limit_bytes: u64) -> impl Options {
 }
 
 pub fn encode<T: Serialize>(kind: RecordKind, payload: &T) -> Result<Vec<u8>, EnvelopeError> {
+    encode_within(kind, payload, u32::MAX as usize)
+}
+
+/// Encodes a record whose payload must stay within `payload_bytes_max`, the
+/// limit recovery reads with: a record that could not be read back is refused
+/// when written, never skipped after a restart.
+pub fn encode_within<T: Serialize>(
+    kind: RecordKind,
+    payload: &T,
+    payload_bytes_max: usize,
+) -> Result<Vec<u8>, EnvelopeError> {
+    let size = options(u64::MAX)
+        .serialized_size(payload)
+        .map_err(|error| EnvelopeError::Encode(error.to_string()))?;
+    if size > payload_bytes_max as u64 {
+        return Err(EnvelopeError::TooLarge(size as usize));
+    }
     let body = options(u64::MAX)
         .serialize(payload)
         .map_err(|error| EnvelopeError::Encode(error.to_string()))?;
@@ -118,6 +135,20 @@ mod tests {
         let record = encode(RecordKind::WalBatch, &(7u64, "gmv".to_string(), -5i128)).unwrap();
         let back: (u64, String, i128) = decode(&record, RecordKind::WalBatch, 1 << 20).unwrap();
         assert_eq!(back, (7, "gmv".to_string(), -5));
+    }
+
+    #[test]
+    fn a_record_past_the_limit_is_refused_when_written() {
+        let big = vec![7u64; 100];
+        assert!(matches!(
+            encode_within(RecordKind::WalBatch, &big, 100),
+            Err(EnvelopeError::TooLarge(808))
+        ));
+        let record = encode_within(RecordKind::WalBatch, &big, 808).unwrap();
+        assert_eq!(
+            decode::<Vec<u64>>(&record, RecordKind::WalBatch, 808).unwrap(),
+            big
+        );
     }
 
     #[test]

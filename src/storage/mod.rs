@@ -31,6 +31,8 @@ pub enum Space {
     Experiments,
     /// Alert and signal records, keyed by tenant, topic and seq (`outbox`).
     Outbox,
+    /// Small facts about the store itself (the log floor).
+    Meta,
 }
 
 impl Space {
@@ -42,6 +44,7 @@ impl Space {
             Space::Rules => "rules",
             Space::Experiments => "experiments",
             Space::Outbox => "outbox",
+            Space::Meta => "meta",
         }
     }
 }
@@ -86,7 +89,7 @@ pub type SharedStore = Arc<dyn Store>;
 /// sled 0.34.7, one tree per space.
 pub struct SledStore {
     db: sled::Db,
-    trees: [sled::Tree; 6],
+    trees: [sled::Tree; 7],
 }
 
 fn io(error: sled::Error) -> StorageError {
@@ -103,6 +106,7 @@ impl SledStore {
             db.open_tree(Space::Rules.tree_name()).map_err(io)?,
             db.open_tree(Space::Experiments.tree_name()).map_err(io)?,
             db.open_tree(Space::Outbox.tree_name()).map_err(io)?,
+            db.open_tree(Space::Meta.tree_name()).map_err(io)?,
         ];
         Ok(SledStore { db, trees })
     }
@@ -115,6 +119,7 @@ impl SledStore {
             Space::Rules => &self.trees[3],
             Space::Experiments => &self.trees[4],
             Space::Outbox => &self.trees[5],
+            Space::Meta => &self.trees[6],
         }
     }
 }
@@ -229,6 +234,30 @@ impl Store for FaultyStore {
     }
 }
 
+/// The key (in `Space::Meta`) of the log floor: every record at or below it has
+/// been pruned, so recovery must start from a snapshot that covers it.
+pub const WAL_FLOOR_KEY: &[u8] = b"wal_floor";
+
+/// Reads one value of `Space::Meta`.
+pub fn read_meta(store: &dyn Store, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+    let mut found = None;
+    store.scan(Space::Meta, key, &mut |found_key, value| {
+        if found_key == key {
+            found = Some(value.to_vec());
+        }
+        false
+    })?;
+    Ok(found)
+}
+
+/// The log floor (0 when nothing was pruned).
+pub fn wal_floor(store: &dyn Store) -> Result<u64, StorageError> {
+    Ok(read_meta(store, WAL_FLOOR_KEY)?
+        .as_deref()
+        .and_then(key_lsn)
+        .unwrap_or(0))
+}
+
 /// The key of a WAL record.
 pub fn lsn_key(lsn: u64) -> [u8; 8] {
     lsn.to_be_bytes()
@@ -242,6 +271,14 @@ pub fn key_lsn(key: &[u8]) -> Option<u64> {
 pub fn quarantine_key(tenant: &str, qid: u64) -> Vec<u8> {
     let mut key = tenant_prefix(tenant);
     key.extend_from_slice(&qid.to_be_bytes());
+    key
+}
+
+/// The key of a tenant's next qid (not 8 bytes after the prefix, so it is
+/// never read as an entry).
+pub fn quarantine_next_key(tenant: &str) -> Vec<u8> {
+    let mut key = tenant_prefix(tenant);
+    key.extend_from_slice(b"next");
     key
 }
 

@@ -19,7 +19,7 @@ use crate::domain::time::second_of_ms;
 
 use super::envelope::{decode, RecordKind};
 use super::snapshot::{load_snapshot, snapshot_ids, TenantSnapshot, WalBatch};
-use super::{key_lsn, lsn_key, quarantine_key, Space, StorageError, Store};
+use super::{key_lsn, lsn_key, quarantine_key, wal_floor, Space, StorageError, Store};
 
 /// The state of one tenant, ready for its actors.
 pub struct RecoveredTenant {
@@ -91,7 +91,7 @@ pub fn recover(
     let next_snapshot_id = ids.first().map_or(1, |id| id + 1);
     let mut snapshot: Vec<TenantSnapshot> = Vec::new();
     for id in ids {
-        match load_snapshot(store, id, record_bytes_max) {
+        match load_snapshot(store, id, record_bytes_max)? {
             Ok((_, parts)) => {
                 report.snapshot_id = Some(id);
                 snapshot = parts;
@@ -153,6 +153,35 @@ pub fn recover(
         );
     }
 
+    // Records at or below the floor were pruned: a tenant of the snapshot whose
+    // position is below it would come back with events missing. Refuse instead.
+    let floor = wal_floor(store)?;
+    if floor > 0 {
+        let missing: Vec<String> = if snapshot.is_empty() {
+            vec![format!(
+                "no usable snapshot, and the log up to LSN {floor} was pruned"
+            )]
+        } else {
+            snapshot
+                .iter()
+                .filter(|part| part.position_lsn < floor)
+                .map(|part| {
+                    format!(
+                        "tenant {} needs log records after LSN {}",
+                        part.tenant, part.position_lsn
+                    )
+                })
+                .collect()
+        };
+        if !missing.is_empty() {
+            return Err(StorageError::Io(format!(
+                "recovery would lose acknowledged events ({}; the log is kept only after LSN {floor}); \
+                 refusing to start: restore the data directory from a backup, or move it away to start empty",
+                missing.join("; ")
+            )));
+        }
+    }
+
     // Replay the log after the lowest position; each record only for a tenant
     // whose position it is past.
     let mut next_lsn = positions.values().copied().max().unwrap_or(0) + 1;
@@ -202,11 +231,18 @@ pub fn recover(
 
     // The quarantine: keys are tenant, a 0 byte, then the qid.
     let mut quarantined = Vec::new();
+    let mut next_qids = Vec::new();
     store.scan(Space::Quarantine, &[], &mut |key, value| {
         let Some(split) = key.iter().position(|byte| *byte == 0) else {
             return true;
         };
         let tenant = String::from_utf8_lossy(&key[..split]).into_owned();
+        if &key[split + 1..] == b"next" {
+            if let Some(next) = key_lsn(value) {
+                next_qids.push((tenant, next));
+            }
+            return true;
+        }
         match decode::<QuarantinedEvent>(value, RecordKind::Quarantined, record_bytes_max) {
             Ok(entry) => quarantined.push((tenant, entry)),
             Err(error) => {
@@ -215,6 +251,11 @@ pub fn recover(
         }
         true
     })?;
+    for (tenant_id, next) in next_qids {
+        if let Some(tenant) = tenants.get_mut(&tenant_id) {
+            tenant.quarantine.reserve_qids_below(next);
+        }
+    }
     for (tenant_id, entry) in quarantined {
         if let Some(tenant) = tenants.get_mut(&tenant_id) {
             report.quarantined_loaded += 1;
@@ -231,7 +272,9 @@ pub fn recover(
         }
     }
     for tenant in tenants.values_mut() {
-        tenant.dedup.expire(now_ms.max(tenant.now_ms));
+        // the actor starts at the instant the table was expired at
+        tenant.now_ms = tenant.now_ms.max(now_ms);
+        tenant.dedup.expire(tenant.now_ms);
     }
 
     report.duration_ms = started.elapsed_ms();

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::domain::event::ValidEvent;
 use crate::domain::metric::MetricExport;
 
-use super::envelope::{decode, encode, EnvelopeError, RecordKind};
-use super::{key_lsn, lsn_key, Op, Space, StorageError, Store};
+use super::envelope::{decode, encode_within, EnvelopeError, RecordKind};
+use super::{key_lsn, lsn_key, read_meta, Op, Space, StorageError, Store, WAL_FLOOR_KEY};
 
 /// One accepted batch of one tenant, as the write-ahead log stores it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,18 +67,20 @@ pub fn part_key(id: u64, tenant: &str) -> Vec<u8> {
     key
 }
 
-/// The writes of a snapshot: its parts, then its manifest.
+/// The writes of a snapshot: its parts, then its manifest. A part larger than
+/// `record_bytes_max` fails the snapshot (older ones stay, nothing is pruned).
 pub fn snapshot_ops(
     id: u64,
     created_ms: i64,
     parts: &[TenantSnapshot],
+    record_bytes_max: usize,
 ) -> Result<Vec<Op>, EnvelopeError> {
     let mut ops = Vec::with_capacity(parts.len() + 1);
     for part in parts {
         ops.push(Op::Put {
             space: Space::Snapshot,
             key: part_key(id, &part.tenant),
-            value: encode(RecordKind::SnapshotPart, part)?,
+            value: encode_within(RecordKind::SnapshotPart, part, record_bytes_max)?,
         });
     }
     let manifest = SnapshotManifest {
@@ -94,7 +96,7 @@ pub fn snapshot_ops(
     ops.push(Op::Put {
         space: Space::Snapshot,
         key: manifest_key(id),
-        value: encode(RecordKind::SnapshotManifest, &manifest)?,
+        value: encode_within(RecordKind::SnapshotManifest, &manifest, record_bytes_max)?,
     });
     Ok(ops)
 }
@@ -114,62 +116,107 @@ pub fn snapshot_ids(store: &dyn Store) -> Result<Vec<u64>, StorageError> {
     Ok(ids)
 }
 
-/// Reads one snapshot whole, or says why it cannot be used.
+/// A snapshot read whole, or why it cannot be used.
+pub type LoadedSnapshot = Result<(SnapshotManifest, Vec<TenantSnapshot>), String>;
+
+/// Reads one snapshot whole. A storage error is returned as such (it says
+/// nothing about the snapshot); damage is the inner `Err`.
 pub fn load_snapshot(
     store: &dyn Store,
     id: u64,
     record_bytes_max: usize,
-) -> Result<(SnapshotManifest, Vec<TenantSnapshot>), String> {
+) -> Result<LoadedSnapshot, StorageError> {
     let mut manifest_bytes = None;
     let mut parts_bytes: Vec<(String, Vec<u8>)> = Vec::new();
     let prefix = id.to_be_bytes();
-    store
-        .scan(Space::Snapshot, &prefix, &mut |key, value| {
-            if !key.starts_with(&prefix) {
-                return false;
-            }
-            let rest = &key[8..];
-            if rest == MANIFEST_SUFFIX {
-                manifest_bytes = Some(value.to_vec());
-            } else if let Some(tenant) = rest.strip_prefix(PART_INFIX) {
-                parts_bytes.push((String::from_utf8_lossy(tenant).into_owned(), value.to_vec()));
-            }
-            true
-        })
-        .map_err(|error| error.to_string())?;
-    let manifest_bytes = manifest_bytes.ok_or("no manifest (the snapshot was not finished)")?;
-    let manifest: SnapshotManifest = decode(
+    store.scan(Space::Snapshot, &prefix, &mut |key, value| {
+        if !key.starts_with(&prefix) {
+            return false;
+        }
+        let rest = &key[8..];
+        if rest == MANIFEST_SUFFIX {
+            manifest_bytes = Some(value.to_vec());
+        } else if let Some(tenant) = rest.strip_prefix(PART_INFIX) {
+            parts_bytes.push((String::from_utf8_lossy(tenant).into_owned(), value.to_vec()));
+        }
+        true
+    })?;
+    let Some(manifest_bytes) = manifest_bytes else {
+        return Ok(Err("no manifest (the snapshot was not finished)".into()));
+    };
+    let manifest: SnapshotManifest = match decode(
         &manifest_bytes,
         RecordKind::SnapshotManifest,
         record_bytes_max,
-    )
-    .map_err(|error| format!("manifest: {error}"))?;
+    ) {
+        Ok(manifest) => manifest,
+        Err(error) => return Ok(Err(format!("manifest: {error}"))),
+    };
     let mut parts = Vec::with_capacity(manifest.tenants.len());
     for tenant in &manifest.tenants {
-        let bytes = parts_bytes
-            .iter()
-            .find(|(name, _)| name == tenant)
-            .map(|(_, bytes)| bytes)
-            .ok_or_else(|| format!("part of tenant {tenant} is missing"))?;
-        let part: TenantSnapshot = decode(bytes, RecordKind::SnapshotPart, record_bytes_max)
-            .map_err(|error| format!("part of tenant {tenant}: {error}"))?;
-        parts.push(part);
+        let Some((_, bytes)) = parts_bytes.iter().find(|(name, _)| name == tenant) else {
+            return Ok(Err(format!("part of tenant {tenant} is missing")));
+        };
+        match decode::<TenantSnapshot>(bytes, RecordKind::SnapshotPart, record_bytes_max) {
+            Ok(part) => parts.push(part),
+            Err(error) => return Ok(Err(format!("part of tenant {tenant}: {error}"))),
+        }
     }
-    Ok((manifest, parts))
+    Ok(Ok((manifest, parts)))
 }
 
-/// Removals that keep the newest `keep` snapshots and the log they may need.
-/// The log is cut below the oldest kept snapshot that has a readable manifest,
-/// so that falling back to it after damage to a newer one loses nothing.
+/// The manifest of a snapshot when it reads and every part it lists is there.
+fn complete_manifest(
+    store: &dyn Store,
+    id: u64,
+    record_bytes_max: usize,
+) -> Result<Option<SnapshotManifest>, StorageError> {
+    let Some(bytes) = snapshot_value(store, &manifest_key(id))? else {
+        return Ok(None);
+    };
+    let Ok(manifest) =
+        decode::<SnapshotManifest>(&bytes, RecordKind::SnapshotManifest, record_bytes_max)
+    else {
+        return Ok(None);
+    };
+    for tenant in &manifest.tenants {
+        if snapshot_value(store, &part_key(id, tenant))?.is_none() {
+            return Ok(None);
+        }
+    }
+    Ok(Some(manifest))
+}
+
+fn snapshot_value(store: &dyn Store, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+    let mut found = None;
+    store.scan(Space::Snapshot, key, &mut |found_key, value| {
+        if found_key == key {
+            found = Some(value.to_vec());
+        }
+        false
+    })?;
+    Ok(found)
+}
+
+/// Removals that keep the newest `keep` complete snapshots (manifest readable,
+/// every part present) and the log they may need: every other snapshot goes,
+/// unfinished ones included, and the log is cut at the smallest position of the
+/// kept ones, so that falling back to any of them after damage to a newer one
+/// loses nothing. The new floor is written with the removals.
 pub fn prune_ops(
     store: &dyn Store,
     keep: usize,
     record_bytes_max: usize,
 ) -> Result<Vec<Op>, StorageError> {
-    let ids = snapshot_ids(store)?;
+    let mut kept = Vec::new();
     let mut ops = Vec::new();
-    let kept: Vec<u64> = ids.iter().copied().take(keep.max(1)).collect();
-    for &id in ids.iter().skip(keep.max(1)) {
+    for id in snapshot_ids(store)? {
+        if kept.len() < keep.max(1) {
+            if let Some(manifest) = complete_manifest(store, id, record_bytes_max)? {
+                kept.push(manifest);
+                continue;
+            }
+        }
         let prefix = id.to_be_bytes();
         store.scan(Space::Snapshot, &prefix, &mut |key, _| {
             if !key.starts_with(&prefix) {
@@ -182,37 +229,30 @@ pub fn prune_ops(
             true
         })?;
     }
-    // the oldest kept snapshot whose manifest reads decides how far the log goes
-    let mut wal_floor = None;
-    for &id in kept.iter().rev() {
-        let mut manifest = None;
-        store.scan(Space::Snapshot, &manifest_key(id), &mut |key, value| {
-            if key == manifest_key(id).as_slice() {
-                manifest = decode::<SnapshotManifest>(
-                    value,
-                    RecordKind::SnapshotManifest,
-                    record_bytes_max,
-                )
-                .ok();
-            }
-            false
-        })?;
-        if let Some(manifest) = manifest {
-            wal_floor = Some(manifest.min_position_lsn);
-            break;
+    let Some(floor) = kept.iter().map(|manifest| manifest.min_position_lsn).min() else {
+        return Ok(ops);
+    };
+    let previous = read_meta(store, WAL_FLOOR_KEY)?
+        .as_deref()
+        .and_then(key_lsn)
+        .unwrap_or(0);
+    if floor <= previous {
+        return Ok(ops);
+    }
+    store.scan(Space::Wal, &[], &mut |key, _| match key_lsn(key) {
+        Some(lsn) if lsn <= floor => {
+            ops.push(Op::Remove {
+                space: Space::Wal,
+                key: lsn_key(lsn).to_vec(),
+            });
+            true
         }
-    }
-    if let Some(floor) = wal_floor {
-        store.scan(Space::Wal, &[], &mut |key, _| match key_lsn(key) {
-            Some(lsn) if lsn <= floor => {
-                ops.push(Op::Remove {
-                    space: Space::Wal,
-                    key: lsn_key(lsn).to_vec(),
-                });
-                true
-            }
-            _ => false,
-        })?;
-    }
+        _ => false,
+    })?;
+    ops.push(Op::Put {
+        space: Space::Meta,
+        key: WAL_FLOOR_KEY.to_vec(),
+        value: lsn_key(floor).to_vec(),
+    });
     Ok(ops)
 }
