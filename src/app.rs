@@ -48,6 +48,8 @@ pub struct Node {
     pub tenants: HashMap<String, TenantHandle>,
     pub store: SharedStore,
     pub committer: Committer,
+    /// Renders the node telemetry for /metrics.
+    pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
     /// Request body bytes being read and validated, in KiB, node-wide.
     pub ingest_kib: Arc<Semaphore>,
     next_snapshot_id: AtomicU64,
@@ -123,6 +125,7 @@ impl Node {
             removed,
             duration_ms: stopwatch.elapsed_ms(),
         };
+        crate::telemetry::record_snapshot(report.duration_ms as f64 / 1000.0, bytes);
         tracing::info!(
             id,
             bytes,
@@ -243,10 +246,14 @@ fn start_tenants(
 pub struct RunningNode {
     pub node: Arc<Node>,
     pub local_addr: SocketAddr,
+    /// Where /metrics is served when `prometheus.listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     pub recovery: RecoveryReport,
     stop_accepting: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
     snapshotter: Option<JoinHandle<()>>,
+    /// Upkeep and the separate /metrics listener: stopped first.
+    background: Vec<JoinHandle<()>>,
     runtime: Option<ActorRuntime>,
     commit_thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -283,7 +290,7 @@ pub async fn start_with_store(
                 .join("; "),
         )
     })?);
-    let _prometheus = crate::telemetry::install();
+    let prometheus = crate::telemetry::install();
 
     let recovered = {
         let store = Arc::clone(&store);
@@ -296,6 +303,7 @@ pub async fn start_with_store(
             .map_err(StartError::Recovery)?
     };
     let report = recovered.report.clone();
+    crate::telemetry::record_recovery(report.duration_ms as f64 / 1000.0);
     tracing::info!(
         snapshot = ?report.snapshot_id,
         replayed = report.records_replayed,
@@ -340,6 +348,7 @@ pub async fn start_with_store(
         tenants,
         store,
         committer,
+        prometheus,
         ingest_kib,
         next_snapshot_id: AtomicU64::new(next_snapshot_id),
         snapshot_lock: Mutex::new(()),
@@ -380,15 +389,53 @@ pub async fn start_with_store(
             }
         })
     };
+    let upkeep = {
+        let node = Arc::clone(&node);
+        let every = Duration::from_secs(node.config.prometheus.upkeep_interval_s);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            loop {
+                ticks.tick().await;
+                node.prometheus.run_upkeep();
+            }
+        })
+    };
+    let mut metrics_addr = None;
+    let metrics_server = if node.config.prometheus.listen.is_empty() {
+        None
+    } else {
+        let wanted: SocketAddr =
+            node.config
+                .prometheus
+                .listen
+                .parse()
+                .map_err(|_| StartError::Listen {
+                    addr,
+                    source: std::io::Error::other("prometheus.listen is not an address"),
+                })?;
+        let listener = tokio::net::TcpListener::bind(wanted)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: wanted,
+                source,
+            })?;
+        metrics_addr = listener.local_addr().ok();
+        let router = crate::http::metrics_router(Arc::clone(&node));
+        Some(tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        }))
+    };
     node.set_ready(true);
     tracing::info!(%local_addr, shards = runtime.shard_count(), tenants = node.tenants.len(), "tally is serving");
     Ok(RunningNode {
         node,
         local_addr,
+        metrics_addr,
         recovery: report,
         stop_accepting: Some(stop_accepting),
         server: Some(server),
         snapshotter: Some(snapshotter),
+        background: vec![upkeep].into_iter().chain(metrics_server).collect(),
         runtime: Some(runtime),
         commit_thread: Some(commit_thread),
     })
@@ -420,6 +467,9 @@ impl RunningNode {
         }
         if let Some(snapshotter) = self.snapshotter.take() {
             snapshotter.abort();
+        }
+        for task in self.background.drain(..) {
+            task.abort();
         }
         let grace = Duration::from_millis(self.node.config.server.shutdown_grace_ms);
         if let Some(server) = self.server.take() {

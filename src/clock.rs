@@ -68,6 +68,10 @@ impl Stopwatch {
     pub fn elapsed_ms(&self) -> u64 {
         self.0.elapsed().as_millis() as u64
     }
+
+    pub fn elapsed_secs(&self) -> f64 {
+        self.0.elapsed().as_secs_f64()
+    }
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ pub struct Config {
     pub windows: WindowsConfig,
     pub quarantine: QuarantineConfig,
     pub admin: AdminConfig,
+    pub prometheus: PrometheusConfig,
     pub tenants: Vec<TenantConfig>,
     pub metrics: Vec<MetricConfig>,
 }
@@ -153,6 +154,28 @@ impl Default for QuarantineConfig {
             events_per_tenant_max: 10_000,
             raw_bytes_max: 4096,
             list_limit_max: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrometheusConfig {
+    pub bearer_token: String,
+    pub tenant_values: bool,
+    pub tenant_series_max: usize,
+    pub listen: String,
+    pub upkeep_interval_s: u64,
+}
+
+impl Default for PrometheusConfig {
+    fn default() -> Self {
+        PrometheusConfig {
+            bearer_token: String::new(),
+            tenant_values: true,
+            tenant_series_max: 10_000,
+            listen: String::new(),
+            upkeep_interval_s: 5,
         }
     }
 }
@@ -403,6 +426,22 @@ impl Config {
                 "storage.record_bytes_max",
                 "must be at least 4 x server.max_body_bytes + 1 MiB, so that every log record reads back",
             ));
+        }
+        if !self.prometheus.listen.is_empty()
+            && SocketAddr::from_str(&self.prometheus.listen).is_err()
+        {
+            issues.push(issue(
+                "prometheus.listen",
+                "must be empty (serve on server.listen) or an address such as 127.0.0.1:9770",
+            ));
+        }
+        if !self.prometheus.bearer_token.is_empty() {
+            if let Err(message) = key_digest(&self.prometheus.bearer_token) {
+                issues.push(issue("prometheus.bearer_token", message));
+            }
+        }
+        if self.prometheus.upkeep_interval_s == 0 {
+            issues.push(issue("prometheus.upkeep_interval_s", "must be at least 1"));
         }
         if self.server.body_read_timeout_ms == 0 {
             issues.push(issue("server.body_read_timeout_ms", "must be at least 1"));
@@ -676,6 +715,7 @@ mod tests {
         assert_eq!(config.actors, defaults.actors);
         assert_eq!(config.windows, defaults.windows);
         assert_eq!(config.quarantine, defaults.quarantine);
+        assert_eq!(config.prometheus, defaults.prometheus);
         assert_eq!(config.tenants[0].id, "demo");
         assert_eq!(config.tenants[0].api_keys, vec!["demo-key".to_string()]);
         let catalogue = config.catalogue().unwrap();

@@ -73,6 +73,7 @@ impl Handler<ApplyEvents> for MetricActor {
     type Result = ();
 
     fn handle(&mut self, message: ApplyEvents, _: &mut Context<Self>) {
+        telemetry::count_actor_message("metric");
         let now_ms = self.advance(message.now_ms);
         let report = self.state.apply(&message.events, now_ms);
         telemetry::count_folded(&self.tenant_id, &self.name, report.values_folded);
@@ -109,6 +110,7 @@ impl Handler<ReadMetric> for MetricActor {
     type Result = MessageResult<ReadMetric>;
 
     fn handle(&mut self, message: ReadMetric, _: &mut Context<Self>) -> Self::Result {
+        telemetry::count_actor_message("metric");
         let now_ms = self.advance(message.now_ms);
         MessageResult(match message.by {
             None => MetricRead::Total(self.state.read(now_ms)),

@@ -175,6 +175,7 @@ impl TenantActor {
         now_ms: i64,
     ) -> Self {
         let today = day_bounds(second_of_ms(now_ms), context.tz);
+        telemetry::set_quarantine_size(&context.id, quarantine.len());
         TenantActor {
             context,
             dedup,
@@ -334,6 +335,7 @@ impl Handler<IngestBatch> for TenantActor {
     type Result = ResponseFuture<Result<Vec<(u32, EventOutcome)>, TenantError>>;
 
     fn handle(&mut self, batch: IngestBatch, _: &mut Context<Self>) -> Self::Result {
+        telemetry::count_actor_message("tenant");
         let now_ms = self.advance(batch.now_ms);
         // Refuse the whole batch up front rather than apply part of it; only
         // ids that would be new need room (a resent batch is all duplicates).
@@ -383,6 +385,9 @@ impl Handler<IngestBatch> for TenantActor {
                 Err(error) => return Box::pin(async move { Err(error) }),
             }
         }
+        if !batch.quarantined.is_empty() {
+            telemetry::set_quarantine_size(&self.context.id, self.quarantine.len());
+        }
         self.commit_then_apply(ops, accepted, now_ms, batch.in_flight, outcomes)
     }
 }
@@ -417,6 +422,7 @@ impl Handler<DeleteQuarantined> for TenantActor {
         if self.quarantine.remove(message.qid).is_none() {
             return Box::pin(async { Ok(false) });
         }
+        telemetry::set_quarantine_size(&self.context.id, self.quarantine.len());
         let ops = vec![Op::Remove {
             space: Space::Quarantine,
             key: quarantine_key(&self.context.id, message.qid),
@@ -478,6 +484,7 @@ impl Handler<RetryQuarantined> for TenantActor {
             Err(error) => return Box::pin(async move { Err(error) }),
         };
         self.quarantine.remove(message.qid);
+        telemetry::set_quarantine_size(&self.context.id, self.quarantine.len());
         let outcome_kind = match outcome {
             EventOutcome::Accepted => Outcome::Accepted,
             EventOutcome::Duplicate => Outcome::Duplicate,

@@ -178,6 +178,7 @@ pub async fn post_events(
     query: Result<Query<IngestQuery>, axum::extract::rejection::QueryRejection>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
+    let started = crate::clock::Stopwatch::start();
     let principal = node.keys.authenticate(&headers)?;
     let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let query_tenant = default_tenant(&node, &principal, query.tenant.as_deref())?;
@@ -351,6 +352,7 @@ pub async fn post_events(
     if let Some(error) = failure {
         return Err(error);
     }
+    telemetry::record_ingest(started.elapsed_secs(), items.len());
     Ok(Json(respond(outcomes, rejections)))
 }
 

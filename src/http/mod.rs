@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod error;
 pub mod ingest;
+pub mod prometheus;
 pub mod quarantine;
 pub mod query;
 pub mod shape;
@@ -21,7 +22,11 @@ use crate::app::Node;
 use error::ApiError;
 
 pub fn router(node: Arc<Node>) -> Router {
-    Router::new()
+    let mut router = Router::new();
+    if node.config.prometheus.listen.is_empty() {
+        router = router.route("/metrics", get(prometheus::get_metrics));
+    }
+    router
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         // the body limit is enforced by ingest itself, with its own 413 message
@@ -35,6 +40,14 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/quarantine", get(quarantine::list))
         .route("/v1/quarantine/{qid}/retry", post(quarantine::retry))
         .route("/v1/quarantine/{qid}", delete(quarantine::delete))
+        .fallback(not_found)
+        .with_state(node)
+}
+
+/// `/metrics` alone, for `prometheus.listen`.
+pub fn metrics_router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/metrics", get(prometheus::get_metrics))
         .fallback(not_found)
         .with_state(node)
 }

@@ -56,7 +56,7 @@ fn actor_gone(node: &Node) -> ApiError {
 
 /// Reads the named metrics of a tenant; all requests are enqueued before any is
 /// awaited.
-async fn read_metrics(
+pub(crate) async fn read_metrics(
     node: &Node,
     tenant: &TenantHandle,
     indices: &[usize],

@@ -87,12 +87,14 @@ impl Committer {
                                 group.push(more);
                             }
                         }
+                        let flushing = crate::clock::Stopwatch::start();
                         let result = if failed.load(Ordering::SeqCst) {
                             Err(StorageError::Poisoned)
                         } else {
                             let written = group.iter().try_for_each(|set| store.apply(&set.ops));
                             written.and_then(|()| store.flush())
                         };
+                        crate::telemetry::record_flush(flushing.elapsed_secs(), group.len());
                         if let Err(error) = &result {
                             if !failed.swap(true, Ordering::SeqCst) {
                                 tracing::error!(%error, "storage write or flush failed; the node will exit");

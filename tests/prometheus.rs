@@ -1,0 +1,286 @@
+//! `GET /metrics` (API.md §9) against the real tools: `promtool check metrics`
+//! on a scrape of a loaded node, and a real `prometheus` server scraping the real
+//! `tally` binary and answering its HTTP query API with the exact values.
+//! Both tools come from Debian's `prometheus` package, which `scripts/test`
+//! installs; a missing tool fails these tests, it does not skip them.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use common::{order, start_node, T0_MS};
+
+fn tool(name: &str) -> String {
+    for dir in ["/usr/bin", "/usr/local/bin"] {
+        let path = format!("{dir}/{name}");
+        if std::path::Path::new(&path).exists() {
+            return path;
+        }
+    }
+    panic!("{name} is not installed: run scripts/test, which installs Debian's prometheus package");
+}
+
+async fn scrape(node: &common::TestNode, token: Option<&str>) -> (StatusCode, String) {
+    let mut request = node.client.get(format!("{}/metrics", node.base));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    (response.status(), response.text().await.unwrap())
+}
+
+fn samples<'t>(text: &'t str, family: &str) -> Vec<&'t str> {
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{family}{{")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promtool_accepts_a_scrape_of_a_loaded_node() {
+    let node = start_node(|_| {}).await;
+    let events = [
+        order("o-1", 1250, T0_MS),
+        order("o-2", 800, T0_MS - 40_000),
+        json!({"id": "c-1", "type": "checkout.completed", "value": 212}),
+        json!({"id": "c-2", "type": "checkout.completed", "value": 455}),
+        json!({"id": "p-1", "type": "payment.failed"}),
+        json!({"id": "p-2", "type": "payment.captured"}),
+        json!({"id": "u-1", "type": "units.earned", "value": 5}),
+    ];
+    assert_eq!(node.post("demo-key", &events).await.body["accepted"], 7);
+    node.post_raw(Some("demo-key"), "application/x-ndjson", "not json")
+        .await;
+    node.running
+        .as_ref()
+        .unwrap()
+        .node
+        .take_snapshot()
+        .await
+        .unwrap();
+    let (status, text) = scrape(&node, None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &text).unwrap();
+    let checked = Command::new(tool("promtool"))
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(file.path()).unwrap())
+        .output()
+        .unwrap();
+    let problems = format!(
+        "{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(
+        checked.status.success() && problems.trim().is_empty(),
+        "promtool found problems:\n{problems}"
+    );
+
+    // exact window values, one family each
+    let values = samples(&text, "tally_window_value");
+    for expected in [
+        r#"tally_window_value{tenant="demo",metric="gmv",window="30s"} 1250"#,
+        r#"tally_window_value{tenant="demo",metric="gmv",window="today"} 2050"#,
+        r#"tally_window_value{tenant="demo",metric="orders",window="15m"} 2"#,
+        r#"tally_window_value{tenant="demo",metric="payment_failure_rate",window="30s"} 0.5"#,
+        r#"tally_window_value{tenant="demo",metric="aov",window="today"} 1025"#,
+    ] {
+        assert!(
+            values.contains(&expected),
+            "{expected} missing from:\n{}",
+            values.join("\n")
+        );
+    }
+    assert!(samples(&text, "tally_window_prev_value")
+        .contains(&r#"tally_window_prev_value{tenant="demo",metric="gmv",window="30s"} 800"#));
+    let quantiles = samples(&text, "tally_window_quantile");
+    assert!(quantiles.contains(&r#"tally_window_quantile{tenant="demo",metric="checkout_latency_ms",window="15m",quantile="0.5"} 212"#));
+    assert!(quantiles.contains(&r#"tally_window_quantile{tenant="demo",metric="checkout_latency_ms",window="15m",quantile="0.99"} 455"#));
+    // a mean with nothing to divide by has no sample rather than NaN
+    assert!(!values.iter().any(|line| line.contains(r#"metric="cpm""#)));
+    // node telemetry is there too
+    for family in [
+        "tally_events_total",
+        "tally_events_quarantined_by_reason_total",
+        "tally_ingest_request_duration_seconds_bucket",
+        "tally_wal_flush_duration_seconds_bucket",
+        "tally_wal_write_sets_per_flush_bucket",
+        "tally_snapshot_duration_seconds_bucket",
+        "tally_actor_messages_total",
+        "tally_quarantine_events",
+    ] {
+        assert!(text.contains(&format!("\n{family}")), "{family} missing");
+    }
+    assert!(text.contains("\ntally_process_resident_memory_bytes "));
+    assert!(text.contains("\ntally_snapshot_size_bytes "));
+    assert!(text.contains("\ntally_recovery_duration_seconds "));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bearer_token_protects_the_route() {
+    let node = start_node(|config| config.prometheus.bearer_token = "scrape-secret".into()).await;
+    assert_eq!(scrape(&node, None).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        scrape(&node, Some("demo-key")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (status, text) = scrape(&node, Some("scrape-secret")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(text.contains("tally_window_value{"));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_samples_stop_at_the_cap_and_the_rest_is_counted() {
+    let node = start_node(|config| config.prometheus.tenant_series_max = 5).await;
+    node.post("demo-key", &[order("o-1", 1250, T0_MS)]).await;
+    let (_, text) = scrape(&node, None).await;
+    let tenant_samples = text
+        .lines()
+        .filter(|line| line.starts_with("tally_window_"))
+        .count();
+    assert_eq!(tenant_samples, 5);
+    let dropped: f64 = text
+        .lines()
+        .find_map(|line| line.strip_prefix("tally_tenant_series_dropped_total "))
+        .expect("the dropped counter is exposed")
+        .parse()
+        .unwrap();
+    assert!(dropped > 100.0, "{dropped}");
+    // and without tenant values none are exposed at all
+    node.stop().await;
+    let node = start_node(|config| config.prometheus.tenant_values = false).await;
+    let (_, text) = scrape(&node, None).await;
+    assert!(!text.contains("tally_window_value{"));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_can_have_their_own_listener() {
+    let node = start_node(|config| config.prometheus.listen = "127.0.0.1:0".into()).await;
+    assert_eq!(scrape(&node, None).await.0, StatusCode::NOT_FOUND);
+    let addr = node.running.as_ref().unwrap().metrics_addr.unwrap();
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("tally_window_value{"));
+    node.stop().await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls Prometheus's query API until `query` has `expected` as its value.
+async fn wait_for_value(client: &reqwest::Client, prometheus: &str, query: &str, expected: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut last = Value::Null;
+    while Instant::now() < deadline {
+        if let Ok(response) = client
+            .get(format!("{prometheus}/api/v1/query"))
+            .query(&[("query", query)])
+            .send()
+            .await
+        {
+            if let Ok(body) = response.json::<Value>().await {
+                if body["data"]["result"][0]["value"][1] == expected {
+                    return;
+                }
+                last = body;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("prometheus never answered {query} = {expected}; last answer: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_the_exact_values() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("config")).unwrap();
+    std::fs::write(dir.path().join("config/default.toml"), common::DEFAULT_TOML).unwrap();
+    let node_port = free_port();
+    let mut node = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .current_dir(dir.path())
+        .env("TALLY_SERVER__LISTEN", format!("127.0.0.1:{node_port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let prometheus_port = free_port();
+    let scrape_config = format!(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tally\n    static_configs:\n      - targets: ['127.0.0.1:{node_port}']\n"
+    );
+    std::fs::write(dir.path().join("prometheus.yml"), scrape_config).unwrap();
+    let mut prometheus = Command::new(tool("prometheus"))
+        .current_dir(dir.path())
+        .args([
+            "--config.file=prometheus.yml",
+            "--storage.tsdb.path=tsdb",
+            &format!("--web.listen-address=127.0.0.1:{prometheus_port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{node_port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let reply = loop {
+        let sent = client
+            .post(format!("{base}/v1/events"))
+            .bearer_auth("demo-key")
+            .header("content-type", "application/x-ndjson")
+            .body(
+                [
+                    json!({"id": "o-1", "type": "order.completed", "amount": 1250, "currency": "USD"}),
+                    json!({"id": "o-2", "type": "order.completed", "amount": 800, "currency": "USD"}),
+                    json!({"id": "o-3", "type": "order.completed", "amount": 2150, "currency": "USD"}),
+                ]
+                .map(|event| event.to_string())
+                .join("\n"),
+            )
+            .send()
+            .await;
+        if let Ok(response) = sent {
+            break response.json::<Value>().await.unwrap();
+        }
+        assert!(Instant::now() < deadline, "tally did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(reply["accepted"], 3);
+
+    let prometheus_url = format!("http://127.0.0.1:{prometheus_port}");
+    wait_for_value(
+        &client,
+        &prometheus_url,
+        r#"tally_window_value{tenant="demo",metric="gmv",window="today"}"#,
+        "4200",
+    )
+    .await;
+    wait_for_value(
+        &client,
+        &prometheus_url,
+        r#"tally_events_total{outcome="accepted"}"#,
+        "3",
+    )
+    .await;
+    let _ = prometheus.kill();
+    let _ = node.kill();
+    let _ = prometheus.wait();
+    let _ = node.wait();
+}
