@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use common::{order, start_node, start_node_in, TestNode, T0_MS};
 use tally::storage::envelope::{decode, encode, RecordKind};
 use tally::storage::snapshot::{manifest_key, part_key, snapshot_ids, SnapshotManifest};
-use tally::storage::{key_lsn, Op, SledStore, Space, Store};
+use tally::storage::{key_lsn, read_value, Op, SledStore, Space, Store};
 
 async fn windows(node: &TestNode) -> Value {
     let mut metrics = node.metrics("demo-key").await;
@@ -114,26 +114,7 @@ async fn a_corrupt_newest_snapshot_falls_back_to_the_one_before() {
         let ids = snapshot_ids(store).unwrap();
         assert_eq!(ids, vec![2, 1]);
         // flip one byte in the middle of the newest snapshot's demo part
-        let key = part_key(ids[0], "demo");
-        let mut value = None;
-        store
-            .scan(Space::Snapshot, &key, &mut |found, bytes| {
-                if found == key.as_slice() {
-                    value = Some(bytes.to_vec());
-                }
-                false
-            })
-            .unwrap();
-        let mut value = value.expect("the newest snapshot has a demo part");
-        let middle = value.len() / 2;
-        value[middle] ^= 0xFF;
-        store
-            .apply(&[Op::Put {
-                space: Space::Snapshot,
-                key,
-                value,
-            }])
-            .unwrap();
+        damage_part(store, ids[0], "demo");
         ids[0]
     });
 
@@ -331,16 +312,9 @@ fn an_unreadable_manifest_means_an_unfinished_snapshot() {
 /// Flips a byte in the middle of a snapshot's part of `tenant`.
 fn damage_part(store: &SledStore, id: u64, tenant: &str) {
     let key = part_key(id, tenant);
-    let mut value = None;
-    store
-        .scan(Space::Snapshot, &key, &mut |found, bytes| {
-            if found == key.as_slice() {
-                value = Some(bytes.to_vec());
-            }
-            false
-        })
-        .unwrap();
-    let mut value = value.expect("the snapshot has that part");
+    let mut value = read_value(store, Space::Snapshot, &key)
+        .unwrap()
+        .expect("the snapshot has that part");
     let middle = value.len() / 2;
     value[middle] ^= 0xFF;
     store

@@ -238,10 +238,14 @@ impl Store for FaultyStore {
 /// been pruned, so recovery must start from a snapshot that covers it.
 pub const WAL_FLOOR_KEY: &[u8] = b"wal_floor";
 
-/// Reads one value of `Space::Meta`.
-pub fn read_meta(store: &dyn Store, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+/// The value stored at exactly `key`, if any.
+pub fn read_value(
+    store: &dyn Store,
+    space: Space,
+    key: &[u8],
+) -> Result<Option<Vec<u8>>, StorageError> {
     let mut found = None;
-    store.scan(Space::Meta, key, &mut |found_key, value| {
+    store.scan(space, key, &mut |found_key, value| {
         if found_key == key {
             found = Some(value.to_vec());
         }
@@ -252,7 +256,7 @@ pub fn read_meta(store: &dyn Store, key: &[u8]) -> Result<Option<Vec<u8>>, Stora
 
 /// The log floor (0 when nothing was pruned).
 pub fn wal_floor(store: &dyn Store) -> Result<u64, StorageError> {
-    Ok(read_meta(store, WAL_FLOOR_KEY)?
+    Ok(read_value(store, Space::Meta, WAL_FLOOR_KEY)?
         .as_deref()
         .and_then(key_lsn)
         .unwrap_or(0))

@@ -11,7 +11,7 @@ use crate::domain::event::ValidEvent;
 use crate::domain::metric::MetricExport;
 
 use super::envelope::{decode, encode_within, EnvelopeError, RecordKind};
-use super::{key_lsn, lsn_key, read_meta, Op, Space, StorageError, Store, WAL_FLOOR_KEY};
+use super::{key_lsn, lsn_key, read_value, Op, Space, StorageError, Store, WAL_FLOOR_KEY};
 
 /// One accepted batch of one tenant, as the write-ahead log stores it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,7 +171,7 @@ fn complete_manifest(
     id: u64,
     record_bytes_max: usize,
 ) -> Result<Option<SnapshotManifest>, StorageError> {
-    let Some(bytes) = snapshot_value(store, &manifest_key(id))? else {
+    let Some(bytes) = read_value(store, Space::Snapshot, &manifest_key(id))? else {
         return Ok(None);
     };
     let Ok(manifest) =
@@ -180,22 +180,11 @@ fn complete_manifest(
         return Ok(None);
     };
     for tenant in &manifest.tenants {
-        if snapshot_value(store, &part_key(id, tenant))?.is_none() {
+        if read_value(store, Space::Snapshot, &part_key(id, tenant))?.is_none() {
             return Ok(None);
         }
     }
     Ok(Some(manifest))
-}
-
-fn snapshot_value(store: &dyn Store, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-    let mut found = None;
-    store.scan(Space::Snapshot, key, &mut |found_key, value| {
-        if found_key == key {
-            found = Some(value.to_vec());
-        }
-        false
-    })?;
-    Ok(found)
 }
 
 /// Removals that keep the newest `keep` complete snapshots (manifest readable,
@@ -232,10 +221,7 @@ pub fn prune_ops(
     let Some(floor) = kept.iter().map(|manifest| manifest.min_position_lsn).min() else {
         return Ok(ops);
     };
-    let previous = read_meta(store, WAL_FLOOR_KEY)?
-        .as_deref()
-        .and_then(key_lsn)
-        .unwrap_or(0);
+    let previous = super::wal_floor(store)?;
     if floor <= previous {
         return Ok(ops);
     }
