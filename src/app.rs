@@ -50,6 +50,10 @@ pub struct Node {
     pub committer: Committer,
     /// Renders the node telemetry for /metrics.
     pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
+    /// Turns true when the node stops: live sessions close (1001).
+    pub stopping: watch::Sender<bool>,
+    /// Each tenant's live feed (API.md §5).
+    pub feeds: HashMap<String, Arc<crate::live::TenantFeed>>,
     /// Request body bytes being read and validated, in KiB, node-wide.
     pub ingest_kib: Arc<Semaphore>,
     next_snapshot_id: AtomicU64,
@@ -340,6 +344,10 @@ pub async fn start_with_store(
     let ingest_kib = Arc::new(Semaphore::new(
         config.server.ingest_bytes_inflight_max / 1024,
     ));
+    let feeds: HashMap<String, Arc<crate::live::TenantFeed>> = tenants
+        .keys()
+        .map(|tenant| (tenant.clone(), crate::live::TenantFeed::new()))
+        .collect();
     let node = Arc::new(Node {
         config: Arc::new(config),
         catalogue,
@@ -349,6 +357,8 @@ pub async fn start_with_store(
         store,
         committer,
         prometheus,
+        stopping: watch::channel(false).0,
+        feeds,
         ingest_kib,
         next_snapshot_id: AtomicU64::new(next_snapshot_id),
         snapshot_lock: Mutex::new(()),
@@ -400,6 +410,17 @@ pub async fn start_with_store(
             }
         })
     };
+    let feed_tasks: Vec<JoinHandle<()>> = node
+        .feeds
+        .iter()
+        .map(|(tenant, feed)| {
+            tokio::spawn(crate::live::run_feed(
+                Arc::clone(&node),
+                tenant.clone(),
+                Arc::clone(feed),
+            ))
+        })
+        .collect();
     let mut metrics_addr = None;
     let metrics_server = if node.config.prometheus.listen.is_empty() {
         None
@@ -435,7 +456,11 @@ pub async fn start_with_store(
         stop_accepting: Some(stop_accepting),
         server: Some(server),
         snapshotter: Some(snapshotter),
-        background: vec![upkeep].into_iter().chain(metrics_server).collect(),
+        background: vec![upkeep]
+            .into_iter()
+            .chain(metrics_server)
+            .chain(feed_tasks)
+            .collect(),
         runtime: Some(runtime),
         commit_thread: Some(commit_thread),
     })
@@ -462,6 +487,8 @@ impl RunningNode {
 
     async fn stop(mut self, final_snapshot: bool) {
         self.node.set_ready(false);
+        // upgraded connections outlive the HTTP server's graceful shutdown
+        self.node.stopping.send_replace(true);
         if let Some(stop) = self.stop_accepting.take() {
             let _ = stop.send(());
         }

@@ -30,6 +30,7 @@ pub struct Config {
     pub quarantine: QuarantineConfig,
     pub admin: AdminConfig,
     pub prometheus: PrometheusConfig,
+    pub live: LiveConfig,
     pub tenants: Vec<TenantConfig>,
     pub metrics: Vec<MetricConfig>,
 }
@@ -176,6 +177,32 @@ impl Default for PrometheusConfig {
             tenant_series_max: 10_000,
             listen: String::new(),
             upkeep_interval_s: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LiveConfig {
+    pub tick_ms: u64,
+    pub sessions_per_tenant_max: usize,
+    pub subscriptions_per_session_max: usize,
+    pub message_bytes_max: usize,
+    pub ping_interval_s: u64,
+    pub idle_timeout_s: u64,
+    pub replay_records_max: usize,
+}
+
+impl Default for LiveConfig {
+    fn default() -> Self {
+        LiveConfig {
+            tick_ms: 100,
+            sessions_per_tenant_max: 1000,
+            subscriptions_per_session_max: 16,
+            message_bytes_max: 65_536,
+            ping_interval_s: 15,
+            idle_timeout_s: 45,
+            replay_records_max: 1000,
         }
     }
 }
@@ -377,6 +404,15 @@ impl Config {
             ("quarantine.raw_bytes_max", self.quarantine.raw_bytes_max),
             ("quarantine.list_limit_max", self.quarantine.list_limit_max),
             ("storage.snapshots_kept", self.storage.snapshots_kept),
+            (
+                "live.sessions_per_tenant_max",
+                self.live.sessions_per_tenant_max,
+            ),
+            (
+                "live.subscriptions_per_session_max",
+                self.live.subscriptions_per_session_max,
+            ),
+            ("live.replay_records_max", self.live.replay_records_max),
             ("storage.record_bytes_max", self.storage.record_bytes_max),
         ];
         for (path, value) in positive {
@@ -439,6 +475,18 @@ impl Config {
             if let Err(message) = key_digest(&self.prometheus.bearer_token) {
                 issues.push(issue("prometheus.bearer_token", message));
             }
+        }
+        if !(10..=1000).contains(&self.live.tick_ms) {
+            issues.push(issue("live.tick_ms", "must be within 10..=1000"));
+        }
+        if self.live.message_bytes_max < 1024 {
+            issues.push(issue("live.message_bytes_max", "must be at least 1024"));
+        }
+        if self.live.ping_interval_s == 0 || self.live.idle_timeout_s <= self.live.ping_interval_s {
+            issues.push(issue(
+                "live.idle_timeout_s",
+                "must be longer than live.ping_interval_s (at least 1)",
+            ));
         }
         if self.prometheus.upkeep_interval_s == 0 {
             issues.push(issue("prometheus.upkeep_interval_s", "must be at least 1"));
@@ -716,6 +764,7 @@ mod tests {
         assert_eq!(config.windows, defaults.windows);
         assert_eq!(config.quarantine, defaults.quarantine);
         assert_eq!(config.prometheus, defaults.prometheus);
+        assert_eq!(config.live, defaults.live);
         assert_eq!(config.tenants[0].id, "demo");
         assert_eq!(config.tenants[0].api_keys, vec!["demo-key".to_string()]);
         let catalogue = config.catalogue().unwrap();

@@ -22,7 +22,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Start the node (the default).
-    Serve,
+    Serve {
+        /// Also generate synthetic traffic for the demo tenant (see /wall#token=demo-key).
+        #[arg(long)]
+        demo: bool,
+    },
     /// Validate a config file and print every problem with its key path.
     CheckConfig,
 }
@@ -39,7 +43,7 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Serve) {
+    match cli.command.unwrap_or(Command::Serve { demo: false }) {
         Command::CheckConfig => match load(&cli.config) {
             Ok(_) => {
                 println!("{}: ok", cli.config.display());
@@ -47,7 +51,7 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Serve => {
+        Command::Serve { demo } => {
             let config = match load(&cli.config) {
                 Ok(config) => config,
                 Err(code) => return code,
@@ -61,12 +65,12 @@ fn main() -> ExitCode {
                         .unwrap_or_else(|_| "info".into()),
                 )
                 .init();
-            serve(config)
+            serve(config, demo)
         }
     }
 }
 
-fn serve(config: Config) -> ExitCode {
+fn serve(config: Config, demo: bool) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -85,6 +89,10 @@ fn serve(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let demo_traffic = demo.then(|| {
+            tracing::info!("--demo: synthetic traffic for the demo tenant");
+            tokio::spawn(tally::demo::run(std::sync::Arc::clone(&running.node)))
+        });
         let mut fatal = running.fatal();
         let storage_failed = tokio::select! {
             _ = wait_for_signal() => None,
@@ -94,6 +102,9 @@ fn serve(config: Config) -> ExitCode {
                 Err(_) => "the commit thread ended".into(),
             }),
         };
+        if let Some(task) = demo_traffic {
+            task.abort();
+        }
         match storage_failed {
             None => {
                 tracing::info!("shutting down");

@@ -75,6 +75,8 @@ fn spawn_node(dir: &std::path::Path, port: u16, log: &std::path::Path) -> NodePr
         .current_dir(dir)
         .env("TALLY_SERVER__LISTEN", format!("127.0.0.1:{port}"))
         .env("TALLY_STORAGE__SNAPSHOT_INTERVAL_S", "1")
+        // long runs remember millions of ids; the default table (2 M) would fill
+        .env("TALLY_INGEST__DEDUP_IDS_MAX", "50000000")
         .env("RUST_LOG", "warn,tally::app=info")
         .stdout(Stdio::null())
         .stderr(log_file)
@@ -184,6 +186,8 @@ async fn produce(
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         batch += 1;
+        // paced (about 1 000 events/s a producer), so that long runs stay bounded
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -266,7 +270,11 @@ async fn kill_9_cycles_lose_nothing_and_count_nothing_twice() {
     wait_ready(&client, &mut node, &base, &log).await;
     stop.store(true, Ordering::SeqCst);
     for producer in producers {
-        producer.await.unwrap();
+        // a producer that cannot get its last batch acknowledged fails the run
+        tokio::time::timeout(Duration::from_secs(120), producer)
+            .await
+            .expect("a producer's last batch was not acknowledged within 120 s")
+            .unwrap();
     }
     let mut acknowledged = 0;
     for (tenant, key, acked) in [

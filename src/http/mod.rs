@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod error;
 pub mod ingest;
+pub mod live;
 pub mod prometheus;
 pub mod quarantine;
 pub mod query;
@@ -34,6 +35,9 @@ pub fn router(node: Arc<Node>) -> Router {
             "/v1/events",
             post(ingest::post_events).layer(DefaultBodyLimit::disable()),
         )
+        .route("/v1/live", get(live::get_live))
+        .route("/v1/tenant", get(query::get_tenant))
+        .route("/wall", get(wall))
         .route("/v1/metrics", get(query::get_all))
         .route("/v1/metrics/{name}", get(query::get_one))
         .route("/v1/metrics/{name}/series", get(query::get_series))
@@ -50,6 +54,11 @@ pub fn metrics_router(node: Arc<Node>) -> Router {
         .route("/metrics", get(prometheus::get_metrics))
         .fallback(not_found)
         .with_state(node)
+}
+
+/// The wall display: one self-contained page, embedded in the binary.
+async fn wall() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("wall.html"))
 }
 
 async fn healthz() -> Json<Value> {

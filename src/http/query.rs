@@ -98,6 +98,22 @@ fn bad_query(rejection: axum::extract::rejection::QueryRejection) -> ApiError {
     ApiError::BadRequest(rejection.body_text())
 }
 
+/// `GET /v1/tenant`: the tenant a key reads, its currency and time zone.
+pub async fn get_tenant(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    query: Result<Query<AllMetricsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let principal = node.keys.authenticate(&headers)?;
+    let Query(query) = query.map_err(bad_query)?;
+    let (tenant, _in_flight) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
+    Ok(Json(json!({
+        "tenant": &*tenant.context.id,
+        "currency": tenant.context.currency,
+        "timezone": tenant.context.tz.name(),
+    })))
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AllMetricsQuery {
