@@ -196,7 +196,7 @@ pub struct LiveConfig {
 impl Default for LiveConfig {
     fn default() -> Self {
         LiveConfig {
-            tick_ms: 100,
+            tick_ms: 50,
             sessions_per_tenant_max: 1000,
             subscriptions_per_session_max: 16,
             message_bytes_max: 65_536,

@@ -57,6 +57,10 @@ pub async fn get_live(
     Ok(upgrade
         .max_message_size(message_bytes_max)
         .max_frame_size(message_bytes_max)
+        // clients send small control messages: small buffers keep 10 000
+        // sessions in memory (tungstenite's default read buffer is 128 KiB)
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(8 * 1024)
         .on_upgrade(move |socket| session(node, socket, tenant))
         .into_response())
 }
@@ -176,7 +180,10 @@ async fn session(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
     let mut subscriptions: BTreeMap<String, MetricSubscription> = BTreeMap::new();
     let mut topics: BTreeMap<String, Topic> = BTreeMap::new();
     let mut heard = Stopwatch::start();
-    let mut check = tokio::time::interval(Duration::from_millis(node.config.live.tick_ms));
+    let tick = Duration::from_millis(node.config.live.tick_ms);
+    let mut wake = Box::pin(tokio::time::sleep(tick));
+    // true while some subscription may send now (its interval has passed)
+    let mut due = true;
     let mut ping = tokio::time::interval(Duration::from_secs(node.config.live.ping_interval_s));
     ping.tick().await;
     let idle_ms = node.config.live.idle_timeout_s * 1000;
@@ -205,29 +212,32 @@ async fn session(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
                         return;
                     }
                 }
+                // subscriptions may have changed: plan the next wake-up anew
+                wake = Box::pin(tokio::time::sleep(Duration::from_millis(1)));
             }
-            changed = frames.changed() => {
+            // frames matter only while a subscription is due: the others sleep
+            // until they are, so a frame does not wake every session
+            changed = frames.changed(), if due => {
                 if changed.is_err() {
                     return;
                 }
+                // a new frame goes out at once to every subscription that is due
+                match send_due(&mut socket, &frames, &mut subscriptions).await {
+                    Some((wait, is_due)) => {
+                        wake = Box::pin(tokio::time::sleep(wait));
+                        due = is_due;
+                    }
+                    None => return,
+                }
             }
-            _ = check.tick() => {
-                let frame = frames.borrow().clone();
-                for (id, subscription) in &mut subscriptions {
-                    if subscription.since_sent.elapsed_ms() < subscription.interval_ms
-                        || frame.at_ms < subscription.from_ms
-                    {
-                        continue;
+            _ = &mut wake => {
+                // a subscription that was not due when its frame came is due now
+                match send_due(&mut socket, &frames, &mut subscriptions).await {
+                    Some((wait, is_due)) => {
+                        wake = Box::pin(tokio::time::sleep(wait));
+                        due = is_due;
                     }
-                    let changed = subscription.changes(&frame, false);
-                    if changed.is_empty() {
-                        continue;
-                    }
-                    subscription.since_sent = Stopwatch::start();
-                    let update = json!({"type": "update", "sub": id, "at": frame.at_ms, "metrics": changed});
-                    if !send_json(&mut socket, &update).await {
-                        return;
-                    }
+                    None => return,
                 }
             }
             _ = ping.tick() => {
@@ -240,6 +250,44 @@ async fn session(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
             }
         }
     }
+}
+
+/// Sends an update to every subscription whose interval has passed and whose
+/// values changed. Returns how long until the next subscription is due and
+/// whether one is due now (then the next frame wakes the session), or `None`
+/// when the client is gone.
+async fn send_due(
+    socket: &mut WebSocket,
+    frames: &tokio::sync::watch::Receiver<Arc<Frame>>,
+    subscriptions: &mut BTreeMap<String, MetricSubscription>,
+) -> Option<(Duration, bool)> {
+    let frame = frames.borrow().clone();
+    let mut next_due_ms = u64::MAX;
+    let mut due_now = false;
+    for (id, subscription) in subscriptions.iter_mut() {
+        let since_ms = subscription.since_sent.elapsed_ms();
+        if since_ms < subscription.interval_ms {
+            next_due_ms = next_due_ms.min(subscription.interval_ms - since_ms);
+            continue;
+        }
+        if frame.at_ms < subscription.from_ms {
+            due_now = true;
+            continue;
+        }
+        let changed = subscription.changes(&frame, false);
+        if changed.is_empty() {
+            due_now = true;
+            continue;
+        }
+        subscription.since_sent = Stopwatch::start();
+        next_due_ms = next_due_ms.min(subscription.interval_ms);
+        let update = json!({"type": "update", "sub": id, "at": frame.at_ms, "metrics": changed});
+        if !send_json(socket, &update).await {
+            return None;
+        }
+    }
+    // with nothing pending, wake with the next frame (or a second from now)
+    Some((Duration::from_millis(next_due_ms.clamp(1, 1000)), due_now))
 }
 
 /// One client message; returns the messages to send back.
