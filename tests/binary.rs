@@ -203,3 +203,44 @@ fn check_config_accepts_the_default_and_lists_every_problem() {
     assert_eq!(typo.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&typo.stderr).contains("unknown field `listn`"));
 }
+
+#[test]
+fn serve_demo_generates_traffic_for_the_demo_tenant() {
+    let dir = fresh_dir();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut node = tally(dir.path())
+        .args(["serve", "--demo"])
+        .env("TALLY_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    wait_ready(&mut node, &addr);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let output = Command::new("curl")
+            .args([
+                "-s",
+                "-H",
+                "Authorization: Bearer demo-key",
+                &format!("http://{addr}/v1/metrics/orders?window=today"),
+            ])
+            .output()
+            .unwrap();
+        let reply: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+        if reply["windows"]["today"]["value"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "--demo produced no orders: {reply}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(terminate(&mut node).success());
+}

@@ -365,3 +365,41 @@ async fn topic_records_replay_after_since_in_order() {
     assert_eq!(next(&mut socket).await["type"], "unsubscribed");
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_closed_and_an_oversized_message_closes() {
+    let node = start_node(|config| {
+        config.live.ping_interval_s = 1;
+        config.live.idle_timeout_s = 2;
+        config.live.message_bytes_max = 2048;
+    })
+    .await;
+    // a client that never answers (it does not read, so it sends no pongs)
+    let mut silent = connect(&node, Some("demo-key")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let mut closed = None;
+    while let Some(Ok(message)) = silent.next().await {
+        if let Message::Close(frame) = message {
+            closed = frame.map(|frame| u16::from(frame.code));
+            break;
+        }
+    }
+    assert_eq!(closed, Some(1001));
+
+    let mut big = connect(&node, Some("demo-key")).await.unwrap();
+    let text = format!(r#"{{"op":"subscribe","id":"{}"}}"#, "x".repeat(4096));
+    big.send(Message::Text(text.into())).await.unwrap();
+    let mut code = None;
+    while let Some(Ok(message)) = big.next().await {
+        if let Message::Close(frame) = message {
+            code = frame.map(|frame| u16::from(frame.code));
+            break;
+        }
+    }
+    assert_eq!(
+        code,
+        Some(1009),
+        "a message over live.message_bytes_max closes with 1009"
+    );
+    node.stop().await;
+}

@@ -31,6 +31,7 @@ pub const CLOSE_UNAUTHORIZED: u16 = 4401;
 pub const CLOSE_TOO_MANY_SESSIONS: u16 = 4429;
 pub const CLOSE_IDLE: u16 = 1001;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+pub const CLOSE_TOO_BIG: u16 = 1009;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -197,7 +198,21 @@ async fn session(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
                 return close(&mut socket, CLOSE_GOING_AWAY, "server stopping").await;
             }
             received = socket.recv() => {
-                let Some(Ok(message)) = received else { return };
+                let message = match received {
+                    Some(Ok(message)) => message,
+                    Some(Err(error)) => {
+                        // a message over live.message_bytes_max: say so (1009)
+                        let too_big = error
+                            .into_inner()
+                            .downcast_ref::<tokio_tungstenite::tungstenite::Error>()
+                            .is_some_and(|error| matches!(error, tokio_tungstenite::tungstenite::Error::Capacity(_)));
+                        if too_big {
+                            close(&mut socket, CLOSE_TOO_BIG, "message too big").await;
+                        }
+                        return;
+                    }
+                    None => return,
+                };
                 heard = Stopwatch::start();
                 let reply = match message {
                     Message::Text(text) => {
