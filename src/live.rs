@@ -23,6 +23,8 @@ use crate::http::shape::metric_json;
 /// Every metric of a tenant at one instant, in the shape of API.md §4.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Frame {
+    /// Increases with every frame a feed publishes (to count what sessions skip).
+    pub seq: u64,
     pub at_ms: i64,
     /// metric name → `{"kind", "windows": {window: {...}}}`
     pub metrics: BTreeMap<String, Value>,
@@ -44,14 +46,16 @@ impl TenantFeed {
     }
 
     /// Takes a session place, or `None` past `sessions_max`.
-    pub fn join(self: &Arc<Self>, sessions_max: usize) -> Option<SessionPlace> {
+    pub fn join(self: &Arc<Self>, tenant: &str, sessions_max: usize) -> Option<SessionPlace> {
         let taken = self.sessions.fetch_add(1, Ordering::SeqCst);
         if taken >= sessions_max {
             self.sessions.fetch_sub(1, Ordering::SeqCst);
             return None;
         }
+        crate::telemetry::set_live_sessions(tenant, taken + 1);
         Some(SessionPlace {
             feed: Arc::clone(self),
+            tenant: tenant.to_string(),
         })
     }
 
@@ -67,11 +71,13 @@ impl TenantFeed {
 /// A session's place in its tenant's session budget; freed on drop.
 pub struct SessionPlace {
     feed: Arc<TenantFeed>,
+    tenant: String,
 }
 
 impl Drop for SessionPlace {
     fn drop(&mut self) {
-        self.feed.sessions.fetch_sub(1, Ordering::SeqCst);
+        let left = self.feed.sessions.fetch_sub(1, Ordering::SeqCst) - 1;
+        crate::telemetry::set_live_sessions(&self.tenant, left);
     }
 }
 
@@ -99,20 +105,27 @@ pub async fn read_frame(node: &Node, tenant_id: &str) -> Option<Frame> {
             metrics.insert(def.name.clone(), shaped);
         }
     }
-    Some(Frame { at_ms, metrics })
+    Some(Frame {
+        seq: 0,
+        at_ms,
+        metrics,
+    })
 }
 
 /// Runs a tenant's feed until the node stops: a read per tick while watched.
 pub async fn run_feed(node: Arc<Node>, tenant_id: String, feed: Arc<TenantFeed>) {
     let mut ticks = tokio::time::interval(Duration::from_millis(node.config.live.tick_ms));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
     loop {
         ticks.tick().await;
         if feed.sessions() == 0 {
             continue;
         }
         // a busy tenant skips a tick rather than queue behind its own ingestion
-        if let Some(frame) = read_frame(&node, &tenant_id).await {
+        if let Some(mut frame) = read_frame(&node, &tenant_id).await {
+            seq += 1;
+            frame.seq = seq;
             feed.frames.send_replace(Arc::new(frame));
         }
     }

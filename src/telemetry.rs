@@ -31,6 +31,10 @@ pub const SERIES_FOLDED_TOTAL: &str = "tally_series_folded_total";
 pub const METRIC_APPLY_ERRORS_TOTAL: &str = "tally_metric_apply_errors_total";
 pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "tally_process_resident_memory_bytes";
 pub const TENANT_SERIES_DROPPED_TOTAL: &str = "tally_tenant_series_dropped_total";
+pub const LIVE_SESSIONS: &str = "tally_live_sessions";
+pub const LIVE_SUBSCRIPTIONS: &str = "tally_live_subscriptions";
+pub const LIVE_UPDATES_SENT_TOTAL: &str = "tally_live_updates_sent_total";
+pub const LIVE_UPDATES_CONFLATED_TOTAL: &str = "tally_live_updates_conflated_total";
 
 /// Latency buckets in seconds (100 µs to 10 s).
 const SECONDS_BUCKETS: [f64; 14] = [
@@ -213,6 +217,22 @@ fn describe() {
         Unit::Count,
         "tenant window samples left out of scrapes by prometheus.tenant_series_max"
     );
+    describe_gauge!(
+        LIVE_SESSIONS,
+        Unit::Count,
+        "open live WebSocket sessions, by tenant"
+    );
+    describe_gauge!(
+        LIVE_SUBSCRIPTIONS,
+        Unit::Count,
+        "subscriptions held by live sessions"
+    );
+    describe_counter!(
+        LIVE_UPDATES_SENT_TOTAL,
+        Unit::Count,
+        "snapshot and update messages sent to live sessions"
+    );
+    describe_counter!(LIVE_UPDATES_CONFLATED_TOTAL, Unit::Count, "frames a live subscription skipped because a newer one superseded them (latest value wins)");
 }
 
 pub fn count_outcome(outcome: Outcome, reason: Option<Reason>, events: u64) {
@@ -279,6 +299,21 @@ pub fn count_folded(tenant: &str, metric: &str, folded: u64) {
 pub fn count_apply_errors(metric: &str, errors: u64) {
     if errors > 0 {
         counter!(METRIC_APPLY_ERRORS_TOTAL, "metric" => metric.to_string()).increment(errors);
+    }
+}
+
+pub fn set_live_sessions(tenant: &str, sessions: usize) {
+    gauge!(LIVE_SESSIONS, "tenant" => tenant.to_string()).set(sessions as f64);
+}
+
+pub fn add_live_subscriptions(delta: f64) {
+    gauge!(LIVE_SUBSCRIPTIONS).increment(delta);
+}
+
+pub fn count_live_update(conflated: u64) {
+    counter!(LIVE_UPDATES_SENT_TOTAL).increment(1);
+    if conflated > 0 {
+        counter!(LIVE_UPDATES_CONFLATED_TOTAL).increment(conflated);
     }
 }
 

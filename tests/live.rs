@@ -403,3 +403,33 @@ async fn a_silent_client_is_closed_and_an_oversized_message_closes() {
     );
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_sessions_show_in_the_node_telemetry() {
+    let node = start_node(|_| {}).await;
+    let mut socket = connect(&node, Some("acme-key")).await.unwrap();
+    send(
+        &mut socket,
+        json!({"op": "subscribe", "id": "s", "metrics": ["gmv"], "interval_ms": 100}),
+    )
+    .await;
+    assert_eq!(next(&mut socket).await["type"], "snapshot");
+    let text = node
+        .client
+        .get(format!("{}/metrics", node.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // the recorder is shared by this test process: other tests' sessions count too
+    assert!(
+        text.contains("\ntally_live_sessions{tenant=\"acme\"} "),
+        "{text}"
+    );
+    for family in ["tally_live_subscriptions", "tally_live_updates_sent_total"] {
+        assert!(text.contains(&format!("\n{family} ")), "{family} missing");
+    }
+    node.stop().await;
+}

@@ -120,6 +120,8 @@ struct MetricSubscription {
     since_sent: Stopwatch,
     /// Frames older than the snapshot are not sent (they would step back).
     from_ms: i64,
+    /// The seq of the last frame this subscription looked at.
+    last_seq: u64,
     /// (metric, window) → the value last sent.
     sent: BTreeMap<(String, &'static str), Value>,
 }
@@ -172,99 +174,104 @@ async fn session(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
     let Some(feed) = node.feeds.get(&tenant).cloned() else {
         return close(&mut socket, CLOSE_UNAUTHORIZED, "unknown tenant").await;
     };
-    let Some(_place) = feed.join(node.config.live.sessions_per_tenant_max) else {
+    let Some(_place) = feed.join(&tenant, node.config.live.sessions_per_tenant_max) else {
         let message = format!("tenant {tenant} has live.sessions_per_tenant_max sessions");
         send_json(&mut socket, &error("too_many_sessions", message)).await;
         return close(&mut socket, CLOSE_TOO_MANY_SESSIONS, "too many sessions").await;
     };
-    let mut frames = feed.subscribe();
     let mut subscriptions: BTreeMap<String, MetricSubscription> = BTreeMap::new();
-    let mut topics: BTreeMap<String, Topic> = BTreeMap::new();
-    let mut heard = Stopwatch::start();
-    let tick = Duration::from_millis(node.config.live.tick_ms);
-    let mut wake = Box::pin(tokio::time::sleep(tick));
-    // true while some subscription may send now (its interval has passed)
-    let mut due = true;
-    let mut ping = tokio::time::interval(Duration::from_secs(node.config.live.ping_interval_s));
-    ping.tick().await;
-    let idle_ms = node.config.live.idle_timeout_s * 1000;
-    let mut stopping = node.stopping.subscribe();
-    if *stopping.borrow() {
-        return close(&mut socket, CLOSE_GOING_AWAY, "server stopping").await;
-    }
-    loop {
-        tokio::select! {
-            _ = stopping.changed() => {
-                return close(&mut socket, CLOSE_GOING_AWAY, "server stopping").await;
-            }
-            received = socket.recv() => {
-                let message = match received {
-                    Some(Ok(message)) => message,
-                    Some(Err(error)) => {
-                        // a message over live.message_bytes_max: say so (1009)
-                        let too_big = error
-                            .into_inner()
-                            .downcast_ref::<tokio_tungstenite::tungstenite::Error>()
-                            .is_some_and(|error| matches!(error, tokio_tungstenite::tungstenite::Error::Capacity(_)));
-                        if too_big {
-                            close(&mut socket, CLOSE_TOO_BIG, "message too big").await;
+    // the loop returns from many places; the gauge is settled once, after it
+    async {
+        let mut frames = feed.subscribe();
+        let mut topics: BTreeMap<String, Topic> = BTreeMap::new();
+        let mut heard = Stopwatch::start();
+        let tick = Duration::from_millis(node.config.live.tick_ms);
+        let mut wake = Box::pin(tokio::time::sleep(tick));
+        // true while some subscription may send now (its interval has passed)
+        let mut due = true;
+        let mut ping = tokio::time::interval(Duration::from_secs(node.config.live.ping_interval_s));
+        ping.tick().await;
+        let idle_ms = node.config.live.idle_timeout_s * 1000;
+        let mut stopping = node.stopping.subscribe();
+        if *stopping.borrow() {
+            return close(&mut socket, CLOSE_GOING_AWAY, "server stopping").await;
+        }
+        loop {
+            tokio::select! {
+                _ = stopping.changed() => {
+                    return close(&mut socket, CLOSE_GOING_AWAY, "server stopping").await;
+                }
+                received = socket.recv() => {
+                    let message = match received {
+                        Some(Ok(message)) => message,
+                        Some(Err(error)) => {
+                            // a message over live.message_bytes_max: say so (1009)
+                            let too_big = error
+                                .into_inner()
+                                .downcast_ref::<tokio_tungstenite::tungstenite::Error>()
+                                .is_some_and(|error| matches!(error, tokio_tungstenite::tungstenite::Error::Capacity(_)));
+                            if too_big {
+                                close(&mut socket, CLOSE_TOO_BIG, "message too big").await;
+                            }
+                            return;
                         }
+                        None => return,
+                    };
+                    heard = Stopwatch::start();
+                    let reply = match message {
+                        Message::Text(text) => {
+                            handle(&node, &tenant, &text, &frames, &mut subscriptions, &mut topics).await
+                        }
+                        Message::Binary(_) => vec![error("bad_message", "binary messages are not supported")],
+                        Message::Close(_) => return,
+                        Message::Ping(_) | Message::Pong(_) => Vec::new(),
+                    };
+                    for value in reply {
+                        if !send_json(&mut socket, &value).await {
+                            return;
+                        }
+                    }
+                    // subscriptions may have changed: plan the next wake-up anew
+                    wake = Box::pin(tokio::time::sleep(Duration::from_millis(1)));
+                }
+                // frames matter only while a subscription is due: the others sleep
+                // until they are, so a frame does not wake every session
+                changed = frames.changed(), if due => {
+                    if changed.is_err() {
                         return;
                     }
-                    None => return,
-                };
-                heard = Stopwatch::start();
-                let reply = match message {
-                    Message::Text(text) => {
-                        handle(&node, &tenant, &text, &frames, &mut subscriptions, &mut topics).await
+                    // a new frame goes out at once to every subscription that is due
+                    match send_due(&mut socket, &frames, &mut subscriptions).await {
+                        Some((wait, is_due)) => {
+                            wake = Box::pin(tokio::time::sleep(wait));
+                            due = is_due;
+                        }
+                        None => return,
                     }
-                    Message::Binary(_) => vec![error("bad_message", "binary messages are not supported")],
-                    Message::Close(_) => return,
-                    Message::Ping(_) | Message::Pong(_) => Vec::new(),
-                };
-                for value in reply {
-                    if !send_json(&mut socket, &value).await {
+                }
+                _ = &mut wake => {
+                    // a subscription that was not due when its frame came is due now
+                    match send_due(&mut socket, &frames, &mut subscriptions).await {
+                        Some((wait, is_due)) => {
+                            wake = Box::pin(tokio::time::sleep(wait));
+                            due = is_due;
+                        }
+                        None => return,
+                    }
+                }
+                _ = ping.tick() => {
+                    if heard.elapsed_ms() >= idle_ms {
+                        return close(&mut socket, CLOSE_IDLE, "idle").await;
+                    }
+                    if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
                         return;
                     }
-                }
-                // subscriptions may have changed: plan the next wake-up anew
-                wake = Box::pin(tokio::time::sleep(Duration::from_millis(1)));
-            }
-            // frames matter only while a subscription is due: the others sleep
-            // until they are, so a frame does not wake every session
-            changed = frames.changed(), if due => {
-                if changed.is_err() {
-                    return;
-                }
-                // a new frame goes out at once to every subscription that is due
-                match send_due(&mut socket, &frames, &mut subscriptions).await {
-                    Some((wait, is_due)) => {
-                        wake = Box::pin(tokio::time::sleep(wait));
-                        due = is_due;
-                    }
-                    None => return,
-                }
-            }
-            _ = &mut wake => {
-                // a subscription that was not due when its frame came is due now
-                match send_due(&mut socket, &frames, &mut subscriptions).await {
-                    Some((wait, is_due)) => {
-                        wake = Box::pin(tokio::time::sleep(wait));
-                        due = is_due;
-                    }
-                    None => return,
-                }
-            }
-            _ = ping.tick() => {
-                if heard.elapsed_ms() >= idle_ms {
-                    return close(&mut socket, CLOSE_IDLE, "idle").await;
-                }
-                if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
-                    return;
                 }
             }
         }
     }
+    .await;
+    crate::telemetry::add_live_subscriptions(-(subscriptions.len() as f64));
 }
 
 /// Sends an update to every subscription whose interval has passed and whose
@@ -295,6 +302,9 @@ async fn send_due(
             continue;
         }
         subscription.since_sent = Stopwatch::start();
+        // frames between the last one sent and this one were superseded
+        crate::telemetry::count_live_update(frame.seq.saturating_sub(subscription.last_seq + 1));
+        subscription.last_seq = frame.seq;
         next_due_ms = next_due_ms.min(subscription.interval_ms);
         let update = json!({"type": "update", "sub": id, "at": frame.at_ms, "metrics": changed});
         if !send_json(socket, &update).await {
@@ -326,7 +336,9 @@ async fn handle(
             let Some(id) = message["id"].as_str() else {
                 return vec![error("bad_message", "unsubscribe needs an id")];
             };
-            if subscriptions.remove(id).is_none() && topics.remove(id).is_none() {
+            if subscriptions.remove(id).is_some() {
+                crate::telemetry::add_live_subscriptions(-1.0);
+            } else if topics.remove(id).is_none() {
                 return vec![error(
                     "unknown_subscription",
                     format!("no subscription {id}"),
@@ -469,8 +481,11 @@ async fn subscribe(
         interval_ms,
         since_sent: Stopwatch::start(),
         from_ms: frame.at_ms,
+        last_seq: frames.borrow().seq,
         sent: BTreeMap::new(),
     };
+    crate::telemetry::add_live_subscriptions(1.0);
+    crate::telemetry::count_live_update(0);
     let snapshot = subscription.changes(&frame, true);
     subscriptions.insert(id.to_string(), subscription);
     vec![json!({"type": "snapshot", "sub": id, "at": frame.at_ms, "metrics": snapshot})]
