@@ -191,6 +191,7 @@ pub struct LiveConfig {
     pub ping_interval_s: u64,
     pub idle_timeout_s: u64,
     pub replay_records_max: usize,
+    pub send_timeout_ms: u64,
 }
 
 impl Default for LiveConfig {
@@ -203,6 +204,7 @@ impl Default for LiveConfig {
             ping_interval_s: 15,
             idle_timeout_s: 45,
             replay_records_max: 1000,
+            send_timeout_ms: 5000,
         }
     }
 }
@@ -478,6 +480,9 @@ impl Config {
         }
         if !(10..=1000).contains(&self.live.tick_ms) {
             issues.push(issue("live.tick_ms", "must be within 10..=1000"));
+        }
+        if self.live.send_timeout_ms == 0 {
+            issues.push(issue("live.send_timeout_ms", "must be at least 1"));
         }
         if self.live.message_bytes_max < 1024 {
             issues.push(issue("live.message_bytes_max", "must be at least 1024"));

@@ -124,9 +124,16 @@ pub async fn run_feed(node: Arc<Node>, tenant_id: String, feed: Arc<TenantFeed>)
         }
         // a busy tenant skips a tick rather than queue behind its own ingestion
         if let Some(mut frame) = read_frame(&node, &tenant_id).await {
-            seq += 1;
-            frame.seq = seq;
-            feed.frames.send_replace(Arc::new(frame));
+            // a frame whose values are the same wakes nobody
+            feed.frames.send_if_modified(|current| {
+                if current.metrics == frame.metrics {
+                    return false;
+                }
+                seq += 1;
+                frame.seq = seq;
+                *current = Arc::new(std::mem::take(&mut frame));
+                true
+            });
         }
     }
 }

@@ -433,3 +433,47 @@ async fn live_sessions_show_in_the_node_telemetry() {
     }
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_too_far_behind_on_records_is_told_and_closed_with_4408() {
+    let node = start_node(|config| config.live.replay_records_max = 2).await;
+    let store = &node.running.as_ref().unwrap().node.store;
+    let ops: Vec<_> = (1..=3u64)
+        .map(|seq| {
+            let record = json!({"id": format!("s-{seq}")}).to_string();
+            tally::storage::outbox::append_op(
+                "demo",
+                tally::storage::outbox::Topic::Signals,
+                seq,
+                &record,
+            )
+            .unwrap()
+        })
+        .collect();
+    store.apply(&ops).unwrap();
+    let mut socket = connect(&node, Some("demo-key")).await.unwrap();
+    send(
+        &mut socket,
+        json!({"op": "subscribe", "id": "g", "topic": "signals", "since": 0}),
+    )
+    .await;
+    assert_eq!(next(&mut socket).await["seq"], 1);
+    assert_eq!(next(&mut socket).await["seq"], 2);
+    assert_eq!(next(&mut socket).await["code"], "too_far_behind");
+    let Message::Close(Some(frame)) = socket.next().await.unwrap().unwrap() else {
+        panic!("expected a close")
+    };
+    assert_eq!(u16::from(frame.code), 4408);
+    // resuming with the last seq seen gets the rest
+    let mut socket = connect(&node, Some("demo-key")).await.unwrap();
+    send(
+        &mut socket,
+        json!({"op": "subscribe", "id": "g", "topic": "signals", "since": 2}),
+    )
+    .await;
+    assert_eq!(
+        next(&mut socket).await,
+        json!({"type": "signal", "sub": "g", "seq": 3, "id": "s-3"})
+    );
+    node.stop().await;
+}

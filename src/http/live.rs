@@ -32,6 +32,7 @@ pub const CLOSE_TOO_MANY_SESSIONS: u16 = 4429;
 pub const CLOSE_IDLE: u16 = 1001;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 pub const CLOSE_TOO_BIG: u16 = 1009;
+pub const CLOSE_TOO_FAR_BEHIND: u16 = 4408;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,12 +48,16 @@ pub async fn get_live(
     query: Result<Query<LiveQuery>, axum::extract::rejection::QueryRejection>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-    let tenant = if headers.contains_key(axum::http::header::AUTHORIZATION) {
-        let principal = node.keys.authenticate(&headers)?;
-        Some(resolve_tenant(&node, &principal, query.tenant.as_deref())?)
+    // the key first: a bad query from a stranger is still 401
+    let principal = if headers.contains_key(axum::http::header::AUTHORIZATION) {
+        Some(node.keys.authenticate(&headers)?)
     } else {
         None
+    };
+    let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let tenant = match principal {
+        Some(principal) => Some(resolve_tenant(&node, &principal, query.tenant.as_deref())?),
+        None => None,
     };
     let message_bytes_max = node.config.live.message_bytes_max;
     Ok(upgrade
@@ -78,24 +83,26 @@ fn resolve_tenant(
     Ok(tenant.to_string())
 }
 
-async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })))
-        .await;
+async fn close(socket: &mut WebSocket, limit: Duration, code: u16, reason: &'static str) {
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }));
+    let _ = tokio::time::timeout(limit, socket.send(frame)).await;
 }
 
 fn error(code: &str, message: impl Into<String>) -> Value {
     json!({"type": "error", "code": code, "message": message.into()})
 }
 
-async fn send_json(socket: &mut WebSocket, value: &Value) -> bool {
-    socket
-        .send(Message::Text(value.to_string().into()))
-        .await
-        .is_ok()
+/// Sends one message; false when the client is gone or did not take it within
+/// `live.send_timeout_ms` (a client that stops reading must not hold its
+/// session, its place in the tenant's budget, or shutdown).
+async fn send_json(socket: &mut WebSocket, limit: Duration, value: &Value) -> bool {
+    matches!(
+        tokio::time::timeout(limit, socket.send(Message::Text(value.to_string().into()))).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Waits for `{"op":"auth","token":…,"tenant"?:…}` as the first message.
@@ -164,20 +171,27 @@ impl MetricSubscription {
 }
 
 async fn session(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>) {
+    let limit = Duration::from_millis(node.config.live.send_timeout_ms);
     let tenant = match tenant {
         Some(tenant) => tenant,
         None => match first_message_auth(&node, &mut socket).await {
             Some(tenant) => tenant,
-            None => return close(&mut socket, CLOSE_UNAUTHORIZED, "unauthorized").await,
+            None => return close(&mut socket, limit, CLOSE_UNAUTHORIZED, "unauthorized").await,
         },
     };
     let Some(feed) = node.feeds.get(&tenant).cloned() else {
-        return close(&mut socket, CLOSE_UNAUTHORIZED, "unknown tenant").await;
+        return close(&mut socket, limit, CLOSE_UNAUTHORIZED, "unknown tenant").await;
     };
     let Some(_place) = feed.join(&tenant, node.config.live.sessions_per_tenant_max) else {
         let message = format!("tenant {tenant} has live.sessions_per_tenant_max sessions");
-        send_json(&mut socket, &error("too_many_sessions", message)).await;
-        return close(&mut socket, CLOSE_TOO_MANY_SESSIONS, "too many sessions").await;
+        send_json(&mut socket, limit, &error("too_many_sessions", message)).await;
+        return close(
+            &mut socket,
+            limit,
+            CLOSE_TOO_MANY_SESSIONS,
+            "too many sessions",
+        )
+        .await;
     };
     let mut subscriptions: BTreeMap<String, MetricSubscription> = BTreeMap::new();
     // the loop returns from many places; the gauge is settled once, after it
@@ -194,12 +208,12 @@ async fn session(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
         let idle_ms = node.config.live.idle_timeout_s * 1000;
         let mut stopping = node.stopping.subscribe();
         if *stopping.borrow() {
-            return close(&mut socket, CLOSE_GOING_AWAY, "server stopping").await;
+            return close(&mut socket, limit, CLOSE_GOING_AWAY, "server stopping").await;
         }
         loop {
             tokio::select! {
                 _ = stopping.changed() => {
-                    return close(&mut socket, CLOSE_GOING_AWAY, "server stopping").await;
+                    return close(&mut socket, limit, CLOSE_GOING_AWAY, "server stopping").await;
                 }
                 received = socket.recv() => {
                     let message = match received {
@@ -211,7 +225,7 @@ async fn session(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
                                 .downcast_ref::<tokio_tungstenite::tungstenite::Error>()
                                 .is_some_and(|error| matches!(error, tokio_tungstenite::tungstenite::Error::Capacity(_)));
                             if too_big {
-                                close(&mut socket, CLOSE_TOO_BIG, "message too big").await;
+                                close(&mut socket, limit, CLOSE_TOO_BIG, "message too big").await;
                             }
                             return;
                         }
@@ -225,12 +239,14 @@ async fn session(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
                         Message::Binary(_) => vec![error("bad_message", "binary messages are not supported")],
                         Message::Close(_) => return,
                         Message::Ping(_) | Message::Pong(_) => Vec::new(),
-                    };
-                    for value in reply {
-                        if !send_json(&mut socket, &value).await {
-                            return;
-                        }
+                    };                for value in reply {
+                    if !send_json(&mut socket, limit, &value).await {
+                        return;
                     }
+                    if value["code"] == "too_far_behind" {
+                        return close(&mut socket, limit, CLOSE_TOO_FAR_BEHIND, "too far behind; resume with since").await;
+                    }
+                }
                     // subscriptions may have changed: plan the next wake-up anew
                     wake = Box::pin(tokio::time::sleep(Duration::from_millis(1)));
                 }
@@ -241,7 +257,7 @@ async fn session(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
                         return;
                     }
                     // a new frame goes out at once to every subscription that is due
-                    match send_due(&mut socket, &frames, &mut subscriptions).await {
+                    match send_due(&mut socket, limit, &frames, &mut subscriptions).await {
                         Some((wait, is_due)) => {
                             wake = Box::pin(tokio::time::sleep(wait));
                             due = is_due;
@@ -251,7 +267,7 @@ async fn session(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
                 }
                 _ = &mut wake => {
                     // a subscription that was not due when its frame came is due now
-                    match send_due(&mut socket, &frames, &mut subscriptions).await {
+                    match send_due(&mut socket, limit, &frames, &mut subscriptions).await {
                         Some((wait, is_due)) => {
                             wake = Box::pin(tokio::time::sleep(wait));
                             due = is_due;
@@ -261,7 +277,7 @@ async fn session(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
                 }
                 _ = ping.tick() => {
                     if heard.elapsed_ms() >= idle_ms {
-                        return close(&mut socket, CLOSE_IDLE, "idle").await;
+                        return close(&mut socket, limit, CLOSE_IDLE, "idle").await;
                     }
                     if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
                         return;
@@ -280,6 +296,7 @@ async fn session(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
 /// when the client is gone.
 async fn send_due(
     socket: &mut WebSocket,
+    limit: Duration,
     frames: &tokio::sync::watch::Receiver<Arc<Frame>>,
     subscriptions: &mut BTreeMap<String, MetricSubscription>,
 ) -> Option<(Duration, bool)> {
@@ -307,7 +324,7 @@ async fn send_due(
         subscription.last_seq = frame.seq;
         next_due_ms = next_due_ms.min(subscription.interval_ms);
         let update = json!({"type": "update", "sub": id, "at": frame.at_ms, "metrics": changed});
-        if !send_json(socket, &update).await {
+        if !send_json(socket, limit, &update).await {
             return None;
         }
     }
@@ -410,16 +427,30 @@ async fn subscribe(
             return vec![error("unavailable", "the records could not be read; retry")];
         };
         topics.insert(id.to_string(), topic);
-        let mut replies = Vec::with_capacity(records.len());
+        let behind = records.len() >= replay_max;
+        let mut replies = Vec::with_capacity(records.len() + 1);
         for (seq, record) in records {
-            let mut body = record
+            let Some(mut body) = record
                 .ok()
                 .and_then(|text| serde_json::from_str::<Map<String, Value>>(&text).ok())
-                .unwrap_or_default();
+            else {
+                replies.push(error(
+                    "unreadable_record",
+                    format!("record {seq} cannot be read; it is skipped"),
+                ));
+                continue;
+            };
             body.insert("type".into(), json!(kind));
             body.insert("sub".into(), json!(id));
             body.insert("seq".into(), json!(seq));
             replies.push(Value::Object(body));
+        }
+        if behind {
+            // more than one replay holds: the client resumes with the last seq
+            replies.push(error(
+                "too_far_behind",
+                "more records than one replay holds; reconnect with since",
+            ));
         }
         return replies;
     }
@@ -470,10 +501,13 @@ async fn subscribe(
             }
         },
     };
-    // the snapshot comes from a fresh read, so it equals a read at this moment
-    let frame = match crate::live::read_frame(node, tenant).await {
-        Some(frame) => frame,
-        None => frames.borrow().as_ref().clone(),
+    // the snapshot comes from a fresh read, so it equals a read at this moment;
+    // when the tenant's reads are all in use, say so rather than send old values
+    let Some(frame) = crate::live::read_frame(node, tenant).await else {
+        return vec![error(
+            "unavailable",
+            "the tenant is busy; subscribe again shortly",
+        )];
     };
     let mut subscription = MetricSubscription {
         metrics,
