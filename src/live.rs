@@ -34,6 +34,8 @@ pub struct Frame {
 pub struct TenantFeed {
     frames: watch::Sender<Arc<Frame>>,
     sessions: AtomicUsize,
+    /// Metric subscriptions of all sessions: the feed reads only while > 0.
+    watchers: AtomicUsize,
 }
 
 impl TenantFeed {
@@ -42,6 +44,7 @@ impl TenantFeed {
         Arc::new(TenantFeed {
             frames,
             sessions: AtomicUsize::new(0),
+            watchers: AtomicUsize::new(0),
         })
     }
 
@@ -65,6 +68,17 @@ impl TenantFeed {
 
     pub fn sessions(&self) -> usize {
         self.sessions.load(Ordering::SeqCst)
+    }
+
+    /// A session's metric subscriptions changed by `delta`.
+    pub fn add_watchers(&self, delta: isize) {
+        if delta >= 0 {
+            self.watchers.fetch_add(delta as usize, Ordering::SeqCst);
+        } else {
+            self.watchers
+                .fetch_sub(delta.unsigned_abs(), Ordering::SeqCst);
+        }
+        crate::telemetry::add_live_subscriptions(delta as f64);
     }
 }
 
@@ -119,7 +133,8 @@ pub async fn run_feed(node: Arc<Node>, tenant_id: String, feed: Arc<TenantFeed>)
     let mut seq = 0u64;
     loop {
         ticks.tick().await;
-        if feed.sessions() == 0 {
+        // sessions with only topic subscriptions (or none yet) need no reads
+        if feed.watchers.load(Ordering::SeqCst) == 0 {
             continue;
         }
         // a busy tenant skips a tick rather than queue behind its own ingestion

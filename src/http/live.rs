@@ -57,6 +57,11 @@ pub async fn get_live(
     let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let tenant = match principal {
         Some(principal) => Some(resolve_tenant(&node, &principal, query.tenant.as_deref())?),
+        None if query.tenant.is_some() => {
+            return Err(ApiError::BadRequest(
+                "without an Authorization header, name the tenant in the auth message".into(),
+            ))
+        }
         None => None,
     };
     let message_bytes_max = node.config.live.message_bytes_max;
@@ -287,7 +292,7 @@ async fn session(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
         }
     }
     .await;
-    crate::telemetry::add_live_subscriptions(-(subscriptions.len() as f64));
+    feed.add_watchers(-(subscriptions.len() as isize));
 }
 
 /// Sends an update to every subscription whose interval has passed and whose
@@ -354,7 +359,9 @@ async fn handle(
                 return vec![error("bad_message", "unsubscribe needs an id")];
             };
             if subscriptions.remove(id).is_some() {
-                crate::telemetry::add_live_subscriptions(-1.0);
+                if let Some(feed) = node.feeds.get(tenant) {
+                    feed.add_watchers(-1);
+                }
             } else if topics.remove(id).is_none() {
                 return vec![error(
                     "unknown_subscription",
@@ -363,7 +370,16 @@ async fn handle(
             }
             vec![json!({"type": "unsubscribed", "sub": id})]
         }
-        Some("subscribe") => subscribe(node, tenant, &message, frames, subscriptions, topics).await,
+        Some("subscribe") => {
+            let before = subscriptions.len();
+            let replies = subscribe(node, tenant, &message, frames, subscriptions, topics).await;
+            if subscriptions.len() > before {
+                if let Some(feed) = node.feeds.get(tenant) {
+                    feed.add_watchers(1);
+                }
+            }
+            replies
+        }
         _ => vec![error(
             "unknown_op",
             "op must be auth, subscribe or unsubscribe",
@@ -518,7 +534,6 @@ async fn subscribe(
         last_seq: frames.borrow().seq,
         sent: BTreeMap::new(),
     };
-    crate::telemetry::add_live_subscriptions(1.0);
     crate::telemetry::count_live_update(0);
     let snapshot = subscription.changes(&frame, true);
     subscriptions.insert(id.to_string(), subscription);
