@@ -12,7 +12,7 @@ use crate::actors::tenant::{DeleteQuarantined, EventOutcome, ListQuarantine, Ret
 use crate::app::Node;
 
 use super::error::ApiError;
-use super::query::reading_tenant;
+use super::query::begin_read;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,9 +45,7 @@ pub async fn list(
     headers: HeaderMap,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let principal = node.keys.authenticate(&headers)?;
-    let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-    let (tenant, in_flight) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
+    let (query, tenant, in_flight) = begin_read(&node, &headers, query, |q| q.tenant.as_deref())?;
     let limit_max = node.config.quarantine.list_limit_max;
     let limit = query.limit.unwrap_or(100.min(limit_max));
     if limit == 0 || limit > limit_max {
@@ -91,9 +89,7 @@ pub async fn retry(
     headers: HeaderMap,
     query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let principal = node.keys.authenticate(&headers)?;
-    let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-    let (tenant, in_flight) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
+    let (_, tenant, in_flight) = begin_read(&node, &headers, query, |q| q.tenant.as_deref())?;
     let qid = parse_qid(&qid)?;
     let now_ms = node.now_ms();
     let outcome = tenant
@@ -124,9 +120,7 @@ pub async fn delete(
     headers: HeaderMap,
     query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let principal = node.keys.authenticate(&headers)?;
-    let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-    let (tenant, in_flight) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
+    let (_, tenant, in_flight) = begin_read(&node, &headers, query, |q| q.tenant.as_deref())?;
     let qid = parse_qid(&qid)?;
     let removed = tenant
         .actor

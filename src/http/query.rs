@@ -24,8 +24,23 @@ use super::auth::{tenant_for_read, Principal};
 use super::error::ApiError;
 use super::shape::{counter_value, int_json, metric_json, needed_readings, ratio_json};
 
+/// The start of every read: who asks (checked first, so a bad query from a
+/// stranger is still 401), what they ask, and the tenant it addresses with its
+/// place in that tenant's read budget. `named` picks the `tenant` parameter.
+pub fn begin_read<'n, Q>(
+    node: &'n Node,
+    headers: &HeaderMap,
+    query: Result<Query<Q>, axum::extract::rejection::QueryRejection>,
+    named: fn(&Q) -> Option<&str>,
+) -> Result<(Q, &'n TenantHandle, InFlight), ApiError> {
+    let principal = node.keys.authenticate(headers)?;
+    let Query(query) = query.map_err(bad_query)?;
+    let (tenant, in_flight) = reading_tenant(node, &principal, named(&query))?;
+    Ok((query, tenant, in_flight))
+}
+
 /// The tenant a read addresses, with its place in the tenant's read budget.
-pub fn reading_tenant<'n>(
+fn reading_tenant<'n>(
     node: &'n Node,
     principal: &Principal,
     named: Option<&str>,
@@ -104,9 +119,7 @@ pub async fn get_tenant(
     headers: HeaderMap,
     query: Result<Query<AllMetricsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let principal = node.keys.authenticate(&headers)?;
-    let Query(query) = query.map_err(bad_query)?;
-    let (tenant, _in_flight) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
+    let (_, tenant, _in_flight) = begin_read(&node, &headers, query, |q| q.tenant.as_deref())?;
     Ok(Json(json!({
         "tenant": &*tenant.context.id,
         "currency": tenant.context.currency,
@@ -125,10 +138,7 @@ pub async fn get_all(
     headers: HeaderMap,
     query: Result<Query<AllMetricsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    // who is asking comes first: a bad query from a stranger is still 401
-    let principal = node.keys.authenticate(&headers)?;
-    let Query(query) = query.map_err(bad_query)?;
-    let (tenant, in_flight) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
+    let (_, tenant, in_flight) = begin_read(&node, &headers, query, |q| q.tenant.as_deref())?;
     let now_ms = node.now_ms();
     let catalogue = &node.catalogue;
     let indices: Vec<usize> = (0..catalogue.metrics().len()).collect();
@@ -170,10 +180,7 @@ pub async fn get_one(
     headers: HeaderMap,
     query: Result<Query<OneMetricQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    // who is asking comes first: a bad query from a stranger is still 401
-    let principal = node.keys.authenticate(&headers)?;
-    let Query(query) = query.map_err(bad_query)?;
-    let (tenant, in_flight) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
+    let (query, tenant, in_flight) = begin_read(&node, &headers, query, |q| q.tenant.as_deref())?;
     let catalogue = &node.catalogue;
     let index = metric_index(&node, &name)?;
     let windows = match &query.window {
@@ -263,10 +270,7 @@ pub async fn get_series(
     headers: HeaderMap,
     query: Result<Query<SeriesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    // who is asking comes first: a bad query from a stranger is still 401
-    let principal = node.keys.authenticate(&headers)?;
-    let Query(query) = query.map_err(bad_query)?;
-    let (tenant, in_flight) = reading_tenant(&node, &principal, query.tenant.as_deref())?;
+    let (query, tenant, in_flight) = begin_read(&node, &headers, query, |q| q.tenant.as_deref())?;
     let catalogue = &node.catalogue;
     let index = metric_index(&node, &name)?;
     let window = match query.window.as_deref().map(parse_window).transpose()? {
