@@ -321,12 +321,15 @@ pub fn count_tenant_series_dropped(samples: u64) {
     counter!(TENANT_SERIES_DROPPED_TOTAL).increment(samples);
 }
 
-/// Reads the resident memory from /proc (Linux); `None` elsewhere.
-pub fn update_process_memory() {
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
-        return;
+/// Resident memory of a process (`None` = this one) in bytes, from /proc
+/// (Linux); `None` where it cannot be read.
+pub fn resident_bytes(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/status"),
+        None => "/proc/self/status".to_string(),
     };
-    let resident_kib = status
+    let status = std::fs::read_to_string(path).ok()?;
+    let kib = status
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|rest| {
@@ -335,8 +338,13 @@ pub fn update_process_memory() {
                 .trim()
                 .parse::<f64>()
                 .ok()
-        });
-    if let Some(kib) = resident_kib {
-        gauge!(PROCESS_RESIDENT_MEMORY_BYTES).set(kib * 1024.0);
+        })?;
+    Some(kib * 1024.0)
+}
+
+/// Sets the resident-memory gauge of this process.
+pub fn update_process_memory() {
+    if let Some(bytes) = resident_bytes(None) {
+        gauge!(PROCESS_RESIDENT_MEMORY_BYTES).set(bytes);
     }
 }

@@ -1003,3 +1003,36 @@ async fn a_body_that_does_not_arrive_is_408() {
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tenant_endpoint_names_only_the_key_tenant() {
+    let node = start_node(|_| {}).await;
+    let own = node.get(Some("acme-key"), "/v1/tenant").await;
+    assert_eq!(
+        own.body,
+        json!({"tenant": "acme", "currency": "EUR", "timezone": "Europe/Berlin"})
+    );
+    assert_eq!(
+        node.get(None, "/v1/tenant").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        node.get(Some("acme-key"), "/v1/tenant?tenant=demo")
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        node.get(Some("acme-key"), "/v1/tenant?colour=red")
+            .await
+            .status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        node.get(Some("admin-key"), "/v1/tenant").await.status,
+        StatusCode::BAD_REQUEST
+    );
+    let admin = node.get(Some("admin-key"), "/v1/tenant?tenant=demo").await;
+    assert_eq!(admin.body["currency"], "USD");
+    node.stop().await;
+}

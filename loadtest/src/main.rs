@@ -64,19 +64,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 fn resident_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .unwrap_or(0.0)
-        / 1024.0
+    tally::telemetry::resident_bytes(Some(pid)).unwrap_or(0.0) / (1024.0 * 1024.0)
 }
 
 struct Node {

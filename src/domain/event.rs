@@ -534,7 +534,8 @@ mod tests {
         }
     }
 
-    fn check(json: &str) -> Result<ValidEvent, Reason> {
+    /// Validates `json` as received at `received_ms` and judged at `now_ms`.
+    fn check_at(json: &str, received_ms: i64, now_ms: i64) -> Result<ValidEvent, Reason> {
         let catalogue = catalogue();
         let limits = limits();
         let context = ValidationContext {
@@ -543,7 +544,11 @@ mod tests {
             limits: &limits,
         };
         let raw = parse_event(json.as_bytes())?;
-        validate_event(&raw, &context, NOW_MS, NOW_MS)
+        validate_event(&raw, &context, received_ms, now_ms)
+    }
+
+    fn check(json: &str) -> Result<ValidEvent, Reason> {
+        check_at(json, NOW_MS, NOW_MS)
     }
 
     #[test]
@@ -689,21 +694,13 @@ mod tests {
 
     #[test]
     fn an_absent_ts_is_the_receipt_time_and_skew_is_judged_now() {
-        let catalogue = catalogue();
-        let limits = limits();
-        let context = ValidationContext {
-            currency: "USD",
-            catalogue: &catalogue,
-            limits: &limits,
-        };
-        let raw = parse_event(br#"{"id":"a","type":"x"}"#).unwrap();
-        let event = validate_event(&raw, &context, NOW_MS - 86_400_000, NOW_MS).unwrap();
-        assert_eq!(event.ts_ms, NOW_MS - 86_400_000);
-        let ahead = parse_event(br#"{"id":"a","type":"x","ts":1763805900000}"#).unwrap();
+        let received = check_at(r#"{"id":"a","type":"x"}"#, NOW_MS - 86_400_000, NOW_MS).unwrap();
+        assert_eq!(received.ts_ms, NOW_MS - 86_400_000);
         // exactly now + skew is allowed; one millisecond more is not
-        assert!(validate_event(&ahead, &context, NOW_MS, NOW_MS).is_ok());
+        let ahead = r#"{"id":"a","type":"x","ts":1763805900000}"#;
+        assert!(check_at(ahead, NOW_MS, NOW_MS).is_ok());
         assert_eq!(
-            validate_event(&ahead, &context, NOW_MS - 1, NOW_MS - 1).map(|_| ()),
+            check_at(ahead, NOW_MS - 1, NOW_MS - 1).map(|_| ()),
             Err(Reason::FutureTimestamp)
         );
     }
