@@ -1,16 +1,18 @@
 //! Criterion benches of the hot pure code: a window update per event, a window
-//! read, a histogram record and p95 read, and decode + validate of a 1 000-event
-//! NDJSON batch. Run: `cargo bench --bench windows`; figures go to
+//! read, a histogram record and p95 read, decode + validate of a 1 000-event
+//! NDJSON batch, and de-dup of 1 000 ids by table size. Run: `cargo bench --bench windows`; figures go to
 //! docs/BENCHMARKS.md with the machine they were taken on.
 
 use std::hint::black_box;
 
 use chrono_tz::Tz;
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 
 use tally::config::Config;
+use tally::domain::dedup::DedupIndex;
 use tally::domain::event::{parse_event, validate_event, ValidationContext};
 use tally::domain::histogram::HistogramWindows;
+use tally::domain::time::DayBounds;
 use tally::domain::time::SlidingWindow;
 use tally::domain::window::CounterWindows;
 
@@ -116,5 +118,54 @@ fn decode_validate(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, counter_windows, histogram_windows, decode_validate);
+/// De-dup of 1 000 new ids (judge, then admit) by how many ids the tenant's
+/// table already holds: the table outgrows the caches as it fills.
+fn dedup(c: &mut Criterion) {
+    let today = DayBounds {
+        start_s: T0_MS / 1000 - 3_600,
+        end_s: T0_MS / 1000 + 82_800,
+    };
+    let mut group = c.benchmark_group("dedup");
+    group.throughput(Throughput::Elements(1000));
+    for held in [10_000usize, 1_000_000, 4_000_000] {
+        let mut index = DedupIndex::new(86_400, 100_000_000);
+        for n in 0..held {
+            let ts_ms = T0_MS - (n as i64 % 3_000) * 1000;
+            index
+                .admit(&format!("held-{n}"), ts_ms, T0_MS, today)
+                .unwrap();
+        }
+        let mut round = 0u64;
+        group.bench_with_input(
+            BenchmarkId::new("judge_and_admit_1000_new_ids", format!("{held}_held")),
+            &held,
+            |b, _| {
+                b.iter_batched(
+                    || {
+                        round += 1;
+                        (0..1000)
+                            .map(|n| format!("r{round}-{n:04}"))
+                            .collect::<Vec<String>>()
+                    },
+                    |ids| {
+                        for id in &ids {
+                            black_box(index.judge(id, T0_MS, T0_MS, today));
+                            index.admit(id, T0_MS, T0_MS, today).unwrap();
+                        }
+                    },
+                    BatchSize::SmallInput,
+                )
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    counter_windows,
+    histogram_windows,
+    decode_validate,
+    dedup
+);
 criterion_main!(benches);

@@ -8,6 +8,7 @@
 //! full the caller must refuse the batch (`ids_free`), never forget.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher};
 
 use super::time::{counts_in_some_window, second_of_ms, DayBounds};
 
@@ -29,9 +30,72 @@ pub fn id_key(id: &str) -> u128 {
     xxhash_rust::xxh3::xxh3_128(id.as_bytes())
 }
 
+/// Hashes an id key for the table. The key is already an xxh3 hash, so a
+/// keyed multiply of its two halves spreads it; SipHash over it cost about a
+/// fifth of de-dup (docs/BENCHMARKS.md, "profile"). The per-process seed keeps
+/// a producer from choosing ids that crowd one probe sequence.
+#[derive(Debug, Clone, Copy)]
+pub struct IdKeyHasherBuilder {
+    seed: u64,
+}
+
+impl Default for IdKeyHasherBuilder {
+    fn default() -> Self {
+        // std's RandomState is seeded randomly per process; borrow its randomness
+        let seed = std::collections::hash_map::RandomState::new().hash_one(0x7a11_u64);
+        IdKeyHasherBuilder { seed: seed | 1 }
+    }
+}
+
+impl BuildHasher for IdKeyHasherBuilder {
+    type Hasher = IdKeyHasher;
+
+    fn build_hasher(&self) -> IdKeyHasher {
+        IdKeyHasher {
+            seed: self.seed,
+            hash: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct IdKeyHasher {
+    seed: u64,
+    hash: u64,
+}
+
+impl IdKeyHasher {
+    fn mix(&mut self, word: u64) {
+        // folded 64 x 64 -> 128 multiply, as in wyhash and foldhash
+        let product = ((self.hash ^ word ^ self.seed) as u128)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15_u64 as u128 ^ self.seed as u128);
+        self.hash = (product as u64) ^ ((product >> 64) as u64);
+    }
+}
+
+impl Hasher for IdKeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // only u128 keys are hashed here; this keeps any other input correct
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.mix(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u128(&mut self, value: u128) {
+        self.mix(value as u64);
+        self.mix((value >> 64) as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.hash
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct DedupIndex {
-    seconds_by_id: HashMap<u128, i64>,
+    seconds_by_id: HashMap<u128, i64, IdKeyHasherBuilder>,
     ids_by_second: BTreeMap<i64, Vec<u128>>,
     horizon_s: i64,
     ids_max: usize,
@@ -40,7 +104,7 @@ pub struct DedupIndex {
 impl DedupIndex {
     pub fn new(horizon_s: i64, ids_max: usize) -> Self {
         DedupIndex {
-            seconds_by_id: HashMap::new(),
+            seconds_by_id: HashMap::default(),
             ids_by_second: BTreeMap::new(),
             horizon_s,
             ids_max,
@@ -105,9 +169,13 @@ impl DedupIndex {
     /// The outcome `admit` would give, without remembering anything. A known id
     /// is a duplicate even when its time would also make it late.
     pub fn judge(&self, id: &str, ts_ms: i64, now_ms: i64, today: DayBounds) -> Admission {
+        self.judge_key(id_key(id), ts_ms, now_ms, today)
+    }
+
+    fn judge_key(&self, key: u128, ts_ms: i64, now_ms: i64, today: DayBounds) -> Admission {
         let ts_s = second_of_ms(ts_ms);
         let now_s = second_of_ms(now_ms);
-        if self.seconds_by_id.contains_key(&id_key(id)) {
+        if self.seconds_by_id.contains_key(&key) {
             Admission::Duplicate
         } else if ts_s <= now_s - self.horizon_s || !counts_in_some_window(ts_s, now_s, today) {
             Admission::Late
@@ -125,12 +193,12 @@ impl DedupIndex {
         now_ms: i64,
         today: DayBounds,
     ) -> Result<Admission, DedupFull> {
-        let judged = self.judge(id, ts_ms, now_ms, today);
+        let key = id_key(id);
+        let judged = self.judge_key(key, ts_ms, now_ms, today);
         if judged != Admission::Accepted {
             return Ok(judged);
         }
         let ts_s = second_of_ms(ts_ms);
-        let key = id_key(id);
         if self.seconds_by_id.len() >= self.ids_max {
             return Err(DedupFull {
                 ids_max: self.ids_max,

@@ -1,0 +1,485 @@
+//! Scenario files and the seeded event stream they describe.
+//!
+//! Owns: the scenario format (TOML, `loadtest/scenarios/*.toml`), the event
+//! generator (a fixed PRNG, so a seed always gives the same events), and the
+//! reference model of what a target must count for the events acknowledged.
+//! Must not know how a target is reached: `tally.rs` and `redis.rs` turn the
+//! same batches into HTTP bodies or Redis commands.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+use tally::config::MetricConfig;
+
+/// A load scenario, as written in a scenario file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Seeds the event stream: the same seed gives the same events.
+    pub seed: u64,
+    /// Tenants `load0`, `load1`, …; batches go to them in turn.
+    pub tenants: usize,
+    /// How long events are offered, in seconds.
+    pub duration_s: u64,
+    /// Events offered per second; 0 = open loop at the most the target acks
+    /// (each connection sends its next batch when the last one is acked).
+    pub rate_events_per_s: u64,
+    /// Events per request (NDJSON batch) or per Redis pipeline.
+    pub batch_events: usize,
+    /// Concurrent HTTP requests or Redis connections.
+    pub connections: usize,
+    /// WebSocket clients subscribed to `orders` (today) of tenant `load0`.
+    #[serde(default)]
+    pub ws_clients: usize,
+    /// Their `interval_ms`.
+    #[serde(default = "default_ws_interval_ms")]
+    pub ws_interval_ms: u64,
+    /// Extra `TALLY_<SECTION>__<KEY>` overrides for the node.
+    #[serde(default)]
+    pub node_env: BTreeMap<String, String>,
+    /// Distinct values of each dim (`device-0` … `device-{n-1}`).
+    pub cardinality: BTreeMap<String, u32>,
+    /// The event mix: types with weights, their fields and dims.
+    pub mix: Vec<EventKind>,
+}
+
+fn default_ws_interval_ms() -> u64 {
+    1000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventKind {
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub weight: u32,
+    /// `amount` in minor units, drawn uniformly from `[low, high]`.
+    #[serde(default)]
+    pub amount: Option<[i64; 2]>,
+    /// Integer `value`, drawn uniformly from `[low, high]`.
+    #[serde(default)]
+    pub value: Option<[i64; 2]>,
+    /// Dims the event carries; each must have a cardinality.
+    #[serde(default)]
+    pub dims: Vec<String>,
+}
+
+impl Scenario {
+    pub fn load(path: &Path) -> Result<Scenario, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+        let scenario: Scenario =
+            toml::from_str(&text).map_err(|error| format!("{}: {error}", path.display()))?;
+        scenario.check()?;
+        Ok(scenario)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.tenants == 0 || self.batch_events == 0 || self.connections == 0 {
+            return Err("tenants, batch_events and connections must be at least 1".into());
+        }
+        if self.mix.is_empty() || self.mix.iter().all(|kind| kind.weight == 0) {
+            return Err("the mix needs at least one type with a weight".into());
+        }
+        for kind in &self.mix {
+            for dim in &kind.dims {
+                match self.cardinality.get(dim) {
+                    Some(n) if *n > 0 => {}
+                    _ => {
+                        return Err(format!(
+                            "dim {dim} of {} has no cardinality",
+                            kind.event_type
+                        ))
+                    }
+                }
+            }
+            for range in [kind.amount, kind.value].into_iter().flatten() {
+                if range[0] > range[1] || range[0] < 0 {
+                    return Err(format!(
+                        "{}: a range must be [low, high] with 0 <= low <= high",
+                        kind.event_type
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Dims in a fixed order, so that an event can name one by index.
+    pub fn dim_names(&self) -> Vec<String> {
+        self.cardinality.keys().cloned().collect()
+    }
+
+    pub fn tenant_id(tenant: usize) -> String {
+        format!("load{tenant}")
+    }
+
+    pub fn tenant_key(tenant: usize) -> String {
+        format!("load-key-{tenant}")
+    }
+}
+
+/// SplitMix64: small, fast, and the same on every platform and version.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[low, high]`.
+    pub fn between(&mut self, low: i64, high: i64) -> i64 {
+        let span = (high - low) as u64 + 1;
+        low + (self.next_u64() % span) as i64
+    }
+}
+
+/// One generated event. Dims are `(index into dim_names, value index)`.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub serial: u64,
+    pub kind: usize,
+    pub ts_ms: i64,
+    pub amount: Option<i64>,
+    pub value: Option<i64>,
+    pub dims: Vec<(usize, u32)>,
+}
+
+/// A batch for one tenant. Ids are `{stream}-{serial}`: unique in the run.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub tenant: usize,
+    pub stream: usize,
+    pub events: Vec<Event>,
+}
+
+/// The events of one connection: its own PRNG, so connections do not
+/// contend and a seed still fixes each connection's events.
+pub struct EventStream {
+    stream: usize,
+    rng: Rng,
+    serial: u64,
+    batches: u64,
+    weights_total: u64,
+    kind_dims: Vec<Vec<(usize, u32)>>,
+}
+
+impl EventStream {
+    pub fn new(scenario: &Scenario, stream: usize) -> EventStream {
+        let names = scenario.dim_names();
+        let kind_dims = scenario
+            .mix
+            .iter()
+            .map(|kind| {
+                kind.dims
+                    .iter()
+                    .map(|dim| {
+                        // check() made sure every dim has a cardinality
+                        let index = names.iter().position(|name| name == dim).unwrap_or(0);
+                        (index, scenario.cardinality.get(dim).copied().unwrap_or(1))
+                    })
+                    .collect()
+            })
+            .collect();
+        EventStream {
+            stream,
+            rng: Rng::new(scenario.seed ^ (stream as u64).wrapping_mul(0x2545_f491_4f6c_dd1d)),
+            serial: 0,
+            batches: 0,
+            weights_total: scenario.mix.iter().map(|kind| kind.weight as u64).sum(),
+            kind_dims,
+        }
+    }
+
+    /// The next batch, stamped `ts_ms`. Streams take tenants in turn, offset
+    /// by their number, so every tenant gets load from every connection.
+    pub fn next_batch(&mut self, scenario: &Scenario, ts_ms: i64) -> Batch {
+        let tenant = (self.stream + self.batches as usize) % scenario.tenants;
+        self.batches += 1;
+        let mut events = Vec::with_capacity(scenario.batch_events);
+        for _ in 0..scenario.batch_events {
+            let mut pick = self.rng.next_u64() % self.weights_total;
+            let mut kind = 0;
+            for (index, candidate) in scenario.mix.iter().enumerate() {
+                if pick < candidate.weight as u64 {
+                    kind = index;
+                    break;
+                }
+                pick -= candidate.weight as u64;
+            }
+            let spec = &scenario.mix[kind];
+            let amount = spec.amount.map(|[low, high]| self.rng.between(low, high));
+            let value = spec.value.map(|[low, high]| self.rng.between(low, high));
+            let dims = self.kind_dims[kind]
+                .iter()
+                .map(|(dim, cardinality)| {
+                    (*dim, (self.rng.next_u64() % *cardinality as u64) as u32)
+                })
+                .collect();
+            self.serial += 1;
+            events.push(Event {
+                serial: self.serial,
+                kind,
+                ts_ms,
+                amount,
+                value,
+                dims,
+            });
+        }
+        Batch {
+            tenant,
+            stream: self.stream,
+            events,
+        }
+    }
+}
+
+/// Count, amount and value of the events of one type (in one series).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub count: u64,
+    pub amount: i128,
+    pub value: i128,
+}
+
+impl Totals {
+    fn add(&mut self, event: &Event) {
+        self.count += 1;
+        self.amount += event.amount.unwrap_or(0) as i128;
+        self.value += event.value.unwrap_or(0) as i128;
+    }
+}
+
+/// `(event kind, dim index, value index)`; `None` = the event lacks the dim.
+pub type DimKey = (usize, usize, Option<u32>);
+
+/// What every acknowledged event adds, per tenant and type, and per tenant,
+/// type, dim and value (`None` = the event does not carry the dim).
+pub struct Model {
+    pub by_type: Vec<Vec<Totals>>,
+    pub by_dim: Vec<BTreeMap<DimKey, Totals>>,
+    /// Events per tenant, event second and kind: to say which seconds differ
+    /// when a check fails.
+    pub by_second: Vec<BTreeMap<(i64, usize), u64>>,
+    dim_count: usize,
+}
+
+impl Model {
+    pub fn new(scenario: &Scenario) -> Model {
+        Model {
+            by_type: vec![vec![Totals::default(); scenario.mix.len()]; scenario.tenants],
+            by_dim: vec![BTreeMap::new(); scenario.tenants],
+            by_second: vec![BTreeMap::new(); scenario.tenants],
+            dim_count: scenario.cardinality.len(),
+        }
+    }
+
+    pub fn add(&mut self, batch: &Batch) {
+        for event in &batch.events {
+            self.by_type[batch.tenant][event.kind].add(event);
+            *self.by_second[batch.tenant]
+                .entry((event.ts_ms.div_euclid(1000), event.kind))
+                .or_default() += 1;
+            for dim in 0..self.dim_count {
+                let value = event.dims.iter().find(|(d, _)| *d == dim).map(|(_, v)| *v);
+                self.by_dim[batch.tenant]
+                    .entry((event.kind, dim, value))
+                    .or_default()
+                    .add(event);
+            }
+        }
+    }
+
+    pub fn events(&self) -> u64 {
+        self.by_type
+            .iter()
+            .flatten()
+            .map(|totals| totals.count)
+            .sum()
+    }
+}
+
+/// What one metric of the catalogue reads from events, in terms of the mix.
+#[derive(Debug, Clone)]
+pub enum Expectation {
+    /// `value` = sum of amount (or value), `count` = events.
+    Sum {
+        kinds: Vec<usize>,
+        of_value: bool,
+    },
+    Count {
+        kinds: Vec<usize>,
+    },
+    Ratio {
+        numerator: Vec<usize>,
+        denominator: Vec<usize>,
+    },
+    Histogram {
+        kinds: Vec<usize>,
+    },
+}
+
+/// Catalogue metrics with their expectation; mean metrics are derived and
+/// left out.
+pub fn expectations(
+    metrics: &[MetricConfig],
+    scenario: &Scenario,
+) -> Vec<(MetricConfig, Expectation)> {
+    let kinds_of = |types: &[String]| -> Vec<usize> {
+        scenario
+            .mix
+            .iter()
+            .enumerate()
+            .filter(|(_, kind)| types.contains(&kind.event_type))
+            .map(|(index, _)| index)
+            .collect()
+    };
+    let mut out = Vec::new();
+    for metric in metrics {
+        let expectation = match metric.kind.as_str() {
+            "sum" => Expectation::Sum {
+                kinds: kinds_of(&metric.types),
+                of_value: metric.field.as_deref() == Some("value"),
+            },
+            "count" => Expectation::Count {
+                kinds: kinds_of(&metric.types),
+            },
+            "ratio" => Expectation::Ratio {
+                numerator: kinds_of(&metric.numerator),
+                denominator: kinds_of(&metric.denominator),
+            },
+            "histogram" => Expectation::Histogram {
+                kinds: kinds_of(&metric.types),
+            },
+            _ => continue,
+        };
+        out.push((metric.clone(), expectation));
+    }
+    out
+}
+
+impl Expectation {
+    /// The event kinds that feed the metric at all.
+    pub fn kinds(&self) -> Vec<usize> {
+        match self {
+            Expectation::Sum { kinds, .. }
+            | Expectation::Count { kinds }
+            | Expectation::Histogram { kinds } => kinds.clone(),
+            Expectation::Ratio {
+                numerator,
+                denominator,
+            } => {
+                let mut all = denominator.clone();
+                for kind in numerator {
+                    if !all.contains(kind) {
+                        all.push(*kind);
+                    }
+                }
+                all
+            }
+        }
+    }
+
+    /// The figures a target must report, named as in Tally's window JSON, for
+    /// events whose totals per kind `totals_of` gives.
+    pub fn figures(&self, totals_of: impl Fn(usize) -> Totals) -> Vec<(&'static str, i128)> {
+        let sum = |kinds: &[usize], pick: &dyn Fn(Totals) -> i128| -> i128 {
+            kinds.iter().map(|kind| pick(totals_of(*kind))).sum()
+        };
+        match self {
+            Expectation::Sum { kinds, of_value } => vec![
+                (
+                    "value",
+                    sum(kinds, &|t| if *of_value { t.value } else { t.amount }),
+                ),
+                ("count", sum(kinds, &|t| t.count as i128)),
+            ],
+            Expectation::Count { kinds } => vec![("value", sum(kinds, &|t| t.count as i128))],
+            Expectation::Ratio {
+                numerator,
+                denominator,
+            } => vec![
+                ("numerator", sum(numerator, &|t| t.count as i128)),
+                ("denominator", sum(denominator, &|t| t.count as i128)),
+            ],
+            Expectation::Histogram { kinds } => vec![("count", sum(kinds, &|t| t.count as i128))],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scenario() -> Scenario {
+        toml::from_str(
+            r#"
+seed = 7
+tenants = 2
+duration_s = 1
+rate_events_per_s = 0
+batch_events = 50
+connections = 1
+[cardinality]
+device = 3
+[[mix]]
+type = "order.completed"
+weight = 3
+amount = [100, 200]
+dims = ["device"]
+[[mix]]
+type = "search.query"
+weight = 1
+"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_seed_gives_the_same_events() {
+        let scenario = scenario();
+        let a = EventStream::new(&scenario, 0).next_batch(&scenario, 0);
+        let b = EventStream::new(&scenario, 0).next_batch(&scenario, 0);
+        let render = |batch: &Batch| format!("{:?}", batch.events);
+        assert_eq!(render(&a), render(&b));
+        let c = EventStream::new(&scenario, 1).next_batch(&scenario, 0);
+        assert_ne!(render(&a), render(&c));
+    }
+
+    #[test]
+    fn the_model_counts_every_event_by_type_and_dim() {
+        let scenario = scenario();
+        let mut stream = EventStream::new(&scenario, 0);
+        let mut model = Model::new(&scenario);
+        let batch = stream.next_batch(&scenario, 0);
+        model.add(&batch);
+        let orders: Vec<&Event> = batch.events.iter().filter(|e| e.kind == 0).collect();
+        assert_eq!(model.by_type[0][0].count, orders.len() as u64);
+        assert_eq!(
+            model.by_type[0][0].amount,
+            orders
+                .iter()
+                .map(|e| e.amount.unwrap() as i128)
+                .sum::<i128>()
+        );
+        assert_eq!(model.by_type[0][1].count, 50 - orders.len() as u64);
+        let by_device: u64 = (0..3)
+            .map(|v| model.by_dim[0].get(&(0, 0, Some(v))).map_or(0, |t| t.count))
+            .sum();
+        assert_eq!(by_device, orders.len() as u64);
+        assert_eq!(
+            model.by_dim[0].get(&(1, 0, None)).map_or(0, |t| t.count),
+            50 - orders.len() as u64
+        );
+        assert_eq!(model.events(), 50);
+    }
+}

@@ -1,0 +1,442 @@
+//! The Tally target: starts the release node as its own process (loopback,
+//! a temporary data directory, the scenario's tenants appended to the config),
+//! posts NDJSON batches with retries as a producer would, and checks at the
+//! end that the node's windows hold exactly what was acknowledged.
+//! Must not reach into the node's memory: everything goes over HTTP.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde_json::Value;
+use tally::config::MetricConfig;
+
+use crate::scenario::{expectations, Batch, Model, Scenario, Totals};
+
+pub struct TallyTarget {
+    child: tokio::process::Child,
+    pub base: String,
+    http: reqwest::Client,
+    pub metrics: Vec<MetricConfig>,
+    kinds: Vec<String>,
+    kind_fields: Vec<(bool, bool)>,
+    dim_names: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+/// Attempts at one batch before the run fails (429/503 wait `Retry-After`).
+const ATTEMPTS_MAX: u32 = 100;
+
+impl TallyTarget {
+    pub async fn start(
+        tally: &str,
+        config: &str,
+        scenario: &Scenario,
+    ) -> Result<TallyTarget, String> {
+        let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+        let mut text =
+            std::fs::read_to_string(config).map_err(|e| format!("cannot read {config}: {e}"))?;
+        for tenant in 0..scenario.tenants {
+            write!(
+                text,
+                "\n[[tenants]]\nid = \"{}\"\napi_keys = [\"{}\"]\ncurrency = \"USD\"\ntimezone = \"UTC\"\n",
+                Scenario::tenant_id(tenant),
+                Scenario::tenant_key(tenant)
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        let config_path = dir.path().join("tally.toml");
+        std::fs::write(&config_path, &text)
+            .map_err(|e| format!("cannot write the node config: {e}"))?;
+        let parsed = tally::config::Config::parse(&text, Vec::new())
+            .map_err(|issues| format!("the node config is invalid: {issues:?}"))?;
+        let port = free_port()?;
+        let data_dir = dir.path().join("data");
+        let mut command = tokio::process::Command::new(tally);
+        command
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("TALLY_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env("TALLY_STORAGE__DATA_DIR", &data_dir)
+            // room for every id of the run; the table grows only as ids arrive
+            .env("TALLY_INGEST__DEDUP_IDS_MAX", "200000000")
+            .env(
+                "TALLY_LIVE__SESSIONS_PER_TENANT_MAX",
+                (scenario.ws_clients + 10).to_string(),
+            )
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true);
+        for (key, value) in &scenario.node_env {
+            command.env(key, value);
+        }
+        let child = command
+            .spawn()
+            .map_err(|e| format!("cannot start {tally} (cargo build --release first): {e}"))?;
+        let base = format!("127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let mut ready = false;
+        for _ in 0..600 {
+            if let Ok(response) = http.get(format!("http://{base}/readyz")).send().await {
+                if response.status().is_success() {
+                    ready = true;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if !ready {
+            return Err("the node did not become ready in 30 s".into());
+        }
+        let kind_fields = scenario
+            .mix
+            .iter()
+            .map(|kind| (kind.amount.is_some(), kind.value.is_some()))
+            .collect();
+        Ok(TallyTarget {
+            child,
+            base,
+            http,
+            metrics: parsed.metrics.clone(),
+            kinds: scenario
+                .mix
+                .iter()
+                .map(|kind| kind.event_type.clone())
+                .collect(),
+            kind_fields,
+            dim_names: scenario.dim_names(),
+            _dir: dir,
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    pub fn render(&self, batch: &Batch) -> String {
+        let mut body = String::with_capacity(batch.events.len() * 160);
+        for event in &batch.events {
+            let (has_amount, has_value) = self.kind_fields[event.kind];
+            // writing to a String cannot fail
+            let _ = write!(
+                body,
+                "{{\"id\":\"{}-{}\",\"type\":\"{}\",\"ts\":{}",
+                batch.stream, event.serial, self.kinds[event.kind], event.ts_ms
+            );
+            if has_amount {
+                let _ = write!(
+                    body,
+                    ",\"amount\":{},\"currency\":\"USD\"",
+                    event.amount.unwrap_or(0)
+                );
+            }
+            if has_value {
+                let _ = write!(body, ",\"value\":{}", event.value.unwrap_or(0));
+            }
+            if !event.dims.is_empty() {
+                body.push_str(",\"dims\":{");
+                for (n, (dim, value)) in event.dims.iter().enumerate() {
+                    let name = &self.dim_names[*dim];
+                    let comma = if n == 0 { "" } else { "," };
+                    let _ = write!(body, "{comma}\"{name}\":\"{name}-{value}\"");
+                }
+                body.push('}');
+            }
+            body.push_str("}\n");
+        }
+        body
+    }
+
+    /// Posts one batch until it is acknowledged; returns the retries it took.
+    /// Every event must come back accepted or duplicate (a retry of a batch
+    /// whose reply was lost); anything else fails the run.
+    pub async fn send(&self, batch: &Batch) -> Result<u32, String> {
+        let body = self.render(batch);
+        let url = format!("http://{}/v1/events", self.base);
+        let key = Scenario::tenant_key(batch.tenant);
+        let mut retries = 0;
+        loop {
+            if retries >= ATTEMPTS_MAX {
+                return Err(format!(
+                    "a batch was not acknowledged after {ATTEMPTS_MAX} attempts"
+                ));
+            }
+            let response = self
+                .http
+                .post(&url)
+                .bearer_auth(&key)
+                .header("content-type", "application/x-ndjson")
+                .body(body.clone())
+                .send()
+                .await;
+            let response = match response {
+                Ok(response) => response,
+                Err(error) => {
+                    retries += 1;
+                    eprintln!("post failed ({error}); retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let status = response.status().as_u16();
+            if status == 429 || status == 503 {
+                let wait_s = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(1);
+                retries += 1;
+                // a producer backs off; 1 s of Retry-After is long for a load
+                // test, so wait a tenth of it
+                tokio::time::sleep(Duration::from_millis(wait_s * 100)).await;
+                continue;
+            }
+            let reply: Value = response
+                .json()
+                .await
+                .map_err(|e| format!("status {status}: unreadable reply: {e}"))?;
+            if status != 200 {
+                return Err(format!("status {status}: {reply}"));
+            }
+            let acked =
+                reply["accepted"].as_u64().unwrap_or(0) + reply["duplicates"].as_u64().unwrap_or(0);
+            if acked != batch.events.len() as u64 {
+                return Err(format!(
+                    "only {acked} of {} events acknowledged: {reply}",
+                    batch.events.len()
+                ));
+            }
+            return Ok(retries);
+        }
+    }
+
+    async fn get(&self, tenant: usize, path_and_query: &str) -> Result<Value, String> {
+        let response = self
+            .http
+            .get(format!("http://{}{path_and_query}", self.base))
+            .bearer_auth(Scenario::tenant_key(tenant))
+            .send()
+            .await
+            .map_err(|e| format!("GET {path_and_query}: {e}"))?;
+        let status = response.status();
+        let body: Value = response
+            .json()
+            .await
+            .map_err(|e| format!("GET {path_and_query}: {e}"))?;
+        if !status.is_success() {
+            return Err(format!("GET {path_and_query}: {status} {body}"));
+        }
+        Ok(body)
+    }
+
+    /// Compares every metric of every tenant, in `windows`, and every
+    /// breakdown by each declared dim, with the model. Returns the number of
+    /// figures compared, or every difference.
+    pub async fn check(
+        &self,
+        scenario: &Scenario,
+        model: &Model,
+        windows: &[&str],
+    ) -> Result<usize, Vec<String>> {
+        let mut differences = Vec::new();
+        let mut compared = 0;
+        let plan = expectations(&self.metrics, scenario);
+        let dim_names = scenario.dim_names();
+        for tenant in 0..scenario.tenants {
+            let all = match self.get(tenant, "/v1/metrics").await {
+                Ok(all) => all,
+                Err(error) => {
+                    differences.push(error);
+                    continue;
+                }
+            };
+            for window in windows {
+                for (metric, expectation) in &plan {
+                    let figures = expectation.figures(|kind| model.by_type[tenant][kind]);
+                    let got = &all["metrics"][&metric.name]["windows"][*window];
+                    for (field, want) in figures {
+                        compared += 1;
+                        let have = got[field].as_i64().map(i128::from);
+                        if have != Some(want) {
+                            differences.push(format!(
+                                "tenant {tenant} {} {window} {field}: node {:?}, sent {want}",
+                                metric.name, have
+                            ));
+                        }
+                    }
+                }
+            }
+            // breakdowns: each declared dim on its own, `__none__` for events
+            // without it; values past the series cap are folded into
+            // `__other__`, so what the node does not list must add up there
+            let window = windows[0];
+            for (metric, expectation) in &plan {
+                for dim in &metric.dims {
+                    let dim_index = dim_names.iter().position(|name| name == dim);
+                    let reply = match self
+                        .get(
+                            tenant,
+                            &format!("/v1/metrics/{}?window={window}&by={dim}", metric.name),
+                        )
+                        .await
+                    {
+                        Ok(reply) => reply,
+                        Err(error) => {
+                            differences.push(error);
+                            continue;
+                        }
+                    };
+                    let values = &reply["values"];
+                    let mut expected: std::collections::BTreeMap<String, Vec<(&str, i128)>> =
+                        Default::default();
+                    let mut labels: Vec<Option<u32>> = vec![None];
+                    if let Some(index) = dim_index {
+                        let cardinality = scenario.cardinality[&dim_names[index]];
+                        labels.extend((0..cardinality).map(Some));
+                    }
+                    for label in labels {
+                        let totals_of = |kind: usize| -> Totals {
+                            match dim_index {
+                                Some(index) => model.by_dim[tenant]
+                                    .get(&(kind, index, label))
+                                    .copied()
+                                    .unwrap_or_default(),
+                                // the scenario never sends this dim
+                                None if label.is_none() => model.by_type[tenant][kind],
+                                None => Totals::default(),
+                            }
+                        };
+                        let figures = expectation.figures(totals_of);
+                        if figures.iter().all(|(_, value)| *value == 0) {
+                            continue;
+                        }
+                        let name = match label {
+                            Some(value) => format!("{dim}-{value}"),
+                            None => "__none__".to_string(),
+                        };
+                        expected.insert(name, figures);
+                    }
+                    let mut folded: Vec<(&str, i128)> = Vec::new();
+                    for (name, figures) in &expected {
+                        let got = &values[name.as_str()]["windows"][window];
+                        if got.is_null() {
+                            for (field, value) in figures {
+                                match folded.iter_mut().find(|(f, _)| f == field) {
+                                    Some(entry) => entry.1 += value,
+                                    None => folded.push((field, *value)),
+                                }
+                            }
+                            continue;
+                        }
+                        for (field, want) in figures {
+                            compared += 1;
+                            let have = got[*field].as_i64().map(i128::from);
+                            if have != Some(*want) {
+                                differences.push(format!(
+                                    "tenant {tenant} {} by {dim}={name} {window} {field}: node {:?}, sent {want}",
+                                    metric.name, have
+                                ));
+                            }
+                        }
+                    }
+                    let other = &values["__other__"]["windows"][window];
+                    for (field, want) in folded {
+                        compared += 1;
+                        let have = other[field].as_i64().map(i128::from);
+                        if have != Some(want) {
+                            differences.push(format!(
+                                "tenant {tenant} {} by {dim}=__other__ {window} {field}: node {:?}, sent {want}",
+                                metric.name, have
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        if differences.is_empty() {
+            Ok(compared)
+        } else {
+            Err(differences)
+        }
+    }
+
+    /// When a check fails: the seconds where the node's `orders` series of
+    /// tenant 0 differs from what was sent, as `(second, node, sent)`.
+    pub async fn orders_by_second(
+        &self,
+        model: &Model,
+        order_kinds: &[usize],
+    ) -> Result<Vec<(i64, i64, i64)>, String> {
+        let reply = self
+            .get(0, "/v1/metrics/orders/series?window=15m&step=1s")
+            .await?;
+        let mut node: std::collections::BTreeMap<i64, i64> = Default::default();
+        for point in reply["points"].as_array().into_iter().flatten() {
+            let second = point[0].as_i64().unwrap_or(0).div_euclid(1000);
+            *node.entry(second).or_default() += point[1].as_i64().unwrap_or(0);
+        }
+        let mut sent: std::collections::BTreeMap<i64, i64> = Default::default();
+        for ((second, kind), count) in &model.by_second[0] {
+            if order_kinds.contains(kind) {
+                *sent.entry(*second).or_default() += *count as i64;
+            }
+        }
+        let mut seconds: Vec<i64> = node.keys().chain(sent.keys()).copied().collect();
+        seconds.sort_unstable();
+        seconds.dedup();
+        Ok(seconds
+            .into_iter()
+            .map(|s| {
+                (
+                    s,
+                    node.get(&s).copied().unwrap_or(0),
+                    sent.get(&s).copied().unwrap_or(0),
+                )
+            })
+            .filter(|(_, node, sent)| node != sent)
+            .collect())
+    }
+
+    /// The node's own telemetry: resident bytes, events accepted, and the
+    /// counts of every other outcome.
+    pub async fn telemetry(&self) -> Result<(f64, f64, Vec<String>), String> {
+        let text = self
+            .http
+            .get(format!("http://{}/metrics", self.base))
+            .send()
+            .await
+            .map_err(|e| format!("GET /metrics: {e}"))?
+            .text()
+            .await
+            .map_err(|e| format!("GET /metrics: {e}"))?;
+        let mut resident = 0.0;
+        let mut accepted = 0.0;
+        let mut others = Vec::new();
+        for line in text.lines() {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let value: f64 = value.parse().unwrap_or(0.0);
+            if name == tally::telemetry::PROCESS_RESIDENT_MEMORY_BYTES {
+                resident = value;
+            } else if name.starts_with(tally::telemetry::EVENTS_TOTAL) {
+                if name.contains("outcome=\"accepted\"") {
+                    accepted += value;
+                } else {
+                    others.push(format!("{name} {value}"));
+                }
+            }
+        }
+        Ok((resident, accepted, others))
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+pub fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .map_err(|e| format!("no free port: {e}"))
+}
