@@ -93,9 +93,73 @@ impl Hasher for IdKeyHasher {
     }
 }
 
+/// Parts the id table is split into, by the key's top bits.
+const ID_TABLE_PARTS: usize = 64;
+
+/// Id key → event second, split into parts that grow on their own. One
+/// table of millions of ids stalled its tenant for hundreds of milliseconds
+/// each time it doubled and rehashed everything (ack p99 212 ms at 250 000
+/// events/s, docs/BENCHMARKS.md); a part rehashes a 64th of that.
+#[derive(Debug, Clone)]
+struct IdTable {
+    parts: Vec<HashMap<u128, i64, IdKeyHasherBuilder>>,
+    len: usize,
+}
+
+impl Default for IdTable {
+    fn default() -> Self {
+        let hasher = IdKeyHasherBuilder::default();
+        IdTable {
+            // an empty HashMap allocates nothing until its first insert
+            parts: (0..ID_TABLE_PARTS)
+                .map(|_| HashMap::with_hasher(hasher))
+                .collect(),
+            len: 0,
+        }
+    }
+}
+
+impl IdTable {
+    fn part(key: u128) -> usize {
+        (key >> 122) as usize % ID_TABLE_PARTS
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn contains_key(&self, key: &u128) -> bool {
+        self.parts[Self::part(*key)].contains_key(key)
+    }
+
+    fn insert(&mut self, key: u128, second: i64) -> Option<i64> {
+        let previous = self.parts[Self::part(key)].insert(key, second);
+        if previous.is_none() {
+            self.len += 1;
+        }
+        previous
+    }
+
+    fn remove(&mut self, key: &u128) -> Option<i64> {
+        let removed = self.parts[Self::part(*key)].remove(key);
+        if removed.is_some() {
+            self.len -= 1;
+        }
+        removed
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&u128, &i64)> {
+        self.parts.iter().flat_map(|part| part.iter())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct DedupIndex {
-    seconds_by_id: HashMap<u128, i64, IdKeyHasherBuilder>,
+    seconds_by_id: IdTable,
     ids_by_second: BTreeMap<i64, Vec<u128>>,
     horizon_s: i64,
     ids_max: usize,
@@ -104,7 +168,7 @@ pub struct DedupIndex {
 impl DedupIndex {
     pub fn new(horizon_s: i64, ids_max: usize) -> Self {
         DedupIndex {
-            seconds_by_id: HashMap::default(),
+            seconds_by_id: IdTable::default(),
             ids_by_second: BTreeMap::new(),
             horizon_s,
             ids_max,
@@ -219,6 +283,33 @@ mod tests {
         start_s: 1_763_769_600,
         end_s: 1_763_856_000,
     };
+
+    #[test]
+    fn the_parted_table_keeps_every_id_once() {
+        let mut index = DedupIndex::new(86_400, 100_000);
+        for n in 0..10_000 {
+            let id = format!("id-{n}");
+            assert_eq!(
+                index.admit(&id, NOW_MS - (n % 60) * 1000, NOW_MS, DAY),
+                Ok(Admission::Accepted)
+            );
+        }
+        assert_eq!(index.len(), 10_000);
+        assert_eq!(
+            index.admit("id-42", NOW_MS, NOW_MS, DAY),
+            Ok(Admission::Duplicate)
+        );
+        index.forget("id-42");
+        index.forget("id-42");
+        assert_eq!(index.len(), 9_999);
+        let exported = index.export();
+        assert_eq!(exported.len(), 9_999);
+        assert!(exported.iter().all(|(key, _)| *key != id_key("id-42")));
+        // the ids of the oldest second expire, and only they
+        index.expire(NOW_MS + (86_400 - 59) * 1000);
+        assert_eq!(index.len(), 9_999 - 166);
+        assert_eq!(index.ids_free(), 100_000 - (9_999 - 166));
+    }
 
     #[test]
     fn second_sighting_is_a_duplicate() {
