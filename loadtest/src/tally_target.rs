@@ -255,13 +255,8 @@ impl TallyTarget {
                     let got = &all["metrics"][&metric.name]["windows"][*window];
                     for (field, want) in figures {
                         compared += 1;
-                        let have = got[field].as_i64().map(i128::from);
-                        if have != Some(want) {
-                            differences.push(format!(
-                                "tenant {tenant} {} {window} {field}: node {:?}, sent {want}",
-                                metric.name, have
-                            ));
-                        }
+                        let label = || format!("tenant {tenant} {} {window} {field}", metric.name);
+                        compare_figure(got, field, want, label, &mut differences);
                     }
                 }
             }
@@ -329,25 +324,25 @@ impl TallyTarget {
                         }
                         for (field, want) in figures {
                             compared += 1;
-                            let have = got[*field].as_i64().map(i128::from);
-                            if have != Some(*want) {
-                                differences.push(format!(
-                                    "tenant {tenant} {} by {dim}={name} {window} {field}: node {:?}, sent {want}",
-                                    metric.name, have
-                                ));
-                            }
+                            let label = || {
+                                format!(
+                                    "tenant {tenant} {} by {dim}={name} {window} {field}",
+                                    metric.name
+                                )
+                            };
+                            compare_figure(got, field, *want, label, &mut differences);
                         }
                     }
                     let other = &values["__other__"]["windows"][window];
                     for (field, want) in folded {
                         compared += 1;
-                        let have = other[field].as_i64().map(i128::from);
-                        if have != Some(want) {
-                            differences.push(format!(
-                                "tenant {tenant} {} by {dim}=__other__ {window} {field}: node {:?}, sent {want}",
-                                metric.name, have
-                            ));
-                        }
+                        let label = || {
+                            format!(
+                                "tenant {tenant} {} by {dim}=__other__ {window} {field}",
+                                metric.name
+                            )
+                        };
+                        compare_figure(other, field, want, label, &mut differences);
                     }
                 }
             }
@@ -431,6 +426,20 @@ impl TallyTarget {
 
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
+    }
+}
+
+/// Compares one figure of the node's window JSON with what was sent.
+fn compare_figure(
+    got: &Value,
+    field: &str,
+    want: i128,
+    label: impl FnOnce() -> String,
+    differences: &mut Vec<String>,
+) {
+    let have = got[field].as_i64().map(i128::from);
+    if have != Some(want) {
+        differences.push(format!("{}: node {have:?}, sent {want}", label()));
     }
 }
 
