@@ -266,9 +266,10 @@ pub struct RunningNode {
 /// a tokio runtime.
 pub async fn start(config: Config, clock: SharedClock) -> Result<RunningNode, StartError> {
     let path = config.storage.data_dir.clone();
+    let cache_bytes = config.storage.cache_bytes;
     let store = tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&path).map_err(|error| StorageError::Io(error.to_string()))?;
-        SledStore::open(&path)
+        SledStore::open_with_cache(&path, cache_bytes)
     })
     .await
     .map_err(|error| StartError::Thread(std::io::Error::other(error.to_string())))?

@@ -67,6 +67,7 @@ pub struct StorageConfig {
     pub snapshots_kept: usize,
     pub group_commit: bool,
     pub record_bytes_max: usize,
+    pub cache_bytes: u64,
 }
 
 impl Default for StorageConfig {
@@ -77,6 +78,7 @@ impl Default for StorageConfig {
             snapshots_kept: 2,
             group_commit: true,
             record_bytes_max: 1 << 30,
+            cache_bytes: 1 << 30,
         }
     }
 }
@@ -421,6 +423,12 @@ impl Config {
             if value == 0 {
                 issues.push(issue(path, "must be at least 1"));
             }
+        }
+        if self.storage.cache_bytes < 1 << 20 {
+            issues.push(issue(
+                "storage.cache_bytes",
+                "must be at least 1048576 (1 MiB)",
+            ));
         }
         if self.storage.snapshot_interval_s == 0 {
             issues.push(issue("storage.snapshot_interval_s", "must be at least 1"));
@@ -840,6 +848,8 @@ mod tests {
         let text = r#"
             [server]
             listen = "nowhere"
+            [storage]
+            cache_bytes = 1000
             [ingest]
             dedup_horizon_s = 3600
             [[tenants]]
@@ -870,6 +880,7 @@ mod tests {
             paths,
             vec![
                 "server.listen",
+                "storage.cache_bytes",
                 "ingest.dedup_horizon_s",
                 "tenants[0].id",
                 "tenants[0].api_keys[0]",

@@ -97,8 +97,18 @@ fn io(error: sled::Error) -> StorageError {
 }
 
 impl SledStore {
+    /// Opens with sled's default cache (1 GiB).
     pub fn open(path: &Path) -> Result<SledStore, StorageError> {
-        let db = sled::Config::new().path(path).open().map_err(io)?;
+        SledStore::open_with_cache(path, 1 << 30)
+    }
+
+    /// Opens with a page cache of at most `cache_bytes`.
+    pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<SledStore, StorageError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .open()
+            .map_err(io)?;
         let trees = [
             db.open_tree(Space::Wal.tree_name()).map_err(io)?,
             db.open_tree(Space::Snapshot.tree_name()).map_err(io)?,
