@@ -68,13 +68,18 @@ impl TallyTarget {
         for (key, value) in &scenario.node_env {
             command.env(key, value);
         }
-        let child = command
+        let mut child = command
             .spawn()
             .map_err(|e| format!("cannot start {tally} (cargo build --release first): {e}"))?;
         let base = format!("127.0.0.1:{port}");
         let http = reqwest::Client::new();
         let mut ready = false;
         for _ in 0..600 {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "the node exited before it was ready ({status}); its stderr says why"
+                ));
+            }
             if let Ok(response) = http.get(format!("http://{base}/readyz")).send().await {
                 if response.status().is_success() {
                     ready = true;
