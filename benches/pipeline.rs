@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-use tally::actors::tenant::IngestBatch;
+use tally::actors::tenant::{EventOutcome, IngestBatch};
 use tally::actors::InFlight;
 use tally::clock::SystemClock;
 use tally::config::Config;
@@ -165,21 +165,22 @@ fn actor_ingest(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let running = runtime
-        .block_on(tally::app::start(
-            default_config(dir.path()),
-            Arc::new(SystemClock),
-        ))
-        .unwrap();
-    let node = Arc::clone(&running.node);
-    let tenant = &node.tenants["demo"];
     let mut group = c.benchmark_group("actor_ingest");
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(10));
     group.throughput(Throughput::Elements((BATCHES_PER_ITER * BATCH) as u64));
     let mut round = 0usize;
     for countries in [1usize, 50, 900] {
+        // a fresh node each, so its de-dup table starts empty for every cardinality
+        let dir = tempfile::tempdir().unwrap();
+        let running = runtime
+            .block_on(tally::app::start(
+                default_config(dir.path()),
+                Arc::new(SystemClock),
+            ))
+            .unwrap();
+        let node = Arc::clone(&running.node);
+        let tenant = &node.tenants["demo"];
         group.bench_with_input(
             BenchmarkId::new("batch_of_1000", format!("{countries}_countries")),
             &countries,
@@ -230,6 +231,9 @@ fn actor_ingest(c: &mut Criterion) {
                                             .unwrap()
                                             .unwrap();
                                         assert_eq!(outcomes.len(), BATCH);
+                                        assert!(outcomes
+                                            .iter()
+                                            .all(|(_, o)| *o == EventOutcome::Accepted));
                                     }
                                 }));
                             }
@@ -243,9 +247,9 @@ fn actor_ingest(c: &mut Criterion) {
                 })
             },
         );
+        runtime.block_on(running.shutdown());
     }
     group.finish();
-    runtime.block_on(running.shutdown());
 }
 
 criterion_group!(benches, wal_append, actor_ingest);

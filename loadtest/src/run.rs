@@ -1,6 +1,6 @@
 //! Drives one scenario against one target and reports what it measured.
 //!
-//! Owns: pacing (a fixed rate, or open loop at the most the target acks),
+//! Owns: pacing (a fixed rate, or closed loop at the most the target acks),
 //! ack latency (from when a batch was due, so a slow target cannot hide its
 //! queueing: no coordinated omission), the WebSocket clients, and the
 //! target's CPU and resident memory from /proc.
@@ -207,10 +207,17 @@ async fn ws_client(
     let mut next_batch = 0usize;
     let mut local = latency_histogram();
     while !stop.load(Ordering::SeqCst) {
-        let Ok(Some(Ok(message))) =
-            tokio::time::timeout(Duration::from_millis(500), socket.next()).await
-        else {
+        let Ok(next) = tokio::time::timeout(Duration::from_millis(500), socket.next()).await else {
             continue;
+        };
+        // a client the node drops would otherwise just stop recording
+        let message = match next {
+            Some(Ok(Message::Close(frame))) => {
+                return Err(format!("the node closed a websocket: {frame:?}"))
+            }
+            Some(Ok(message)) => message,
+            Some(Err(error)) => return Err(format!("websocket: {error}")),
+            None => return Err("the node closed a websocket".into()),
         };
         let Message::Text(text) = message else {
             continue;
@@ -285,7 +292,7 @@ pub async fn drive(
     let started = Instant::now();
     let deadline = started + Duration::from_secs(scenario.duration_s);
     if scenario.rate_events_per_s == 0 {
-        // open loop at the most the target acks: every connection sends its
+        // closed loop at the most the target acks: every connection sends its
         // next batch as soon as the last one is acknowledged
         let mut tasks = Vec::new();
         for connection in 0..scenario.connections {
@@ -350,6 +357,14 @@ pub async fn drive(
                 .map_err(|e| format!("a websocket client panicked: {e}"))??;
         }
         let ws = ws_latencies.lock().unwrap().clone();
+        let expected = shared.ws_acks.lock().unwrap().len() as u64 * scenario.ws_clients as u64;
+        if ws.len() < expected {
+            return Err(format!(
+                "{} of {expected} (client, batch) pairs saw no update within {} ms of the run's end",
+                expected - ws.len(),
+                3 * scenario.ws_interval_ms + 500
+            ));
+        }
         Some(ws)
     } else {
         None

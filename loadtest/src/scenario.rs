@@ -22,7 +22,7 @@ pub struct Scenario {
     pub tenants: usize,
     /// How long events are offered, in seconds.
     pub duration_s: u64,
-    /// Events offered per second; 0 = open loop at the most the target acks
+    /// Events offered per second; 0 = closed loop at the most the target acks
     /// (each connection sends its next batch when the last one is acked).
     pub rate_events_per_s: u64,
     /// Events per request (NDJSON batch) or per Redis pipeline.
@@ -43,6 +43,9 @@ pub struct Scenario {
     /// The event mix: types with weights, their fields and dims.
     pub mix: Vec<EventKind>,
 }
+
+/// Longest run: the end check reads the `15m` window (with a minute to spare).
+pub const DURATION_S_MAX: u64 = 840;
 
 fn default_ws_interval_ms() -> u64 {
     1000
@@ -75,9 +78,44 @@ impl Scenario {
         Ok(scenario)
     }
 
-    fn check(&self) -> Result<(), String> {
+    /// Refuses what the generator or the end check cannot handle.
+    pub fn check(&self) -> Result<(), String> {
         if self.tenants == 0 || self.batch_events == 0 || self.connections == 0 {
             return Err("tenants, batch_events and connections must be at least 1".into());
+        }
+        // the end check reads the 15 m window, which must still hold every event
+        if self.duration_s == 0 || self.duration_s > DURATION_S_MAX {
+            return Err(format!("duration_s must be 1 to {DURATION_S_MAX}"));
+        }
+        if self
+            .rate_events_per_s
+            .checked_mul(self.duration_s)
+            .is_none()
+        {
+            return Err("rate_events_per_s x duration_s is too large".into());
+        }
+        let plain = |name: &str| {
+            !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
+        };
+        for name in self
+            .cardinality
+            .keys()
+            .chain(self.mix.iter().map(|kind| &kind.event_type))
+        {
+            if !plain(name) {
+                return Err(format!("{name:?}: type and dim names are [a-z0-9_.-]+"));
+            }
+        }
+        for kind in &self.mix {
+            let mut dims = kind.dims.clone();
+            dims.sort();
+            dims.dedup();
+            if dims.len() != kind.dims.len() {
+                return Err(format!("{}: a dim is listed twice", kind.event_type));
+            }
         }
         if self.mix.is_empty() || self.mix.iter().all(|kind| kind.weight == 0) {
             return Err("the mix needs at least one type with a weight".into());

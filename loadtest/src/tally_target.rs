@@ -72,7 +72,11 @@ impl TallyTarget {
             .spawn()
             .map_err(|e| format!("cannot start {tally} (cargo build --release first): {e}"))?;
         let base = format!("127.0.0.1:{port}");
-        let http = reqwest::Client::new();
+        // a node that hangs fails the run instead of hanging it
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| format!("http client: {e}"))?;
         let mut ready = false;
         for _ in 0..600 {
             if let Ok(Some(status)) = child.try_wait() {
@@ -202,8 +206,14 @@ impl TallyTarget {
             if status != 200 {
                 return Err(format!("status {status}: {reply}"));
             }
-            let acked =
-                reply["accepted"].as_u64().unwrap_or(0) + reply["duplicates"].as_u64().unwrap_or(0);
+            let duplicates = reply["duplicates"].as_u64().unwrap_or(0);
+            // ids are unique in a run: only a resent batch may meet its own ids
+            if retries == 0 && duplicates > 0 {
+                return Err(format!(
+                    "a first attempt came back with {duplicates} duplicates: {reply}"
+                ));
+            }
+            let acked = reply["accepted"].as_u64().unwrap_or(0) + duplicates;
             if acked != batch.events.len() as u64 {
                 return Err(format!(
                     "only {acked} of {} events acknowledged: {reply}",
@@ -336,6 +346,22 @@ impl TallyTarget {
                                 )
                             };
                             compare_figure(got, field, *want, label, &mut differences);
+                        }
+                    }
+                    // nothing may show up that was not sent
+                    for (name, listed) in values.as_object().into_iter().flatten() {
+                        let sent = expected.contains_key(name)
+                            || (name == "__other__" && !folded.is_empty());
+                        let counted = listed["windows"][window]
+                            .as_object()
+                            .into_iter()
+                            .flatten()
+                            .any(|(_, v)| v.as_f64().is_some_and(|v| v != 0.0));
+                        if !sent && counted {
+                            differences.push(format!(
+                                "tenant {tenant} {} by {dim}={name} {window}: the node counts a value that was never sent",
+                                metric.name
+                            ));
                         }
                     }
                     let other = &values["__other__"]["windows"][window];

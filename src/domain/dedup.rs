@@ -2,8 +2,8 @@
 //!
 //! Owns: the ids accepted within the horizon, kept by event second so that they
 //! expire exactly when an event with that time would be `late` anyway; nothing can
-//! be counted twice. Ids are kept as 128-bit xxh3 hashes (24 bytes an entry plus
-//! the expiry index) rather than strings.
+//! be counted twice. Ids are kept as 128-bit xxh3 hashes (32 bytes a table entry,
+//! 16 in the expiry index) rather than strings.
 //! Must not: read the clock or evict an id before its horizon: when the table is
 //! full the caller must refuse the batch (`ids_free`), never forget.
 
@@ -68,7 +68,7 @@ impl IdKeyHasher {
     fn mix(&mut self, word: u64) {
         // folded 64 x 64 -> 128 multiply, as in wyhash and foldhash
         let product = ((self.hash ^ word ^ self.seed) as u128)
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15_u64 as u128 ^ self.seed as u128);
+            .wrapping_mul(((0x9e37_79b9_7f4a_7c15_u64 ^ self.seed) | 1) as u128);
         self.hash = (product as u64) ^ ((product >> 64) as u64);
     }
 }
@@ -93,8 +93,9 @@ impl Hasher for IdKeyHasher {
     }
 }
 
-/// Parts the id table is split into, by the key's top bits.
+/// Parts the id table is split into, by the key's top bits (a power of two).
 const ID_TABLE_PARTS: usize = 64;
+const _: () = assert!(ID_TABLE_PARTS.is_power_of_two() && ID_TABLE_PARTS > 1);
 
 /// Id key → event second, split into parts that grow on their own. One
 /// table of millions of ids stalled its tenant for hundreds of milliseconds
@@ -121,7 +122,7 @@ impl Default for IdTable {
 
 impl IdTable {
     fn part(key: u128) -> usize {
-        (key >> 122) as usize % ID_TABLE_PARTS
+        (key >> (128 - ID_TABLE_PARTS.trailing_zeros())) as usize
     }
 
     fn len(&self) -> usize {
