@@ -129,6 +129,9 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Times one WebSocket client may be told `unavailable` and subscribe again.
+const RESUBSCRIBES_MAX: u64 = 50;
+
 /// `(orders of tenant 0 acknowledged so far, when)`, in acknowledgement order.
 type Acks = Arc<Mutex<Vec<(u64, Instant)>>>;
 
@@ -206,7 +209,29 @@ async fn ws_client(
         .map_err(|e| format!("websocket subscribe: {e}"))?;
     let mut next_batch = 0usize;
     let mut local = latency_histogram();
-    while !stop.load(Ordering::SeqCst) {
+    // (value, when it first arrived): an update can arrive before the load
+    // generator has booked the ack it shows, so acks are matched against
+    // every update seen so far, not only against the one just received
+    let mut updates: Vec<(u64, Instant)> = Vec::new();
+    let mut resubscribes = 0u64;
+    loop {
+        let stopping = stop.load(Ordering::SeqCst);
+        {
+            let acks = acks.lock().unwrap();
+            while next_batch < acks.len() {
+                let (count, acked_at) = acks[next_batch];
+                let first = updates.partition_point(|(value, _)| *value < count);
+                let Some((_, received)) = updates.get(first) else {
+                    break;
+                };
+                let latency_us = received.saturating_duration_since(acked_at).as_micros() as u64;
+                let _ = local.record(latency_us.max(1));
+                next_batch += 1;
+            }
+        }
+        if stopping {
+            break;
+        }
         let Ok(next) = tokio::time::timeout(Duration::from_millis(500), socket.next()).await else {
             continue;
         };
@@ -226,16 +251,30 @@ async fn ws_client(
         let Ok(value) = serde_json::from_str::<Value>(&text) else {
             continue;
         };
+        if value["type"] == "error" {
+            // a busy tenant refuses a subscribe with `unavailable`: subscribe
+            // again shortly, as the wall page does; anything else is a failure
+            if value["code"] != "unavailable" {
+                return Err(format!("the node answered a subscribe with {text}"));
+            }
+            resubscribes += 1;
+            if resubscribes > RESUBSCRIBES_MAX {
+                return Err(format!(
+                    "subscribe refused {RESUBSCRIBES_MAX} times: {text}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100 + (resubscribes * 37) % 400)).await;
+            socket
+                .send(Message::Text(subscribe.to_string().into()))
+                .await
+                .map_err(|e| format!("websocket subscribe: {e}"))?;
+            continue;
+        }
         let Some(seen) = value["metrics"]["orders"]["windows"]["today"]["value"].as_u64() else {
             continue;
         };
-        let acks = acks.lock().unwrap();
-        while next_batch < acks.len() && acks[next_batch].0 <= seen {
-            let latency_us = received
-                .saturating_duration_since(acks[next_batch].1)
-                .as_micros() as u64;
-            let _ = local.record(latency_us.max(1));
-            next_batch += 1;
+        if updates.last().is_none_or(|(last, _)| seen > *last) {
+            updates.push((seen, received));
         }
     }
     let _ = latencies.lock().unwrap().add(&local);
