@@ -241,8 +241,9 @@ impl RedisTarget {
         Ok(0)
     }
 
-    /// Sums every tenant's total-series buckets over `[first_s, last_s]` and
-    /// compares them with the model.
+    /// Sums every tenant's bucket keys over `[first_s, last_s]`, of each
+    /// metric's total series and of every dim series, and compares them with
+    /// the model.
     pub async fn check(
         &self,
         scenario: &Scenario,
@@ -254,42 +255,82 @@ impl RedisTarget {
         let mut con = self.connections[0].clone();
         let mut differences = Vec::new();
         let mut compared = 0;
+        let dim_names = scenario.dim_names();
         for tenant in 0..scenario.tenants {
             let tenant_id = Scenario::tenant_id(tenant);
             for (metric, expectation) in expectations(metrics, scenario) {
-                for (field, want) in expectation.figures(|kind| model.by_type[tenant][kind]) {
-                    let redis_field = match (&expectation, field) {
-                        (Expectation::Sum { .. }, "value") => "sum",
-                        (Expectation::Ratio { .. }, "numerator") => "num",
-                        (Expectation::Ratio { .. }, "denominator") => "den",
-                        (Expectation::Histogram { .. }, _) => "hist",
-                        _ => "count",
-                    };
-                    let mut have: i128 = 0;
-                    for second in first_s..=last_s {
-                        let key = format!("m:{tenant_id}:{}:_:{second}:{redis_field}", metric.name);
-                        if redis_field == "hist" {
-                            let counts: Vec<i64> = redis::cmd("HVALS")
-                                .arg(&key)
+                // the total series, then each declared dim's series with the
+                // figures the model expects of it
+                let mut series: Vec<(String, Vec<(&'static str, i128)>)> = vec![(
+                    "_".into(),
+                    expectation.figures(|kind| model.by_type[tenant][kind]),
+                )];
+                for dim in &metric.dims {
+                    let index = dim_names.iter().position(|name| name == dim);
+                    let mut labels: Vec<Option<u32>> = vec![None];
+                    if let Some(index) = index {
+                        labels.extend((0..scenario.cardinality[&dim_names[index]]).map(Some));
+                    }
+                    for label in labels {
+                        let figures = expectation.figures(|kind| match index {
+                            Some(index) => model.by_dim[tenant]
+                                .get(&(kind, index, label))
+                                .copied()
+                                .unwrap_or_default(),
+                            None if label.is_none() => model.by_type[tenant][kind],
+                            None => Default::default(),
+                        });
+                        if figures.iter().all(|(_, value)| *value == 0) {
+                            continue;
+                        }
+                        let name = match label {
+                            Some(value) => format!("{dim}={dim}-{value}"),
+                            None => format!("{dim}=__none__"),
+                        };
+                        series.push((name, figures));
+                    }
+                }
+                for (name, figures) in series {
+                    for (field, want) in figures {
+                        let redis_field = match (&expectation, field) {
+                            (Expectation::Sum { .. }, "value") => "sum",
+                            (Expectation::Ratio { .. }, "numerator") => "num",
+                            (Expectation::Ratio { .. }, "denominator") => "den",
+                            (Expectation::Histogram { .. }, _) => "hist",
+                            _ => "count",
+                        };
+                        let mut reads = redis::pipe();
+                        for second in first_s..=last_s {
+                            let key = format!(
+                                "m:{tenant_id}:{}:{name}:{second}:{redis_field}",
+                                metric.name
+                            );
+                            if redis_field == "hist" {
+                                reads.cmd("HVALS").arg(key);
+                            } else {
+                                reads.cmd("GET").arg(key);
+                            }
+                        }
+                        let have: i128 = if redis_field == "hist" {
+                            let counts: Vec<Vec<i64>> = reads
                                 .query_async(&mut con)
                                 .await
                                 .map_err(|e| vec![format!("redis HVALS: {e}")])?;
-                            have += counts.iter().map(|c| *c as i128).sum::<i128>();
+                            counts.iter().flatten().map(|c| *c as i128).sum()
                         } else {
-                            let value: Option<i64> = redis::cmd("GET")
-                                .arg(&key)
+                            let values: Vec<Option<i64>> = reads
                                 .query_async(&mut con)
                                 .await
                                 .map_err(|e| vec![format!("redis GET: {e}")])?;
-                            have += value.unwrap_or(0) as i128;
+                            values.iter().map(|v| v.unwrap_or(0) as i128).sum()
+                        };
+                        compared += 1;
+                        if have != want {
+                            differences.push(format!(
+                                "redis tenant {tenant} {} {name} {field}: counted {have}, sent {want}",
+                                metric.name
+                            ));
                         }
-                    }
-                    compared += 1;
-                    if have != want {
-                        differences.push(format!(
-                            "redis tenant {tenant} {} {field}: counted {have}, sent {want}",
-                            metric.name
-                        ));
                     }
                 }
             }
