@@ -255,7 +255,6 @@ impl RedisTarget {
         let mut con = self.connections[0].clone();
         let mut differences = Vec::new();
         let mut compared = 0;
-        let dim_names = scenario.dim_names();
         for tenant in 0..scenario.tenants {
             let tenant_id = Scenario::tenant_id(tenant);
             for (metric, expectation) in expectations(metrics, scenario) {
@@ -266,28 +265,8 @@ impl RedisTarget {
                     expectation.figures(|kind| model.by_type[tenant][kind]),
                 )];
                 for dim in &metric.dims {
-                    let index = dim_names.iter().position(|name| name == dim);
-                    let mut labels: Vec<Option<u32>> = vec![None];
-                    if let Some(index) = index {
-                        labels.extend((0..scenario.cardinality[&dim_names[index]]).map(Some));
-                    }
-                    for label in labels {
-                        let figures = expectation.figures(|kind| match index {
-                            Some(index) => model.by_dim[tenant]
-                                .get(&(kind, index, label))
-                                .copied()
-                                .unwrap_or_default(),
-                            None if label.is_none() => model.by_type[tenant][kind],
-                            None => Default::default(),
-                        });
-                        if figures.iter().all(|(_, value)| *value == 0) {
-                            continue;
-                        }
-                        let name = match label {
-                            Some(value) => format!("{dim}={dim}-{value}"),
-                            None => format!("{dim}=__none__"),
-                        };
-                        series.push((name, figures));
+                    for (label, figures) in model.breakdown(scenario, tenant, dim, &expectation) {
+                        series.push((format!("{dim}={label}"), figures));
                     }
                 }
                 for (name, figures) in series {

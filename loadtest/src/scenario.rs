@@ -337,6 +337,46 @@ impl Model {
         }
     }
 
+    /// The figures each value of `dim` must show in a breakdown of the metric
+    /// `expectation` describes, for one tenant: by the value as sent
+    /// (`{dim}-{n}`), and `__none__` for events without the dim. Values no
+    /// event reached are left out.
+    pub fn breakdown(
+        &self,
+        scenario: &Scenario,
+        tenant: usize,
+        dim: &str,
+        expectation: &Expectation,
+    ) -> Vec<(String, Vec<(&'static str, i128)>)> {
+        let dim_names = scenario.dim_names();
+        let dim_index = dim_names.iter().position(|name| name == dim);
+        let mut labels: Vec<Option<u32>> = vec![None];
+        if let Some(index) = dim_index {
+            labels.extend((0..scenario.cardinality[&dim_names[index]]).map(Some));
+        }
+        let mut out = Vec::new();
+        for label in labels {
+            let figures = expectation.figures(|kind| match dim_index {
+                Some(index) => self.by_dim[tenant]
+                    .get(&(kind, index, label))
+                    .copied()
+                    .unwrap_or_default(),
+                // the scenario never sends this dim: every event is `__none__`
+                None if label.is_none() => self.by_type[tenant][kind],
+                None => Totals::default(),
+            });
+            if figures.iter().all(|(_, value)| *value == 0) {
+                continue;
+            }
+            let name = match label {
+                Some(value) => format!("{dim}-{value}"),
+                None => "__none__".to_string(),
+            };
+            out.push((name, figures));
+        }
+        out
+    }
+
     pub fn events(&self) -> u64 {
         self.by_type
             .iter()
@@ -480,6 +520,104 @@ weight = 1
 "#,
         )
         .unwrap()
+    }
+
+    /// Makes a good scenario bad in one way.
+    type Spoil = &'static dyn Fn(&mut Scenario);
+
+    #[test]
+    fn bad_scenarios_are_refused_with_what_is_wrong() {
+        let cases: [(&str, Spoil, &str); 8] = [
+            ("no tenants", &|s| s.tenants = 0, "must be at least 1"),
+            (
+                "no duration",
+                &|s| s.duration_s = 0,
+                "duration_s must be 1 to 840",
+            ),
+            (
+                "too long for 15m",
+                &|s| s.duration_s = 841,
+                "duration_s must be 1 to 840",
+            ),
+            (
+                "rate overflow",
+                &|s| {
+                    s.rate_events_per_s = u64::MAX;
+                    s.duration_s = 2;
+                },
+                "too large",
+            ),
+            (
+                "no weights",
+                &|s| s.mix.iter_mut().for_each(|k| k.weight = 0),
+                "needs at least one type",
+            ),
+            (
+                "dim twice",
+                &|s| s.mix[0].dims.push("device".into()),
+                "listed twice",
+            ),
+            (
+                "unknown dim",
+                &|s| s.mix[1].dims.push("sku".into()),
+                "dim sku of search.query has no cardinality",
+            ),
+            (
+                "bad range",
+                &|s| s.mix[0].amount = Some([5, 1]),
+                "a range must be",
+            ),
+        ];
+        assert!(scenario().check().is_ok());
+        for (case, spoil, message) in cases {
+            let mut bad = scenario();
+            spoil(&mut bad);
+            let error = bad.check().expect_err(case);
+            assert!(error.contains(message), "{case}: {error}");
+        }
+        let mut quoted = scenario();
+        quoted.mix[1].event_type = "search\"query".into();
+        assert!(quoted.check().unwrap_err().contains("type and dim names"));
+    }
+
+    #[test]
+    fn a_breakdown_names_each_value_sent_and_none_for_the_rest() {
+        let scenario = scenario();
+        let mut stream = EventStream::new(&scenario, 0);
+        let mut model = Model::new(&scenario);
+        let batch = stream.next_batch(&scenario, 0);
+        model.add(&batch);
+        // orders broken down by device: every order has a device
+        let orders = Expectation::Count { kinds: vec![0] };
+        let by_device = model.breakdown(&scenario, 0, "device", &orders);
+        let mut want: BTreeMap<String, i128> = BTreeMap::new();
+        for event in batch.events.iter().filter(|e| e.kind == 0) {
+            *want
+                .entry(format!("device-{}", event.dims[0].1))
+                .or_default() += 1;
+        }
+        let got: BTreeMap<String, i128> =
+            by_device.iter().map(|(n, f)| (n.clone(), f[0].1)).collect();
+        assert_eq!(got, want);
+        // searches carry no device: all of them are `__none__`
+        let searches = Expectation::Count { kinds: vec![1] };
+        let none = model.breakdown(&scenario, 0, "device", &searches);
+        assert_eq!(
+            none,
+            vec![(
+                "__none__".to_string(),
+                vec![("value", model.by_type[0][1].count as i128)]
+            )]
+        );
+        // a dim the scenario never sends: everything is `__none__`
+        let never = model.breakdown(&scenario, 0, "country", &orders);
+        assert_eq!(
+            never,
+            vec![(
+                "__none__".to_string(),
+                vec![("value", model.by_type[0][0].count as i128)]
+            )]
+        );
     }
 
     #[test]

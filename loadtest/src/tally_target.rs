@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tally::config::MetricConfig;
 
-use crate::scenario::{expectations, Batch, Model, Scenario, Totals};
+use crate::scenario::{expectations, Batch, Model, Scenario};
 
 pub struct TallyTarget {
     child: tokio::process::Child,
@@ -255,7 +255,6 @@ impl TallyTarget {
         let mut differences = Vec::new();
         let mut compared = 0;
         let plan = expectations(&self.metrics, scenario);
-        let dim_names = scenario.dim_names();
         for tenant in 0..scenario.tenants {
             let all = match self.get(tenant, "/v1/metrics").await {
                 Ok(all) => all,
@@ -281,7 +280,6 @@ impl TallyTarget {
             let window = windows[0];
             for (metric, expectation) in &plan {
                 for dim in &metric.dims {
-                    let dim_index = dim_names.iter().position(|name| name == dim);
                     let reply = match self
                         .get(
                             tenant,
@@ -296,35 +294,10 @@ impl TallyTarget {
                         }
                     };
                     let values = &reply["values"];
-                    let mut expected: std::collections::BTreeMap<String, Vec<(&str, i128)>> =
-                        Default::default();
-                    let mut labels: Vec<Option<u32>> = vec![None];
-                    if let Some(index) = dim_index {
-                        let cardinality = scenario.cardinality[&dim_names[index]];
-                        labels.extend((0..cardinality).map(Some));
-                    }
-                    for label in labels {
-                        let totals_of = |kind: usize| -> Totals {
-                            match dim_index {
-                                Some(index) => model.by_dim[tenant]
-                                    .get(&(kind, index, label))
-                                    .copied()
-                                    .unwrap_or_default(),
-                                // the scenario never sends this dim
-                                None if label.is_none() => model.by_type[tenant][kind],
-                                None => Totals::default(),
-                            }
-                        };
-                        let figures = expectation.figures(totals_of);
-                        if figures.iter().all(|(_, value)| *value == 0) {
-                            continue;
-                        }
-                        let name = match label {
-                            Some(value) => format!("{dim}-{value}"),
-                            None => "__none__".to_string(),
-                        };
-                        expected.insert(name, figures);
-                    }
+                    let expected: std::collections::BTreeMap<String, Vec<(&str, i128)>> = model
+                        .breakdown(scenario, tenant, dim, expectation)
+                        .into_iter()
+                        .collect();
                     let mut folded: Vec<(&str, i128)> = Vec::new();
                     for (name, figures) in &expected {
                         let got = &values[name.as_str()]["windows"][window];
