@@ -425,6 +425,7 @@ pub fn validate_event(
         None => None,
         Some(Scalar::Int(amount)) if amount.abs() <= AMOUNT_ABS_MAX as i128 => Some(*amount as i64),
         Some(Scalar::Int(_)) => return Err(Reason::AmountOutOfRange),
+        // A float amount is always refused; its size only picks the reason.
         Some(Scalar::Float(amount)) if amount.abs() > AMOUNT_ABS_MAX as f64 => {
             return Err(Reason::AmountOutOfRange)
         }
