@@ -6,6 +6,8 @@
 //!
 //! Run: `cargo bench --bench durability`.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -184,11 +186,8 @@ fn durable_ingest(c: &mut Criterion) {
     group.throughput(Throughput::Elements((BATCHES_PER_ITER * BATCH) as u64));
     for group_commit in [true, false] {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::parse(include_str!("../config/default.toml"), Vec::new()).unwrap();
-        config.server.listen = "127.0.0.1:0".into();
-        config.storage.data_dir = dir.path().to_path_buf();
+        let mut config = common::node_config(dir.path(), 50_000_000);
         config.storage.group_commit = group_commit;
-        config.ingest.dedup_ids_max = 50_000_000;
         let running = runtime
             .block_on(tally::app::start(config, Arc::new(SystemClock)))
             .unwrap();

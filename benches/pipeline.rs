@@ -8,6 +8,8 @@
 //!
 //! Run: `cargo bench --bench pipeline`.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +18,6 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use tally::actors::tenant::{EventOutcome, IngestBatch};
 use tally::actors::InFlight;
 use tally::clock::SystemClock;
-use tally::config::Config;
 use tally::domain::event::{parse_event, validate_event, ValidEvent, ValidationContext};
 use tally::storage::commit::{Committer, FlushMode};
 use tally::storage::envelope::{encode, RecordKind};
@@ -49,21 +50,13 @@ fn validated(
         .collect()
 }
 
-fn default_config(data_dir: &std::path::Path) -> Config {
-    let mut config = Config::parse(include_str!("../config/default.toml"), Vec::new()).unwrap();
-    config.server.listen = "127.0.0.1:0".into();
-    config.storage.data_dir = data_dir.to_path_buf();
-    config.ingest.dedup_ids_max = 100_000_000;
-    config
-}
-
 fn wal_append(c: &mut Criterion) {
     const RECORDS_PER_ITER: usize = 64;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    let config = default_config(std::path::Path::new("unused"));
+    let config = common::default_config();
     let catalogue = config.catalogue().unwrap();
     let limits = config.event_limits();
     let context = ValidationContext {
@@ -175,7 +168,7 @@ fn actor_ingest(c: &mut Criterion) {
         let dir = tempfile::tempdir().unwrap();
         let running = runtime
             .block_on(tally::app::start(
-                default_config(dir.path()),
+                common::node_config(dir.path(), 100_000_000),
                 Arc::new(SystemClock),
             ))
             .unwrap();

@@ -3,12 +3,13 @@
 //! NDJSON batch, and de-dup of 1 000 ids by table size. Run: `cargo bench --bench windows`; figures go to
 //! docs/BENCHMARKS.md with the machine they were taken on.
 
+mod common;
+
 use std::hint::black_box;
 
 use chrono_tz::Tz;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 
-use tally::config::Config;
 use tally::domain::dedup::DedupIndex;
 use tally::domain::event::{parse_event, validate_event, ValidationContext};
 use tally::domain::histogram::HistogramWindows;
@@ -80,7 +81,7 @@ fn histogram_windows(c: &mut Criterion) {
 }
 
 fn decode_validate(c: &mut Criterion) {
-    let config = Config::parse(include_str!("../config/default.toml"), Vec::new()).unwrap();
+    let config = common::default_config();
     let catalogue = config.catalogue().unwrap();
     let limits = config.event_limits();
     let context = ValidationContext {
