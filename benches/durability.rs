@@ -144,7 +144,7 @@ fn recovery(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let now_ms = tally::clock::Clock::now_ms(&SystemClock);
     let config = build_recovery_fixture(dir.path(), now_ms);
-    let catalogue = config.catalogue().unwrap();
+    let catalogue = std::sync::Arc::new(config.catalogue().unwrap());
     let mut group = c.benchmark_group("recovery");
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(30));

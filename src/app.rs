@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::actors::metric::MetricActor;
 use crate::actors::tenant::{Durability, TakeSnapshot, TenantActor, TenantContext};
-use crate::actors::ActorRuntime;
+use crate::actors::{ActorRuntime, TenantHealth};
 use crate::clock::{SharedClock, Stopwatch};
 use crate::config::Config;
 use crate::domain::catalogue::Catalogue;
@@ -37,6 +37,28 @@ pub struct TenantHandle {
     pub batch_permits: Arc<Semaphore>,
     /// Reads and quarantine calls in flight; past them the request gets 503.
     pub query_permits: Arc<Semaphore>,
+    /// Why the tenant stopped serving, once it has.
+    pub health: Arc<TenantHealth>,
+}
+
+impl TenantHandle {
+    /// Why the tenant cannot serve: its core failed, or one of its actors
+    /// stopped (a panic ends every actor of its arbiter).
+    pub fn failure(&self) -> Option<String> {
+        if let Some(reason) = self.health.failure() {
+            return Some(reason.to_string());
+        }
+        if !self.actor.connected() {
+            return Some("the tenant actor stopped".into());
+        }
+        for (index, metric) in self.metrics.iter().enumerate() {
+            if metric.as_ref().is_some_and(|addr| !addr.connected()) {
+                let name = &self.context.catalogue.metrics()[index].name;
+                return Some(format!("the actor of metric {name} stopped"));
+            }
+        }
+        None
+    }
 }
 
 /// What every request handler shares.
@@ -63,9 +85,29 @@ pub struct Node {
 }
 
 impl Node {
-    /// Ready while started, not stopping, and storage has not failed.
+    /// Ready while started, not stopping, storage has not failed and every
+    /// tenant serves.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && !self.committer.is_failed()
+        self.not_ready_reason().is_none()
+    }
+
+    /// Why the node is not ready, if it is not.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if !self.ready.load(Ordering::SeqCst) {
+            return Some("the node is starting or stopping".into());
+        }
+        if self.committer.is_failed() {
+            return Some("storage failed; the node restarts".into());
+        }
+        let mut failed: Vec<(&String, String)> = self
+            .tenants
+            .iter()
+            .filter_map(|(id, tenant)| Some((id, tenant.failure()?)))
+            .collect();
+        failed.sort();
+        failed
+            .first()
+            .map(|(id, reason)| format!("tenant {id} is not serving: {reason}"))
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -184,7 +226,6 @@ fn start_tenants(
     mut recovered: Recovered,
     durability: &Durability,
 ) -> HashMap<String, TenantHandle> {
-    let limits = config.event_limits();
     let batches_max = config.ingest.tenant_batches_inflight_max;
     let queries_max = config.actors.tenant_queries_inflight_max;
     // Each batch or read in flight puts at most one message in each mailbox and
@@ -199,16 +240,8 @@ fn start_tenants(
             continue;
         };
         let shard = runtime.shard_for(&tenant.id);
-        // validate() checked the zone name
-        let tz: chrono_tz::Tz = tenant.timezone.parse().unwrap_or(chrono_tz::Tz::UTC);
-        let context = Arc::new(TenantContext {
-            id: Arc::from(tenant.id.as_str()),
-            currency: tenant.currency.clone(),
-            tz,
-            catalogue: Arc::clone(catalogue),
-            limits: limits.clone(),
-        });
-        let now_ms = state.now_ms;
+        let context = Arc::clone(state.core.context());
+        let now_ms = state.core.now_ms();
         let mut metrics = Vec::new();
         for (index, metric_state) in state.metrics.into_iter().enumerate() {
             let Some(metric_state) = metric_state else {
@@ -222,14 +255,15 @@ fn start_tenants(
                 MetricActor::from_state(tenant_id, name, metric_state, now_ms)
             })));
         }
+        let health = Arc::new(TenantHealth::default());
         let actor = {
-            let context = Arc::clone(&context);
             let metrics = metrics.clone();
             let durability = durability.clone();
-            let (dedup, quarantine) = (state.dedup, state.quarantine);
+            let health = Arc::clone(&health);
+            let core = state.core;
             TenantActor::start_in_arbiter(shard, move |ctx| {
                 ctx.set_mailbox_capacity(mailbox_capacity);
-                TenantActor::new(context, dedup, quarantine, metrics, durability, now_ms)
+                TenantActor::new(core, metrics, durability, health)
             })
         };
         tenants.insert(
@@ -240,6 +274,7 @@ fn start_tenants(
                 metrics,
                 batch_permits: Arc::new(Semaphore::new(batches_max)),
                 query_permits: Arc::new(Semaphore::new(queries_max)),
+                health,
             },
         );
     }

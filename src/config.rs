@@ -358,6 +358,22 @@ impl Config {
         }
     }
 
+    /// What the node knows of a configured tenant.
+    pub fn tenant_context(
+        &self,
+        tenant: &TenantConfig,
+        catalogue: &std::sync::Arc<Catalogue>,
+    ) -> crate::domain::tenant::TenantContext {
+        crate::domain::tenant::TenantContext {
+            id: std::sync::Arc::from(tenant.id.as_str()),
+            currency: tenant.currency.clone(),
+            // validate() checked the zone name
+            tz: tenant.timezone.parse().unwrap_or(chrono_tz::Tz::UTC),
+            catalogue: std::sync::Arc::clone(catalogue),
+            limits: self.event_limits(),
+        }
+    }
+
     /// The shard count, with 0 meaning one per core.
     pub fn shard_count(&self) -> usize {
         if self.actors.shards == 0 {

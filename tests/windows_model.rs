@@ -2,8 +2,8 @@
 //!
 //! Random event streams (late, future, out-of-order and duplicate events, two
 //! tenants in different time zones, time jumping across local midnight) go
-//! through validation, de-duplication and the metric state exactly as the actors
-//! drive them; the reference model keeps a plain list of the events it accepted
+//! through validation, the real tenant core (de-duplication, lateness, the
+//! plan) and the metric state, as the actors drive them; the reference model keeps a plain list of the events it accepted
 //! and filters it by time. At every step every metric, window, `prev`, `today`
 //! and the device breakdown must be equal. At random steps the engine restarts:
 //! its state goes through a snapshot (export, envelope, decode, import) and the
@@ -15,12 +15,15 @@ use chrono::TimeZone;
 use chrono_tz::Tz;
 use proptest::prelude::*;
 
+use std::sync::Arc;
 use tally::domain::catalogue::{Catalogue, MetricDef, MetricKind, SumField};
+
 use tally::domain::dedup::{Admission, DedupIndex};
 use tally::domain::event::{parse_event, validate_event, EventLimits, ValidationContext};
 use tally::domain::histogram::{empty_histogram, HistogramStats};
 use tally::domain::metric::{MetricState, SeriesReading, SeriesSettings};
-use tally::domain::time::{day_bounds, second_of_ms};
+use tally::domain::quarantine::QuarantineStore;
+use tally::domain::tenant::{EventOutcome, TenantContext, TenantCore};
 use tally::domain::window::{SlidingTally, Tally};
 use tally::storage::envelope::{decode, encode, RecordKind};
 use tally::storage::snapshot::TenantSnapshot;
@@ -194,18 +197,21 @@ impl Reference {
     fn admit(&mut self, id: String, kept: Kept, now_ms: i64) -> Admission {
         let now_s = now_ms.div_euclid(1000);
         let ts_s = kept.ts_ms.div_euclid(1000);
+        // an id is remembered while its event could count in some window, and
+        // at least the horizon; an event that can count nowhere is late
+        let counts_somewhere = |second: i64| {
+            second > now_s - 1800
+                || second > now_s
+                || self.local_date(second) >= self.local_date(now_s)
+        };
         let seen = self.accepted.iter().any(|(other_id, other)| {
-            *other_id == id && other.ts_ms.div_euclid(1000) > now_s - HORIZON_S
+            let other_s = other.ts_ms.div_euclid(1000);
+            *other_id == id && (other_s > now_s - HORIZON_S || counts_somewhere(other_s))
         });
         if seen {
             return Admission::Duplicate;
         }
-        if ts_s <= now_s - HORIZON_S {
-            return Admission::Late;
-        }
-        let in_prev_15m = ts_s > now_s - 1800;
-        let in_today = ts_s > now_s || self.local_date(ts_s) >= self.local_date(now_s);
-        if !in_prev_15m && !in_today {
+        if !counts_somewhere(ts_s) {
             return Admission::Late;
         }
         if kept.type_index == 0 {
@@ -293,12 +299,16 @@ fn device_name(device: Option<usize>) -> String {
     device.map_or("__none__".to_string(), |d| DEVICES[d].to_string())
 }
 
-/// The engine as the actors drive it: de-dup per tenant, then every metric.
+/// The engine as the actors drive it: the tenant core decides, then every
+/// metric applies the plan's events.
 struct Engine {
-    tz: Tz,
-    dedup: DedupIndex,
+    core: TenantCore,
     metrics: Vec<MetricState>,
     settings: SeriesSettings,
+}
+
+fn tenant_core(context: Arc<TenantContext>, dedup: DedupIndex, now_ms: i64) -> TenantCore {
+    TenantCore::new(context, dedup, QuarantineStore::new(10, 1024), now_ms)
 }
 
 impl Engine {
@@ -308,7 +318,7 @@ impl Engine {
             tenant: "t".into(),
             position_lsn: 0,
             now_ms,
-            dedup: self.dedup.export(),
+            dedup: self.core.export_dedup(),
             metrics: catalogue
                 .metrics()
                 .iter()
@@ -322,7 +332,7 @@ impl Engine {
         for (key, second) in restored.dedup {
             dedup.remember(key, second);
         }
-        self.dedup = dedup;
+        self.core = tenant_core(Arc::clone(self.core.context()), dedup, now_ms);
         self.metrics = catalogue
             .metrics()
             .iter()
@@ -351,9 +361,17 @@ fn run(start_ms: i64, steps: Vec<Step>) -> Result<(), TestCaseError> {
         histogram_value_max: VALUE_MAX,
     };
     let zones = [Tz::UTC, Tz::America__New_York];
+    let catalogue = Arc::new(catalogue);
     let mut engines: Vec<Engine> = zones
         .iter()
         .map(|&tz| {
+            let context = Arc::new(TenantContext {
+                id: "t".into(),
+                currency: "USD".into(),
+                tz,
+                catalogue: Arc::clone(&catalogue),
+                limits: limits.clone(),
+            });
             let settings = SeriesSettings {
                 ahead_s: SKEW_MS / 1000,
                 tz,
@@ -361,9 +379,8 @@ fn run(start_ms: i64, steps: Vec<Step>) -> Result<(), TestCaseError> {
                 series_max: SERIES_MAX,
             };
             Engine {
-                tz,
                 settings,
-                dedup: DedupIndex::new(HORIZON_S, 1_000_000),
+                core: tenant_core(context, DedupIndex::new(HORIZON_S, 1_000_000), start_ms),
                 metrics: catalogue
                     .metrics()
                     .iter()
@@ -400,13 +417,6 @@ fn run(start_ms: i64, steps: Vec<Step>) -> Result<(), TestCaseError> {
             prop_assert_eq!(validated.is_err(), too_far_ahead, "validation of {}", json);
             let Ok(valid) = validated else { continue };
 
-            let engine = &mut engines[event.tenant];
-            engine.dedup.expire(now_ms);
-            let today = day_bounds(second_of_ms(now_ms), engine.tz);
-            let admission = engine
-                .dedup
-                .admit(&valid.id, valid.ts_ms, now_ms, today)
-                .unwrap();
             let kept = Kept {
                 ts_ms,
                 type_index: event.type_index,
@@ -415,17 +425,39 @@ fn run(start_ms: i64, steps: Vec<Step>) -> Result<(), TestCaseError> {
                 device: event.device,
             };
             let expected = references[event.tenant].admit(valid.id.clone(), kept, now_ms);
-            prop_assert_eq!(admission, expected, "outcome of {} at {}", json, now_ms);
-            if admission == Admission::Accepted {
-                batches[event.tenant].push(valid);
-            }
+            let index = batches[event.tenant].len() as u32;
+            batches[event.tenant].push(((index, valid), expected, json));
         }
-        for (engine, batch) in engines.iter_mut().zip(&batches) {
+        for (engine, batch) in engines.iter_mut().zip(batches) {
+            let mut events = Vec::new();
+            let mut expected = Vec::new();
+            for (event, admission, json) in batch {
+                events.push(event);
+                expected.push((admission, json));
+            }
+            let (plan, outcomes) = engine.core.ingest(now_ms, events, Vec::new()).unwrap();
+            for ((_, outcome), (admission, json)) in outcomes.iter().zip(&expected) {
+                let expected_outcome = match admission {
+                    Admission::Accepted => EventOutcome::Accepted,
+                    Admission::Duplicate => EventOutcome::Duplicate,
+                    Admission::Late => EventOutcome::Late,
+                };
+                prop_assert_eq!(
+                    outcome,
+                    &expected_outcome,
+                    "outcome of {} at {}",
+                    json,
+                    now_ms
+                );
+            }
+            // durable and applied, as the actor reports it
+            engine.core.complete(plan.ticket);
+            prop_assert_eq!(engine.core.visible_through(), plan.ticket);
             if step.restart {
                 engine.restart(&catalogue, now_ms);
             }
             for metric in &mut engine.metrics {
-                let report = metric.apply(batch, now_ms);
+                let report = metric.apply(&plan.events, now_ms);
                 prop_assert_eq!(report.events_refused, 0);
             }
         }

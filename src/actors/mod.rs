@@ -30,6 +30,24 @@ impl InFlight {
     }
 }
 
+/// Whether a tenant still serves, shared by its actor (which records why it
+/// stopped) and everything that reads it (`/readyz`, the read path).
+#[derive(Debug, Default)]
+pub struct TenantHealth {
+    failure: std::sync::OnceLock<String>,
+}
+
+impl TenantHealth {
+    /// Records the first reason; later ones add nothing.
+    pub fn fail(&self, reason: &str) {
+        let _ = self.failure.set(reason.to_string());
+    }
+
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
+    }
+}
+
 /// The actor threads: one System thread and `shards` Arbiter threads.
 pub struct ActorRuntime {
     arbiters: Vec<ArbiterHandle>,

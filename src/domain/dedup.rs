@@ -1,8 +1,11 @@
 //! De-duplication and lateness of one tenant's events (DESIGN.md invariant 2).
 //!
-//! Owns: the ids accepted within the horizon, kept by event second so that they
-//! expire exactly when an event with that time would be `late` anyway; nothing can
-//! be counted twice. Ids are kept as 128-bit xxh3 hashes (32 bytes a table entry,
+//! Owns: the ids accepted, kept by event second until an event with that time
+//! would be `late` anyway (and at least `horizon_s`), so nothing can be counted
+//! twice. Lateness is decided by the windows alone: an event is late when it
+//! can count in no window now or later (`counts_in_some_window`), so that it
+//! agrees with the today window on every day of every time zone, 23- and
+//! 25-hour days included (docs/architecture.md, "invariants"). Ids are kept as 128-bit xxh3 hashes (32 bytes a table entry,
 //! 16 in the expiry index) rather than strings.
 //! Must not: read the clock or evict an id before its horizon: when the table is
 //! full the caller must refuse the batch (`ids_free`), never forget.
@@ -10,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
 
-use super::time::{counts_in_some_window, second_of_ms, DayBounds};
+use super::time::{counts_in_some_window, second_of_ms, DayBounds, BUCKET_HISTORY_S};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Admission {
@@ -184,9 +187,15 @@ impl DedupIndex {
         self.seconds_by_id.is_empty()
     }
 
-    /// Forgets ids whose event second is at or before `now - horizon`.
-    pub fn expire(&mut self, now_ms: i64) {
-        let oldest_kept_s = second_of_ms(now_ms) - self.horizon_s + 1;
+    /// Forgets ids whose event second can count in no window at `now_ms` (nor
+    /// later) and lies at or before `now - horizon`. `today` is the tenant's
+    /// local day at `now_ms`.
+    pub fn expire(&mut self, now_ms: i64, today: DayBounds) {
+        let now_s = second_of_ms(now_ms);
+        // the first second that still counts somewhere, or is within the horizon
+        let oldest_kept_s = (now_s - BUCKET_HISTORY_S + 1)
+            .min(today.start_s)
+            .min(now_s - self.horizon_s + 1);
         while let Some(entry) = self.ids_by_second.first_entry() {
             if *entry.key() >= oldest_kept_s {
                 break;
@@ -205,17 +214,24 @@ impl DedupIndex {
         entries
     }
 
-    /// Remembers an id that was accepted before (recovery), without judging it.
-    pub fn remember(&mut self, key: u128, ts_s: i64) {
-        if self.seconds_by_id.insert(key, ts_s).is_none() {
-            self.ids_by_second.entry(ts_s).or_default().push(key);
+    /// Remembers an id that was accepted before (recovery), without judging it
+    /// or counting it against the cap. False when it was remembered already.
+    pub fn remember(&mut self, key: u128, ts_s: i64) -> bool {
+        if self.seconds_by_id.contains_key(&key) {
+            return false;
         }
+        self.seconds_by_id.insert(key, ts_s);
+        self.ids_by_second.entry(ts_s).or_default().push(key);
+        true
     }
 
     /// Forgets an id accepted moments ago whose batch could not be written, so
     /// that its retry is judged anew rather than as a duplicate.
     pub fn forget(&mut self, id: &str) {
-        let key = id_key(id);
+        self.forget_key(id_key(id))
+    }
+
+    pub fn forget_key(&mut self, key: u128) {
         if let Some(second) = self.seconds_by_id.remove(&key) {
             if let Some(keys) = self.ids_by_second.get_mut(&second) {
                 keys.retain(|other| *other != key);
@@ -242,7 +258,7 @@ impl DedupIndex {
         let now_s = second_of_ms(now_ms);
         if self.seconds_by_id.contains_key(&key) {
             Admission::Duplicate
-        } else if ts_s <= now_s - self.horizon_s || !counts_in_some_window(ts_s, now_s, today) {
+        } else if !counts_in_some_window(ts_s, now_s, today) {
             Admission::Late
         } else {
             Admission::Accepted
@@ -307,7 +323,11 @@ mod tests {
         assert_eq!(exported.len(), 9_999);
         assert!(exported.iter().all(|(key, _)| *key != id_key("id-42")));
         // the ids of the oldest second expire, and only they
-        index.expire(NOW_MS + (86_400 - 59) * 1000);
+        let next_day = DayBounds {
+            start_s: DAY.end_s,
+            end_s: DAY.end_s + 86_400,
+        };
+        index.expire(NOW_MS + (86_400 - 59) * 1000, next_day);
         assert_eq!(index.len(), 9_999 - 166);
         assert_eq!(index.ids_free(), 100_000 - (9_999 - 166));
     }
@@ -330,17 +350,59 @@ mod tests {
     }
 
     #[test]
-    fn older_than_the_horizon_is_late_and_ids_expire_with_it() {
+    fn ids_are_kept_while_their_second_can_count_and_expire_after() {
+        // a horizon shorter than the day does not shorten the today window
         let mut index = DedupIndex::new(3_600, 10);
-        let old_ms = NOW_MS - 3_599_000;
+        let early_ms = DAY.start_s * 1000 + 1_000;
         assert_eq!(
-            index.admit("a", old_ms, NOW_MS, DAY),
+            index.admit("a", early_ms, NOW_MS, DAY),
             Ok(Admission::Accepted)
         );
-        let later_ms = NOW_MS + 1_000;
-        index.expire(later_ms);
+        let late_in_the_day_ms = DAY.end_s * 1000 - 1_000;
+        index.expire(late_in_the_day_ms, DAY);
+        assert_eq!(index.len(), 1);
+        assert_eq!(
+            index.admit("a", early_ms, late_in_the_day_ms, DAY),
+            Ok(Admission::Duplicate)
+        );
+        // the next day, 30 minutes on: it counts nowhere, so it is forgotten and late
+        let next_day = DayBounds {
+            start_s: DAY.end_s,
+            end_s: DAY.end_s + 86_400,
+        };
+        let next_ms = DAY.end_s * 1000 + 1_800_000;
+        index.expire(next_ms, next_day);
         assert!(index.is_empty());
-        assert_eq!(index.admit("a", old_ms, later_ms, DAY), Ok(Admission::Late));
+        assert_eq!(
+            index.admit("a", early_ms, next_ms, next_day),
+            Ok(Admission::Late)
+        );
+    }
+
+    /// Defect 6 (issue 10): with a 24 h horizon, an event stamped 00:20 EDT on
+    /// the 25-hour 2025-11-02 in America/New_York that arrived at 23:50 EST was
+    /// judged `late` although the today window counts it.
+    #[test]
+    fn defect_6_lateness_agrees_with_a_25_hour_today() {
+        let tz = chrono_tz::America::New_York;
+        let event_ms = 1_762_057_200_000; // 2025-11-02 00:20 EDT
+        let now_ms = 1_762_145_400_000; // 2025-11-02 23:50 EST
+        let today = crate::domain::time::day_bounds(now_ms / 1000, tz);
+        assert_eq!(today.start_s, 1_762_056_000);
+        assert_eq!(today.end_s - today.start_s, 25 * 3600);
+        let mut index = DedupIndex::new(86_400, 10);
+        index.expire(now_ms, today);
+        assert_eq!(
+            index.admit("a", event_ms, now_ms, today),
+            Ok(Admission::Accepted)
+        );
+        // and it is still remembered at the last second of that day
+        let last_ms = today.end_s * 1000 - 1;
+        index.expire(last_ms, today);
+        assert_eq!(
+            index.admit("a", event_ms, last_ms, today),
+            Ok(Admission::Duplicate)
+        );
     }
 
     #[test]

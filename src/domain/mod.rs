@@ -1,5 +1,5 @@
 //! Pure domain code: event rules, the metric catalogue, windows, histograms,
-//! de-duplication. Everything takes `now` as an argument; nothing here touches
+//! de-duplication, and the tenant core that decides every event's outcome. Everything takes `now` as an argument; nothing here touches
 //! actix, tokio, sled or the clock.
 
 pub mod catalogue;
@@ -8,5 +8,6 @@ pub mod event;
 pub mod histogram;
 pub mod metric;
 pub mod quarantine;
+pub mod tenant;
 pub mod time;
 pub mod window;

@@ -48,18 +48,18 @@ impl QuarantineStore {
         self.entries.is_empty()
     }
 
-    /// Stores an event; returns its qid and the qids evicted to make room.
+    /// Stores an event; returns its qid and the entries evicted to make room.
     pub fn insert(
         &mut self,
         reason: Reason,
         received_ms: i64,
         id: Option<String>,
         raw: &[u8],
-    ) -> (u64, Vec<u64>) {
+    ) -> (u64, Vec<QuarantinedEvent>) {
         let mut evicted = Vec::new();
         while self.entries.len() >= self.events_max {
-            if let Some((qid, _)) = self.entries.pop_first() {
-                evicted.push(qid);
+            if let Some((_, entry)) = self.entries.pop_first() {
+                evicted.push(entry);
             }
         }
         let qid = self.next_qid;
@@ -134,10 +134,9 @@ mod tests {
             (1, vec![])
         );
         assert_eq!(store.insert(Reason::MissingId, 2, None, b"{}"), (2, vec![]));
-        assert_eq!(
-            store.insert(Reason::InvalidTs, 3, Some("x".into()), b"{}"),
-            (3, vec![1])
-        );
+        let (qid, evicted) = store.insert(Reason::InvalidTs, 3, Some("x".into()), b"{}");
+        assert_eq!(qid, 3);
+        assert_eq!(evicted.iter().map(|e| e.qid).collect::<Vec<_>>(), vec![1]);
         let listed = store.list(0, 10);
         assert_eq!(listed.iter().map(|e| e.qid).collect::<Vec<_>>(), vec![2, 3]);
         assert!(store.get(1).is_none());

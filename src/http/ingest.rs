@@ -18,6 +18,7 @@ use crate::actors::tenant::{EventOutcome, IngestBatch, QuarantineCandidate, Tena
 use crate::actors::InFlight;
 use crate::app::Node;
 use crate::domain::event::{parse_event, validate_event, Reason, TenantField, ValidEvent};
+use crate::domain::tenant::CoreError;
 use crate::telemetry::{self, Outcome};
 
 use super::auth::Principal;
@@ -296,6 +297,10 @@ pub async fn post_events(
         return Err(ApiError::TenantMismatch(mismatches));
     }
 
+    // rejections are decided here and counted here, whatever happens next
+    for rejection in &rejections {
+        telemetry::count_outcome(Outcome::Rejected, Some(rejection.reason), 1);
+    }
     // Take a permit of every tenant first, so that a shed request applies nothing.
     let mut permits = Vec::with_capacity(batches.len());
     for tenant_id in batches.keys() {
@@ -327,15 +332,11 @@ pub async fn post_events(
     let mut failure = None;
     for request in requests {
         match request.await {
-            Ok(Ok(tenant_outcomes)) => {
-                // counted as each tenant answers: a later tenant's failure does
-                // not undo what this one applied
-                count_outcomes(&tenant_outcomes);
-                outcomes.extend(tenant_outcomes);
-            }
+            // each tenant's actor counted its outcomes when it decided them
+            Ok(Ok(tenant_outcomes)) => outcomes.extend(tenant_outcomes),
             Ok(Err(error)) => {
                 telemetry::count_shed(match error {
-                    TenantError::DedupFull { .. } => telemetry::Shed::DedupFull,
+                    TenantError::Core(CoreError::DedupFull { .. }) => telemetry::Shed::DedupFull,
                     _ => telemetry::Shed::Unavailable,
                 });
                 failure = Some(ApiError::from_tenant(error, retry_after_s));
@@ -354,23 +355,6 @@ pub async fn post_events(
     }
     telemetry::record_ingest(started.elapsed_secs(), items.len());
     Ok(Json(respond(outcomes, rejections)))
-}
-
-fn count_outcomes(outcomes: &[(u32, EventOutcome)]) {
-    let (mut accepted, mut duplicates, mut late) = (0u64, 0u64, 0u64);
-    for (_, outcome) in outcomes {
-        match outcome {
-            EventOutcome::Accepted => accepted += 1,
-            EventOutcome::Duplicate => duplicates += 1,
-            EventOutcome::Late => late += 1,
-            EventOutcome::Quarantined { reason, .. } => {
-                telemetry::count_outcome(Outcome::Quarantined, Some(*reason), 1)
-            }
-        }
-    }
-    telemetry::count_outcome(Outcome::Accepted, None, accepted);
-    telemetry::count_outcome(Outcome::Duplicate, None, duplicates);
-    telemetry::count_outcome(Outcome::Late, None, late);
 }
 
 fn respond(mut outcomes: Vec<(u32, EventOutcome)>, rejections: Vec<Rejection>) -> Value {
@@ -392,7 +376,6 @@ fn respond(mut outcomes: Vec<(u32, EventOutcome)>, rejections: Vec<Rejection>) -
         }
     }
     for rejection in &rejections {
-        telemetry::count_outcome(Outcome::Rejected, Some(rejection.reason), 1);
         errors.push((
             rejection.index,
             json!({"index": rejection.index, "id": rejection.id, "outcome": "rejected", "reason": rejection.reason.as_str()}),

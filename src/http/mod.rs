@@ -66,13 +66,12 @@ async fn healthz() -> Json<Value> {
 }
 
 async fn readyz(State(node): State<Arc<Node>>) -> (StatusCode, Json<Value>) {
-    if node.is_ready() {
-        (StatusCode::OK, Json(json!({"status": "ready"})))
-    } else {
-        (
+    match node.not_ready_reason() {
+        None => (StatusCode::OK, Json(json!({"status": "ready"}))),
+        Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not_ready"})),
-        )
+            Json(json!({"status": "not_ready", "reason": reason})),
+        ),
     }
 }
 

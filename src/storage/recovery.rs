@@ -6,16 +6,17 @@
 //! actors or write anything but the removals of entries it cannot use.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use chrono_tz::Tz;
 
 use crate::clock::Stopwatch;
 use crate::config::Config;
 use crate::domain::catalogue::Catalogue;
-use crate::domain::dedup::{id_key, DedupIndex};
+use crate::domain::dedup::DedupIndex;
 use crate::domain::metric::{MetricState, SeriesSettings};
 use crate::domain::quarantine::{QuarantineStore, QuarantinedEvent};
-use crate::domain::time::second_of_ms;
+use crate::domain::tenant::TenantCore;
 
 use super::envelope::{decode, RecordKind};
 use super::snapshot::{load_snapshot, snapshot_ids, TenantSnapshot, WalBatch};
@@ -23,11 +24,9 @@ use super::{key_lsn, lsn_key, quarantine_key, wal_floor, Space, StorageError, St
 
 /// The state of one tenant, ready for its actors.
 pub struct RecoveredTenant {
-    pub now_ms: i64,
-    pub dedup: DedupIndex,
+    pub core: TenantCore,
     /// Indexed like the catalogue; `None` for metrics without state.
     pub metrics: Vec<Option<MetricState>>,
-    pub quarantine: QuarantineStore,
 }
 
 /// What recovery did, for the log and for tests.
@@ -80,7 +79,7 @@ fn fresh_metrics(
 pub fn recover(
     store: &dyn Store,
     config: &Config,
-    catalogue: &Catalogue,
+    catalogue: &Arc<Catalogue>,
     now_ms: i64,
 ) -> Result<Recovered, StorageError> {
     let started = Stopwatch::start();
@@ -107,9 +106,8 @@ pub fn recover(
     let mut tenants = HashMap::new();
     let mut positions: HashMap<String, u64> = HashMap::new();
     for tenant in &config.tenants {
-        // validate() checked the zone name
-        let tz: Tz = tenant.timezone.parse().unwrap_or(Tz::UTC);
-        let settings = series_settings(config, tz);
+        let context = Arc::new(config.tenant_context(tenant, catalogue));
+        let settings = series_settings(config, context.tz);
         let mut dedup = DedupIndex::new(config.ingest.dedup_horizon_s, config.ingest.dedup_ids_max);
         let mut metrics = fresh_metrics(catalogue, settings, now_ms);
         let mut tenant_now_ms = now_ms;
@@ -139,16 +137,15 @@ pub fn recover(
             }
         }
         positions.insert(tenant.id.clone(), position);
+        let quarantine = QuarantineStore::new(
+            config.quarantine.events_per_tenant_max,
+            config.quarantine.raw_bytes_max,
+        );
         tenants.insert(
             tenant.id.clone(),
             RecoveredTenant {
-                now_ms: tenant_now_ms,
-                dedup,
+                core: TenantCore::new(context, dedup, quarantine, tenant_now_ms),
                 metrics,
-                quarantine: QuarantineStore::new(
-                    config.quarantine.events_per_tenant_max,
-                    config.quarantine.raw_bytes_max,
-                ),
             },
         );
     }
@@ -210,9 +207,9 @@ pub fn recover(
         let mut events = batch.events;
         for event in &mut events {
             event.route = catalogue.route(&event.event_type);
-            tenant.dedup.remember(id_key(&event.id), second_of_ms(event.ts_ms));
         }
-        tenant.now_ms = tenant.now_ms.max(batch.now_ms);
+        // the core counts an id once, whatever the log holds
+        let events = tenant.core.replay(batch.now_ms, events);
         for metric in tenant.metrics.iter_mut().flatten() {
             let applied = metric.apply(&events, batch.now_ms);
             if applied.events_refused > 0 {
@@ -253,13 +250,13 @@ pub fn recover(
     })?;
     for (tenant_id, next) in next_qids {
         if let Some(tenant) = tenants.get_mut(&tenant_id) {
-            tenant.quarantine.reserve_qids_below(next);
+            tenant.core.reserve_qids_below(next);
         }
     }
     for (tenant_id, entry) in quarantined {
         if let Some(tenant) = tenants.get_mut(&tenant_id) {
             report.quarantined_loaded += 1;
-            let evicted = tenant.quarantine.restore(entry);
+            let evicted = tenant.core.restore_quarantined(entry);
             // a smaller bound than before: the oldest go, as they would have
             let removals: Vec<_> = evicted
                 .into_iter()
@@ -273,8 +270,7 @@ pub fn recover(
     }
     for tenant in tenants.values_mut() {
         // the actor starts at the instant the table was expired at
-        tenant.now_ms = tenant.now_ms.max(now_ms);
-        tenant.dedup.expire(tenant.now_ms);
+        tenant.core.advance(now_ms);
     }
 
     report.duration_ms = started.elapsed_ms();

@@ -7,11 +7,17 @@
 
 use serde::{Deserialize, Serialize};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::domain::event::ValidEvent;
 use crate::domain::metric::MetricExport;
+use crate::domain::tenant::{Plan, QuarantineWrite};
 
-use super::envelope::{decode, encode_within, EnvelopeError, RecordKind};
-use super::{key_lsn, lsn_key, read_value, Op, Space, StorageError, Store, WAL_FLOOR_KEY};
+use super::envelope::{decode, encode, encode_within, EnvelopeError, RecordKind};
+use super::{
+    key_lsn, lsn_key, quarantine_key, quarantine_next_key, read_value, Op, Space, StorageError,
+    Store, WAL_FLOOR_KEY,
+};
 
 /// One accepted batch of one tenant, as the write-ahead log stores it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,6 +33,63 @@ pub struct WalBatchRef<'a> {
     pub tenant: &'a str,
     pub now_ms: i64,
     pub events: &'a [ValidEvent],
+}
+
+/// The writes of a tenant core's plan, in order: the log record of its
+/// accepted events (with the next LSN), then its quarantine writes. An LSN is
+/// taken only once every record encodes, so an error leaves no gap to explain.
+/// A record larger than `record_bytes_max` is refused: recovery could not read
+/// it back.
+pub fn plan_ops(
+    plan: &Plan,
+    tenant: &str,
+    next_lsn: &AtomicU64,
+    record_bytes_max: usize,
+) -> Result<Vec<Op>, StorageError> {
+    let mut ops = Vec::with_capacity(1 + plan.quarantine.len());
+    let mut record = None;
+    if !plan.events.is_empty() {
+        let batch = WalBatchRef {
+            tenant,
+            now_ms: plan.now_ms,
+            events: &plan.events,
+        };
+        record = Some(
+            encode_within(RecordKind::WalBatch, &batch, record_bytes_max)
+                .map_err(|error| StorageError::Io(format!("log record refused: {error}")))?,
+        );
+    }
+    let mut quarantine_ops = Vec::with_capacity(plan.quarantine.len());
+    for write in &plan.quarantine {
+        quarantine_ops.push(match write {
+            QuarantineWrite::Put(entry) => Op::Put {
+                space: Space::Quarantine,
+                key: quarantine_key(tenant, entry.qid),
+                value: encode(RecordKind::Quarantined, entry).map_err(|error| {
+                    StorageError::Io(format!("quarantine entry refused: {error}"))
+                })?,
+            },
+            QuarantineWrite::Remove(qid) => Op::Remove {
+                space: Space::Quarantine,
+                key: quarantine_key(tenant, *qid),
+            },
+            QuarantineWrite::NextQid(next) => Op::Put {
+                space: Space::Quarantine,
+                key: quarantine_next_key(tenant),
+                value: next.to_be_bytes().to_vec(),
+            },
+        });
+    }
+    if let Some(value) = record {
+        let lsn = next_lsn.fetch_add(1, Ordering::SeqCst);
+        ops.push(Op::Put {
+            space: Space::Wal,
+            key: lsn_key(lsn).to_vec(),
+            value,
+        });
+    }
+    ops.extend(quarantine_ops);
+    Ok(ops)
 }
 
 /// A tenant's state at a log position: every record of this tenant with an
