@@ -29,7 +29,8 @@ pub const QUARANTINE_EVENTS: &str = "tally_quarantine_events";
 pub const QUARANTINE_EVICTED_TOTAL: &str = "tally_quarantine_evicted_total";
 pub const SERIES_FOLDED_TOTAL: &str = "tally_series_folded_total";
 pub const METRIC_APPLY_ERRORS_TOTAL: &str = "tally_metric_apply_errors_total";
-pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "tally_process_resident_memory_bytes";
+/// From metrics-process, with the other standard `process_*` metrics.
+pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "process_resident_memory_bytes";
 pub const TENANT_SERIES_DROPPED_TOTAL: &str = "tally_tenant_series_dropped_total";
 pub const LIVE_SESSIONS: &str = "tally_live_sessions";
 pub const LIVE_SUBSCRIPTIONS: &str = "tally_live_subscriptions";
@@ -207,11 +208,7 @@ fn describe() {
         Unit::Count,
         "accepted events a metric could not record (an invariant broke)"
     );
-    describe_gauge!(
-        PROCESS_RESIDENT_MEMORY_BYTES,
-        Unit::Bytes,
-        "resident memory of the node process"
-    );
+    process_collector().describe();
     describe_counter!(
         TENANT_SERIES_DROPPED_TOTAL,
         Unit::Count,
@@ -321,30 +318,14 @@ pub fn count_tenant_series_dropped(samples: u64) {
     counter!(TENANT_SERIES_DROPPED_TOTAL).increment(samples);
 }
 
-/// Resident memory of a process (`None` = this one) in bytes, from /proc
-/// (Linux); `None` where it cannot be read.
-pub fn resident_bytes(pid: Option<u32>) -> Option<f64> {
-    let path = match pid {
-        Some(pid) => format!("/proc/{pid}/status"),
-        None => "/proc/self/status".to_string(),
-    };
-    let status = std::fs::read_to_string(path).ok()?;
-    let kib = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })?;
-    Some(kib * 1024.0)
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
 }
 
-/// Sets the resident-memory gauge of this process.
-pub fn update_process_memory() {
-    if let Some(bytes) = resident_bytes(None) {
-        gauge!(PROCESS_RESIDENT_MEMORY_BYTES).set(bytes);
-    }
+/// Sets the standard process metrics (`process_resident_memory_bytes`,
+/// `process_cpu_seconds_total`, `process_open_fds`, …) of this process, as
+/// metrics-process reads them.
+pub fn collect_process_metrics() {
+    process_collector().collect();
 }

@@ -1,4 +1,4 @@
-//! kill -9 cycles against the real `tally` binary (DESIGN.md invariants 1-3).
+//! kill -9 cycles against the real `tally` binary (docs/architecture.md, invariants 1-3).
 //!
 //! Producers post batches concurrently and, like real producers, retry every
 //! batch that was not acknowledged (the same ids and times) until it is. The

@@ -116,7 +116,9 @@ async fn promtool_accepts_a_scrape_of_a_loaded_node() {
     ] {
         assert!(text.contains(&format!("\n{family}")), "{family} missing");
     }
-    assert!(text.contains("\ntally_process_resident_memory_bytes "));
+    assert!(text.contains("\nprocess_resident_memory_bytes "));
+    assert!(text.contains("\nprocess_cpu_seconds_total "));
+    assert!(text.contains("\nprocess_open_fds "));
     assert!(text.contains("\ntally_snapshot_size_bytes "));
     assert!(text.contains("\ntally_recovery_duration_seconds "));
     node.stop().await;

@@ -493,9 +493,11 @@ impl Sim {
             })?;
         }
         for event in ticket.plan.events.iter() {
-            let sim = self.durable.get(&event.id).cloned().ok_or_else(|| {
-                format!("event {} applied before it was durable", event.id)
-            })?;
+            let sim = self
+                .durable
+                .get(&event.id)
+                .cloned()
+                .ok_or_else(|| format!("event {} applied before it was durable", event.id))?;
             check(self.applied.insert(event.id.clone(), sim).is_none(), || {
                 format!("event {} applied twice", event.id)
             })?;
@@ -602,8 +604,7 @@ impl Sim {
         if durable_records.is_empty() {
             return Ok(());
         }
-        let (key, value) =
-            &durable_records[self.rng.below(durable_records.len() as u64) as usize];
+        let (key, value) = &durable_records[self.rng.below(durable_records.len() as u64) as usize];
         check(key_lsn(key).is_some(), || "log keys are LSNs".into())?;
         let lsn = self.node.next_lsn.fetch_add(1, Ordering::SeqCst);
         self.faults += 1;
@@ -784,7 +785,8 @@ impl Sim {
 fn run_seed(seed: u64, steps: u64) -> Result<Sim, String> {
     let mut sim = Sim::new(seed);
     for step in 0..steps {
-        sim.step().map_err(|error| format!("step {step}: {error}"))?;
+        sim.step()
+            .map_err(|error| format!("step {step}: {error}"))?;
     }
     // drain: everything durable is applied and answered, then a last crash
     sim.node.metric_gone = false;

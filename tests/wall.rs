@@ -3,7 +3,9 @@
 //! `scripts/test`) over the WebDriver protocol. The page loads with the token
 //! in its fragment; events are ingested; the displayed GMV must equal their sum;
 //! after the server stops, the page must show its stale state. A screenshot is
-//! written to target/wall.png (the one in docs/ was taken this way).
+//! written to Cargo's temporary directory for integration tests
+//! (`CARGO_TARGET_TMPDIR`, wherever the target directory is) as wall.png; the
+//! one in docs/ was taken this way.
 
 mod common;
 
@@ -211,7 +213,8 @@ async fn the_wall_shows_the_ingested_gmv_and_goes_stale_when_the_server_stops() 
         .await;
     driver.wait_for_text("#orders", "3").await;
     driver.wait_for_text("#aov", "$14.00").await;
-    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+    let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    println!("screenshots in {}", target.display());
     driver.screenshot(&target.join("wall.png")).await;
 
     node.stop().await;

@@ -122,6 +122,23 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
+/// Resident memory of another process in bytes, from /proc/<pid>/status (the
+/// node reports its own through metrics-process).
+pub fn resident_bytes(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })?;
+    Some(kib * 1024.0)
+}
+
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -382,8 +399,7 @@ pub async fn drive(
     let cpu_cores = (cpu_seconds(pid) - cpu_start) / elapsed_s;
     let generator_cpu_cores = (cpu_seconds(std::process::id()) - generator_cpu_start) / elapsed_s;
     let last_s = now_ms().div_euclid(1000);
-    let resident_mib =
-        tally::telemetry::resident_bytes(Some(pid)).unwrap_or(0.0) / (1024.0 * 1024.0);
+    let resident_mib = resident_bytes(pid).unwrap_or(0.0) / (1024.0 * 1024.0);
     if let Some(error) = shared.failed.lock().unwrap().take() {
         return Err(format!("the run failed: {error}"));
     }

@@ -1,4 +1,5 @@
-//! De-duplication and lateness of one tenant's events (DESIGN.md invariant 2).
+//! De-duplication and lateness of one tenant's events (docs/architecture.md,
+//! invariant 2).
 //!
 //! Owns: the ids accepted, kept by event second until an event with that time
 //! would be `late` anyway (and at least `horizon_s`), so nothing can be counted

@@ -134,7 +134,7 @@ pub async fn get_metrics(State(node): State<Arc<Node>>, headers: HeaderMap) -> R
     if !authorized(&node, &headers) {
         return ApiError::Unauthorized.into_response();
     }
-    telemetry::update_process_memory();
+    telemetry::collect_process_metrics();
     let mut text = String::new();
     if node.config.prometheus.tenant_values {
         let samples = tenant_samples(&node).await;

@@ -1,6 +1,6 @@
 //! The alert/signal outbox: records persisted before they are published, read
 //! back in order from any `seq` so that a client resuming with `since` misses
-//! nothing (DESIGN.md invariant 7).
+//! nothing (docs/architecture.md, invariant 7).
 //! Owns: the keys (tenant, topic, seq), the next seq per tenant and topic after
 //! a restart, and ordered reads. Must not: publish (the live hub does) or flush
 //! (records are written through the committer like everything else).
