@@ -3,11 +3,12 @@
 //! task, then the listener) and shutdown in reverse (stop accepting, let
 //! in-flight requests finish within `shutdown_grace_ms`, take a final snapshot,
 //! stop the actors and the commit thread).
-//! Owns: `Node`, the state every request handler shares.
+//! Owns: the order of start-up and shutdown and the tasks it starts; the
+//! shared state itself is `node::Node`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,191 +17,17 @@ use tokio::sync::{oneshot, watch, Mutex, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::actors::metric::MetricActor;
-use crate::actors::tenant::{Durability, TakeSnapshot, TenantActor, TenantContext};
-use crate::actors::{ActorRuntime, TenantHealth};
-use crate::clock::{SharedClock, Stopwatch};
+use crate::actors::tenant::{Durability, TenantActor};
+use crate::actors::{ActorRuntime, TenantHandle, TenantHealth};
+use crate::auth::KeyRing;
+use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::domain::catalogue::Catalogue;
-use crate::http::auth::KeyRing;
+pub use crate::node::{Node, SnapshotError, SnapshotReport};
+use crate::read::feed::TenantFeed;
 use crate::storage::commit::{Committer, FlushMode};
 use crate::storage::recovery::{recover, Recovered, RecoveryReport};
-use crate::storage::snapshot::{prune_ops, snapshot_ops};
 use crate::storage::{SharedStore, SledStore, StorageError};
-
-/// A tenant as request handlers reach it.
-pub struct TenantHandle {
-    pub context: Arc<TenantContext>,
-    pub actor: Addr<TenantActor>,
-    /// Indexed like the catalogue; `None` for metrics without state (mean).
-    pub metrics: Vec<Option<Addr<MetricActor>>>,
-    /// Ingest batches in flight; a request that gets none is shed with 429.
-    pub batch_permits: Arc<Semaphore>,
-    /// Reads and quarantine calls in flight; past them the request gets 503.
-    pub query_permits: Arc<Semaphore>,
-    /// Why the tenant stopped serving, once it has.
-    pub health: Arc<TenantHealth>,
-}
-
-impl TenantHandle {
-    /// Why the tenant cannot serve: its core failed, or one of its actors
-    /// stopped (a panic ends every actor of its arbiter).
-    pub fn failure(&self) -> Option<String> {
-        if let Some(reason) = self.health.failure() {
-            return Some(reason.to_string());
-        }
-        if !self.actor.connected() {
-            return Some("the tenant actor stopped".into());
-        }
-        for (index, metric) in self.metrics.iter().enumerate() {
-            if metric.as_ref().is_some_and(|addr| !addr.connected()) {
-                let name = &self.context.catalogue.metrics()[index].name;
-                return Some(format!("the actor of metric {name} stopped"));
-            }
-        }
-        None
-    }
-}
-
-/// What every request handler shares.
-pub struct Node {
-    pub config: Arc<Config>,
-    pub catalogue: Arc<Catalogue>,
-    pub clock: SharedClock,
-    pub keys: KeyRing,
-    pub tenants: HashMap<String, TenantHandle>,
-    pub store: SharedStore,
-    pub committer: Committer,
-    /// Renders the node telemetry for /metrics.
-    pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
-    /// Turns true when the node stops: live sessions close (1001).
-    pub stopping: watch::Sender<bool>,
-    /// Each tenant's live feed (API.md §5).
-    pub feeds: HashMap<String, Arc<crate::live::TenantFeed>>,
-    /// Request body bytes being read and validated, in KiB, node-wide.
-    pub ingest_kib: Arc<Semaphore>,
-    next_snapshot_id: AtomicU64,
-    /// One snapshot at a time (the periodic one and the final one).
-    snapshot_lock: Mutex<()>,
-    ready: AtomicBool,
-}
-
-impl Node {
-    /// Ready while started, not stopping, storage has not failed and every
-    /// tenant serves.
-    pub fn is_ready(&self) -> bool {
-        self.not_ready_reason().is_none()
-    }
-
-    /// Why the node is not ready, if it is not.
-    pub fn not_ready_reason(&self) -> Option<String> {
-        if !self.ready.load(Ordering::SeqCst) {
-            return Some("the node is starting or stopping".into());
-        }
-        if self.committer.is_failed() {
-            return Some("storage failed; the node restarts".into());
-        }
-        let mut failed: Vec<(&String, String)> = self
-            .tenants
-            .iter()
-            .filter_map(|(id, tenant)| Some((id, tenant.failure()?)))
-            .collect();
-        failed.sort();
-        failed
-            .first()
-            .map(|(id, reason)| format!("tenant {id} is not serving: {reason}"))
-    }
-
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::SeqCst);
-    }
-
-    pub fn now_ms(&self) -> i64 {
-        self.clock.now_ms()
-    }
-
-    /// Snapshots every tenant and prunes what newer snapshots cover. The
-    /// tenants' exports are collected from the actors; encoding and writing
-    /// happen here, off the actor threads.
-    pub async fn take_snapshot(&self) -> Result<SnapshotReport, SnapshotError> {
-        let _one_at_a_time = self.snapshot_lock.lock().await;
-        let stopwatch = Stopwatch::start();
-        let mut parts = Vec::with_capacity(self.tenants.len());
-        for tenant in self.tenants.values() {
-            let part = tenant
-                .actor
-                .send(TakeSnapshot)
-                .await
-                .map_err(|_| SnapshotError::Actors)?
-                .map_err(|error| SnapshotError::Tenant(error.to_string()))?;
-            parts.push(part);
-        }
-        let id = self.next_snapshot_id.fetch_add(1, Ordering::SeqCst);
-        let created_ms = self.now_ms();
-        let record_bytes_max = self.config.storage.record_bytes_max;
-        let ops = tokio::task::spawn_blocking(move || {
-            snapshot_ops(id, created_ms, &parts, record_bytes_max)
-        })
-        .await
-        .map_err(|_| SnapshotError::Actors)?
-        .map_err(|error| SnapshotError::Storage(StorageError::Io(error.to_string())))?;
-        let bytes: usize = ops
-            .iter()
-            .map(|op| match op {
-                crate::storage::Op::Put { value, .. } => value.len(),
-                crate::storage::Op::Remove { .. } => 0,
-            })
-            .sum();
-        self.committer
-            .commit(ops)
-            .await
-            .map_err(SnapshotError::Storage)?;
-        let store = Arc::clone(&self.store);
-        let keep = self.config.storage.snapshots_kept;
-        let prune = tokio::task::spawn_blocking(move || prune_ops(&*store, keep, record_bytes_max))
-            .await
-            .map_err(|_| SnapshotError::Actors)?
-            .map_err(SnapshotError::Storage)?;
-        let removed = prune.len();
-        self.committer
-            .commit(prune)
-            .await
-            .map_err(SnapshotError::Storage)?;
-        let report = SnapshotReport {
-            id,
-            bytes,
-            removed,
-            duration_ms: stopwatch.elapsed_ms(),
-        };
-        crate::telemetry::record_snapshot(report.duration_ms as f64 / 1000.0, bytes);
-        tracing::info!(
-            id,
-            bytes,
-            removed,
-            duration_ms = report.duration_ms,
-            "snapshot written"
-        );
-        Ok(report)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotReport {
-    pub id: u64,
-    pub bytes: usize,
-    /// Old snapshot entries and log records removed.
-    pub removed: usize,
-    pub duration_ms: u64,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SnapshotError {
-    #[error("the actors are not running")]
-    Actors,
-    #[error("tenant refused the snapshot: {0}")]
-    Tenant(String),
-    #[error(transparent)]
-    Storage(StorageError),
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -380,9 +207,9 @@ pub async fn start_with_store(
     let ingest_kib = Arc::new(Semaphore::new(
         config.server.ingest_bytes_inflight_max / 1024,
     ));
-    let feeds: HashMap<String, Arc<crate::live::TenantFeed>> = tenants
+    let feeds: HashMap<String, Arc<TenantFeed>> = tenants
         .keys()
-        .map(|tenant| (tenant.clone(), crate::live::TenantFeed::new()))
+        .map(|tenant| (tenant.clone(), TenantFeed::new()))
         .collect();
     let node = Arc::new(Node {
         config: Arc::new(config),
@@ -454,6 +281,7 @@ pub async fn start_with_store(
                 Arc::clone(&node),
                 tenant.clone(),
                 Arc::clone(feed),
+                node.stopping.subscribe(),
             ))
         })
         .collect();

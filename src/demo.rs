@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use crate::actors::tenant::IngestBatch;
 use crate::actors::InFlight;
-use crate::app::Node;
 use crate::domain::event::{parse_event, validate_event};
+use crate::node::Node;
 
 pub const DEMO_TENANT: &str = "demo";
 

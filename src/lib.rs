@@ -2,11 +2,14 @@
 
 pub mod actors;
 pub mod app;
+pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod domain;
 pub mod http;
 pub mod live;
+pub mod node;
+pub mod read;
 pub mod storage;
 pub mod telemetry;

@@ -10,8 +10,11 @@ pub mod tenant;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
-use actix::{Arbiter, ArbiterHandle, System};
-use tokio::sync::OwnedSemaphorePermit;
+use actix::{Addr, Arbiter, ArbiterHandle, System};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use metric::MetricActor;
+use tenant::{TenantActor, TenantContext};
 
 /// A place in a tenant's in-flight budget (batches or reads). Every message a
 /// request sends carries it, so the place frees only when the last of them has
@@ -45,6 +48,40 @@ impl TenantHealth {
 
     pub fn failure(&self) -> Option<&str> {
         self.failure.get().map(String::as_str)
+    }
+}
+
+/// A tenant as request handlers reach it.
+pub struct TenantHandle {
+    pub context: Arc<TenantContext>,
+    pub actor: Addr<TenantActor>,
+    /// Indexed like the catalogue; `None` for metrics without state (mean).
+    pub metrics: Vec<Option<Addr<MetricActor>>>,
+    /// Ingest batches in flight; a request that gets none is shed with 429.
+    pub batch_permits: Arc<Semaphore>,
+    /// Reads and quarantine calls in flight; past them the request gets 503.
+    pub query_permits: Arc<Semaphore>,
+    /// Why the tenant stopped serving, once it has.
+    pub health: Arc<TenantHealth>,
+}
+
+impl TenantHandle {
+    /// Why the tenant cannot serve: its core failed, or one of its actors
+    /// stopped (a panic ends every actor of its arbiter).
+    pub fn failure(&self) -> Option<String> {
+        if let Some(reason) = self.health.failure() {
+            return Some(reason.to_string());
+        }
+        if !self.actor.connected() {
+            return Some("the tenant actor stopped".into());
+        }
+        for (index, metric) in self.metrics.iter().enumerate() {
+            if metric.as_ref().is_some_and(|addr| !addr.connected()) {
+                let name = &self.context.catalogue.metrics()[index].name;
+                return Some(format!("the actor of metric {name} stopped"));
+            }
+        }
+        None
     }
 }
 

@@ -7,6 +7,8 @@ use axum::Json;
 use serde_json::json;
 
 use crate::actors::tenant::TenantError;
+use crate::auth::AuthError;
+use crate::read::ReadError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -67,6 +69,33 @@ impl ApiError {
         ApiError::Unavailable {
             message: error.to_string(),
             retry_after_s,
+        }
+    }
+}
+
+/// Who may do what: 401, 403, or 400 for an admin that named no tenant.
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> ApiError {
+        match error {
+            AuthError::Unauthorized => ApiError::Unauthorized,
+            AuthError::Forbidden(message) => ApiError::Forbidden(message),
+            AuthError::TenantNeeded => ApiError::BadRequest(error.to_string()),
+        }
+    }
+}
+
+impl ApiError {
+    /// A read that failed: 404 for an unknown metric, 400 for a breakdown the
+    /// metric does not keep, 503 with `Retry-After` when the tenant is busy
+    /// or not serving.
+    pub fn from_read(error: ReadError, retry_after_s: u32) -> ApiError {
+        match error {
+            ReadError::UnknownMetric(_) => ApiError::NotFound(error.to_string()),
+            ReadError::NoBreakdown { .. } => ApiError::BadRequest(error.to_string()),
+            ReadError::Busy(_) | ReadError::NotServing { .. } => ApiError::Unavailable {
+                message: error.to_string(),
+                retry_after_s,
+            },
         }
     }
 }

@@ -16,12 +16,12 @@ use serde_json::{json, Value};
 
 use crate::actors::tenant::{EventOutcome, IngestBatch, QuarantineCandidate, TenantError};
 use crate::actors::InFlight;
-use crate::app::Node;
+use crate::auth::{Caller, Principal};
 use crate::domain::event::{parse_event, validate_event, Reason, TenantField, ValidEvent};
 use crate::domain::tenant::CoreError;
+use crate::node::Node;
 use crate::telemetry::{self, Outcome};
 
-use super::auth::Principal;
 use super::error::ApiError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,12 +175,13 @@ fn default_tenant<'n>(
 
 pub async fn post_events(
     State(node): State<Arc<Node>>,
+    caller: Caller,
     headers: HeaderMap,
     query: Result<Query<IngestQuery>, axum::extract::rejection::QueryRejection>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let started = crate::clock::Stopwatch::start();
-    let principal = node.keys.authenticate(&headers)?;
+    let principal = caller.principal()?.clone();
     let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let query_tenant = default_tenant(&node, &principal, query.tenant.as_deref())?;
     let format = body_format(&headers)?;

@@ -1,14 +1,13 @@
 //! The HTTP API: every route in one place (`router`), errors mapped to status in
-//! `error`, who-may-do-what in `auth`.
+//! `error`, who is calling in `caller` (who may do what is `crate::auth`'s).
 
-pub mod auth;
+pub mod caller;
 pub mod error;
 pub mod ingest;
 pub mod live;
 pub mod prometheus;
 pub mod quarantine;
 pub mod query;
-pub mod shape;
 
 use std::sync::Arc;
 
@@ -18,7 +17,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use crate::app::Node;
+use crate::node::Node;
 
 use error::ApiError;
 

@@ -5,30 +5,20 @@
 //! any read; a busy tenant is left out of that scrape) or expose label values
 //! that do not come from config.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
-use crate::actors::metric::MetricRead;
-use crate::actors::InFlight;
-use crate::app::Node;
-use crate::config::key_digest;
-use crate::domain::catalogue::MetricKind;
-use crate::domain::histogram::HistogramStats;
-use crate::domain::metric::SeriesReading;
-use crate::domain::time::{SlidingWindow, WindowName};
-use crate::domain::window::Tally;
+use crate::auth::Caller;
+use crate::domain::time::WindowName;
+use crate::node::Node;
+use crate::read::{TenantReader, WindowView};
 use crate::telemetry;
 
 use super::error::ApiError;
-use super::query::read_metrics;
-use super::shape::counter_value;
 
 /// The families of tenant window samples (name, type, help), in the order they
 /// are written. Quantiles are a summary: only summaries may carry `quantile`.
@@ -105,33 +95,14 @@ impl Samples {
     }
 }
 
-fn quotient(numerator: i128, denominator: i128, scale: u32) -> Option<f64> {
-    (denominator != 0).then(|| numerator as f64 / denominator as f64 * scale as f64)
+/// Who may scrape: anyone when `prometheus.bearer_token` is empty, else
+/// only the caller that presents it.
+fn may_scrape(node: &Node, caller: &Caller) -> bool {
+    !node.keys.scrape_needs_key() || *caller == Caller::Scrape
 }
 
-fn authorized(node: &Node, headers: &HeaderMap) -> bool {
-    let expected = &node.config.prometheus.bearer_token;
-    if expected.is_empty() {
-        return true;
-    }
-    let Ok(expected) = key_digest(expected) else {
-        return false;
-    };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    let Some(token) = presented else {
-        return false;
-    };
-    let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-    bool::from(digest.ct_eq(&expected))
-}
-
-pub async fn get_metrics(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
-    if !authorized(&node, &headers) {
+pub async fn get_metrics(State(node): State<Arc<Node>>, caller: Caller) -> Response {
+    if !may_scrape(&node, &caller) {
         return ApiError::Unauthorized.into_response();
     }
     telemetry::collect_process_metrics();
@@ -171,83 +142,40 @@ async fn tenant_samples(node: &Node) -> Samples {
         dropped: 0,
         max: node.config.prometheus.tenant_series_max,
     };
-    let catalogue = &node.catalogue;
-    let indices: Vec<usize> = (0..catalogue.metrics().len()).collect();
     let mut tenant_ids: Vec<&String> = node.tenants.keys().collect();
     tenant_ids.sort();
     let now_ms = node.now_ms();
     for tenant_id in tenant_ids {
-        let tenant = &node.tenants[tenant_id];
-        let Ok(permit) = Arc::clone(&tenant.query_permits).try_acquire_owned() else {
-            tracing::warn!(tenant = %tenant_id, "tenant busy: its window values are left out of this scrape");
-            continue;
+        let views = match TenantReader::begin(&node.tenants[tenant_id]) {
+            Ok(reader) => reader.all(now_ms).await,
+            Err(error) => Err(error),
         };
-        let in_flight = InFlight::new(permit);
-        let Ok(reads) = read_metrics(node, tenant, &indices, None, now_ms, &in_flight).await else {
-            continue;
+        // a busy or failed tenant is left out rather than stall the scrape
+        let views = match views {
+            Ok(views) => views,
+            Err(error) => {
+                tracing::warn!(tenant = %tenant_id, %error, "its window values are left out of this scrape");
+                continue;
+            }
         };
-        let readings: HashMap<usize, SeriesReading> = reads
-            .into_iter()
-            .filter_map(|(index, read)| match read {
-                MetricRead::Total(reading) => Some((index, reading)),
-                MetricRead::Breakdown(_) => None,
-            })
-            .collect();
-        for (index, def) in catalogue.metrics().iter().enumerate() {
-            for window in WindowName::ALL {
+        for (name, view) in views {
+            for (window, window_view) in &view.windows {
                 let labels = format!(
-                    "tenant=\"{tenant_id}\",metric=\"{}\",window=\"{}\"",
-                    def.name,
+                    "tenant=\"{tenant_id}\",metric=\"{name}\",window=\"{}\"",
                     window.name()
                 );
-                metric_samples(
-                    &mut samples,
-                    &labels,
-                    &def.kind,
-                    index,
-                    window,
-                    &readings,
-                    catalogue,
-                );
+                window_samples(&mut samples, &labels, *window, window_view);
             }
         }
     }
     samples
 }
 
-/// The current and previous tallies of a counter window (no previous for today).
-fn tallies(reading: &SeriesReading, window: WindowName) -> Option<(Tally, Option<Tally>)> {
-    let SeriesReading::Counter(counter) = reading else {
-        return None;
-    };
-    Some(match window {
-        WindowName::Today => (counter.today, None),
-        WindowName::Sliding(sliding) => {
-            let tally = counter.sliding(sliding);
-            (tally.current, Some(tally.prev))
-        }
-    })
-}
-
-fn metric_samples(
-    samples: &mut Samples,
-    labels: &str,
-    kind: &MetricKind,
-    index: usize,
-    window: WindowName,
-    readings: &HashMap<usize, SeriesReading>,
-    catalogue: &crate::domain::catalogue::Catalogue,
-) {
-    match kind {
-        MetricKind::Histogram => {
-            let Some(SeriesReading::Histogram(reading)) = readings.get(&index) else {
-                return;
-            };
-            let stats: &HistogramStats = match window {
-                WindowName::Sliding(SlidingWindow::Sec30) => &reading.sec30,
-                WindowName::Sliding(SlidingWindow::Min15) => &reading.min15,
-                WindowName::Today => &reading.today,
-            };
+/// The samples of one window of one metric, from its view.
+fn window_samples(samples: &mut Samples, labels: &str, window: WindowName, view: &WindowView) {
+    let sliding = window != WindowName::Today;
+    match view {
+        WindowView::Histogram(stats) => {
             samples.push_int(2, labels, stats.count as i128);
             for (quantile, value) in [
                 ("0.5", stats.p50),
@@ -267,60 +195,35 @@ fn metric_samples(
                 samples.push_int(6, labels, max as i128);
             }
         }
-        MetricKind::Mean {
-            sum_metric,
-            count_metric,
-            scale,
-        } => {
-            let (Some(sums), Some(counts)) = (readings.get(sum_metric), readings.get(count_metric))
-            else {
-                return;
-            };
-            let (Some((sum, sum_prev)), Some((count, count_prev))) =
-                (tallies(sums, window), tallies(counts, window))
-            else {
-                return;
-            };
-            let sum_kind = &catalogue.metrics()[*sum_metric].kind;
-            let count_kind = &catalogue.metrics()[*count_metric].kind;
-            let denominator = counter_value(count_kind, count);
-            samples.push_float(
-                0,
-                labels,
-                quotient(counter_value(sum_kind, sum), denominator, *scale),
-            );
-            samples.push_int(7, labels, denominator);
-            if let (Some(sum_prev), Some(count_prev)) = (sum_prev, count_prev) {
-                let prev = quotient(
-                    counter_value(sum_kind, sum_prev),
-                    counter_value(count_kind, count_prev),
-                    *scale,
-                );
-                samples.push_float(1, labels, prev);
+        WindowView::Mean { current, .. } => {
+            samples.push_float(0, labels, view.value());
+            samples.push_int(7, labels, current.count);
+            if sliding {
+                samples.push_float(1, labels, view.prev_value());
             }
         }
-        MetricKind::Ratio => {
-            let Some((current, prev)) = readings.get(&index).and_then(|r| tallies(r, window))
-            else {
-                return;
-            };
-            samples.push_float(0, labels, quotient(current.sum, current.count as i128, 1));
+        WindowView::Ratio { current, prev } => {
+            samples.push_float(0, labels, view.value());
             samples.push_int(2, labels, current.count as i128);
             samples.push_int(4, labels, current.sum);
             if let Some(prev) = prev {
-                samples.push_float(1, labels, quotient(prev.sum, prev.count as i128, 1));
+                samples.push_float(1, labels, view.prev_value());
                 samples.push_int(3, labels, prev.count as i128);
             }
         }
-        MetricKind::Sum { .. } | MetricKind::Count => {
-            let Some((current, prev)) = readings.get(&index).and_then(|r| tallies(r, window))
-            else {
-                return;
-            };
-            samples.push_int(0, labels, counter_value(kind, current));
+        WindowView::Sum { current, prev } => {
+            samples.push_int(0, labels, current.sum);
             samples.push_int(2, labels, current.count as i128);
             if let Some(prev) = prev {
-                samples.push_int(1, labels, counter_value(kind, prev));
+                samples.push_int(1, labels, prev.sum);
+                samples.push_int(3, labels, prev.count as i128);
+            }
+        }
+        WindowView::Count { current, prev } => {
+            samples.push_int(0, labels, current.count as i128);
+            samples.push_int(2, labels, current.count as i128);
+            if let Some(prev) = prev {
+                samples.push_int(1, labels, prev.count as i128);
                 samples.push_int(3, labels, prev.count as i128);
             }
         }

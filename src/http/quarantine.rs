@@ -3,13 +3,14 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::actors::tenant::{DeleteQuarantined, EventOutcome, ListQuarantine, RetryQuarantined};
-use crate::app::Node;
+use crate::auth::Caller;
+use crate::node::Node;
 
 use super::error::ApiError;
 use super::query::begin_read;
@@ -42,10 +43,11 @@ fn parse_qid(text: &str) -> Result<u64, ApiError> {
 
 pub async fn list(
     State(node): State<Arc<Node>>,
-    headers: HeaderMap,
+    caller: Caller,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let (query, tenant, in_flight) = begin_read(&node, &headers, query, |q| q.tenant.as_deref())?;
+    let (query, reader) = begin_read(&node, &caller, query, |q| q.tenant.as_deref())?;
+    let (tenant, in_flight) = (reader.tenant(), reader.in_flight());
     let limit_max = node.config.quarantine.list_limit_max;
     let limit = query.limit.unwrap_or(100.min(limit_max));
     if limit == 0 || limit > limit_max {
@@ -86,10 +88,11 @@ pub async fn list(
 pub async fn retry(
     State(node): State<Arc<Node>>,
     Path(qid): Path<String>,
-    headers: HeaderMap,
+    caller: Caller,
     query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let (_, tenant, in_flight) = begin_read(&node, &headers, query, |q| q.tenant.as_deref())?;
+    let (_, reader) = begin_read(&node, &caller, query, |q| q.tenant.as_deref())?;
+    let (tenant, in_flight) = (reader.tenant(), reader.in_flight());
     let qid = parse_qid(&qid)?;
     let now_ms = node.now_ms();
     let outcome = tenant
@@ -117,10 +120,11 @@ pub async fn retry(
 pub async fn delete(
     State(node): State<Arc<Node>>,
     Path(qid): Path<String>,
-    headers: HeaderMap,
+    caller: Caller,
     query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let (_, tenant, in_flight) = begin_read(&node, &headers, query, |q| q.tenant.as_deref())?;
+    let (_, reader) = begin_read(&node, &caller, query, |q| q.tenant.as_deref())?;
+    let (tenant, in_flight) = (reader.tenant(), reader.in_flight());
     let qid = parse_qid(&qid)?;
     let removed = tenant
         .actor

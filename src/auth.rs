@@ -1,15 +1,13 @@
-//! Who is calling: bearer keys resolved to a tenant or to admin, and which
-//! tenant a read may address (API.md §2).
-//! Must not: accept tokens anywhere but the Authorization header, or compare keys
-//! in time that depends on how much of a key matched.
+//! Who is calling: a presented key resolved to a tenant, to admin or to the
+//! scrape key, and which tenant a caller may address (API.md §2, §9).
+//! Owns: the key digests and the rules of who may read what. The transport
+//! (where a token comes from: a header, a WebSocket message) is the surface's.
+//! Must not: compare keys in time that depends on how much of a key matched.
 
-use axum::http::{header, HeaderMap};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::{key_digest, Config};
-
-use super::error::ApiError;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
@@ -17,10 +15,43 @@ pub enum Principal {
     Tenant(String),
 }
 
+/// Who is calling, as every route, `/metrics` and `/v1/live` learn it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// No key was presented.
+    Anonymous,
+    /// A key was presented that is not known (or not well formed).
+    Invalid,
+    /// `prometheus.bearer_token`: may scrape, nothing else.
+    Scrape,
+    Key(Principal),
+}
+
+impl Caller {
+    /// The tenant or admin key behind the call; any other caller is 401.
+    pub fn principal(&self) -> Result<&Principal, AuthError> {
+        match self {
+            Caller::Key(principal) => Ok(principal),
+            _ => Err(AuthError::Unauthorized),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing or unknown api key")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("an admin key must name a tenant with ?tenant=")]
+    TenantNeeded,
+}
+
 /// Every configured key as its SHA-256 digest.
 #[derive(Debug, Clone, Default)]
 pub struct KeyRing {
     entries: Vec<([u8; 32], Principal)>,
+    scrape: Option<[u8; 32]>,
 }
 
 impl KeyRing {
@@ -39,7 +70,16 @@ impl KeyRing {
                 }
             }
         }
-        KeyRing { entries }
+        let token = &config.prometheus.bearer_token;
+        let scrape = (!token.is_empty())
+            .then(|| key_digest(token).ok())
+            .flatten();
+        KeyRing { entries, scrape }
+    }
+
+    /// True when `/metrics` asks for the scrape key.
+    pub fn scrape_needs_key(&self) -> bool {
+        self.scrape.is_some()
     }
 
     /// Compares the token's digest with every key, without stopping at a match.
@@ -54,17 +94,19 @@ impl KeyRing {
         found
     }
 
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, ApiError> {
-        let token = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            // the scheme is case-insensitive (RFC 9110 §11.1)
-            .and_then(|value| {
-                let (scheme, token) = value.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then_some(token)
-            })
-            .ok_or(ApiError::Unauthorized)?;
-        self.resolve(token.trim()).ok_or(ApiError::Unauthorized)
+    /// The caller a presented token makes (`None`: no token at all).
+    pub fn caller(&self, token: Option<&str>) -> Caller {
+        let Some(token) = token else {
+            return Caller::Anonymous;
+        };
+        if let Some(principal) = self.resolve(token) {
+            return Caller::Key(principal);
+        }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        match &self.scrape {
+            Some(scrape) if bool::from(scrape.ct_eq(&digest)) => Caller::Scrape,
+            _ => Caller::Invalid,
+        }
     }
 }
 
@@ -73,17 +115,15 @@ impl KeyRing {
 pub fn tenant_for_read<'p>(
     principal: &'p Principal,
     named: Option<&'p str>,
-) -> Result<&'p str, ApiError> {
+) -> Result<&'p str, AuthError> {
     match (principal, named) {
         (Principal::Tenant(own), None) => Ok(own),
         (Principal::Tenant(own), Some(named)) if named == own => Ok(own),
-        (Principal::Tenant(_), Some(_)) => Err(ApiError::Forbidden(
+        (Principal::Tenant(_), Some(_)) => Err(AuthError::Forbidden(
             "a tenant key can only read its own tenant".into(),
         )),
         (Principal::Admin, Some(named)) => Ok(named),
-        (Principal::Admin, None) => Err(ApiError::BadRequest(
-            "an admin key must name a tenant with ?tenant=".into(),
-        )),
+        (Principal::Admin, None) => Err(AuthError::TenantNeeded),
     }
 }
 
@@ -117,6 +157,25 @@ mod tests {
     }
 
     #[test]
+    fn callers_are_told_apart() {
+        let mut config = Config::parse(
+            "[[tenants]]\nid = \"a\"\napi_keys = [\"key-a\"]\ncurrency = \"USD\"\n",
+            Vec::new(),
+        )
+        .unwrap();
+        config.prometheus.bearer_token = "scrape-me".into();
+        let ring = KeyRing::from_config(&config);
+        assert_eq!(ring.caller(None), Caller::Anonymous);
+        assert_eq!(ring.caller(Some("nope")), Caller::Invalid);
+        assert_eq!(ring.caller(Some("scrape-me")), Caller::Scrape);
+        assert_eq!(
+            ring.caller(Some("key-a")),
+            Caller::Key(Principal::Tenant("a".into()))
+        );
+        assert_eq!(Caller::Scrape.principal(), Err(AuthError::Unauthorized));
+    }
+
+    #[test]
     fn sha256_configured_key_matches_its_plain_text() {
         let digest = hex::encode(Sha256::digest(b"secret"));
         let config = Config::parse(
@@ -138,12 +197,12 @@ mod tests {
         assert_eq!(tenant_for_read(&tenant, Some("a")).unwrap(), "a");
         assert!(matches!(
             tenant_for_read(&tenant, Some("b")),
-            Err(ApiError::Forbidden(_))
+            Err(AuthError::Forbidden(_))
         ));
-        assert!(matches!(
+        assert_eq!(
             tenant_for_read(&Principal::Admin, None),
-            Err(ApiError::BadRequest(_))
-        ));
+            Err(AuthError::TenantNeeded)
+        );
         assert_eq!(tenant_for_read(&Principal::Admin, Some("b")).unwrap(), "b");
     }
 }

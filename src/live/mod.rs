@@ -1,0 +1,57 @@
+//! Live push (API.md §5): the feed runner that fills each tenant's shared frame
+//! (`read::feed`) while any session watches it, the typed WebSocket protocol
+//! (`protocol`) and the sessions (`session`). docs/architecture.md, "the path
+//! of a read".
+//! Must not: read when nobody watches, or read windows per session (sessions
+//! share their tenant's frame).
+
+pub mod protocol;
+pub mod session;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::node::Node;
+use crate::read::feed::{Frame, TenantFeed};
+use crate::read::TenantReader;
+
+/// Reads every metric of a tenant once (a fresh read, so it equals a read at
+/// this moment); `None` when the tenant cannot be read now (busy or not
+/// serving).
+pub async fn read_frame(node: &Node, tenant_id: &str) -> Option<Frame> {
+    let reader = TenantReader::begin(node.tenant(tenant_id)?).ok()?;
+    let at_ms = node.now_ms();
+    let views = reader.all(at_ms).await.ok()?;
+    Some(Frame {
+        seq: 0,
+        at_ms,
+        metrics: views.into_iter().collect::<BTreeMap<_, _>>(),
+    })
+}
+
+/// Runs a tenant's feed until `stopping` turns true: a read per
+/// `live.tick_ms` while watched.
+pub async fn run_feed(
+    node: Arc<Node>,
+    tenant_id: String,
+    feed: Arc<TenantFeed>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(Duration::from_millis(node.config.live.tick_ms));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stopping.wait_for(|stopping| *stopping) => return,
+        }
+        // sessions with only topic subscriptions (or none yet) need no reads
+        if !feed.is_watched() {
+            continue;
+        }
+        // a busy tenant skips a tick rather than queue behind its own ingestion
+        if let Some(frame) = read_frame(&node, &tenant_id).await {
+            feed.publish(frame);
+        }
+    }
+}

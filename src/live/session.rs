@@ -1,0 +1,528 @@
+//! One WebSocket session of `/v1/live` (API.md §5), after the upgrade.
+//! Owns: authentication by the first message when the upgrade had no key
+//! (close 4401), the session's subscriptions, snapshots, updates of only what
+//! changed at most once per `interval_ms`, errors as messages, pings and the
+//! idle close, and the replay of `alerts` / `signals` records after `since`.
+//! Must not: read windows itself per session (it reads the tenant's shared
+//! frame), or buffer without bound (the frame is a latest-value `watch`; topic
+//! replays are capped by `live.replay_records_max`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use serde_json::{Map, Value};
+
+use crate::auth::{tenant_for_read, Caller};
+use crate::clock::Stopwatch;
+use crate::domain::time::WindowName;
+use crate::node::Node;
+use crate::read::feed::Frame;
+use crate::read::{MetricView, WindowView};
+use crate::storage::outbox::{read_since, Topic};
+
+use super::protocol::{parse_client_message, ClientMessage, ErrorCode, ServerMessage, Subscribe};
+
+pub const CLOSE_UNAUTHORIZED: u16 = 4401;
+pub const CLOSE_TOO_MANY_SESSIONS: u16 = 4429;
+pub const CLOSE_IDLE: u16 = 1001;
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+pub const CLOSE_TOO_BIG: u16 = 1009;
+pub const CLOSE_TOO_FAR_BEHIND: u16 = 4408;
+
+async fn close(socket: &mut WebSocket, limit: Duration, code: u16, reason: &'static str) {
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }));
+    let _ = tokio::time::timeout(limit, socket.send(frame)).await;
+}
+
+/// Sends one message; false when the client is gone or did not take it within
+/// `live.send_timeout_ms` (a client that stops reading must not hold its
+/// session, its place in the tenant's budget, or shutdown).
+async fn send(socket: &mut WebSocket, limit: Duration, message: &ServerMessage) -> bool {
+    let text = Message::Text(message.to_text().into());
+    matches!(
+        tokio::time::timeout(limit, socket.send(text)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// The tenant a key reads over live push, if it exists.
+pub fn live_tenant(node: &Node, caller: &Caller, named: Option<&str>) -> Option<String> {
+    let principal = caller.principal().ok()?;
+    let tenant = tenant_for_read(principal, named).ok()?;
+    node.tenant(tenant).map(|_| tenant.to_string())
+}
+
+/// Waits for `{"op":"auth","token":…,"tenant"?:…}` as the first message.
+async fn first_message_auth(node: &Node, socket: &mut WebSocket) -> Option<String> {
+    let wait = Duration::from_secs(node.config.live.idle_timeout_s);
+    let Ok(Some(Ok(Message::Text(text)))) = tokio::time::timeout(wait, socket.recv()).await else {
+        return None;
+    };
+    let Ok(ClientMessage::Auth { token, tenant }) = parse_client_message(&text) else {
+        return None;
+    };
+    let caller = node.keys.caller(Some(&token));
+    live_tenant(node, &caller, tenant.as_deref())
+}
+
+/// A metric subscription: what it selects and what it last sent.
+struct MetricSubscription {
+    metrics: Option<Vec<String>>,
+    windows: Vec<WindowName>,
+    interval_ms: u64,
+    since_sent: Stopwatch,
+    /// Frames older than the snapshot are not sent (they would step back).
+    from_ms: i64,
+    /// The seq of the last frame this subscription looked at.
+    last_seq: u64,
+    /// (metric, window) → the view last sent.
+    sent: BTreeMap<(String, WindowName), WindowView>,
+}
+
+impl MetricSubscription {
+    fn selects(&self, metric: &str) -> bool {
+        self.metrics
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|name| name == metric))
+    }
+
+    /// The selected windows of `frame` that differ from what was sent, and
+    /// remembers them as sent. All of them for a snapshot.
+    fn changes(&mut self, frame: &Frame, everything: bool) -> BTreeMap<String, MetricView> {
+        let mut changed = BTreeMap::new();
+        for (name, view) in &frame.metrics {
+            if !self.selects(name) {
+                continue;
+            }
+            let mut windows = Vec::new();
+            for &window in &self.windows {
+                let Some(value) = view.window(window) else {
+                    continue;
+                };
+                let key = (name.clone(), window);
+                if everything || self.sent.get(&key) != Some(value) {
+                    windows.push((window, *value));
+                    self.sent.insert(key, *value);
+                }
+            }
+            if !windows.is_empty() {
+                changed.insert(
+                    name.clone(),
+                    MetricView {
+                        kind: view.kind,
+                        windows,
+                    },
+                );
+            }
+        }
+        changed
+    }
+}
+
+/// What handling a client message asks of the session.
+enum Next {
+    Stay,
+    /// Close after the replies (4408: the client resumes with `since`).
+    CloseTooFarBehind,
+}
+
+/// Runs a session; `tenant` is known when the upgrade carried a key.
+pub async fn run(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>) {
+    let limit = Duration::from_millis(node.config.live.send_timeout_ms);
+    let tenant = match tenant {
+        Some(tenant) => tenant,
+        None => match first_message_auth(&node, &mut socket).await {
+            Some(tenant) => tenant,
+            None => return close(&mut socket, limit, CLOSE_UNAUTHORIZED, "unauthorized").await,
+        },
+    };
+    let Some(feed) = node.feeds.get(&tenant).cloned() else {
+        return close(&mut socket, limit, CLOSE_UNAUTHORIZED, "unknown tenant").await;
+    };
+    let Some(_place) = feed.join(&tenant, node.config.live.sessions_per_tenant_max) else {
+        let message = format!("tenant {tenant} has live.sessions_per_tenant_max sessions");
+        send(
+            &mut socket,
+            limit,
+            &ServerMessage::error(ErrorCode::TooManySessions, message),
+        )
+        .await;
+        return close(
+            &mut socket,
+            limit,
+            CLOSE_TOO_MANY_SESSIONS,
+            "too many sessions",
+        )
+        .await;
+    };
+    let mut subscriptions: BTreeMap<String, MetricSubscription> = BTreeMap::new();
+    // the loop returns from many places; the gauge is settled once, after it
+    async {
+        let mut frames = feed.subscribe();
+        let mut topics: BTreeMap<String, Topic> = BTreeMap::new();
+        let mut heard = Stopwatch::start();
+        let tick = Duration::from_millis(node.config.live.tick_ms);
+        let mut wake = Box::pin(tokio::time::sleep(tick));
+        // true while some subscription may send now (its interval has passed)
+        let mut due = true;
+        let mut ping = tokio::time::interval(Duration::from_secs(node.config.live.ping_interval_s));
+        ping.tick().await;
+        let idle_ms = node.config.live.idle_timeout_s * 1000;
+        let mut stopping = node.stopping.subscribe();
+        if *stopping.borrow() {
+            return close(&mut socket, limit, CLOSE_GOING_AWAY, "server stopping").await;
+        }
+        loop {
+            tokio::select! {
+                _ = stopping.changed() => {
+                    return close(&mut socket, limit, CLOSE_GOING_AWAY, "server stopping").await;
+                }
+                received = socket.recv() => {
+                    let message = match received {
+                        Some(Ok(message)) => message,
+                        Some(Err(error)) => {
+                            // a message over live.message_bytes_max: say so (1009)
+                            let too_big = error
+                                .into_inner()
+                                .downcast_ref::<tokio_tungstenite::tungstenite::Error>()
+                                .is_some_and(|error| matches!(error, tokio_tungstenite::tungstenite::Error::Capacity(_)));
+                            if too_big {
+                                close(&mut socket, limit, CLOSE_TOO_BIG, "message too big").await;
+                            }
+                            return;
+                        }
+                        None => return,
+                    };
+                    heard = Stopwatch::start();
+                    let (replies, next) = match message {
+                        Message::Text(text) => {
+                            handle(&node, &tenant, &text, &frames, &mut subscriptions, &mut topics).await
+                        }
+                        Message::Binary(_) => (
+                            vec![ServerMessage::error(ErrorCode::BadMessage, "binary messages are not supported")],
+                            Next::Stay,
+                        ),
+                        Message::Close(_) => return,
+                        Message::Ping(_) | Message::Pong(_) => (Vec::new(), Next::Stay),
+                    };
+                    for reply in &replies {
+                        if !send(&mut socket, limit, reply).await {
+                            return;
+                        }
+                    }
+                    if let Next::CloseTooFarBehind = next {
+                        return close(&mut socket, limit, CLOSE_TOO_FAR_BEHIND, "too far behind; resume with since").await;
+                    }
+                    // subscriptions may have changed: plan the next wake-up anew
+                    wake = Box::pin(tokio::time::sleep(Duration::from_millis(1)));
+                }
+                // frames matter only while a subscription is due: the others sleep
+                // until they are, so a frame does not wake every session
+                changed = frames.changed(), if due => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // a new frame goes out at once to every subscription that is due
+                    match send_due(&mut socket, limit, &frames, &mut subscriptions).await {
+                        Some((wait, is_due)) => {
+                            wake = Box::pin(tokio::time::sleep(wait));
+                            due = is_due;
+                        }
+                        None => return,
+                    }
+                }
+                _ = &mut wake => {
+                    // a subscription that was not due when its frame came is due now
+                    match send_due(&mut socket, limit, &frames, &mut subscriptions).await {
+                        Some((wait, is_due)) => {
+                            wake = Box::pin(tokio::time::sleep(wait));
+                            due = is_due;
+                        }
+                        None => return,
+                    }
+                }
+                _ = ping.tick() => {
+                    if heard.elapsed_ms() >= idle_ms {
+                        return close(&mut socket, limit, CLOSE_IDLE, "idle").await;
+                    }
+                    if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    feed.add_watchers(-(subscriptions.len() as isize));
+}
+
+/// Sends an update to every subscription whose interval has passed and whose
+/// values changed. Returns how long until the next subscription is due and
+/// whether one is due now (then the next frame wakes the session), or `None`
+/// when the client is gone.
+async fn send_due(
+    socket: &mut WebSocket,
+    limit: Duration,
+    frames: &tokio::sync::watch::Receiver<Arc<Frame>>,
+    subscriptions: &mut BTreeMap<String, MetricSubscription>,
+) -> Option<(Duration, bool)> {
+    let frame = frames.borrow().clone();
+    let mut next_due_ms = u64::MAX;
+    let mut due_now = false;
+    for (id, subscription) in subscriptions.iter_mut() {
+        let since_ms = subscription.since_sent.elapsed_ms();
+        if since_ms < subscription.interval_ms {
+            next_due_ms = next_due_ms.min(subscription.interval_ms - since_ms);
+            continue;
+        }
+        if frame.at_ms < subscription.from_ms {
+            due_now = true;
+            continue;
+        }
+        let changed = subscription.changes(&frame, false);
+        if changed.is_empty() {
+            due_now = true;
+            continue;
+        }
+        subscription.since_sent = Stopwatch::start();
+        // frames between the last one sent and this one were superseded
+        crate::telemetry::count_live_update(frame.seq.saturating_sub(subscription.last_seq + 1));
+        subscription.last_seq = frame.seq;
+        next_due_ms = next_due_ms.min(subscription.interval_ms);
+        let update = ServerMessage::Update {
+            sub: id.clone(),
+            at: frame.at_ms,
+            metrics: changed,
+        };
+        if !send(socket, limit, &update).await {
+            return None;
+        }
+    }
+    // with nothing pending, wake with the next frame (or a second from now)
+    Some((Duration::from_millis(next_due_ms.clamp(1, 1000)), due_now))
+}
+
+/// One client message; returns the messages to send back and what follows.
+async fn handle(
+    node: &Node,
+    tenant: &str,
+    text: &str,
+    frames: &tokio::sync::watch::Receiver<Arc<Frame>>,
+    subscriptions: &mut BTreeMap<String, MetricSubscription>,
+    topics: &mut BTreeMap<String, Topic>,
+) -> (Vec<ServerMessage>, Next) {
+    let message = match parse_client_message(text) {
+        Ok(message) => message,
+        Err(error) => return (vec![error], Next::Stay),
+    };
+    match message {
+        ClientMessage::Auth { .. } => (
+            vec![ServerMessage::error(
+                ErrorCode::AlreadyAuthenticated,
+                "this connection is authenticated",
+            )],
+            Next::Stay,
+        ),
+        ClientMessage::Unsubscribe { id } => {
+            if subscriptions.remove(&id).is_some() {
+                if let Some(feed) = node.feeds.get(tenant) {
+                    feed.add_watchers(-1);
+                }
+            } else if topics.remove(&id).is_none() {
+                let message = format!("no subscription {id}");
+                return (
+                    vec![ServerMessage::error(
+                        ErrorCode::UnknownSubscription,
+                        message,
+                    )],
+                    Next::Stay,
+                );
+            }
+            (vec![ServerMessage::Unsubscribed { sub: id }], Next::Stay)
+        }
+        ClientMessage::Subscribe(request) => {
+            let before = subscriptions.len();
+            let replies = subscribe(node, tenant, request, frames, subscriptions, topics).await;
+            if subscriptions.len() > before {
+                if let Some(feed) = node.feeds.get(tenant) {
+                    feed.add_watchers(1);
+                }
+            }
+            replies
+        }
+    }
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> (Vec<ServerMessage>, Next) {
+    (vec![ServerMessage::error(code, message)], Next::Stay)
+}
+
+async fn subscribe(
+    node: &Node,
+    tenant: &str,
+    request: Subscribe,
+    frames: &tokio::sync::watch::Receiver<Arc<Frame>>,
+    subscriptions: &mut BTreeMap<String, MetricSubscription>,
+    topics: &mut BTreeMap<String, Topic>,
+) -> (Vec<ServerMessage>, Next) {
+    let limits = &node.config.live;
+    let id = request.id;
+    if id.is_empty() || id.len() > 64 {
+        return refuse(
+            ErrorCode::BadMessage,
+            "subscribe needs an id of 1 to 64 bytes",
+        );
+    }
+    if subscriptions.contains_key(&id) || topics.contains_key(&id) {
+        return refuse(ErrorCode::DuplicateId, format!("subscription {id} exists"));
+    }
+    if subscriptions.len() + topics.len() >= limits.subscriptions_per_session_max {
+        return refuse(
+            ErrorCode::TooManySubscriptions,
+            format!(
+                "at most {} subscriptions per connection",
+                limits.subscriptions_per_session_max
+            ),
+        );
+    }
+    if let Some(topic) = request.topic {
+        let topic = match topic.as_str() {
+            "alerts" => Topic::Alerts,
+            "signals" => Topic::Signals,
+            _ => return refuse(ErrorCode::UnknownTopic, "topic must be alerts or signals"),
+        };
+        return replay(node, tenant, id, topic, request.since.unwrap_or(0), topics).await;
+    }
+    let metrics = match request.metrics {
+        None => None,
+        Some(names) => {
+            if let Some(unknown) = names
+                .iter()
+                .find(|name| node.catalogue.index_of(name).is_none())
+            {
+                return refuse(
+                    ErrorCode::UnknownMetric,
+                    format!("unknown metric {unknown}"),
+                );
+            }
+            Some(names)
+        }
+    };
+    let windows = match request.windows {
+        None => WindowName::ALL.to_vec(),
+        Some(names) => {
+            let mut selected = Vec::with_capacity(names.len());
+            for name in names {
+                match WindowName::parse(&name) {
+                    Some(window) => selected.push(window),
+                    None => {
+                        return refuse(
+                            ErrorCode::UnknownWindow,
+                            format!("unknown window {name}; use 30s, 15m or today"),
+                        )
+                    }
+                }
+            }
+            selected
+        }
+    };
+    let interval_ms = match request.interval_ms {
+        None => 1000,
+        Some(ms) if (100..=3_600_000).contains(&ms) => ms,
+        Some(_) => {
+            return refuse(
+                ErrorCode::BadInterval,
+                "interval_ms must be between 100 and 3600000",
+            )
+        }
+    };
+    // the snapshot comes from a fresh read, so it equals a read at this moment;
+    // when the tenant's reads are all in use, say so rather than send old values
+    let Some(frame) = super::read_frame(node, tenant).await else {
+        return refuse(
+            ErrorCode::Unavailable,
+            "the tenant is busy; subscribe again shortly",
+        );
+    };
+    let mut subscription = MetricSubscription {
+        metrics,
+        windows,
+        interval_ms,
+        since_sent: Stopwatch::start(),
+        from_ms: frame.at_ms,
+        last_seq: frames.borrow().seq,
+        sent: BTreeMap::new(),
+    };
+    crate::telemetry::count_live_update(0);
+    let snapshot = subscription.changes(&frame, true);
+    subscriptions.insert(id.clone(), subscription);
+    (
+        vec![ServerMessage::Snapshot {
+            sub: id,
+            at: frame.at_ms,
+            metrics: snapshot,
+        }],
+        Next::Stay,
+    )
+}
+
+/// The records of a topic after `since`, at most `live.replay_records_max`.
+async fn replay(
+    node: &Node,
+    tenant: &str,
+    id: String,
+    topic: Topic,
+    since: u64,
+    topics: &mut BTreeMap<String, Topic>,
+) -> (Vec<ServerMessage>, Next) {
+    let store = Arc::clone(&node.store);
+    let (tenant_id, replay_max, record_max) = (
+        tenant.to_string(),
+        node.config.live.replay_records_max,
+        node.config.storage.record_bytes_max,
+    );
+    let records = tokio::task::spawn_blocking(move || {
+        read_since::<String>(&*store, &tenant_id, topic, since, replay_max, record_max)
+    })
+    .await;
+    let Ok(Ok(records)) = records else {
+        return refuse(
+            ErrorCode::Unavailable,
+            "the records could not be read; retry",
+        );
+    };
+    topics.insert(id.clone(), topic);
+    let behind = records.len() >= replay_max;
+    let mut replies = Vec::with_capacity(records.len() + 1);
+    for (seq, record) in records {
+        let Some(record) = record
+            .ok()
+            .and_then(|text| serde_json::from_str::<Map<String, Value>>(&text).ok())
+        else {
+            replies.push(ServerMessage::error(
+                ErrorCode::UnreadableRecord,
+                format!("record {seq} cannot be read; it is skipped"),
+            ));
+            continue;
+        };
+        let sub = id.clone();
+        replies.push(match topic {
+            Topic::Alerts => ServerMessage::Alert { sub, seq, record },
+            Topic::Signals => ServerMessage::Signal { sub, seq, record },
+        });
+    }
+    if behind {
+        // more than one replay holds: the client resumes with the last seq
+        replies.push(ServerMessage::error(
+            ErrorCode::TooFarBehind,
+            "more records than one replay holds; reconnect with since",
+        ));
+        return (replies, Next::CloseTooFarBehind);
+    }
+    (replies, Next::Stay)
+}
