@@ -248,11 +248,16 @@ pub async fn start_with_store(
     });
     let snapshotter = {
         let node = Arc::clone(&node);
+        let mut stopping = node.stopping.subscribe();
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(snapshot_interval);
             ticks.tick().await;
             loop {
-                ticks.tick().await;
+                // a snapshot under way finishes; none starts once stopping
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    _ = stopping.wait_for(|stopping| *stopping) => return,
+                }
                 if node.committer.is_failed() {
                     return;
                 }
@@ -265,11 +270,14 @@ pub async fn start_with_store(
     let upkeep = {
         let node = Arc::clone(&node);
         let every = Duration::from_secs(node.config.prometheus.upkeep_interval_s);
+        let mut stopping = node.stopping.subscribe();
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(every);
             loop {
-                ticks.tick().await;
-                node.prometheus.run_upkeep();
+                tokio::select! {
+                    _ = ticks.tick() => node.prometheus.run_upkeep(),
+                    _ = stopping.wait_for(|stopping| *stopping) => return,
+                }
             }
         })
     };
@@ -306,8 +314,13 @@ pub async fn start_with_store(
             })?;
         metrics_addr = listener.local_addr().ok();
         let router = crate::http::metrics_router(Arc::clone(&node));
+        let mut stopping = node.stopping.subscribe();
         Some(tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stopping.wait_for(|stopping| *stopping).await;
+                })
+                .await;
         }))
     };
     node.set_ready(true);
@@ -356,13 +369,21 @@ impl RunningNode {
         if let Some(stop) = self.stop_accepting.take() {
             let _ = stop.send(());
         }
-        if let Some(snapshotter) = self.snapshotter.take() {
-            snapshotter.abort();
-        }
-        for task in self.background.drain(..) {
-            task.abort();
-        }
         let grace = Duration::from_millis(self.node.config.server.shutdown_grace_ms);
+        // the tasks end on `stopping`; what is left at the end of the grace
+        // period is aborted
+        let deadline = tokio::time::Instant::now() + grace;
+        let tasks = self
+            .snapshotter
+            .take()
+            .into_iter()
+            .chain(self.background.drain(..));
+        for mut task in tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                tracing::warn!("a background task outlived the grace period; aborted");
+                task.abort();
+            }
+        }
         if let Some(server) = self.server.take() {
             match tokio::time::timeout(grace, server).await {
                 Ok(Ok(Ok(()))) => {}

@@ -435,3 +435,45 @@ async fn batches_right_after_a_snapshot_are_replayed_on_top_of_it() {
     assert_eq!(acme, json!({"value": 7, "count": 1}));
     node.stop().await;
 }
+
+/// A tenant that stops serving (its actor found a metric actor gone after a
+/// flush, as `tests/defects.rs` drives it) makes the node not ready and
+/// answers that tenant's requests 503 with the reason; other tenants serve on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_that_stopped_serving_is_not_ready_and_503_with_its_reason() {
+    let node = start_node(|_| {}).await;
+    assert_eq!(node.get(None, "/readyz").await.status, StatusCode::OK);
+    let reason = "2 metric actor(s) stopped before applying a durable batch";
+    node.running.as_ref().unwrap().node.tenants["demo"]
+        .health
+        .fail(reason);
+    let ready = node.get(None, "/readyz").await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        ready.body,
+        json!({"status": "not_ready", "reason": format!("tenant demo is not serving: {reason}")})
+    );
+    let ingest = node.post("demo-key", &[order("a", 100, T0_MS)]).await;
+    assert_eq!(ingest.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        ingest.body["message"],
+        format!("tenant demo is not serving: {reason}")
+    );
+    assert_eq!(ingest.retry_after.as_deref(), Some("1"));
+    let read = node.get(Some("demo-key"), "/v1/metrics").await;
+    assert_eq!(read.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        read.body["message"],
+        format!("tenant demo is not serving: {reason}")
+    );
+    let acme =
+        json!({"id": "b", "type": "order.completed", "ts": T0_MS, "amount": 5, "currency": "EUR"});
+    assert_eq!(node.post("acme-key", &[acme]).await.body["accepted"], 1);
+    assert_eq!(
+        node.get(Some("acme-key"), "/v1/metrics/orders?window=today")
+            .await
+            .body["windows"]["today"]["value"],
+        1
+    );
+    node.stop().await;
+}

@@ -302,10 +302,18 @@ pub async fn post_events(
     for rejection in &rejections {
         telemetry::count_outcome(Outcome::Rejected, Some(rejection.reason), 1);
     }
-    // Take a permit of every tenant first, so that a shed request applies nothing.
+    // Take a permit of every tenant first, so that a shed request applies
+    // nothing; a tenant that stopped serving refuses the request with its reason.
     let mut permits = Vec::with_capacity(batches.len());
     for tenant_id in batches.keys() {
         let tenant = &node.tenants[*tenant_id];
+        if let Some(reason) = tenant.failure() {
+            telemetry::count_shed(telemetry::Shed::Unavailable);
+            return Err(ApiError::Unavailable {
+                message: format!("tenant {tenant_id} is not serving: {reason}"),
+                retry_after_s,
+            });
+        }
         match Arc::clone(&tenant.batch_permits).try_acquire_owned() {
             Ok(permit) => permits.push(InFlight::new(permit)),
             Err(_) => {
