@@ -144,14 +144,14 @@ fn recovery(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let now_ms = tally::clock::Clock::now_ms(&SystemClock);
     let config = build_recovery_fixture(dir.path(), now_ms);
-    let catalogue = std::sync::Arc::new(config.catalogue().unwrap());
+    let contexts = config.check().unwrap().tenant_contexts();
     let mut group = c.benchmark_group("recovery");
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(30));
     group.bench_function("open_and_recover_100k_series_10s_log", |b| {
         b.iter(|| {
             let store = SledStore::open(dir.path()).unwrap();
-            let recovered = recover(&store, &config, &catalogue, now_ms).unwrap();
+            let recovered = recover(&store, &config, &contexts, now_ms).unwrap();
             assert_eq!(
                 recovered.report.records_replayed as usize,
                 LOG_EVENTS_PER_S * LOG_SECONDS / BATCH

@@ -148,7 +148,8 @@ pub async fn start_with_store(
     clock: SharedClock,
     store: SharedStore,
 ) -> Result<RunningNode, StartError> {
-    let catalogue = Arc::new(config.catalogue().map_err(|issues| {
+    // the one parse of everything the config holds as text
+    let checked = config.check().map_err(|issues| {
         StartError::Config(
             issues
                 .iter()
@@ -156,15 +157,16 @@ pub async fn start_with_store(
                 .collect::<Vec<_>>()
                 .join("; "),
         )
-    })?);
+    })?;
+    let catalogue = Arc::clone(&checked.catalogue);
     let prometheus = crate::telemetry::install();
 
     let recovered = {
         let store = Arc::clone(&store);
         let config = config.clone();
-        let catalogue = Arc::clone(&catalogue);
+        let contexts = checked.tenant_contexts();
         let now_ms = clock.now_ms();
-        tokio::task::spawn_blocking(move || recover(&*store, &config, &catalogue, now_ms))
+        tokio::task::spawn_blocking(move || recover(&*store, &config, &contexts, now_ms))
             .await
             .map_err(|error| StartError::Thread(std::io::Error::other(error.to_string())))?
             .map_err(StartError::Recovery)?
@@ -201,8 +203,8 @@ pub async fn start_with_store(
 
     let runtime = ActorRuntime::start(config.shard_count()).map_err(StartError::Thread)?;
     let tenants = start_tenants(&config, &catalogue, &runtime, recovered, &durability);
-    let keys = KeyRing::from_config(&config);
-    let addr = config.listen_addr();
+    let keys = KeyRing::from_checked(&checked);
+    let addr = checked.listen;
     let snapshot_interval = Duration::from_secs(config.storage.snapshot_interval_s);
     let ingest_kib = Arc::new(Semaphore::new(
         config.server.ingest_bytes_inflight_max / 1024,
@@ -294,18 +296,7 @@ pub async fn start_with_store(
         })
         .collect();
     let mut metrics_addr = None;
-    let metrics_server = if node.config.prometheus.listen.is_empty() {
-        None
-    } else {
-        let wanted: SocketAddr =
-            node.config
-                .prometheus
-                .listen
-                .parse()
-                .map_err(|_| StartError::Listen {
-                    addr,
-                    source: std::io::Error::other("prometheus.listen is not an address"),
-                })?;
+    let metrics_server = if let Some(wanted) = checked.metrics_listen {
         let listener = tokio::net::TcpListener::bind(wanted)
             .await
             .map_err(|source| StartError::Listen {
@@ -322,6 +313,8 @@ pub async fn start_with_store(
                 })
                 .await;
         }))
+    } else {
+        None
     };
     node.set_ready(true);
     tracing::info!(%local_addr, shards = runtime.shard_count(), tenants = node.tenants.len(), "tally is serving");

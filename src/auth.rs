@@ -7,7 +7,7 @@
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::{key_digest, Config};
+use crate::config::Checked;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
@@ -55,26 +55,21 @@ pub struct KeyRing {
 }
 
 impl KeyRing {
-    /// Keys of a validated config (invalid keys were refused by `validate`).
-    pub fn from_config(config: &Config) -> KeyRing {
+    /// The keys of a checked config.
+    pub fn from_checked(checked: &Checked) -> KeyRing {
         let mut entries = Vec::new();
-        for key in &config.admin.api_keys {
-            if let Ok(digest) = key_digest(key) {
-                entries.push((digest, Principal::Admin));
+        for digest in &checked.admin_keys {
+            entries.push((*digest, Principal::Admin));
+        }
+        for tenant in &checked.tenants {
+            for digest in &tenant.key_digests {
+                entries.push((*digest, Principal::Tenant(tenant.id.clone())));
             }
         }
-        for tenant in &config.tenants {
-            for key in &tenant.api_keys {
-                if let Ok(digest) = key_digest(key) {
-                    entries.push((digest, Principal::Tenant(tenant.id.clone())));
-                }
-            }
+        KeyRing {
+            entries,
+            scrape: checked.scrape_key,
         }
-        let token = &config.prometheus.bearer_token;
-        let scrape = (!token.is_empty())
-            .then(|| key_digest(token).ok())
-            .flatten();
-        KeyRing { entries, scrape }
     }
 
     /// True when `/metrics` asks for the scrape key.
@@ -130,6 +125,7 @@ pub fn tenant_for_read<'p>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     fn ring() -> KeyRing {
         let config = Config::parse(
@@ -144,7 +140,7 @@ mod tests {
             Vec::new(),
         )
         .unwrap();
-        KeyRing::from_config(&config)
+        KeyRing::from_checked(&config.check().unwrap())
     }
 
     #[test]
@@ -164,7 +160,7 @@ mod tests {
         )
         .unwrap();
         config.prometheus.bearer_token = "scrape-me".into();
-        let ring = KeyRing::from_config(&config);
+        let ring = KeyRing::from_checked(&config.check().unwrap());
         assert_eq!(ring.caller(None), Caller::Anonymous);
         assert_eq!(ring.caller(Some("nope")), Caller::Invalid);
         assert_eq!(ring.caller(Some("scrape-me")), Caller::Scrape);
@@ -185,7 +181,7 @@ mod tests {
             Vec::new(),
         )
         .unwrap();
-        let ring = KeyRing::from_config(&config);
+        let ring = KeyRing::from_checked(&config.check().unwrap());
         assert_eq!(ring.resolve("secret"), Some(Principal::Tenant("t".into())));
         assert_eq!(ring.resolve(&format!("sha256:{digest}")), None);
     }

@@ -10,12 +10,14 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::domain::catalogue::{Catalogue, MetricDef, MetricKind, SumField, METRICS_MAX};
 use crate::domain::event::{is_valid_type, EventLimits};
+use crate::domain::tenant::TenantContext;
 
 pub const ENV_PREFIX: &str = "TALLY_";
 
@@ -235,7 +237,7 @@ fn default_timezone() -> String {
 #[serde(deny_unknown_fields)]
 pub struct MetricConfig {
     pub name: String,
-    pub kind: String,
+    pub kind: MetricKindName,
     #[serde(default)]
     pub help: String,
     /// sum, count, histogram: the event types counted.
@@ -260,6 +262,75 @@ pub struct MetricConfig {
     pub dims: Vec<String>,
 }
 
+/// The SHA-256 digest of an API key.
+pub type KeyDigest = [u8; 32];
+
+/// What `Config::check` parsed out of the text of a valid config: what the
+/// node runs on. Nothing here is parsed again.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub listen: SocketAddr,
+    /// `prometheus.listen`: `/metrics` on a listener of its own.
+    pub metrics_listen: Option<SocketAddr>,
+    /// `prometheus.bearer_token`: the scrape key, when one is asked for.
+    pub scrape_key: Option<KeyDigest>,
+    pub admin_keys: Vec<KeyDigest>,
+    pub tenants: Vec<TenantSettings>,
+    pub catalogue: Arc<Catalogue>,
+    pub event_limits: EventLimits,
+}
+
+/// A configured tenant, its values parsed.
+#[derive(Debug, Clone)]
+pub struct TenantSettings {
+    pub id: String,
+    /// An ISO 4217 code (three capital letters).
+    pub currency: String,
+    pub tz: chrono_tz::Tz,
+    pub key_digests: Vec<KeyDigest>,
+}
+
+impl Checked {
+    /// What every part of the node knows of each tenant, in config order.
+    pub fn tenant_contexts(&self) -> Vec<Arc<TenantContext>> {
+        self.tenants
+            .iter()
+            .map(|tenant| {
+                Arc::new(TenantContext {
+                    id: Arc::from(tenant.id.as_str()),
+                    currency: tenant.currency.clone(),
+                    tz: tenant.tz,
+                    catalogue: Arc::clone(&self.catalogue),
+                    limits: self.event_limits.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// The `kind` of a `[[metrics]]` entry; which other keys apply follows from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricKindName {
+    Sum,
+    Count,
+    Ratio,
+    Histogram,
+    Mean,
+}
+
+impl std::fmt::Display for MetricKindName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MetricKindName::Sum => "sum",
+            MetricKindName::Count => "count",
+            MetricKindName::Ratio => "ratio",
+            MetricKindName::Histogram => "histogram",
+            MetricKindName::Mean => "mean",
+        })
+    }
+}
+
 /// One problem with a config, at a key path such as `tenants[0].currency`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigIssue {
@@ -281,7 +352,7 @@ fn issue(path: impl Into<String>, message: impl Into<String>) -> ConfigIssue {
 }
 
 /// An API key as configured: plain text or `sha256:<hex>`; kept as its digest.
-pub fn key_digest(configured: &str) -> Result<[u8; 32], String> {
+pub fn key_digest(configured: &str) -> Result<KeyDigest, String> {
     if let Some(hex_digest) = configured.strip_prefix("sha256:") {
         let bytes = hex::decode(hex_digest).map_err(|_| "sha256 key is not hex".to_string())?;
         return <[u8; 32]>::try_from(bytes.as_slice())
@@ -324,28 +395,25 @@ impl Config {
             .parse()
             .map_err(|error: toml::de::Error| vec![issue("(file)", error.message().to_string())])?;
         for (name, value) in env {
-            if let Some(path) = name.strip_prefix(ENV_PREFIX) {
-                apply_override(&mut table, path, &value)
-                    .map_err(|message| vec![issue(format!("(env {name})"), message)])?;
+            let Some(path) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            // TALLY_HOME and the like belong to other tools: an override always
+            // names a section (TALLY_<SECTION>__<KEY>)
+            if !path.contains("__") {
+                tracing::warn!(variable = %name, "ignored: not an override (expected TALLY_<SECTION>__<KEY>)");
+                continue;
             }
+            apply_override(&mut table, path, &value)
+                .map_err(|message| vec![issue(format!("(env {name})"), message)])?;
         }
         let config: Config =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|error| {
                 let path = error.path().to_string();
                 vec![issue(path, error.into_inner().message().to_string())]
             })?;
-        let issues = config.validate();
-        if issues.is_empty() {
-            Ok(config)
-        } else {
-            Err(issues)
-        }
-    }
-
-    pub fn listen_addr(&self) -> SocketAddr {
-        // validate() checked it; the default is a literal that parses
-        SocketAddr::from_str(&self.server.listen)
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7700)))
+        config.check()?;
+        Ok(config)
     }
 
     pub fn event_limits(&self) -> EventLimits {
@@ -355,22 +423,6 @@ impl Config {
             dim_key_bytes_max: self.ingest.dim_key_bytes_max,
             dim_value_bytes_max: self.ingest.dim_value_bytes_max,
             histogram_value_max: self.windows.histogram_value_max,
-        }
-    }
-
-    /// What the node knows of a configured tenant.
-    pub fn tenant_context(
-        &self,
-        tenant: &TenantConfig,
-        catalogue: &std::sync::Arc<Catalogue>,
-    ) -> crate::domain::tenant::TenantContext {
-        crate::domain::tenant::TenantContext {
-            id: std::sync::Arc::from(tenant.id.as_str()),
-            currency: tenant.currency.clone(),
-            // validate() checked the zone name
-            tz: tenant.timezone.parse().unwrap_or(chrono_tz::Tz::UTC),
-            catalogue: std::sync::Arc::clone(catalogue),
-            limits: self.event_limits(),
         }
     }
 
@@ -385,8 +437,16 @@ impl Config {
 
     /// Every problem, each with its key path; empty when the config is valid.
     pub fn validate(&self) -> Vec<ConfigIssue> {
+        self.check().err().unwrap_or_default()
+    }
+
+    /// Parses every value that is text in the file (addresses, time zones,
+    /// currencies, keys, the metric catalogue) into its type, once, and checks
+    /// every limit; every problem is named with its key path.
+    pub fn check(&self) -> Result<Checked, Vec<ConfigIssue>> {
         let mut issues = Vec::new();
-        if SocketAddr::from_str(&self.server.listen).is_err() {
+        let listen = SocketAddr::from_str(&self.server.listen).ok();
+        if listen.is_none() {
             issues.push(issue(
                 "server.listen",
                 "must be an address such as 127.0.0.1:7700",
@@ -464,11 +524,10 @@ impl Config {
                 "must be within 0..=3600000",
             ));
         }
-        if self.ingest.dedup_horizon_s < 86_400 {
-            issues.push(issue(
-                "ingest.dedup_horizon_s",
-                "must be at least 86400 (the today window is a day long)",
-            ));
+        // ids are kept while their events can count in some window anyway; the
+        // horizon only keeps them longer (docs/durability.md, "the tenant core")
+        if self.ingest.dedup_horizon_s < 0 {
+            issues.push(issue("ingest.dedup_horizon_s", "must be at least 0"));
         }
         if !(2..=(1u64 << 53)).contains(&self.windows.histogram_value_max) {
             issues.push(issue(
@@ -489,17 +548,21 @@ impl Config {
                 "must be at least 4 x server.max_body_bytes + 1 MiB, so that every log record reads back",
             ));
         }
-        if !self.prometheus.listen.is_empty()
-            && SocketAddr::from_str(&self.prometheus.listen).is_err()
-        {
-            issues.push(issue(
-                "prometheus.listen",
-                "must be empty (serve on server.listen) or an address such as 127.0.0.1:9770",
-            ));
+        let mut metrics_listen = None;
+        if !self.prometheus.listen.is_empty() {
+            match SocketAddr::from_str(&self.prometheus.listen) {
+                Ok(addr) => metrics_listen = Some(addr),
+                Err(_) => issues.push(issue(
+                    "prometheus.listen",
+                    "must be empty (serve on server.listen) or an address such as 127.0.0.1:9770",
+                )),
+            }
         }
+        let mut scrape_key = None;
         if !self.prometheus.bearer_token.is_empty() {
-            if let Err(message) = key_digest(&self.prometheus.bearer_token) {
-                issues.push(issue("prometheus.bearer_token", message));
+            match key_digest(&self.prometheus.bearer_token) {
+                Ok(digest) => scrape_key = Some(digest),
+                Err(message) => issues.push(issue("prometheus.bearer_token", message)),
             }
         }
         if !(10..=1000).contains(&self.live.tick_ms) {
@@ -525,17 +588,27 @@ impl Config {
         }
         let mut digests = HashSet::new();
         let mut check_key =
-            |issues: &mut Vec<ConfigIssue>, path: String, key: &str| match key_digest(key) {
-                Ok(digest) => {
-                    if !digests.insert(digest) {
-                        issues.push(issue(path, "key is used more than once"));
+            |issues: &mut Vec<ConfigIssue>, path: String, key: &str, kept: &mut Vec<KeyDigest>| {
+                match key_digest(key) {
+                    Ok(digest) => {
+                        if !digests.insert(digest) {
+                            issues.push(issue(path, "key is used more than once"));
+                        }
+                        kept.push(digest);
                     }
+                    Err(message) => issues.push(issue(path, message)),
                 }
-                Err(message) => issues.push(issue(path, message)),
             };
+        let mut admin_keys = Vec::new();
         for (i, key) in self.admin.api_keys.iter().enumerate() {
-            check_key(&mut issues, format!("admin.api_keys[{i}]"), key);
+            check_key(
+                &mut issues,
+                format!("admin.api_keys[{i}]"),
+                key,
+                &mut admin_keys,
+            );
         }
+        let mut tenants = Vec::with_capacity(self.tenants.len());
         let mut tenant_ids = HashSet::new();
         for (t, tenant) in self.tenants.iter().enumerate() {
             let at = format!("tenants[{t}]");
@@ -547,8 +620,14 @@ impl Config {
                     "tenant id is used more than once",
                 ));
             }
+            let mut key_digests = Vec::new();
             for (i, key) in tenant.api_keys.iter().enumerate() {
-                check_key(&mut issues, format!("{at}.api_keys[{i}]"), key);
+                check_key(
+                    &mut issues,
+                    format!("{at}.api_keys[{i}]"),
+                    key,
+                    &mut key_digests,
+                );
             }
             if !(tenant.currency.len() == 3
                 && tenant.currency.bytes().all(|b| b.is_ascii_uppercase()))
@@ -558,17 +637,38 @@ impl Config {
                     "must be an ISO 4217 code such as USD",
                 ));
             }
-            if tenant.timezone.parse::<chrono_tz::Tz>().is_err() {
-                issues.push(issue(
+            match tenant.timezone.parse::<chrono_tz::Tz>() {
+                Ok(tz) => tenants.push(TenantSettings {
+                    id: tenant.id.clone(),
+                    currency: tenant.currency.clone(),
+                    tz,
+                    key_digests,
+                }),
+                Err(_) => issues.push(issue(
                     format!("{at}.timezone"),
                     "must be an IANA time zone such as Europe/Berlin",
-                ));
+                )),
             }
         }
-        if let Err(metric_issues) = self.catalogue() {
-            issues.extend(metric_issues);
+        let catalogue = match self.catalogue() {
+            Ok(catalogue) => Some(catalogue),
+            Err(metric_issues) => {
+                issues.extend(metric_issues);
+                None
+            }
+        };
+        match (listen, catalogue) {
+            (Some(listen), Some(catalogue)) if issues.is_empty() => Ok(Checked {
+                listen,
+                metrics_listen,
+                scrape_key,
+                admin_keys,
+                tenants,
+                catalogue: Arc::new(catalogue),
+                event_limits: self.event_limits(),
+            }),
+            _ => Err(issues),
         }
-        issues
     }
 
     /// The metric catalogue, or every problem of `[[metrics]]`.
@@ -613,16 +713,16 @@ impl Config {
                     ));
                 }
             };
-            let kind = match metric.kind.as_str() {
-                "sum" | "count" | "histogram" => {
+            let kind = match metric.kind {
+                MetricKindName::Sum | MetricKindName::Count | MetricKindName::Histogram => {
                     check_types(&mut issues, "types", &metric.types);
                     unused(&mut issues, "numerator", !metric.numerator.is_empty());
                     unused(&mut issues, "denominator", !metric.denominator.is_empty());
                     unused(&mut issues, "sum_metric", metric.sum_metric.is_some());
                     unused(&mut issues, "count_metric", metric.count_metric.is_some());
                     unused(&mut issues, "scale", metric.scale.is_some());
-                    match metric.kind.as_str() {
-                        "sum" => match metric.field.as_deref() {
+                    match metric.kind {
+                        MetricKindName::Sum => match metric.field.as_deref() {
                             None | Some("amount") => MetricKind::Sum {
                                 field: SumField::Amount,
                             },
@@ -637,7 +737,7 @@ impl Config {
                                 }
                             }
                         },
-                        "count" => {
+                        MetricKindName::Count => {
                             unused(&mut issues, "field", metric.field.is_some());
                             MetricKind::Count
                         }
@@ -647,7 +747,7 @@ impl Config {
                         }
                     }
                 }
-                "ratio" => {
+                MetricKindName::Ratio => {
                     check_types(&mut issues, "numerator", &metric.numerator);
                     check_types(&mut issues, "denominator", &metric.denominator);
                     unused(&mut issues, "types", !metric.types.is_empty());
@@ -655,35 +755,45 @@ impl Config {
                     unused(&mut issues, "scale", metric.scale.is_some());
                     MetricKind::Ratio
                 }
-                "mean" => {
+                MetricKindName::Mean => {
                     unused(&mut issues, "types", !metric.types.is_empty());
                     unused(&mut issues, "dims", !metric.dims.is_empty());
                     let find = |key: &str,
                                 target: &Option<String>,
-                                wanted: &[&str],
+                                wanted: &[MetricKindName],
                                 issues: &mut Vec<ConfigIssue>| {
                         let Some(target) = target else {
                             issues.push(issue(format!("{at}.{key}"), "is required for kind mean"));
                             return 0;
                         };
                         match self.metrics.iter().position(|other| &other.name == target) {
-                            Some(index) if wanted.contains(&self.metrics[index].kind.as_str()) => {
-                                index
-                            }
+                            Some(index) if wanted.contains(&self.metrics[index].kind) => index,
                             _ => {
                                 issues.push(issue(
                                     format!("{at}.{key}"),
-                                    format!("must name a metric of kind {}", wanted.join(" or ")),
+                                    format!(
+                                        "must name a metric of kind {}",
+                                        wanted
+                                            .iter()
+                                            .map(|kind| kind.to_string())
+                                            .collect::<Vec<_>>()
+                                            .join(" or ")
+                                    ),
                                 ));
                                 0
                             }
                         }
                     };
-                    let sum_metric = find("sum_metric", &metric.sum_metric, &["sum"], &mut issues);
+                    let sum_metric = find(
+                        "sum_metric",
+                        &metric.sum_metric,
+                        &[MetricKindName::Sum],
+                        &mut issues,
+                    );
                     let count_metric = find(
                         "count_metric",
                         &metric.count_metric,
-                        &["count", "sum"],
+                        &[MetricKindName::Count, MetricKindName::Sum],
                         &mut issues,
                     );
                     let scale = metric.scale.unwrap_or(1);
@@ -695,13 +805,6 @@ impl Config {
                         count_metric,
                         scale,
                     }
-                }
-                _ => {
-                    issues.push(issue(
-                        format!("{at}.kind"),
-                        "must be one of sum, count, ratio, histogram, mean",
-                    ));
-                    continue;
                 }
             };
             if metric.dims.len() > self.ingest.dims_per_event_max {
@@ -722,7 +825,7 @@ impl Config {
                     ));
                 }
             }
-            let types = if metric.kind == "ratio" {
+            let types = if metric.kind == MetricKindName::Ratio {
                 metric.denominator.clone()
             } else {
                 metric.types.clone()
@@ -867,7 +970,7 @@ mod tests {
             [storage]
             cache_bytes = 1000
             [ingest]
-            dedup_horizon_s = 3600
+            dedup_horizon_s = -1
             [[tenants]]
             id = "Bad Id"
             api_keys = ["sha256:abc", "k1"]
@@ -886,9 +989,6 @@ mod tests {
             kind = "mean"
             sum_metric = "nope"
             count_metric = "gmv"
-            [[metrics]]
-            name = "x"
-            kind = "median"
         "#;
         let errors = Config::parse(text, no_env()).unwrap_err();
         let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
@@ -905,9 +1005,54 @@ mod tests {
                 "tenants[1].api_keys[0]",
                 "metrics[0].types",
                 "metrics[1].sum_metric",
-                "metrics[2].kind",
             ]
         );
+    }
+
+    #[test]
+    fn a_metric_kind_is_one_of_the_kinds() {
+        let text = "[[metrics]]\nname = \"x\"\nkind = \"median\"\ntypes = [\"a\"]\n";
+        let errors = Config::parse(text, no_env()).unwrap_err();
+        assert_eq!(errors[0].path, "metrics[0].kind");
+        assert!(
+            errors[0].message.contains("unknown variant `median`"),
+            "{}",
+            errors[0].message
+        );
+    }
+
+    #[test]
+    fn a_variable_with_the_prefix_and_no_section_is_not_an_override() {
+        let env = vec![
+            ("TALLY_HOME".to_string(), "/opt/tally".to_string()),
+            (
+                "TALLY_SERVER__LISTEN".to_string(),
+                "127.0.0.1:9001".to_string(),
+            ),
+        ];
+        let config = Config::parse(DEFAULT_TOML, env).unwrap();
+        assert_eq!(config.server.listen, "127.0.0.1:9001");
+    }
+
+    #[test]
+    fn check_parses_the_text_values_once() {
+        let mut config = Config::parse(DEFAULT_TOML, no_env()).unwrap();
+        config.prometheus.listen = "127.0.0.1:9770".into();
+        config.tenants[0].timezone = "America/New_York".into();
+        let checked = config.check().unwrap();
+        assert_eq!(checked.listen, "127.0.0.1:7700".parse().unwrap());
+        assert_eq!(
+            checked.metrics_listen,
+            Some("127.0.0.1:9770".parse().unwrap())
+        );
+        assert_eq!(checked.tenants[0].tz, chrono_tz::America::New_York);
+        assert_eq!(
+            checked.tenants[0].key_digests,
+            vec![key_digest("demo-key").unwrap()]
+        );
+        let contexts = checked.tenant_contexts();
+        assert_eq!(&*contexts[0].id, "demo");
+        assert_eq!(contexts[0].tz, chrono_tz::America::New_York);
     }
 
     #[test]

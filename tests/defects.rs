@@ -128,8 +128,9 @@ fn config(tz: &str) -> Config {
 /// stop it; the other metrics are left out.
 fn start_tenant(store: Arc<GateStore>, queue_max: usize, tz: &str, now_ms: i64) -> Tenant {
     let config = config(tz);
-    let catalogue = Arc::new(config.catalogue().unwrap());
-    let context = Arc::new(config.tenant_context(&config.tenants[0], &catalogue));
+    let checked = config.check().unwrap();
+    let catalogue = Arc::clone(&checked.catalogue);
+    let context = Arc::clone(&checked.tenant_contexts()[0]);
     let (committer, _thread) = Committer::start(store, queue_max, FlushMode::Group).unwrap();
     let durability = Durability {
         committer,
@@ -492,7 +493,8 @@ fn defect_4_recovery_counts_an_id_once_whatever_the_log_holds() {
         .collect();
     store.apply(&ops).unwrap();
     store.flush().unwrap();
-    let mut recovered = recover(&store, &config, &catalogue, T0_MS).unwrap();
+    let contexts = config.check().unwrap().tenant_contexts();
+    let mut recovered = recover(&store, &config, &contexts, T0_MS).unwrap();
     assert_eq!(recovered.report.records_replayed, 2);
     let gmv = catalogue.index_of("gmv").unwrap();
     let tenant = recovered.tenants.get_mut("demo").unwrap();

@@ -227,7 +227,7 @@ impl Sim {
         config.quarantine.events_per_tenant_max = 4;
         let catalogue = Arc::new(config.catalogue().expect("default catalogue is valid"));
         let store = Arc::new(SimStore::default());
-        let node = Self::recover_node(&store, &config, &catalogue, START_MS);
+        let node = Self::recover_node(&store, &config, START_MS);
         Sim {
             rng: Rng(seed),
             config,
@@ -248,14 +248,13 @@ impl Sim {
         }
     }
 
-    fn recover_node(
-        store: &Arc<SimStore>,
-        config: &Config,
-        catalogue: &Arc<Catalogue>,
-        now_ms: i64,
-    ) -> Node {
+    fn recover_node(store: &Arc<SimStore>, config: &Config, now_ms: i64) -> Node {
+        let contexts = config
+            .check()
+            .expect("the config is valid")
+            .tenant_contexts();
         let mut recovered =
-            recover(&**store, config, catalogue, now_ms).expect("recovery of the simulated store");
+            recover(&**store, config, &contexts, now_ms).expect("recovery of the simulated store");
         let tenant = recovered
             .tenants
             .remove(TENANT)
@@ -622,7 +621,7 @@ impl Sim {
         self.store.crash();
         let node = std::mem::replace(
             &mut self.node,
-            Self::recover_node(&self.store, &self.config, &self.catalogue, self.now_ms),
+            Self::recover_node(&self.store, &self.config, self.now_ms),
         );
         // requests in flight never get their reply
         for (ticket, _) in node.queued {

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Deserialize;
-use tally::config::MetricConfig;
+use tally::config::{MetricConfig, MetricKindName};
 
 /// A load scenario, as written in a scenario file.
 #[derive(Debug, Clone, Deserialize)]
@@ -423,22 +423,23 @@ pub fn expectations(
     };
     let mut out = Vec::new();
     for metric in metrics {
-        let expectation = match metric.kind.as_str() {
-            "sum" => Expectation::Sum {
+        let expectation = match metric.kind {
+            MetricKindName::Sum => Expectation::Sum {
                 kinds: kinds_of(&metric.types),
                 of_value: metric.field.as_deref() == Some("value"),
             },
-            "count" => Expectation::Count {
+            MetricKindName::Count => Expectation::Count {
                 kinds: kinds_of(&metric.types),
             },
-            "ratio" => Expectation::Ratio {
+            MetricKindName::Ratio => Expectation::Ratio {
                 numerator: kinds_of(&metric.numerator),
                 denominator: kinds_of(&metric.denominator),
             },
-            "histogram" => Expectation::Histogram {
+            MetricKindName::Histogram => Expectation::Histogram {
                 kinds: kinds_of(&metric.types),
             },
-            _ => continue,
+            // a mean is derived from two other metrics, checked themselves
+            MetricKindName::Mean => continue,
         };
         out.push((metric.clone(), expectation));
     }

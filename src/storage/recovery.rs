@@ -16,7 +16,7 @@ use crate::domain::catalogue::Catalogue;
 use crate::domain::dedup::DedupIndex;
 use crate::domain::metric::{MetricState, SeriesSettings};
 use crate::domain::quarantine::{QuarantineStore, QuarantinedEvent};
-use crate::domain::tenant::TenantCore;
+use crate::domain::tenant::{TenantContext, TenantCore};
 
 use super::envelope::{decode, RecordKind};
 use super::snapshot::{load_snapshot, snapshot_ids, TenantSnapshot, WalBatch};
@@ -76,10 +76,12 @@ fn fresh_metrics(
         .collect()
 }
 
+/// Recovers every tenant of `contexts` (the configured ones; records of
+/// others are skipped and said so).
 pub fn recover(
     store: &dyn Store,
     config: &Config,
-    catalogue: &Arc<Catalogue>,
+    contexts: &[Arc<TenantContext>],
     now_ms: i64,
 ) -> Result<Recovered, StorageError> {
     let started = Stopwatch::start();
@@ -105,14 +107,15 @@ pub fn recover(
 
     let mut tenants = HashMap::new();
     let mut positions: HashMap<String, u64> = HashMap::new();
-    for tenant in &config.tenants {
-        let context = Arc::new(config.tenant_context(tenant, catalogue));
+    for context in contexts {
+        let tenant_id: &str = &context.id;
+        let catalogue = &context.catalogue;
         let settings = series_settings(config, context.tz);
         let mut dedup = DedupIndex::new(config.ingest.dedup_horizon_s, config.ingest.dedup_ids_max);
         let mut metrics = fresh_metrics(catalogue, settings, now_ms);
         let mut tenant_now_ms = now_ms;
         let mut position = 0;
-        if let Some(part) = snapshot.iter().find(|part| part.tenant == tenant.id) {
+        if let Some(part) = snapshot.iter().find(|part| part.tenant == tenant_id) {
             position = part.position_lsn;
             tenant_now_ms = part.now_ms;
             for &(key, second) in &part.dedup {
@@ -130,21 +133,21 @@ pub fn recover(
                 metrics[index] = match MetricState::import(index, def, settings, export) {
                     Some(state) => Some(state),
                     None => {
-                        tracing::warn!(tenant = %tenant.id, metric = %def.name, "metric changed kind since the snapshot; it starts empty");
+                        tracing::warn!(tenant = %tenant_id, metric = %def.name, "metric changed kind since the snapshot; it starts empty");
                         Some(MetricState::new(index, def, settings, part.now_ms))
                     }
                 };
             }
         }
-        positions.insert(tenant.id.clone(), position);
+        positions.insert(tenant_id.to_string(), position);
         let quarantine = QuarantineStore::new(
             config.quarantine.events_per_tenant_max,
             config.quarantine.raw_bytes_max,
         );
         tenants.insert(
-            tenant.id.clone(),
+            tenant_id.to_string(),
             RecoveredTenant {
-                core: TenantCore::new(context, dedup, quarantine, tenant_now_ms),
+                core: TenantCore::new(Arc::clone(context), dedup, quarantine, tenant_now_ms),
                 metrics,
             },
         );
@@ -206,7 +209,7 @@ pub fn recover(
         }
         let mut events = batch.events;
         for event in &mut events {
-            event.route = catalogue.route(&event.event_type);
+            event.route = tenant.core.context().catalogue.route(&event.event_type);
         }
         // the core counts an id once, whatever the log holds
         let events = tenant.core.replay(batch.now_ms, events);
