@@ -45,6 +45,8 @@ pub enum AuthError {
     Forbidden(String),
     #[error("an admin key must name a tenant with ?tenant=")]
     TenantNeeded,
+    #[error("unknown tenant {0}")]
+    UnknownTenant(String),
 }
 
 /// Every configured key as its SHA-256 digest.

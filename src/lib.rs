@@ -8,6 +8,7 @@ pub mod config;
 pub mod demo;
 pub mod domain;
 pub mod http;
+pub mod ingest;
 pub mod live;
 pub mod node;
 pub mod read;

@@ -14,7 +14,7 @@ use tokio::sync::{watch, Mutex, Semaphore};
 
 use crate::actors::tenant::TakeSnapshot;
 use crate::actors::TenantHandle;
-use crate::auth::KeyRing;
+use crate::auth::{tenant_for_read, AuthError, KeyRing, Principal};
 use crate::clock::{SharedClock, Stopwatch};
 use crate::config::Config;
 use crate::domain::catalogue::Catalogue;
@@ -83,6 +83,19 @@ impl Node {
     /// A configured tenant.
     pub fn tenant(&self, id: &str) -> Option<&TenantHandle> {
         self.tenants.get(id)
+    }
+
+    /// The tenant a caller reads, by every surface's one rule: a tenant key
+    /// its own tenant, an admin key the tenant it names
+    /// (`auth::tenant_for_read`), which must exist.
+    pub fn reading_tenant(
+        &self,
+        principal: &Principal,
+        named: Option<&str>,
+    ) -> Result<&TenantHandle, AuthError> {
+        let id = tenant_for_read(principal, named)?;
+        self.tenant(id)
+            .ok_or_else(|| AuthError::UnknownTenant(id.to_string()))
     }
 
     /// Snapshots every tenant and prunes what newer snapshots cover. The

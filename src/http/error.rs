@@ -80,6 +80,7 @@ impl From<AuthError> for ApiError {
             AuthError::Unauthorized => ApiError::Unauthorized,
             AuthError::Forbidden(message) => ApiError::Forbidden(message),
             AuthError::TenantNeeded => ApiError::BadRequest(error.to_string()),
+            AuthError::UnknownTenant(_) => ApiError::NotFound(error.to_string()),
         }
     }
 }

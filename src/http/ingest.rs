@@ -1,10 +1,9 @@
-//! `POST /v1/events` (API.md §3): reads the body (JSON object, array or NDJSON),
-//! attributes each event to a tenant, validates it here on the HTTP threads, and
-//! hands one batch per tenant to its TenantActor.
-//! Must not: apply anything of a request it refuses (401/403/413/415/429 are
-//! decided before any batch is sent), or let an event go without an outcome.
+//! `POST /v1/events` (API.md §3): the caller, the body (JSON object, array or
+//! NDJSON) within its limits, split into raw events for the ingest service
+//! (`crate::ingest`), and the reply.
+//! Must not: apply anything of a request it refuses (401/413/415 are decided
+//! before the ingest service sees it), or let an event go without an outcome.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
@@ -14,13 +13,11 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::actors::tenant::{EventOutcome, IngestBatch, QuarantineCandidate, TenantError};
-use crate::actors::InFlight;
+use crate::actors::tenant::EventOutcome;
 use crate::auth::{Caller, Principal};
-use crate::domain::event::{parse_event, validate_event, Reason, TenantField, ValidEvent};
-use crate::domain::tenant::CoreError;
+use crate::ingest::{IngestError, IngestReport};
 use crate::node::Node;
-use crate::telemetry::{self, Outcome};
+use crate::telemetry;
 
 use super::error::ApiError;
 
@@ -130,18 +127,6 @@ pub fn split_events(body: &[u8], format: BodyFormat) -> Result<Vec<&[u8]>, ApiEr
     }
 }
 
-#[derive(Default)]
-struct TenantBatch {
-    events: Vec<(u32, ValidEvent)>,
-    quarantined: Vec<QuarantineCandidate>,
-}
-
-struct Rejection {
-    index: u32,
-    id: Option<String>,
-    reason: Reason,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IngestQuery {
@@ -218,155 +203,39 @@ pub async fn post_events(
         )));
     }
     let now_ms = node.now_ms();
-
-    let mut batches: BTreeMap<&str, TenantBatch> = BTreeMap::new();
-    let mut rejections = Vec::new();
-    let mut mismatches = Vec::new();
-    for (index, item) in items.iter().enumerate() {
-        let index = index as u32;
-        let parsed = parse_event(item);
-        let id = parsed
-            .as_ref()
-            .ok()
-            .and_then(|raw| raw.id_text())
-            .map(str::to_string);
-        let tenant_id: &str = match (&principal, &parsed) {
-            (Principal::Tenant(own), Ok(raw)) => match raw.tenant() {
-                TenantField::Named(named) if named != own => {
-                    mismatches.push(json!({"index": index, "id": id, "outcome": "rejected", "reason": Reason::TenantMismatch.as_str()}));
-                    continue;
-                }
-                _ => own,
-            },
-            (Principal::Tenant(own), Err(_)) => own,
-            (Principal::Admin, Ok(raw)) => {
-                let named = match raw.tenant() {
-                    TenantField::Named(named) => node
-                        .tenants
-                        .get_key_value(named)
-                        .map(|(key, _)| key.as_str())
-                        .ok_or(Reason::UnknownTenant),
-                    TenantField::Absent => query_tenant.ok_or(Reason::MissingTenant),
-                    TenantField::Invalid => Err(Reason::InvalidTenant),
-                };
-                match named {
-                    Ok(named) => named,
-                    Err(reason) => {
-                        rejections.push(Rejection { index, id, reason });
-                        continue;
-                    }
-                }
-            }
-            // an admin's unreadable event names no tenant whose quarantine could hold it
-            (Principal::Admin, Err(reason)) => {
-                rejections.push(Rejection {
-                    index,
-                    id,
-                    reason: *reason,
-                });
-                continue;
-            }
-        };
-        let Some(tenant) = node.tenants.get(tenant_id) else {
-            rejections.push(Rejection {
-                index,
-                id,
-                reason: Reason::UnknownTenant,
-            });
-            continue;
-        };
-        let batch = batches.entry(tenant_id).or_default();
-        match parsed
-            .and_then(|raw| validate_event(&raw, &tenant.context.validation(), now_ms, now_ms))
-        {
-            Ok(event) => batch.events.push((index, event)),
-            Err(reason) => batch.quarantined.push(QuarantineCandidate {
-                index,
-                id,
-                reason,
-                // the quarantine cuts it to raw_bytes_max and says so
-                raw: item.to_vec(),
-            }),
-        }
-    }
-    if !mismatches.is_empty() {
-        telemetry::count_outcome(
-            Outcome::Rejected,
-            Some(Reason::TenantMismatch),
-            mismatches.len() as u64,
-        );
-        return Err(ApiError::TenantMismatch(mismatches));
-    }
-
-    // rejections are decided here and counted here, whatever happens next
-    for rejection in &rejections {
-        telemetry::count_outcome(Outcome::Rejected, Some(rejection.reason), 1);
-    }
-    // Take a permit of every tenant first, so that a shed request applies
-    // nothing; a tenant that stopped serving refuses the request with its reason.
-    let mut permits = Vec::with_capacity(batches.len());
-    for tenant_id in batches.keys() {
-        let tenant = &node.tenants[*tenant_id];
-        if let Some(reason) = tenant.failure() {
-            telemetry::count_shed(telemetry::Shed::Unavailable);
-            return Err(ApiError::Unavailable {
-                message: format!("tenant {tenant_id} is not serving: {reason}"),
-                retry_after_s,
-            });
-        }
-        match Arc::clone(&tenant.batch_permits).try_acquire_owned() {
-            Ok(permit) => permits.push(InFlight::new(permit)),
-            Err(_) => {
-                telemetry::count_shed(telemetry::Shed::BatchesInFlight);
-                return Err(ApiError::Overloaded {
-                    message: format!(
-                        "tenant {tenant_id} has too many ingest batches in flight; retry later"
-                    ),
-                    retry_after_s,
-                });
-            }
-        }
-    }
-    let mut requests = Vec::with_capacity(batches.len());
-    for ((tenant_id, batch), in_flight) in batches.into_iter().zip(permits) {
-        let tenant = &node.tenants[tenant_id];
-        requests.push(tenant.actor.send(IngestBatch {
-            in_flight,
-            now_ms,
-            events: batch.events,
-            quarantined: batch.quarantined,
-        }));
-    }
-    let mut outcomes: Vec<(u32, EventOutcome)> = Vec::with_capacity(items.len());
-    let mut failure = None;
-    for request in requests {
-        match request.await {
-            // each tenant's actor counted its outcomes when it decided them
-            Ok(Ok(tenant_outcomes)) => outcomes.extend(tenant_outcomes),
-            Ok(Err(error)) => {
-                telemetry::count_shed(match error {
-                    TenantError::Core(CoreError::DedupFull { .. }) => telemetry::Shed::DedupFull,
-                    _ => telemetry::Shed::Unavailable,
-                });
-                failure = Some(ApiError::from_tenant(error, retry_after_s));
-            }
-            Err(error) => {
-                telemetry::count_shed(telemetry::Shed::Unavailable);
-                failure = Some(ApiError::Unavailable {
-                    message: format!("tenant actor did not answer: {error}"),
-                    retry_after_s,
-                })
-            }
-        }
-    }
-    if let Some(error) = failure {
-        return Err(error);
-    }
+    let report = crate::ingest::ingest(&node, &principal, query_tenant, &items, now_ms)
+        .await
+        .map_err(|error| ingest_error(error, retry_after_s))?;
     telemetry::record_ingest(started.elapsed_secs(), items.len());
-    Ok(Json(respond(outcomes, rejections)))
+    Ok(Json(respond(report)))
 }
 
-fn respond(mut outcomes: Vec<(u32, EventOutcome)>, rejections: Vec<Rejection>) -> Value {
+/// The status of a refused request (`http/error.rs` maps the rest).
+fn ingest_error(error: IngestError, retry_after_s: u32) -> ApiError {
+    match error {
+        IngestError::TenantMismatch(events) => ApiError::TenantMismatch(
+            events
+                .iter()
+                .map(|event| json!({"index": event.index, "id": event.id, "outcome": "rejected", "reason": event.reason.as_str()}))
+                .collect(),
+        ),
+        IngestError::Overloaded(_) => ApiError::Overloaded {
+            message: error.to_string(),
+            retry_after_s,
+        },
+        IngestError::Tenant(error) => ApiError::from_tenant(error, retry_after_s),
+        IngestError::NotServing { .. } | IngestError::ActorGone(_) => ApiError::Unavailable {
+            message: error.to_string(),
+            retry_after_s,
+        },
+    }
+}
+
+fn respond(report: IngestReport) -> Value {
+    let IngestReport {
+        mut outcomes,
+        rejections,
+    } = report;
     outcomes.sort_by_key(|(index, _)| *index);
     let (mut accepted, mut duplicates, mut late, mut quarantined) = (0u64, 0u64, 0u64, 0u64);
     let mut errors: Vec<(u32, Value)> = Vec::new();

@@ -10,7 +10,7 @@ use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use crate::auth::{tenant_for_read, Caller};
+use crate::auth::Caller;
 use crate::node::Node;
 
 use super::error::ApiError;
@@ -35,11 +35,8 @@ pub async fn get_live(
     let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let tenant = match principal {
         Some(principal) => {
-            let tenant = tenant_for_read(principal, query.tenant.as_deref())?;
-            if node.tenant(tenant).is_none() {
-                return Err(ApiError::NotFound(format!("unknown tenant {tenant}")));
-            }
-            Some(tenant.to_string())
+            let tenant = node.reading_tenant(principal, query.tenant.as_deref())?;
+            Some(tenant.context.id.to_string())
         }
         None if query.tenant.is_some() => {
             return Err(ApiError::BadRequest(

@@ -10,7 +10,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::auth::{tenant_for_read, Caller};
+use crate::auth::Caller;
 use crate::domain::catalogue::MetricKind;
 use crate::domain::time::{SlidingWindow, WindowName};
 use crate::node::Node;
@@ -32,10 +32,7 @@ pub fn begin_read<'n, Q>(
 ) -> Result<(Q, TenantReader<'n>), ApiError> {
     let principal = caller.principal()?;
     let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-    let tenant_id = tenant_for_read(principal, named(&query))?;
-    let tenant = node
-        .tenant(tenant_id)
-        .ok_or_else(|| ApiError::NotFound(format!("unknown tenant {tenant_id}")))?;
+    let tenant = node.reading_tenant(principal, named(&query))?;
     let reader = TenantReader::begin(tenant).map_err(|error| read_error(node, error))?;
     Ok((query, reader))
 }

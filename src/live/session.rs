@@ -14,7 +14,6 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use serde_json::{Map, Value};
 
-use crate::auth::{tenant_for_read, Caller};
 use crate::clock::Stopwatch;
 use crate::domain::time::WindowName;
 use crate::node::Node;
@@ -50,13 +49,6 @@ async fn send(socket: &mut WebSocket, limit: Duration, message: &ServerMessage) 
     )
 }
 
-/// The tenant a key reads over live push, if it exists.
-pub fn live_tenant(node: &Node, caller: &Caller, named: Option<&str>) -> Option<String> {
-    let principal = caller.principal().ok()?;
-    let tenant = tenant_for_read(principal, named).ok()?;
-    node.tenant(tenant).map(|_| tenant.to_string())
-}
-
 /// Waits for `{"op":"auth","token":…,"tenant"?:…}` as the first message.
 async fn first_message_auth(node: &Node, socket: &mut WebSocket) -> Option<String> {
     let wait = Duration::from_secs(node.config.live.idle_timeout_s);
@@ -67,7 +59,8 @@ async fn first_message_auth(node: &Node, socket: &mut WebSocket) -> Option<Strin
         return None;
     };
     let caller = node.keys.caller(Some(&token));
-    live_tenant(node, &caller, tenant.as_deref())
+    let tenant = node.reading_tenant(caller.principal().ok()?, tenant.as_deref());
+    tenant.ok().map(|tenant| tenant.context.id.to_string())
 }
 
 /// A metric subscription: what it selects and what it last sent.

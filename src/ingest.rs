@@ -1,0 +1,209 @@
+//! The ingest service: attributes each raw event to a tenant, validates it
+//! (here, off the actor threads), hands one batch per tenant to its
+//! TenantActor, and gathers every event's outcome (docs/architecture.md, "the
+//! path of an event"). HTTP is one source of raw events; a consumer of a
+//! partitioned log (scale-out) would be another.
+//! Must not: apply anything of a request it refuses (a tenant mismatch, a
+//! tenant without room for another batch, a tenant that stopped serving are
+//! decided before any batch is sent), or let an event go without an outcome.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::actors::tenant::{EventOutcome, IngestBatch, QuarantineCandidate, TenantError};
+use crate::actors::InFlight;
+use crate::auth::Principal;
+use crate::domain::event::{parse_event, validate_event, Reason, TenantField, ValidEvent};
+use crate::domain::tenant::CoreError;
+use crate::node::Node;
+use crate::telemetry::{self, Outcome};
+
+/// An event refused before it reached a tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub index: u32,
+    pub id: Option<String>,
+    pub reason: Reason,
+}
+
+/// Every event's outcome, by its index in the request.
+#[derive(Debug, Default)]
+pub struct IngestReport {
+    pub outcomes: Vec<(u32, EventOutcome)>,
+    pub rejections: Vec<Rejection>,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum IngestError {
+    /// A tenant key sent events naming another tenant: nothing is applied.
+    #[error("a tenant key can only write its own tenant")]
+    TenantMismatch(Vec<Rejection>),
+    #[error("tenant {0} has too many ingest batches in flight; retry later")]
+    Overloaded(String),
+    #[error("tenant {tenant} is not serving: {reason}")]
+    NotServing { tenant: String, reason: String },
+    #[error(transparent)]
+    Tenant(TenantError),
+    #[error("tenant actor did not answer: {0}")]
+    ActorGone(String),
+}
+
+#[derive(Default)]
+struct TenantBatch {
+    events: Vec<(u32, ValidEvent)>,
+    quarantined: Vec<QuarantineCandidate>,
+}
+
+/// Ingests `items` (one raw JSON event each) for `principal`; events that
+/// name no tenant go to `default_tenant` (a tenant key's own tenant, or the
+/// one an admin named).
+pub async fn ingest(
+    node: &Node,
+    principal: &Principal,
+    default_tenant: Option<&str>,
+    items: &[&[u8]],
+    now_ms: i64,
+) -> Result<IngestReport, IngestError> {
+    let mut batches: BTreeMap<&str, TenantBatch> = BTreeMap::new();
+    let mut rejections = Vec::new();
+    let mut mismatches = Vec::new();
+    for (index, item) in items.iter().enumerate() {
+        let index = index as u32;
+        let parsed = parse_event(item);
+        let id = parsed
+            .as_ref()
+            .ok()
+            .and_then(|raw| raw.id_text())
+            .map(str::to_string);
+        let tenant_id: &str = match (principal, &parsed) {
+            (Principal::Tenant(own), Ok(raw)) => match raw.tenant() {
+                TenantField::Named(named) if named != own => {
+                    mismatches.push(Rejection {
+                        index,
+                        id,
+                        reason: Reason::TenantMismatch,
+                    });
+                    continue;
+                }
+                _ => own,
+            },
+            (Principal::Tenant(own), Err(_)) => own,
+            (Principal::Admin, Ok(raw)) => {
+                let named = match raw.tenant() {
+                    TenantField::Named(named) => node
+                        .tenants
+                        .get_key_value(named)
+                        .map(|(key, _)| key.as_str())
+                        .ok_or(Reason::UnknownTenant),
+                    TenantField::Absent => default_tenant.ok_or(Reason::MissingTenant),
+                    TenantField::Invalid => Err(Reason::InvalidTenant),
+                };
+                match named {
+                    Ok(named) => named,
+                    Err(reason) => {
+                        rejections.push(Rejection { index, id, reason });
+                        continue;
+                    }
+                }
+            }
+            // an admin's unreadable event names no tenant whose quarantine could hold it
+            (Principal::Admin, Err(reason)) => {
+                rejections.push(Rejection {
+                    index,
+                    id,
+                    reason: *reason,
+                });
+                continue;
+            }
+        };
+        let Some((tenant_id, tenant)) = node.tenants.get_key_value(tenant_id) else {
+            rejections.push(Rejection {
+                index,
+                id,
+                reason: Reason::UnknownTenant,
+            });
+            continue;
+        };
+        let batch = batches.entry(tenant_id.as_str()).or_default();
+        match parsed
+            .and_then(|raw| validate_event(&raw, &tenant.context.validation(), now_ms, now_ms))
+        {
+            Ok(event) => batch.events.push((index, event)),
+            Err(reason) => batch.quarantined.push(QuarantineCandidate {
+                index,
+                id,
+                reason,
+                // the quarantine cuts it to raw_bytes_max and says so
+                raw: item.to_vec(),
+            }),
+        }
+    }
+    if !mismatches.is_empty() {
+        telemetry::count_outcome(
+            Outcome::Rejected,
+            Some(Reason::TenantMismatch),
+            mismatches.len() as u64,
+        );
+        return Err(IngestError::TenantMismatch(mismatches));
+    }
+    // rejections are decided here and counted here, whatever happens next
+    for rejection in &rejections {
+        telemetry::count_outcome(Outcome::Rejected, Some(rejection.reason), 1);
+    }
+    // A place in every tenant's budget first, so that a shed request applies
+    // nothing; a tenant that stopped serving refuses the request with its reason.
+    let mut permits = Vec::with_capacity(batches.len());
+    for tenant_id in batches.keys() {
+        let tenant = &node.tenants[*tenant_id];
+        if let Some(reason) = tenant.failure() {
+            telemetry::count_shed(telemetry::Shed::Unavailable);
+            return Err(IngestError::NotServing {
+                tenant: tenant_id.to_string(),
+                reason,
+            });
+        }
+        match Arc::clone(&tenant.batch_permits).try_acquire_owned() {
+            Ok(permit) => permits.push(InFlight::new(permit)),
+            Err(_) => {
+                telemetry::count_shed(telemetry::Shed::BatchesInFlight);
+                return Err(IngestError::Overloaded(tenant_id.to_string()));
+            }
+        }
+    }
+    let mut requests = Vec::with_capacity(batches.len());
+    for ((tenant_id, batch), in_flight) in batches.into_iter().zip(permits) {
+        let tenant = &node.tenants[tenant_id];
+        requests.push(tenant.actor.send(IngestBatch {
+            in_flight,
+            now_ms,
+            events: batch.events,
+            quarantined: batch.quarantined,
+        }));
+    }
+    let mut outcomes: Vec<(u32, EventOutcome)> = Vec::with_capacity(items.len());
+    let mut failure = None;
+    for request in requests {
+        match request.await {
+            // each tenant's actor counted its outcomes when it decided them
+            Ok(Ok(tenant_outcomes)) => outcomes.extend(tenant_outcomes),
+            Ok(Err(error)) => {
+                telemetry::count_shed(match error {
+                    TenantError::Core(CoreError::DedupFull { .. }) => telemetry::Shed::DedupFull,
+                    _ => telemetry::Shed::Unavailable,
+                });
+                failure = Some(IngestError::Tenant(error));
+            }
+            Err(error) => {
+                telemetry::count_shed(telemetry::Shed::Unavailable);
+                failure = Some(IngestError::ActorGone(error.to_string()));
+            }
+        }
+    }
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(IngestReport {
+            outcomes,
+            rejections,
+        }),
+    }
+}
