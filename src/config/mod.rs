@@ -1,23 +1,51 @@
-//! Typed configuration: the file, `TALLY_<SECTION>__<KEY>` overrides, and
-//! `validate()`, which reports every problem with its key path.
-//! Owns: config shapes, defaults, and turning config into the domain's catalogue,
-//! event limits and key digests. Must not: start anything or read the clock.
+//! Configuration: the file (one module per section), `TALLY_<SECTION>__<KEY>`
+//! overrides, and `check()`, which parses every value the file holds as text
+//! (addresses, time zones, key digests, the metric catalogue) into its type
+//! once (`Checked`) and names every problem with its key path.
+//! Owns: config shapes, defaults, and turning config into the domain's
+//! catalogue, event limits and tenant contexts. Must not: start anything, read
+//! the clock, or fall back silently on a value it cannot parse.
 //!
-//! Every section may be left out; its keys then take the defaults below, which
-//! `config/default.toml` states again with units (a test keeps them equal).
+//! Every section may be left out; its keys then take the defaults of its
+//! module, which `config/default.toml` states again with units (a test keeps
+//! them equal).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::domain::catalogue::{Catalogue, MetricDef, MetricKind, SumField, METRICS_MAX};
-use crate::domain::event::{is_valid_type, EventLimits};
+use crate::domain::catalogue::Catalogue;
+use crate::domain::event::EventLimits;
 use crate::domain::tenant::TenantContext;
+
+mod actors;
+mod admin;
+mod ingest;
+mod live;
+mod metrics;
+mod prometheus;
+mod quarantine;
+mod server;
+mod storage;
+mod tenants;
+mod windows;
+
+pub use actors::ActorsConfig;
+pub use admin::AdminConfig;
+pub use ingest::IngestConfig;
+pub use live::LiveConfig;
+pub use metrics::{MetricConfig, MetricKindName};
+pub use prometheus::PrometheusConfig;
+pub use quarantine::QuarantineConfig;
+pub use server::ServerConfig;
+pub use storage::StorageConfig;
+pub use tenants::{TenantConfig, TenantSettings};
+pub use windows::WindowsConfig;
 
 pub const ENV_PREFIX: &str = "TALLY_";
 
@@ -35,231 +63,6 @@ pub struct Config {
     pub live: LiveConfig,
     pub tenants: Vec<TenantConfig>,
     pub metrics: Vec<MetricConfig>,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerConfig {
-    pub listen: String,
-    pub max_body_bytes: usize,
-    pub ingest_bytes_inflight_max: usize,
-    pub body_read_timeout_ms: u64,
-    pub shutdown_grace_ms: u64,
-    pub retry_after_s: u32,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            listen: "127.0.0.1:7700".into(),
-            max_body_bytes: 8 * 1024 * 1024,
-            ingest_bytes_inflight_max: 256 * 1024 * 1024,
-            body_read_timeout_ms: 30_000,
-            shutdown_grace_ms: 10_000,
-            retry_after_s: 1,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StorageConfig {
-    pub data_dir: PathBuf,
-    pub snapshot_interval_s: u64,
-    pub snapshots_kept: usize,
-    pub group_commit: bool,
-    pub record_bytes_max: usize,
-    pub cache_bytes: u64,
-}
-
-impl Default for StorageConfig {
-    fn default() -> Self {
-        StorageConfig {
-            data_dir: PathBuf::from("./data"),
-            snapshot_interval_s: 60,
-            snapshots_kept: 2,
-            group_commit: true,
-            record_bytes_max: 1 << 30,
-            cache_bytes: 1 << 30,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IngestConfig {
-    pub max_events_per_request: usize,
-    pub max_clock_skew_ms: i64,
-    pub dedup_horizon_s: i64,
-    pub dedup_ids_max: usize,
-    pub tenant_batches_inflight_max: usize,
-    pub dims_per_event_max: usize,
-    pub dim_key_bytes_max: usize,
-    pub dim_value_bytes_max: usize,
-}
-
-impl Default for IngestConfig {
-    fn default() -> Self {
-        IngestConfig {
-            max_events_per_request: 100_000,
-            max_clock_skew_ms: 300_000,
-            dedup_horizon_s: 86_400,
-            dedup_ids_max: 2_000_000,
-            tenant_batches_inflight_max: 64,
-            dims_per_event_max: 16,
-            dim_key_bytes_max: 32,
-            dim_value_bytes_max: 128,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ActorsConfig {
-    pub shards: usize,
-    pub tenant_queries_inflight_max: usize,
-}
-
-impl Default for ActorsConfig {
-    fn default() -> Self {
-        ActorsConfig {
-            shards: 0,
-            tenant_queries_inflight_max: 64,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct WindowsConfig {
-    pub max_series_per_metric: usize,
-    pub histogram_value_max: u64,
-}
-
-impl Default for WindowsConfig {
-    fn default() -> Self {
-        WindowsConfig {
-            max_series_per_metric: 1000,
-            histogram_value_max: 3_600_000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct QuarantineConfig {
-    pub events_per_tenant_max: usize,
-    pub raw_bytes_max: usize,
-    pub list_limit_max: usize,
-}
-
-impl Default for QuarantineConfig {
-    fn default() -> Self {
-        QuarantineConfig {
-            events_per_tenant_max: 10_000,
-            raw_bytes_max: 4096,
-            list_limit_max: 1000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PrometheusConfig {
-    pub bearer_token: String,
-    pub tenant_values: bool,
-    pub tenant_series_max: usize,
-    pub listen: String,
-    pub upkeep_interval_s: u64,
-}
-
-impl Default for PrometheusConfig {
-    fn default() -> Self {
-        PrometheusConfig {
-            bearer_token: String::new(),
-            tenant_values: true,
-            tenant_series_max: 10_000,
-            listen: String::new(),
-            upkeep_interval_s: 5,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LiveConfig {
-    pub tick_ms: u64,
-    pub sessions_per_tenant_max: usize,
-    pub subscriptions_per_session_max: usize,
-    pub message_bytes_max: usize,
-    pub ping_interval_s: u64,
-    pub idle_timeout_s: u64,
-    pub replay_records_max: usize,
-    pub send_timeout_ms: u64,
-}
-
-impl Default for LiveConfig {
-    fn default() -> Self {
-        LiveConfig {
-            tick_ms: 50,
-            sessions_per_tenant_max: 1000,
-            subscriptions_per_session_max: 16,
-            message_bytes_max: 65_536,
-            ping_interval_s: 15,
-            idle_timeout_s: 45,
-            replay_records_max: 1000,
-            send_timeout_ms: 5000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct AdminConfig {
-    pub api_keys: Vec<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TenantConfig {
-    pub id: String,
-    pub api_keys: Vec<String>,
-    pub currency: String,
-    #[serde(default = "default_timezone")]
-    pub timezone: String,
-}
-
-fn default_timezone() -> String {
-    "UTC".into()
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricConfig {
-    pub name: String,
-    pub kind: MetricKindName,
-    #[serde(default)]
-    pub help: String,
-    /// sum, count, histogram: the event types counted.
-    #[serde(default)]
-    pub types: Vec<String>,
-    /// sum: `amount` (default) or `value`.
-    #[serde(default)]
-    pub field: Option<String>,
-    /// ratio: numerator and denominator event types.
-    #[serde(default)]
-    pub numerator: Vec<String>,
-    #[serde(default)]
-    pub denominator: Vec<String>,
-    /// mean: the sum metric divided by the count metric, times `scale`.
-    #[serde(default)]
-    pub sum_metric: Option<String>,
-    #[serde(default)]
-    pub count_metric: Option<String>,
-    #[serde(default)]
-    pub scale: Option<u32>,
-    #[serde(default)]
-    pub dims: Vec<String>,
 }
 
 /// The SHA-256 digest of an API key.
@@ -280,16 +83,6 @@ pub struct Checked {
     pub event_limits: EventLimits,
 }
 
-/// A configured tenant, its values parsed.
-#[derive(Debug, Clone)]
-pub struct TenantSettings {
-    pub id: String,
-    /// An ISO 4217 code (three capital letters).
-    pub currency: String,
-    pub tz: chrono_tz::Tz,
-    pub key_digests: Vec<KeyDigest>,
-}
-
 impl Checked {
     /// What every part of the node knows of each tenant, in config order.
     pub fn tenant_contexts(&self) -> Vec<Arc<TenantContext>> {
@@ -305,29 +98,6 @@ impl Checked {
                 })
             })
             .collect()
-    }
-}
-
-/// The `kind` of a `[[metrics]]` entry; which other keys apply follows from it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MetricKindName {
-    Sum,
-    Count,
-    Ratio,
-    Histogram,
-    Mean,
-}
-
-impl std::fmt::Display for MetricKindName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            MetricKindName::Sum => "sum",
-            MetricKindName::Count => "count",
-            MetricKindName::Ratio => "ratio",
-            MetricKindName::Histogram => "histogram",
-            MetricKindName::Mean => "mean",
-        })
     }
 }
 
@@ -670,180 +440,6 @@ impl Config {
             _ => Err(issues),
         }
     }
-
-    /// The metric catalogue, or every problem of `[[metrics]]`.
-    pub fn catalogue(&self) -> Result<Catalogue, Vec<ConfigIssue>> {
-        let mut issues = Vec::new();
-        if self.metrics.len() > METRICS_MAX {
-            issues.push(issue("metrics", format!("at most {METRICS_MAX} metrics")));
-        }
-        let mut names = HashSet::new();
-        let mut defs = Vec::new();
-        for (m, metric) in self.metrics.iter().enumerate() {
-            let at = format!("metrics[{m}]");
-            if !is_identifier(&metric.name, 64) {
-                issues.push(issue(format!("{at}.name"), "must match [a-z0-9_-]{1,64}"));
-            } else if !names.insert(metric.name.as_str()) {
-                issues.push(issue(
-                    format!("{at}.name"),
-                    "metric name is used more than once",
-                ));
-            }
-            let check_types = |issues: &mut Vec<ConfigIssue>, key: &str, types: &[String]| {
-                if types.is_empty() {
-                    issues.push(issue(
-                        format!("{at}.{key}"),
-                        "must name at least one event type",
-                    ));
-                }
-                for (i, event_type) in types.iter().enumerate() {
-                    if !is_valid_type(event_type) {
-                        issues.push(issue(
-                            format!("{at}.{key}[{i}]"),
-                            "must match [a-z0-9_.-]{1,64}",
-                        ));
-                    }
-                }
-            };
-            let unused = |issues: &mut Vec<ConfigIssue>, key: &str, present: bool| {
-                if present {
-                    issues.push(issue(
-                        format!("{at}.{key}"),
-                        format!("does not apply to kind {}", metric.kind),
-                    ));
-                }
-            };
-            let kind = match metric.kind {
-                MetricKindName::Sum | MetricKindName::Count | MetricKindName::Histogram => {
-                    check_types(&mut issues, "types", &metric.types);
-                    unused(&mut issues, "numerator", !metric.numerator.is_empty());
-                    unused(&mut issues, "denominator", !metric.denominator.is_empty());
-                    unused(&mut issues, "sum_metric", metric.sum_metric.is_some());
-                    unused(&mut issues, "count_metric", metric.count_metric.is_some());
-                    unused(&mut issues, "scale", metric.scale.is_some());
-                    match metric.kind {
-                        MetricKindName::Sum => match metric.field.as_deref() {
-                            None | Some("amount") => MetricKind::Sum {
-                                field: SumField::Amount,
-                            },
-                            Some("value") => MetricKind::Sum {
-                                field: SumField::Value,
-                            },
-                            Some(_) => {
-                                issues
-                                    .push(issue(format!("{at}.field"), "must be amount or value"));
-                                MetricKind::Sum {
-                                    field: SumField::Amount,
-                                }
-                            }
-                        },
-                        MetricKindName::Count => {
-                            unused(&mut issues, "field", metric.field.is_some());
-                            MetricKind::Count
-                        }
-                        _ => {
-                            unused(&mut issues, "field", metric.field.is_some());
-                            MetricKind::Histogram
-                        }
-                    }
-                }
-                MetricKindName::Ratio => {
-                    check_types(&mut issues, "numerator", &metric.numerator);
-                    check_types(&mut issues, "denominator", &metric.denominator);
-                    unused(&mut issues, "types", !metric.types.is_empty());
-                    unused(&mut issues, "field", metric.field.is_some());
-                    unused(&mut issues, "scale", metric.scale.is_some());
-                    MetricKind::Ratio
-                }
-                MetricKindName::Mean => {
-                    unused(&mut issues, "types", !metric.types.is_empty());
-                    unused(&mut issues, "dims", !metric.dims.is_empty());
-                    let find = |key: &str,
-                                target: &Option<String>,
-                                wanted: &[MetricKindName],
-                                issues: &mut Vec<ConfigIssue>| {
-                        let Some(target) = target else {
-                            issues.push(issue(format!("{at}.{key}"), "is required for kind mean"));
-                            return 0;
-                        };
-                        match self.metrics.iter().position(|other| &other.name == target) {
-                            Some(index) if wanted.contains(&self.metrics[index].kind) => index,
-                            _ => {
-                                issues.push(issue(
-                                    format!("{at}.{key}"),
-                                    format!(
-                                        "must name a metric of kind {}",
-                                        wanted
-                                            .iter()
-                                            .map(|kind| kind.to_string())
-                                            .collect::<Vec<_>>()
-                                            .join(" or ")
-                                    ),
-                                ));
-                                0
-                            }
-                        }
-                    };
-                    let sum_metric = find(
-                        "sum_metric",
-                        &metric.sum_metric,
-                        &[MetricKindName::Sum],
-                        &mut issues,
-                    );
-                    let count_metric = find(
-                        "count_metric",
-                        &metric.count_metric,
-                        &[MetricKindName::Count, MetricKindName::Sum],
-                        &mut issues,
-                    );
-                    let scale = metric.scale.unwrap_or(1);
-                    if scale == 0 {
-                        issues.push(issue(format!("{at}.scale"), "must be at least 1"));
-                    }
-                    MetricKind::Mean {
-                        sum_metric,
-                        count_metric,
-                        scale,
-                    }
-                }
-            };
-            if metric.dims.len() > self.ingest.dims_per_event_max {
-                issues.push(issue(
-                    format!("{at}.dims"),
-                    "more dims than an event may carry",
-                ));
-            }
-            let mut seen_dims = HashSet::new();
-            for (d, dim) in metric.dims.iter().enumerate() {
-                if dim.is_empty()
-                    || dim.len() > self.ingest.dim_key_bytes_max
-                    || !seen_dims.insert(dim)
-                {
-                    issues.push(issue(
-                        format!("{at}.dims[{d}]"),
-                        "must be a distinct key of at most dim_key_bytes_max bytes",
-                    ));
-                }
-            }
-            let types = if metric.kind == MetricKindName::Ratio {
-                metric.denominator.clone()
-            } else {
-                metric.types.clone()
-            };
-            defs.push(MetricDef {
-                name: metric.name.clone(),
-                kind,
-                types,
-                numerator: metric.numerator.clone(),
-                dims: metric.dims.clone(),
-            });
-        }
-        if issues.is_empty() {
-            Ok(Catalogue::new(defs))
-        } else {
-            Err(issues)
-        }
-    }
 }
 
 /// Sets `path` (`SECTION__KEY`, lower-cased) in `table`. The value is read as a
@@ -879,7 +475,7 @@ fn apply_override(table: &mut toml::Table, path: &str, raw: &str) -> Result<(), 
 mod tests {
     use super::*;
 
-    const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+    const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
     fn no_env() -> Vec<(String, String)> {
         Vec::new()
