@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 
 use crate::actors::metric::MetricActor;
 use crate::actors::tenant::{Durability, TenantActor};
-use crate::actors::{ActorRuntime, TenantHandle, TenantHealth};
+use crate::actors::{ActorRuntime, FatalSender, TenantHandle, TenantHealth};
 use crate::auth::KeyRing;
 use crate::clock::SharedClock;
 use crate::config::Config;
@@ -52,6 +52,7 @@ fn start_tenants(
     runtime: &ActorRuntime,
     mut recovered: Recovered,
     durability: &Durability,
+    fatal: &FatalSender,
 ) -> HashMap<String, TenantHandle> {
     let batches_max = config.ingest.tenant_batches_inflight_max;
     let queries_max = config.actors.tenant_queries_inflight_max;
@@ -82,7 +83,7 @@ fn start_tenants(
                 MetricActor::from_state(tenant_id, name, metric_state, now_ms)
             })));
         }
-        let health = Arc::new(TenantHealth::default());
+        let health = Arc::new(TenantHealth::new(&tenant.id, Arc::clone(fatal)));
         let actor = {
             let metrics = metrics.clone();
             let durability = durability.clone();
@@ -202,7 +203,16 @@ pub async fn start_with_store(
     };
 
     let runtime = ActorRuntime::start(config.shard_count()).map_err(StartError::Thread)?;
-    let tenants = start_tenants(&config, &catalogue, &runtime, recovered, &durability);
+    // storage failures and tenants that stop serving both end the node
+    let fatal: FatalSender = Arc::new(watch::channel(None).0);
+    let tenants = start_tenants(
+        &config,
+        &catalogue,
+        &runtime,
+        recovered,
+        &durability,
+        &fatal,
+    );
     let keys = KeyRing::from_checked(&checked);
     let addr = checked.listen;
     let snapshot_interval = Duration::from_secs(config.storage.snapshot_interval_s);
@@ -228,7 +238,27 @@ pub async fn start_with_store(
         next_snapshot_id: AtomicU64::new(next_snapshot_id),
         snapshot_lock: Mutex::new(()),
         ready: AtomicBool::new(false),
+        fatal,
     });
+    // a storage failure is the committer's to report; it ends the node too
+    let storage_watch = {
+        let node = Arc::clone(&node);
+        let mut failed = node.committer.fatal();
+        let mut stopping = node.stopping.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                changed = failed.changed() => {
+                    let reason = match changed {
+                        Ok(()) => failed.borrow().clone().unwrap_or_else(|| "storage failed".into()),
+                        // a closed channel means the commit thread is gone
+                        Err(_) => "the commit thread ended".into(),
+                    };
+                    node.fatal.send_replace(Some(reason));
+                }
+                _ = stopping.wait_for(|stopping| *stopping) => {}
+            }
+        })
+    };
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(listener) => listener,
         Err(source) => {
@@ -326,7 +356,7 @@ pub async fn start_with_store(
         stop_accepting: Some(stop_accepting),
         server: Some(server),
         snapshotter: Some(snapshotter),
-        background: vec![upkeep]
+        background: vec![upkeep, storage_watch]
             .into_iter()
             .chain(metrics_server)
             .chain(feed_tasks)
@@ -337,9 +367,10 @@ pub async fn start_with_store(
 }
 
 impl RunningNode {
-    /// Resolves with the reason once storage has failed: the node must exit.
+    /// Resolves with the reason once storage has failed or a tenant stopped
+    /// serving: the node must exit for a clean restart.
     pub fn fatal(&self) -> watch::Receiver<Option<String>> {
-        self.node.committer.fatal()
+        self.node.fatal.subscribe()
     }
 
     /// Stops accepting, lets in-flight requests finish within the grace period,

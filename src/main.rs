@@ -96,10 +96,9 @@ fn serve(config: Config, demo: bool) -> ExitCode {
         let mut fatal = running.fatal();
         let storage_failed = tokio::select! {
             _ = wait_for_signal() => None,
-            // a closed channel means the commit thread is gone: a failure too
-            changed = fatal.changed() => Some(match changed {
-                Ok(()) => fatal.borrow().clone().unwrap_or_else(|| "storage failed".into()),
-                Err(_) => "the commit thread ended".into(),
+            changed = fatal.wait_for(Option::is_some) => Some(match changed {
+                Ok(reason) => reason.clone().unwrap_or_default(),
+                Err(_) => "the node's fatal channel closed".into(),
             }),
         };
         if let Some(task) = demo_traffic {
@@ -112,8 +111,9 @@ fn serve(config: Config, demo: bool) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Some(reason) => {
-                // a failed flush is never retried: exit so that a restart recovers
-                tracing::error!(%reason, "storage failed; exiting for a clean restart");
+                // a failed flush is never retried, and a tenant that stopped serving
+                // lacks durable events in memory: exit so that a restart recovers
+                tracing::error!(%reason, "exiting for a clean restart");
                 running.shutdown().await;
                 ExitCode::from(3)
             }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::sync::{watch, Mutex, Semaphore};
 
 use crate::actors::tenant::TakeSnapshot;
-use crate::actors::TenantHandle;
+use crate::actors::{FatalSender, TenantHandle};
 use crate::auth::{tenant_for_read, AuthError, KeyRing, Principal};
 use crate::clock::{SharedClock, Stopwatch};
 use crate::config::Config;
@@ -44,6 +44,9 @@ pub struct Node {
     /// One snapshot at a time (the periodic one and the final one).
     pub(crate) snapshot_lock: Mutex<()>,
     pub(crate) ready: AtomicBool,
+    /// Set with the reason when the node must exit for a clean restart: a
+    /// storage failure, or a tenant that stopped serving.
+    pub fatal: FatalSender,
 }
 
 impl Node {

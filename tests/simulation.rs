@@ -32,6 +32,7 @@ use tally::domain::metric::{MetricState, SeriesReading};
 use tally::domain::tenant::{
     EventOutcome, Plan, QuarantineCandidate, QuarantineWrite, RetryDecision, TenantCore,
 };
+use tally::domain::time::{counts_in_some_window, day_bounds};
 use tally::domain::window::{SlidingTally, Tally};
 use tally::storage::recovery::recover;
 use tally::storage::snapshot::{plan_ops, prune_ops, snapshot_ops, TenantSnapshot};
@@ -225,6 +226,9 @@ impl Sim {
         config.tenants.retain(|tenant| tenant.id == TENANT);
         config.tenants[0].timezone = "America/New_York".into();
         config.quarantine.events_per_tenant_max = 4;
+        // ids expire as soon as their events can count nowhere, so that runs
+        // reach expiry, and ids come back as new events after it
+        config.ingest.dedup_horizon_s = 0;
         let catalogue = Arc::new(config.catalogue().expect("default catalogue is valid"));
         let store = Arc::new(SimStore::default());
         let node = Self::recover_node(&store, &config, START_MS);
@@ -318,7 +322,14 @@ impl Sim {
             let mut ids: Vec<&String> = self.acknowledged.keys().collect();
             ids.sort();
             let id = ids[self.rng.below(ids.len() as u64) as usize].clone();
-            request.push(self.acknowledged[&id].clone());
+            let mut event = self.acknowledged[&id].clone();
+            if self.rng.chance(30) {
+                // the id comes back with a new event: a duplicate while the
+                // first can still count, a new event once it cannot
+                event.ts_ms = self.now_ms - self.rng.range(0, 20_000);
+                event.amount = self.rng.range(1, 100_000);
+            }
+            request.push(event);
         }
         let events: Vec<(u32, ValidEvent)> = request
             .iter()
@@ -452,7 +463,11 @@ impl Sim {
                         amount: event.amount.unwrap_or(0),
                     };
                     if let Some(old) = self.durable.insert(event.id.clone(), sim) {
-                        return Err(format!("event {} was made durable twice", old.id));
+                        // only an id whose first event can count nowhere any more
+                        // may be accepted again
+                        check(self.counts_nowhere(&old, ticket.plan.now_ms), || {
+                            format!("event {} was made durable twice while it counts", old.id)
+                        })?;
                     }
                 }
             }
@@ -497,9 +512,11 @@ impl Sim {
                 .get(&event.id)
                 .cloned()
                 .ok_or_else(|| format!("event {} applied before it was durable", event.id))?;
-            check(self.applied.insert(event.id.clone(), sim).is_none(), || {
-                format!("event {} applied twice", event.id)
-            })?;
+            if let Some(old) = self.applied.insert(event.id.clone(), sim) {
+                check(self.counts_nowhere(&old, ticket.plan.now_ms), || {
+                    format!("event {} applied twice while it counts", event.id)
+                })?;
+            }
         }
         self.node.core.complete(ticket.plan.ticket);
         self.node.replying.push(ticket);
@@ -528,7 +545,10 @@ impl Sim {
                                         event.id
                                     )
                                 })?;
-                                self.acknowledged.insert(event.id.clone(), event.clone());
+                                // a duplicate acknowledges the event that counts
+                                // under that id, not this one's payload
+                                let counted = self.applied[&event.id].clone();
+                                self.acknowledged.insert(event.id.clone(), counted);
                             }
                             // late and quarantined events are answered; the
                             // producer does not send them again
@@ -679,6 +699,13 @@ impl Sim {
         Ok(())
     }
 
+    /// True when `event` can count in no window at `now_ms` nor later.
+    fn counts_nowhere(&self, event: &SimEvent, now_ms: i64) -> bool {
+        let now_s = now_ms.div_euclid(1000);
+        let today = day_bounds(now_s, self.tz);
+        !counts_in_some_window(event.ts_ms.div_euclid(1000), now_s, today)
+    }
+
     fn in_range(ts_ms: i64, now_ms: i64, from_back_s: i64, to_back_s: i64) -> bool {
         let second = ts_ms.div_euclid(1000);
         let now_s = now_ms.div_euclid(1000);
@@ -771,7 +798,7 @@ impl Sim {
                 }
             }
         }
-        // a tenant that stopped serving is restarted, as the node would be
+        // a tenant that stopped serving makes the node exit; it restarts
         if self.node.core.failure().is_some() {
             self.crash()?;
         }

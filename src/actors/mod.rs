@@ -33,17 +33,36 @@ impl InFlight {
     }
 }
 
+/// Where the node hears that it must exit for a clean restart (a storage
+/// failure, a tenant that stopped serving), with the reason.
+pub type FatalSender = Arc<tokio::sync::watch::Sender<Option<String>>>;
+
 /// Whether a tenant still serves, shared by its actor (which records why it
-/// stopped) and everything that reads it (`/readyz`, the read path).
+/// stopped) and everything that reads it (`/readyz`, the read path). A tenant
+/// that stopped holds events in its log that its memory lacks: only a restart
+/// recovers it, so the first failure also tells the node to exit (`fatal`).
 #[derive(Debug, Default)]
 pub struct TenantHealth {
     failure: std::sync::OnceLock<String>,
+    fatal: Option<(String, FatalSender)>,
 }
 
 impl TenantHealth {
-    /// Records the first reason; later ones add nothing.
+    /// The health of tenant `id`, whose failure is reported on `fatal`.
+    pub fn new(id: &str, fatal: FatalSender) -> TenantHealth {
+        TenantHealth {
+            failure: std::sync::OnceLock::new(),
+            fatal: Some((id.to_string(), fatal)),
+        }
+    }
+
+    /// Records the first reason (later ones add nothing) and reports it.
     pub fn fail(&self, reason: &str) {
-        let _ = self.failure.set(reason.to_string());
+        if self.failure.set(reason.to_string()).is_ok() {
+            if let Some((id, fatal)) = &self.fatal {
+                fatal.send_replace(Some(format!("tenant {id} stopped serving: {reason}")));
+            }
+        }
     }
 
     pub fn failure(&self) -> Option<&str> {

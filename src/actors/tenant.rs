@@ -59,7 +59,8 @@ pub struct TenantActor {
 }
 
 /// Counts the outcomes of a completed ticket, where they were decided.
-fn count_outcomes(counts: &OutcomeCounts) {
+fn count_outcomes(tenant: &str, counts: &OutcomeCounts) {
+    telemetry::count_quarantine_evicted(tenant, counts.quarantine_evicted);
     telemetry::count_outcome(Outcome::Accepted, None, counts.accepted);
     telemetry::count_outcome(Outcome::Duplicate, None, counts.duplicate);
     telemetry::count_outcome(Outcome::Late, None, counts.late);
@@ -173,9 +174,12 @@ impl TenantActor {
         let health = Arc::clone(&self.health);
         Box::pin(async move {
             let carried = make_durable_and_apply(durable, metrics, &plan).await;
-            drop(in_flight);
             match carried {
-                Ok(()) => count_outcomes(&core.borrow_mut().complete(ticket)),
+                Ok(()) => {
+                    let mut core = core.borrow_mut();
+                    let counts = core.complete(ticket);
+                    count_outcomes(&core.context().id, &counts);
+                }
                 Err(reason) => {
                     let mut core = core.borrow_mut();
                     tracing::error!(tenant = %core.context().id, %reason, "tenant stopped serving");
@@ -184,6 +188,9 @@ impl TenantActor {
                 }
             }
             progress.notify_waiters();
+            // the batch keeps its place in the tenant's budget until it replies,
+            // so the 429 limit also bounds batches waiting their turn
+            let _in_flight = in_flight;
             loop {
                 let progressed = progress.notified();
                 if let Some(ready) = core.borrow().reply_ready(ticket) {

@@ -329,9 +329,14 @@ impl Config {
             }
         }
         let mut scrape_key = None;
+        let mut digests = HashSet::new();
         if !self.prometheus.bearer_token.is_empty() {
             match key_digest(&self.prometheus.bearer_token) {
-                Ok(digest) => scrape_key = Some(digest),
+                Ok(digest) => {
+                    // one key, one caller: the scrape key is no API key
+                    digests.insert(digest);
+                    scrape_key = Some(digest);
+                }
                 Err(message) => issues.push(issue("prometheus.bearer_token", message)),
             }
         }

@@ -122,6 +122,8 @@ pub struct OutcomeCounts {
     pub duplicate: u64,
     pub late: u64,
     pub quarantined: Vec<(Reason, u64)>,
+    /// Quarantine entries evicted by the bound to make room.
+    pub quarantine_evicted: u64,
 }
 
 impl OutcomeCounts {
@@ -278,6 +280,7 @@ impl TenantCore {
         for old in evicted {
             writes.push(QuarantineWrite::Remove(old.qid));
             pending.quarantine_taken.push(old);
+            pending.counts.quarantine_evicted += 1;
         }
         if let Some(entry) = self.quarantine.get(qid) {
             writes.push(QuarantineWrite::Put(entry.clone()));
@@ -319,11 +322,20 @@ impl TenantCore {
         let mut outcomes = Vec::with_capacity(events.len() + quarantined.len());
         let mut accepted = Vec::new();
         for (index, event) in events {
-            // room for every new id was checked above, so admit cannot refuse
-            let admission = self
-                .dedup
-                .admit(&event.id, event.ts_ms, now_ms, self.today)
-                .unwrap_or(Admission::Duplicate);
+            let admission = match self.dedup.admit(&event.id, event.ts_ms, now_ms, self.today) {
+                Ok(admission) => admission,
+                // room for every new id was checked above; should it still
+                // refuse, the batch is refused whole, nothing of it kept
+                Err(full) => {
+                    for key in pending.admitted {
+                        self.dedup.forget_key(key);
+                    }
+                    return Err(CoreError::DedupFull {
+                        tenant: self.context.id.to_string(),
+                        ids_max: full.ids_max,
+                    });
+                }
+            };
             let outcome = match admission {
                 Admission::Accepted => {
                     pending.admitted.push(id_key(&event.id));
@@ -447,8 +459,16 @@ impl TenantCore {
         }))
     }
 
-    /// The ticket's writes never reached the log: undo what it changed.
+    /// The ticket's writes never reached the log: undo what it changed. Only
+    /// the newest ticket can be aborted (the shell aborts in the same handler
+    /// that planned it): undoing an older one would forget ids that later
+    /// tickets judged duplicates of.
     pub fn abort(&mut self, ticket: u64) {
+        debug_assert_eq!(
+            ticket,
+            self.next_ticket - 1,
+            "only the newest ticket aborts"
+        );
         let Some(pending) = self.pending.remove(&ticket) else {
             return;
         };
@@ -477,12 +497,15 @@ impl TenantCore {
         }
     }
 
-    /// The ticket is durable and applied; returns its outcomes to count.
+    /// The ticket is durable and applied; returns its outcomes to count. Once
+    /// the tenant has failed, nothing is counted: the client gets 503, and
+    /// its retry after the restart gets (and counts) the outcome.
     pub fn complete(&mut self, ticket: u64) -> OutcomeCounts {
-        self.pending
-            .remove(&ticket)
-            .map(|pending| pending.counts)
-            .unwrap_or_default()
+        let counts = self.pending.remove(&ticket).map(|pending| pending.counts);
+        match self.failed {
+            Some(_) => OutcomeCounts::default(),
+            None => counts.unwrap_or_default(),
+        }
     }
 
     /// A reply for `ticket` may go out: everything before it is visible, and
@@ -494,12 +517,16 @@ impl TenantCore {
         (self.visible_through() >= ticket).then_some(Ok(()))
     }
 
-    /// Recovery: the events of a log record that count. An id already
+    /// Recovery: the events of a log record that count, records in log order.
+    /// Ids expire as they did when the record was decided; an id still
     /// remembered (from the snapshot or an earlier record) is not counted
     /// again, whatever the log holds; the ids cap does not apply to what was
     /// acknowledged.
     pub fn replay(&mut self, record_now_ms: i64, events: Vec<ValidEvent>) -> Vec<ValidEvent> {
-        self.now_ms = self.now_ms.max(record_now_ms);
+        // expire as the live core did when it decided this record: an id
+        // accepted again after its first event could count nowhere is a new
+        // event, and must be counted again
+        self.advance(record_now_ms);
         let mut counted = Vec::with_capacity(events.len());
         for event in events {
             if self
@@ -725,6 +752,32 @@ mod tests {
         core.abort(plan.ticket);
         assert!(core.quarantine().get(1).is_some());
         assert!(core.dedup().is_empty());
+    }
+
+    #[test]
+    fn replay_counts_an_id_again_once_it_had_expired_as_the_live_core_did() {
+        let mut core = core(10);
+        let first = event(&core, "a", NOW_MS);
+        assert_eq!(core.replay(NOW_MS, vec![first]).len(), 1);
+        // two days on, "a" comes back as a new event: the live core had expired
+        // the first one and accepted this one, so replay must count it too
+        let later_ms = NOW_MS + 2 * 86_400_000;
+        let second = event(&core, "a", later_ms);
+        assert_eq!(core.replay(later_ms, vec![second]).len(), 1);
+    }
+
+    #[test]
+    fn nothing_is_counted_once_the_tenant_failed() {
+        let mut core = core(10);
+        let (first, _) = core
+            .ingest(NOW_MS, vec![(0, event(&core, "a", NOW_MS))], vec![])
+            .unwrap();
+        let (second, _) = core
+            .ingest(NOW_MS, vec![(0, event(&core, "b", NOW_MS))], vec![])
+            .unwrap();
+        core.fail(first.ticket, "flush failed");
+        // the client of the second gets 503; its retry after the restart counts
+        assert_eq!(core.complete(second.ticket), OutcomeCounts::default());
     }
 
     #[test]

@@ -12,18 +12,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::actors::TenantHandle;
 use crate::node::Node;
 use crate::read::feed::{Frame, TenantFeed};
-use crate::read::TenantReader;
+use crate::read::{ReadError, TenantReader};
 
 /// Reads every metric of a tenant once (a fresh read, so it equals a read at
-/// this moment); `None` when the tenant cannot be read now (busy or not
-/// serving).
-pub async fn read_frame(node: &Node, tenant_id: &str) -> Option<Frame> {
-    let reader = TenantReader::begin(node.tenant(tenant_id)?).ok()?;
-    let at_ms = node.now_ms();
-    let views = reader.all(at_ms).await.ok()?;
-    Some(Frame {
+/// this moment), or says why it cannot now (busy, or not serving).
+pub async fn read_frame(tenant: &TenantHandle, at_ms: i64) -> Result<Frame, ReadError> {
+    let reader = TenantReader::begin(tenant)?;
+    let views = reader.all(at_ms).await?;
+    Ok(Frame {
         seq: 0,
         at_ms,
         metrics: views.into_iter().collect::<BTreeMap<_, _>>(),
@@ -50,7 +49,10 @@ pub async fn run_feed(
             continue;
         }
         // a busy tenant skips a tick rather than queue behind its own ingestion
-        if let Some(frame) = read_frame(&node, &tenant_id).await {
+        let Some(tenant) = node.tenant(&tenant_id) else {
+            return;
+        };
+        if let Ok(frame) = read_frame(tenant, node.now_ms()).await {
             feed.publish(frame);
         }
     }

@@ -18,7 +18,7 @@ use crate::clock::Stopwatch;
 use crate::domain::time::WindowName;
 use crate::node::Node;
 use crate::read::feed::Frame;
-use crate::read::{MetricView, WindowView};
+use crate::read::{MetricView, ReadError, WindowView};
 use crate::storage::outbox::{read_since, Topic};
 
 use super::protocol::{parse_client_message, ClientMessage, ErrorCode, ServerMessage, Subscribe};
@@ -436,11 +436,18 @@ async fn subscribe(
     };
     // the snapshot comes from a fresh read, so it equals a read at this moment;
     // when the tenant's reads are all in use, say so rather than send old values
-    let Some(frame) = super::read_frame(node, tenant).await else {
-        return refuse(
-            ErrorCode::Unavailable,
-            "the tenant is busy; subscribe again shortly",
-        );
+    let Some(handle) = node.tenant(tenant) else {
+        return refuse(ErrorCode::Unavailable, format!("unknown tenant {tenant}"));
+    };
+    let frame = match super::read_frame(handle, node.now_ms()).await {
+        Ok(frame) => frame,
+        Err(ReadError::Busy(_)) => {
+            return refuse(
+                ErrorCode::Unavailable,
+                "the tenant is busy; subscribe again shortly",
+            )
+        }
+        Err(error) => return refuse(ErrorCode::Unavailable, error.to_string()),
     };
     let mut subscription = MetricSubscription {
         metrics,
@@ -493,7 +500,7 @@ async fn replay(
     let behind = records.len() >= replay_max;
     let mut replies = Vec::with_capacity(records.len() + 1);
     for (seq, record) in records {
-        let Some(record) = record
+        let Some(mut record) = record
             .ok()
             .and_then(|text| serde_json::from_str::<Map<String, Value>>(&text).ok())
         else {
@@ -503,6 +510,10 @@ async fn replay(
             ));
             continue;
         };
+        // the envelope's own keys win over a record's
+        for key in ["type", "sub", "seq"] {
+            record.remove(key);
+        }
         let sub = id.clone();
         replies.push(match topic {
             Topic::Alerts => ServerMessage::Alert { sub, seq, record },
