@@ -46,6 +46,8 @@ pub enum IngestError {
     Tenant(TenantError),
     #[error("tenant actor did not answer: {0}")]
     ActorGone(String),
+    #[error("the data directory has {free_bytes} bytes free, below storage.disk_free_bytes_min ({min_bytes}); ingest resumes when space returns")]
+    DiskShort { free_bytes: u64, min_bytes: u64 },
 }
 
 #[derive(Default)]
@@ -149,6 +151,14 @@ pub async fn ingest(
     // rejections are decided here and counted here, whatever happens next
     for rejection in &rejections {
         telemetry::count_outcome(Outcome::Rejected, Some(rejection.reason), 1);
+    }
+    // nothing is written while the disk is short; reads go on
+    if let Some(free_bytes) = node.disk_short() {
+        telemetry::count_shed(telemetry::Shed::DiskShort);
+        return Err(IngestError::DiskShort {
+            free_bytes,
+            min_bytes: node.config.storage.disk_free_bytes_min,
+        });
     }
     // A place in every tenant's budget first, so that a shed request applies
     // nothing; a tenant that stopped serving refuses the request with its reason.

@@ -104,20 +104,27 @@ fn serve(config: Config, demo: bool) -> ExitCode {
         if let Some(task) = demo_traffic {
             task.abort();
         }
-        match storage_failed {
+        let code = match storage_failed {
             None => {
                 tracing::info!("shutting down");
                 running.shutdown().await;
-                ExitCode::SUCCESS
+                0
             }
             Some(reason) => {
                 // a failed flush is never retried, and a tenant that stopped serving
                 // lacks durable events in memory: exit so that a restart recovers
                 tracing::error!(%reason, "exiting for a clean restart");
                 running.shutdown().await;
-                ExitCode::from(3)
+                3
             }
-        }
+        };
+        // Everything acknowledged was flushed by the committer, and shutdown
+        // waited for what it could within its grace period. Exit here, not in
+        // destructors: dropping the store flushes it, and on a full disk that
+        // flush never returns, which would keep the process (and the store's
+        // lock) alive with nothing serving.
+        tracing::info!(code, "tally exits");
+        std::process::exit(code)
     })
 }
 

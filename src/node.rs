@@ -83,6 +83,26 @@ impl Node {
         self.clock.now_ms()
     }
 
+    /// `Some(free bytes)` when the data directory's filesystem has less free
+    /// space than `storage.disk_free_bytes_min`; nothing should be written
+    /// then but what is already under way.
+    pub fn disk_short(&self) -> Option<u64> {
+        let min = self.config.storage.disk_free_bytes_min;
+        if min == 0 {
+            return None;
+        }
+        match crate::storage::disk_free_bytes(&self.config.storage.data_dir) {
+            Ok(free) if free < min => Some(free),
+            Ok(_) => None,
+            // a filesystem that cannot say is not refused for it; a write that
+            // fails is storage's to report
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the free space of the data directory");
+                None
+            }
+        }
+    }
+
     /// A configured tenant.
     pub fn tenant(&self, id: &str) -> Option<&TenantHandle> {
         self.tenants.get(id)
@@ -106,6 +126,9 @@ impl Node {
     /// happen here, off the actor threads.
     pub async fn take_snapshot(&self) -> Result<SnapshotReport, SnapshotError> {
         let _one_at_a_time = self.snapshot_lock.lock().await;
+        if let Some(free_bytes) = self.disk_short() {
+            return Err(SnapshotError::DiskShort { free_bytes });
+        }
         let stopwatch = Stopwatch::start();
         let mut parts = Vec::with_capacity(self.tenants.len());
         for tenant in self.tenants.values() {
@@ -183,4 +206,6 @@ pub enum SnapshotError {
     Tenant(String),
     #[error(transparent)]
     Storage(StorageError),
+    #[error("the data directory has {free_bytes} bytes free, below storage.disk_free_bytes_min; the snapshot waits")]
+    DiskShort { free_bytes: u64 },
 }

@@ -81,6 +81,8 @@ pub enum Shed {
     DedupFull,
     /// Storage failed or the actors stopped (503).
     Unavailable,
+    /// The data directory is below `storage.disk_free_bytes_min` (507).
+    DiskShort,
 }
 
 impl Shed {
@@ -91,6 +93,7 @@ impl Shed {
             Shed::RequestBytes => "request_bytes",
             Shed::DedupFull => "dedup_full",
             Shed::Unavailable => "unavailable",
+            Shed::DiskShort => "disk_short",
         }
     }
 }

@@ -15,6 +15,7 @@ pub struct StorageConfig {
     pub group_commit: bool,
     pub record_bytes_max: usize,
     pub cache_bytes: u64,
+    pub disk_free_bytes_min: u64,
 }
 
 impl Default for StorageConfig {
@@ -26,6 +27,7 @@ impl Default for StorageConfig {
             group_commit: true,
             record_bytes_max: 1 << 30,
             cache_bytes: 1 << 30,
+            disk_free_bytes_min: 256 << 20,
         }
     }
 }

@@ -33,6 +33,9 @@ pub enum ApiError {
     Overloaded { message: String, retry_after_s: u32 },
     #[error("{message}")]
     Unavailable { message: String, retry_after_s: u32 },
+    /// The disk is short of `storage.disk_free_bytes_min`: nothing written.
+    #[error("{message}")]
+    InsufficientStorage { message: String, retry_after_s: u32 },
 }
 
 impl ApiError {
@@ -47,6 +50,7 @@ impl ApiError {
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::InsufficientStorage { .. } => StatusCode::INSUFFICIENT_STORAGE,
         }
     }
 
@@ -62,6 +66,7 @@ impl ApiError {
             ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::Overloaded { .. } => "overloaded",
             ApiError::Unavailable { .. } => "unavailable",
+            ApiError::InsufficientStorage { .. } => "insufficient_storage",
         }
     }
 
@@ -107,7 +112,8 @@ impl IntoResponse for ApiError {
         let mut body = json!({"error": self.code(), "message": self.to_string()});
         let retry_after_s = match &self {
             ApiError::Overloaded { retry_after_s, .. }
-            | ApiError::Unavailable { retry_after_s, .. } => Some(*retry_after_s),
+            | ApiError::Unavailable { retry_after_s, .. }
+            | ApiError::InsufficientStorage { retry_after_s, .. } => Some(*retry_after_s),
             _ => None,
         };
         if let ApiError::TenantMismatch(errors) = self {

@@ -224,6 +224,10 @@ fn ingest_error(error: IngestError, retry_after_s: u32) -> ApiError {
             retry_after_s,
         },
         IngestError::Tenant(error) => ApiError::from_tenant(error, retry_after_s),
+        IngestError::DiskShort { .. } => ApiError::InsufficientStorage {
+            message: error.to_string(),
+            retry_after_s,
+        },
         IngestError::NotServing { .. } | IngestError::ActorGone(_) => ApiError::Unavailable {
             message: error.to_string(),
             retry_after_s,

@@ -244,6 +244,12 @@ impl Store for FaultyStore {
     }
 }
 
+/// Bytes an unprivileged writer may still use on the filesystem of `path`.
+pub fn disk_free_bytes(path: &Path) -> std::io::Result<u64> {
+    let stat = rustix::fs::statvfs(path)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
 /// The key (in `Space::Meta`) of the log floor: every record at or below it has
 /// been pruned, so recovery must start from a snapshot that covers it.
 pub const WAL_FLOOR_KEY: &[u8] = b"wal_floor";
