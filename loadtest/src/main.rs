@@ -9,7 +9,10 @@
 //! - `compare`: the same scenario against Tally and Redis side by side: both
 //!   closed loop at their most, then both at one fixed rate (half the slower's
 //!   most) for latency; prints the ratios.
+//! - `idle`: many configured tenants and no traffic: time to ready, resident
+//!   memory and cpu, at first start and after a restart.
 
+mod idle;
 mod redis_target;
 mod run;
 mod scenario;
@@ -73,6 +76,19 @@ enum Command {
     Compare {
         #[command(flatten)]
         common: Common,
+    },
+    /// Many configured tenants and no traffic.
+    Idle {
+        /// Tenants appended to the config.
+        #[arg(long, default_value_t = 10_000)]
+        tenants: usize,
+        /// Seconds to wait after ready before the memory and cpu are read.
+        #[arg(long, default_value_t = 5)]
+        settle_s: u64,
+        #[arg(long, default_value = "target/release/tally")]
+        tally: String,
+        #[arg(long, default_value = "config/default.toml")]
+        config: String,
     },
 }
 
@@ -266,6 +282,12 @@ async fn main() -> ExitCode {
             Err(error) => Err(error),
         },
         Command::Compare { common } => compare(&common).await,
+        Command::Idle {
+            tenants,
+            settle_s,
+            tally,
+            config,
+        } => idle::idle(&tally, &config, tenants, settle_s).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

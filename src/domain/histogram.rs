@@ -73,14 +73,17 @@ pub struct HistogramExport {
 
 #[derive(Debug, Clone)]
 pub struct HistogramWindows {
-    // Per second: (lowest equivalent value of an HDR bucket, count), sorted by value.
+    // Per second: (lowest equivalent value of an HDR bucket, count), sorted by
+    // value. The ring of slices and today's histogram are allocated with the
+    // first value and the ring is freed once it has left every window, so an
+    // idle series costs its struct alone.
     slices: Vec<Vec<(u64, u64)>>,
     ring_len: i64,
     ahead_s: i64,
     head_s: i64,
     tz: Tz,
     day: DayBounds,
-    today: Histogram<u64>,
+    today: Option<Histogram<u64>>,
     value_max: u64,
 }
 
@@ -89,15 +92,43 @@ impl HistogramWindows {
         let ring_len = ring_len_s(ahead_s);
         let head_s = second_of_ms(now_ms);
         HistogramWindows {
-            slices: vec![Vec::new(); ring_len as usize],
+            slices: Vec::new(),
             ring_len,
             ahead_s,
             head_s,
             tz,
             day: day_bounds(head_s, tz),
-            today: empty_histogram(value_max),
+            today: None,
             value_max,
         }
+    }
+
+    /// Today's histogram, made on first use.
+    fn today_mut(&mut self) -> &mut Histogram<u64> {
+        let value_max = self.value_max;
+        self.today.get_or_insert_with(|| empty_histogram(value_max))
+    }
+
+    fn reset_today(&mut self) {
+        if let Some(today) = &mut self.today {
+            today.reset();
+        }
+    }
+
+    /// The slice of `second`, with the ring made on first use.
+    fn slice_mut(&mut self, second: i64) -> &mut Vec<(u64, u64)> {
+        if self.slices.is_empty() {
+            self.slices = vec![Vec::new(); self.ring_len as usize];
+        }
+        let slot = self.slot(second);
+        &mut self.slices[slot]
+    }
+
+    fn slice(&self, second: i64) -> &[(u64, u64)] {
+        if self.slices.is_empty() {
+            return &[];
+        }
+        &self.slices[self.slot(second)]
     }
 
     fn slot(&self, second: i64) -> usize {
@@ -106,27 +137,41 @@ impl HistogramWindows {
 
     pub fn advance(&mut self, now_ms: i64) {
         let target_s = second_of_ms(now_ms);
-        let steps = (target_s - self.head_s).min(self.ring_len);
+        // without a ring there is nothing to slide: jump
+        let steps = if self.slices.is_empty() {
+            0
+        } else {
+            (target_s - self.head_s).min(self.ring_len)
+        };
         for _ in 0..steps {
             let second = self.head_s + 1;
             if second >= self.day.end_s {
                 self.day = day_bounds(second, self.tz);
-                self.today.reset();
+                self.reset_today();
             }
             let slot = self.slot(second);
-            for &(value, count) in &self.slices[slot] {
-                // values in slices were range-checked when recorded
-                let _ = self.today.record_n(value, count);
+            if !self.slices[slot].is_empty() {
+                let entering = std::mem::take(&mut self.slices[slot]);
+                let today = self.today_mut();
+                for &(value, count) in &entering {
+                    // values in slices were range-checked when recorded
+                    let _ = today.record_n(value, count);
+                }
+                self.slices[slot] = entering;
             }
             let expired = self.slot(second - BUCKET_HISTORY_S);
             self.slices[expired].clear();
             self.head_s = second;
         }
+        if steps == self.ring_len {
+            // every slice has left the windows: give the ring back
+            self.slices = Vec::new();
+        }
         if target_s > self.head_s {
             self.head_s = target_s;
             if target_s >= self.day.end_s {
                 self.day = day_bounds(target_s, self.tz);
-                self.today.reset();
+                self.reset_today();
             }
         }
     }
@@ -146,16 +191,15 @@ impl HistogramWindows {
         }
         let in_today = second <= head_s && second >= self.day.start_s;
         if in_today {
-            self.today
+            self.today_mut()
                 .record(value)
                 .map_err(|_| RecordError::ValueOutOfRange(value))?;
         }
         if second <= head_s - BUCKET_HISTORY_S {
             return Ok(());
         }
-        let key = self.today.lowest_equivalent(value);
-        let slot = self.slot(second);
-        let slice = &mut self.slices[slot];
+        let key = self.today_mut().lowest_equivalent(value);
+        let slice = self.slice_mut(second);
         match slice.binary_search_by_key(&key, |&(value, _)| value) {
             Ok(index) => slice[index].1 += 1,
             Err(index) => slice.insert(index, (key, 1)),
@@ -168,7 +212,7 @@ impl HistogramWindows {
         let mut merged = empty_histogram(self.value_max);
         let from_s = (to_s - length_s + 1).max(self.head_s - BUCKET_HISTORY_S + 1);
         for second in from_s..=to_s.min(self.head_s) {
-            for &(value, count) in &self.slices[self.slot(second)] {
+            for &(value, count) in self.slice(second) {
                 let _ = merged.record_n(value, count);
             }
         }
@@ -185,7 +229,10 @@ impl HistogramWindows {
         HistogramReading {
             sec30: HistogramStats::of(&self.merge_seconds(self.head_s, 30)),
             min15: HistogramStats::of(&self.merge_seconds(self.head_s, 900)),
-            today: HistogramStats::of(&self.today),
+            today: self
+                .today
+                .as_ref()
+                .map_or_else(HistogramStats::default, HistogramStats::of),
         }
     }
 
@@ -196,16 +243,17 @@ impl HistogramWindows {
     pub fn export(&self) -> HistogramExport {
         let mut slices = Vec::new();
         for second in (self.head_s - BUCKET_HISTORY_S + 1)..=(self.head_s + self.ahead_s) {
-            let slice = &self.slices[self.slot(second)];
+            let slice = self.slice(second);
             if !slice.is_empty() {
-                slices.push((second, slice.clone()));
+                slices.push((second, slice.to_vec()));
             }
         }
-        let today = self
-            .today
-            .iter_recorded()
-            .map(|bucket| (bucket.value_iterated_to(), bucket.count_at_value()))
-            .collect();
+        let today = self.today.as_ref().map_or_else(Vec::new, |today| {
+            today
+                .iter_recorded()
+                .map(|bucket| (bucket.value_iterated_to(), bucket.count_at_value()))
+                .collect()
+        });
         HistogramExport {
             head_s: self.head_s,
             slices,
@@ -229,8 +277,7 @@ impl HistogramWindows {
         let head_s = windows.head_s;
         for (second, slice) in &export.slices {
             if *second > head_s - BUCKET_HISTORY_S && *second <= head_s + ahead_s {
-                let slot = windows.slot(*second);
-                windows.slices[slot] = slice
+                *windows.slice_mut(*second) = slice
                     .iter()
                     .copied()
                     .filter(|&(value, _)| value <= value_max)
@@ -238,7 +285,7 @@ impl HistogramWindows {
             }
         }
         for &(value, count) in &export.today {
-            let _ = windows.today.record_n(value, count);
+            let _ = windows.today_mut().record_n(value, count);
         }
         windows
     }
@@ -291,6 +338,22 @@ mod tests {
                 "at +{offset_ms}"
             );
         }
+    }
+
+    #[test]
+    fn an_idle_series_holds_no_ring_nor_histogram_until_a_value_comes() {
+        let mut windows = HistogramWindows::new(T0_MS, 300, Tz::UTC, 3_600_000);
+        assert!(windows.slices.is_empty() && windows.today.is_none());
+        assert_eq!(windows.read(T0_MS + 3_600_000).today.count, 0);
+        assert!(windows.slices.is_empty() && windows.today.is_none());
+        let at_ms = T0_MS + 3_600_000;
+        windows.record(at_ms, 120, at_ms).unwrap();
+        assert_eq!(windows.slices.len(), 2 * 900 + 300 + 1);
+        assert_eq!(windows.read(at_ms).sec30.count, 1);
+        let later_ms = at_ms + (2 * 900 + 300 + 1) * 1000;
+        assert_eq!(windows.read(later_ms).today.count, 1);
+        assert!(windows.slices.is_empty(), "the ring is given back");
+        assert_eq!(windows.export().today, vec![(120, 1)]);
     }
 
     #[test]

@@ -84,7 +84,10 @@ pub struct CounterExport {
 #[derive(Debug, Clone)]
 pub struct CounterWindows {
     // Narrow cells keep a series within its memory budget; the rare second whose
-    // sum or count would overflow them spills the excess into `overflow`.
+    // sum or count would overflow them spills the excess into `overflow`. The
+    // rings are allocated when the first event arrives and freed once every
+    // second of them has left the windows, so an idle series costs its struct
+    // alone (memory follows traffic, not the number of series).
     sums: Box<[i64]>,
     counts: Box<[u32]>,
     overflow: BTreeMap<i64, Tally>,
@@ -110,8 +113,8 @@ impl CounterWindows {
         let ring_len = ring_len_s(ahead_s);
         let head_s = second_of_ms(now_ms);
         CounterWindows {
-            sums: vec![0; ring_len as usize].into_boxed_slice(),
-            counts: vec![0; ring_len as usize].into_boxed_slice(),
+            sums: Box::default(),
+            counts: Box::default(),
             overflow: BTreeMap::new(),
             ring_len,
             ahead_s,
@@ -132,13 +135,21 @@ impl CounterWindows {
         second.rem_euclid(self.ring_len) as usize
     }
 
+    /// True while the rings hold (or may hold) data.
+    fn has_rings(&self) -> bool {
+        !self.sums.is_empty()
+    }
+
     /// The tally of one second; meaningful for seconds inside the ring.
     pub fn bucket(&self, second: i64) -> Tally {
-        let slot = self.slot(second);
-        let mut tally = Tally {
-            sum: self.sums[slot] as i128,
-            count: self.counts[slot] as u64,
-        };
+        let mut tally = Tally::default();
+        if self.has_rings() {
+            let slot = self.slot(second);
+            tally = Tally {
+                sum: self.sums[slot] as i128,
+                count: self.counts[slot] as u64,
+            };
+        }
         if !self.overflow.is_empty() {
             if let Some(extra) = self.overflow.get(&second) {
                 tally.add(*extra);
@@ -148,15 +159,21 @@ impl CounterWindows {
     }
 
     fn clear_bucket(&mut self, second: i64) {
-        let slot = self.slot(second);
-        self.sums[slot] = 0;
-        self.counts[slot] = 0;
+        if self.has_rings() {
+            let slot = self.slot(second);
+            self.sums[slot] = 0;
+            self.counts[slot] = 0;
+        }
         if !self.overflow.is_empty() {
             self.overflow.remove(&second);
         }
     }
 
     fn add_to_bucket(&mut self, second: i64, sum: i64, count: u32) {
+        if !self.has_rings() {
+            self.sums = vec![0; self.ring_len as usize].into_boxed_slice();
+            self.counts = vec![0; self.ring_len as usize].into_boxed_slice();
+        }
         let slot = self.slot(second);
         match (
             self.sums[slot].checked_add(sum),
@@ -177,10 +194,20 @@ impl CounterWindows {
     pub fn advance(&mut self, now_ms: i64) {
         let target_s = second_of_ms(now_ms);
         // Past `ring_len` steps every bucket that held data has entered and left
-        // all sliding windows, so the rest of a long idle gap is a jump.
-        let steps = (target_s - self.head_s).min(self.ring_len);
+        // all sliding windows, so the rest of a long idle gap is a jump; a
+        // series without data jumps at once.
+        let steps = if self.has_rings() || !self.overflow.is_empty() {
+            (target_s - self.head_s).min(self.ring_len)
+        } else {
+            0
+        };
         for _ in 0..steps {
             self.step();
+        }
+        if steps == self.ring_len {
+            // every second of the rings has left the windows: give them back
+            self.sums = Box::default();
+            self.counts = Box::default();
         }
         if target_s > self.head_s {
             debug_assert_eq!(self.sec30, SlidingTally::default());
@@ -358,6 +385,32 @@ impl CounterWindows {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idle_series_holds_no_rings_until_data_comes_and_after_it_left() {
+        let now_ms = 1_763_805_600_000;
+        let mut windows = CounterWindows::new(now_ms, 300, Tz::UTC);
+        let bare = std::mem::size_of::<CounterWindows>();
+        assert_eq!(windows.memory_bytes(), bare);
+        // an idle hour costs no steps and no memory
+        assert_eq!(windows.read(now_ms + 3_600_000).today, Tally::default());
+        assert_eq!(windows.memory_bytes(), bare);
+        let at_ms = now_ms + 3_600_000;
+        windows.record(at_ms, 250, 1, at_ms).unwrap();
+        assert_eq!(windows.memory_bytes(), bare + (2 * 900 + 300 + 1) * 12);
+        assert_eq!(
+            windows.read(at_ms).sec30.current,
+            Tally { sum: 250, count: 1 }
+        );
+        // once every second of the ring has left the windows, it is given back
+        let later_ms = at_ms + (2 * 900 + 300 + 1) * 1000;
+        let reading = windows.read(later_ms);
+        assert_eq!(windows.memory_bytes(), bare);
+        assert_eq!(reading.min15, SlidingTally::default());
+        assert_eq!(reading.today, Tally { sum: 250, count: 1 }, "still today");
+        windows.record(later_ms, 5, 1, later_ms).unwrap();
+        assert_eq!(windows.read(later_ms).today, Tally { sum: 255, count: 2 });
+    }
 
     const T0_MS: i64 = 1_763_805_600_000; // 2025-11-22T10:00:00Z
 

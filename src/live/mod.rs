@@ -40,11 +40,19 @@ pub async fn run_feed(
     let mut ticks = tokio::time::interval(Duration::from_millis(node.config.live.tick_ms));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // sessions with only topic subscriptions (or none yet) need no reads:
+        // an unwatched feed sleeps until its first subscription
+        if !feed.is_watched() {
+            tokio::select! {
+                _ = feed.watched() => {}
+                _ = stopping.wait_for(|stopping| *stopping) => return,
+            }
+            ticks.reset_immediately();
+        }
         tokio::select! {
             _ = ticks.tick() => {}
             _ = stopping.wait_for(|stopping| *stopping) => return,
         }
-        // sessions with only topic subscriptions (or none yet) need no reads
         if !feed.is_watched() {
             continue;
         }

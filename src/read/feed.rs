@@ -29,6 +29,9 @@ pub struct TenantFeed {
     sessions: AtomicUsize,
     /// Metric subscriptions of all sessions: the feed reads only while > 0.
     watchers: AtomicUsize,
+    /// Woken when the first subscription arrives, so an unwatched feed sleeps
+    /// (10 000 idle tenants cost no ticks).
+    first_watcher: tokio::sync::Notify,
 }
 
 impl TenantFeed {
@@ -38,6 +41,7 @@ impl TenantFeed {
             frames,
             sessions: AtomicUsize::new(0),
             watchers: AtomicUsize::new(0),
+            first_watcher: tokio::sync::Notify::new(),
         })
     }
 
@@ -71,12 +75,23 @@ impl TenantFeed {
     /// A session's metric subscriptions changed by `delta`.
     pub fn add_watchers(&self, delta: isize) {
         if delta >= 0 {
-            self.watchers.fetch_add(delta as usize, Ordering::SeqCst);
+            let before = self.watchers.fetch_add(delta as usize, Ordering::SeqCst);
+            if before == 0 && delta > 0 {
+                // a stored permit: the feed wakes even if it is not waiting yet
+                self.first_watcher.notify_one();
+            }
         } else {
             self.watchers
                 .fetch_sub(delta.unsigned_abs(), Ordering::SeqCst);
         }
         crate::telemetry::add_live_subscriptions(delta as f64);
+    }
+
+    /// Resolves once some subscription watches the feed.
+    pub async fn watched(&self) {
+        while !self.is_watched() {
+            self.first_watcher.notified().await;
+        }
     }
 
     /// Publishes `frame` with the next seq, unless its values equal the
