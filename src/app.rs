@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 
 use crate::actors::metric::MetricActor;
 use crate::actors::tenant::{Durability, TenantActor};
-use crate::actors::{ActorRuntime, FatalSender, TenantHandle, TenantHealth};
+use crate::actors::{metric_slots, ActorRuntime, FatalSender, TenantHandle, TenantHealth};
 use crate::auth::KeyRing;
 use crate::clock::SharedClock;
 use crate::config::Config;
@@ -26,7 +26,7 @@ use crate::domain::catalogue::Catalogue;
 pub use crate::node::{Node, SnapshotError, SnapshotReport};
 use crate::read::feed::TenantFeed;
 use crate::storage::commit::{Committer, FlushMode};
-use crate::storage::recovery::{recover, Recovered, RecoveryReport};
+use crate::storage::recovery::{recover, series_settings, Recovered, RecoveryReport};
 use crate::storage::{SharedStore, SledStore, StorageError};
 
 #[derive(Debug, thiserror::Error)]
@@ -70,28 +70,39 @@ fn start_tenants(
         let shard = runtime.shard_for(&tenant.id);
         let context = Arc::clone(state.core.context());
         let now_ms = state.core.now_ms();
-        let mut metrics = Vec::new();
+        // actors only for metrics with recovered state; the others start with
+        // their first events
+        let metrics = metric_slots(catalogue.metrics().len());
         for (index, metric_state) in state.metrics.into_iter().enumerate() {
             let Some(metric_state) = metric_state else {
-                metrics.push(None);
                 continue;
             };
             let tenant_id = Arc::clone(&context.id);
             let name = catalogue.metrics()[index].name.clone();
-            metrics.push(Some(MetricActor::start_in_arbiter(shard, move |ctx| {
+            let addr = MetricActor::start_in_arbiter(shard, move |ctx| {
                 ctx.set_mailbox_capacity(mailbox_capacity);
                 MetricActor::from_state(tenant_id, name, metric_state, now_ms)
-            })));
+            });
+            // each slot is filled once, here, before the tenant actor exists
+            let _ = metrics[index].set(addr);
         }
+        let settings = series_settings(config, context.tz);
         let health = Arc::new(TenantHealth::new(&tenant.id, Arc::clone(fatal)));
         let actor = {
-            let metrics = metrics.clone();
+            let metrics = Arc::clone(&metrics);
             let durability = durability.clone();
             let health = Arc::clone(&health);
             let core = state.core;
             TenantActor::start_in_arbiter(shard, move |ctx| {
                 ctx.set_mailbox_capacity(mailbox_capacity);
-                TenantActor::new(core, metrics, durability, health)
+                TenantActor::new(
+                    core,
+                    metrics,
+                    settings,
+                    mailbox_capacity,
+                    durability,
+                    health,
+                )
             })
         };
         tenants.insert(
@@ -100,6 +111,7 @@ fn start_tenants(
                 context,
                 actor,
                 metrics,
+                settings,
                 batch_permits: Arc::new(Semaphore::new(batches_max)),
                 query_permits: Arc::new(Semaphore::new(queries_max)),
                 health,

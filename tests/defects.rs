@@ -17,7 +17,7 @@ use tally::actors::metric::{MetricActor, MetricRead, ReadMetric};
 use tally::actors::tenant::{
     Durability, IngestBatch, ListQuarantine, RetryQuarantined, TakeSnapshot, TenantActor,
 };
-use tally::actors::{InFlight, TenantHealth};
+use tally::actors::{metric_slots, InFlight, TenantHealth};
 use tally::config::Config;
 use tally::domain::catalogue::Catalogue;
 use tally::domain::dedup::DedupIndex;
@@ -125,7 +125,7 @@ fn config(tz: &str) -> Config {
 
 /// The demo tenant over `store`, with a commit queue of `queue_max` write
 /// sets. gmv runs on an arbiter of its own, so that a test can block it or
-/// stop it; the other metrics are left out.
+/// stop it.
 fn start_tenant(store: Arc<GateStore>, queue_max: usize, tz: &str, now_ms: i64) -> Tenant {
     let config = config(tz);
     let checked = config.check().unwrap();
@@ -145,8 +145,9 @@ fn start_tenant(store: Arc<GateStore>, queue_max: usize, tz: &str, now_ms: i64) 
     let gmv = MetricActor::start_in_arbiter(&gmv_arbiter.handle(), move |_| {
         MetricActor::new(tenant_id, gmv_index, &def, settings, now_ms)
     });
-    let mut metrics = vec![None; catalogue.metrics().len()];
-    metrics[gmv_index] = Some(gmv.clone());
+    // the other metrics start on the test's arbiter with their first events
+    let metrics = metric_slots(catalogue.metrics().len());
+    metrics[gmv_index].set(gmv.clone()).unwrap();
     let core = TenantCore::new(
         context,
         DedupIndex::new(86_400, 1_000),
@@ -154,7 +155,8 @@ fn start_tenant(store: Arc<GateStore>, queue_max: usize, tz: &str, now_ms: i64) 
         now_ms,
     );
     let health = Arc::new(TenantHealth::default());
-    let actor = TenantActor::new(core, metrics, durability, Arc::clone(&health)).start();
+    let actor =
+        TenantActor::new(core, metrics, settings, 64, durability, Arc::clone(&health)).start();
     Tenant {
         actor,
         gmv,

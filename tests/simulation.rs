@@ -34,7 +34,7 @@ use tally::domain::tenant::{
 };
 use tally::domain::time::{counts_in_some_window, day_bounds};
 use tally::domain::window::{SlidingTally, Tally};
-use tally::storage::recovery::recover;
+use tally::storage::recovery::{recover, series_settings};
 use tally::storage::snapshot::{plan_ops, prune_ops, snapshot_ops, TenantSnapshot};
 use tally::storage::{key_lsn, lsn_key, Op, Space, StorageError, Store};
 
@@ -500,6 +500,18 @@ impl Sim {
             return Ok(());
         }
         self.node.metrics_now_ms = self.node.metrics_now_ms.max(ticket.plan.now_ms);
+        // a metric gets its state (its actor) with its first events, as the
+        // tenant actor starts it
+        let settings = series_settings(&self.config, self.tz);
+        for (index, def) in self.catalogue.metrics().iter().enumerate() {
+            if ticket.plan.feeds & (1u64 << index) != 0
+                && def.kind.has_state()
+                && self.node.metrics[index].is_none()
+            {
+                self.node.metrics[index] =
+                    Some(MetricState::new(index, def, settings, ticket.plan.now_ms));
+            }
+        }
         for metric in self.node.metrics.iter_mut().flatten() {
             let report = metric.apply(&ticket.plan.events, self.node.metrics_now_ms);
             check(report.events_refused == 0, || {
@@ -753,9 +765,11 @@ impl Sim {
                 .catalogue
                 .index_of(name)
                 .ok_or("the default catalogue has gmv and orders")?;
+            // a metric without state reads as a fresh one, as the read path does
+            let settings = series_settings(&self.config, self.tz);
+            let def = &self.catalogue.metrics()[index];
             let state = self.node.metrics[index]
-                .as_mut()
-                .ok_or("gmv and orders keep state")?;
+                .get_or_insert_with(|| MetricState::new(index, def, settings, now_ms));
             let SeriesReading::Counter(reading) = state.read(now_ms) else {
                 return Err(format!("{name} is a counter"));
             };

@@ -16,6 +16,19 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use metric::MetricActor;
 use tenant::{TenantActor, TenantContext};
 
+use crate::domain::metric::SeriesSettings;
+
+/// A tenant's metric actors, indexed like the catalogue. A slot is filled when
+/// the metric first gets state (an event, or state recovered for it), by the
+/// tenant actor on its own arbiter; until then the metric reads as empty. So
+/// an idle tenant costs no metric actors (memory follows traffic).
+pub type MetricSlots = Arc<[std::sync::OnceLock<Addr<MetricActor>>]>;
+
+/// Empty slots for `metrics` metrics.
+pub fn metric_slots(metrics: usize) -> MetricSlots {
+    (0..metrics).map(|_| std::sync::OnceLock::new()).collect()
+}
+
 /// A place in a tenant's in-flight budget (batches or reads). Every message a
 /// request sends carries it, so the place frees only when the last of them has
 /// been handled, even if the client went away meanwhile. That keeps the number
@@ -74,8 +87,12 @@ impl TenantHealth {
 pub struct TenantHandle {
     pub context: Arc<TenantContext>,
     pub actor: Addr<TenantActor>,
-    /// Indexed like the catalogue; `None` for metrics without state (mean).
-    pub metrics: Vec<Option<Addr<MetricActor>>>,
+    /// Indexed like the catalogue; empty for metrics without state (mean) and
+    /// for metrics that never had any.
+    pub metrics: MetricSlots,
+    /// What every series of the tenant is built with (an empty metric reads
+    /// as a fresh state with these).
+    pub settings: SeriesSettings,
     /// Ingest batches in flight; a request that gets none is shed with 429.
     pub batch_permits: Arc<Semaphore>,
     /// Reads and quarantine calls in flight; past them the request gets 503.
@@ -95,7 +112,7 @@ impl TenantHandle {
             return Some("the tenant actor stopped".into());
         }
         for (index, metric) in self.metrics.iter().enumerate() {
-            if metric.as_ref().is_some_and(|addr| !addr.connected()) {
+            if metric.get().is_some_and(|addr| !addr.connected()) {
                 let name = &self.context.catalogue.metrics()[index].name;
                 return Some(format!("the actor of metric {name} stopped"));
             }

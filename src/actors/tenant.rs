@@ -15,6 +15,7 @@ use actix::prelude::*;
 use tokio::sync::{oneshot, Notify};
 
 use crate::domain::event::ValidEvent;
+use crate::domain::metric::SeriesSettings;
 use crate::domain::quarantine::QuarantinedEvent;
 use crate::domain::tenant::{CoreError, OutcomeCounts, Plan, RetryDecision, TenantCore};
 pub use crate::domain::tenant::{EventOutcome, QuarantineCandidate, TenantContext};
@@ -24,7 +25,7 @@ use crate::storage::StorageError;
 use crate::telemetry::{self, Outcome};
 
 use super::metric::{ApplyEvents, ExportState, MetricActor};
-use super::{InFlight, TenantHealth};
+use super::{InFlight, MetricSlots, TenantHealth};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TenantError {
@@ -52,8 +53,11 @@ pub struct TenantActor {
     core: Rc<RefCell<TenantCore>>,
     /// Woken whenever a ticket completes or fails.
     progress: Rc<Notify>,
-    /// Indexed like the catalogue; `None` for metrics without state (mean).
-    metrics: Vec<Option<Addr<MetricActor>>>,
+    /// Shared with the tenant's handle; filled here, on this actor's arbiter,
+    /// when a metric first gets events.
+    metrics: MetricSlots,
+    settings: SeriesSettings,
+    mailbox_capacity: usize,
     durability: Durability,
     health: Arc<TenantHealth>,
 }
@@ -109,9 +113,13 @@ async fn make_durable_and_apply(
 }
 
 impl TenantActor {
+    /// `metrics` holds the actors already started (with recovered state);
+    /// the others start with their first events, with `mailbox_capacity`.
     pub fn new(
         core: TenantCore,
-        metrics: Vec<Option<Addr<MetricActor>>>,
+        metrics: MetricSlots,
+        settings: SeriesSettings,
+        mailbox_capacity: usize,
         durability: Durability,
         health: Arc<TenantHealth>,
     ) -> Self {
@@ -120,9 +128,37 @@ impl TenantActor {
             core: Rc::new(RefCell::new(core)),
             progress: Rc::new(Notify::new()),
             metrics,
+            settings,
+            mailbox_capacity,
             durability,
             health,
         }
+    }
+
+    /// The actors of the metrics in `feeds` that keep state, started here (on
+    /// this actor's arbiter) for those that had none yet.
+    fn metrics_fed(&self, feeds: u64, now_ms: i64) -> Vec<Addr<MetricActor>> {
+        let core = self.core.borrow();
+        let context = core.context();
+        let mut fed = Vec::new();
+        for (index, def) in context.catalogue.metrics().iter().enumerate() {
+            if feeds & (1u64 << index) == 0 || !def.kind.has_state() {
+                continue;
+            }
+            let Some(slot) = self.metrics.get(index) else {
+                continue;
+            };
+            let addr = slot.get_or_init(|| {
+                let (tenant_id, settings) = (Arc::clone(&context.id), self.settings);
+                let capacity = self.mailbox_capacity;
+                MetricActor::create(|ctx| {
+                    ctx.set_mailbox_capacity(capacity);
+                    MetricActor::new(tenant_id, index, def, settings, now_ms)
+                })
+            });
+            fed.push(addr.clone());
+        }
+        fed
     }
 
     fn report_quarantine_size(&self) {
@@ -162,13 +198,7 @@ impl TenantActor {
                 }
             }
         };
-        let metrics: Vec<Addr<MetricActor>> = self
-            .metrics
-            .iter()
-            .enumerate()
-            .filter(|(index, _)| plan.feeds & (1u64 << index) != 0)
-            .filter_map(|(_, addr)| addr.clone())
-            .collect();
+        let metrics = self.metrics_fed(plan.feeds, plan.now_ms);
         let core = Rc::clone(&self.core);
         let progress = Rc::clone(&self.progress);
         let health = Arc::clone(&self.health);
@@ -357,8 +387,8 @@ impl Handler<TakeSnapshot> for TenantActor {
                 .metrics
                 .iter()
                 .enumerate()
-                .filter_map(|(index, addr)| {
-                    let addr = addr.clone()?;
+                .filter_map(|(index, slot)| {
+                    let addr = slot.get()?.clone();
                     Some((core.context().catalogue.metrics()[index].name.clone(), addr))
                 })
                 .collect();

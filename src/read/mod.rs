@@ -25,7 +25,7 @@ use crate::actors::metric::{MetricRead, ReadMetric, ReadSeries};
 use crate::actors::{InFlight, TenantHandle};
 use crate::domain::catalogue::{Catalogue, MetricKind};
 use crate::domain::histogram::{HistogramReading, HistogramStats};
-use crate::domain::metric::{SeriesPoints, SeriesReading};
+use crate::domain::metric::{MetricState, SeriesPoints, SeriesReading};
 use crate::domain::time::{SlidingWindow, WindowName};
 use crate::domain::window::{CounterReading, Tally};
 
@@ -419,6 +419,20 @@ impl<'t> TenantReader<'t> {
         }
     }
 
+    /// The actor of metric `index`, once it has one.
+    fn actor(&self, index: usize) -> Option<&'t actix::Addr<crate::actors::metric::MetricActor>> {
+        self.tenant.metrics.get(index)?.get()
+    }
+
+    /// A metric that never had events reads as a fresh state (no actor is
+    /// started for a read); `None` for metrics without state (mean).
+    fn empty_state(&self, index: usize, now_ms: i64) -> Option<MetricState> {
+        let def = self.catalogue().metrics().get(index)?;
+        def.kind
+            .has_state()
+            .then(|| MetricState::new(index, def, self.tenant.settings, now_ms))
+    }
+
     /// The index of a metric by name.
     pub fn metric_index(&self, name: &str) -> Result<usize, ReadError> {
         self.catalogue()
@@ -435,8 +449,9 @@ impl<'t> TenantReader<'t> {
         now_ms: i64,
     ) -> Result<HashMap<usize, MetricRead>, ReadError> {
         let mut requests = Vec::with_capacity(indices.len());
+        let mut reads = HashMap::with_capacity(indices.len());
         for &index in indices {
-            if let Some(Some(addr)) = self.tenant.metrics.get(index) {
+            if let Some(addr) = self.actor(index) {
                 requests.push((
                     index,
                     addr.send(ReadMetric {
@@ -445,9 +460,14 @@ impl<'t> TenantReader<'t> {
                         in_flight: self.in_flight.clone(),
                     }),
                 ));
+            } else if let Some(mut empty) = self.empty_state(index, now_ms) {
+                let read = match by {
+                    None => MetricRead::Total(empty.read(now_ms)),
+                    Some(dim) => MetricRead::Breakdown(empty.read_breakdown(dim, now_ms)),
+                };
+                reads.insert(index, read);
             }
         }
-        let mut reads = HashMap::with_capacity(requests.len());
         for (index, request) in requests {
             reads.insert(index, request.await.map_err(|_| self.gone())?);
         }
@@ -548,20 +568,26 @@ impl<'t> TenantReader<'t> {
         now_ms: i64,
     ) -> Result<Vec<(i64, PointValue)>, ReadError> {
         let catalogue = self.catalogue();
+        // the metric's points, or its parts' (a mean), in order
         let mut requests = Vec::new();
         for reading_index in needed_readings(catalogue, index) {
-            if let Some(Some(addr)) = self.tenant.metrics.get(reading_index) {
-                requests.push(addr.send(ReadSeries {
+            if let Some(addr) = self.actor(reading_index) {
+                requests.push(Ok(addr.send(ReadSeries {
                     now_ms,
                     window,
                     step_s,
                     in_flight: self.in_flight.clone(),
-                }));
+                })));
+            } else if let Some(mut empty) = self.empty_state(reading_index, now_ms) {
+                requests.push(Err(empty.series_points(window, step_s, now_ms)));
             }
         }
         let mut series = Vec::with_capacity(requests.len());
         for request in requests {
-            series.push(request.await.map_err(|_| self.gone())?);
+            series.push(match request {
+                Ok(request) => request.await.map_err(|_| self.gone())?,
+                Err(points) => points,
+            });
         }
         let kind = &catalogue.metrics()[index].kind;
         let points = match (kind, series.as_slice()) {

@@ -12,7 +12,6 @@ use chrono_tz::Tz;
 
 use crate::clock::Stopwatch;
 use crate::config::Config;
-use crate::domain::catalogue::Catalogue;
 use crate::domain::dedup::DedupIndex;
 use crate::domain::metric::{MetricState, SeriesSettings};
 use crate::domain::quarantine::{QuarantineStore, QuarantinedEvent};
@@ -59,23 +58,6 @@ pub fn series_settings(config: &Config, tz: Tz) -> SeriesSettings {
     }
 }
 
-fn fresh_metrics(
-    catalogue: &Catalogue,
-    settings: SeriesSettings,
-    now_ms: i64,
-) -> Vec<Option<MetricState>> {
-    catalogue
-        .metrics()
-        .iter()
-        .enumerate()
-        .map(|(index, def)| {
-            def.kind
-                .has_state()
-                .then(|| MetricState::new(index, def, settings, now_ms))
-        })
-        .collect()
-}
-
 /// Recovers every tenant of `contexts` (the configured ones; records of
 /// others are skipped and said so).
 pub fn recover(
@@ -112,7 +94,10 @@ pub fn recover(
         let catalogue = &context.catalogue;
         let settings = series_settings(config, context.tz);
         let mut dedup = DedupIndex::new(config.ingest.dedup_horizon_s, config.ingest.dedup_ids_max);
-        let mut metrics = fresh_metrics(catalogue, settings, now_ms);
+        // a metric gets state when the snapshot or a replayed record has some
+        // for it (its actor starts with it); the others stay empty
+        let mut metrics: Vec<Option<MetricState>> =
+            catalogue.metrics().iter().map(|_| None).collect();
         let mut tenant_now_ms = now_ms;
         let mut position = 0;
         if let Some(part) = snapshot.iter().find(|part| part.tenant == tenant_id) {
@@ -127,16 +112,12 @@ pub fn recover(
                 }
                 let Some((_, export)) = part.metrics.iter().find(|(name, _)| *name == def.name)
                 else {
-                    metrics[index] = Some(MetricState::new(index, def, settings, part.now_ms));
                     continue;
                 };
-                metrics[index] = match MetricState::import(index, def, settings, export) {
-                    Some(state) => Some(state),
-                    None => {
-                        tracing::warn!(tenant = %tenant_id, metric = %def.name, "metric changed kind since the snapshot; it starts empty");
-                        Some(MetricState::new(index, def, settings, part.now_ms))
-                    }
-                };
+                metrics[index] = MetricState::import(index, def, settings, export);
+                if metrics[index].is_none() {
+                    tracing::warn!(tenant = %tenant_id, metric = %def.name, "metric changed kind since the snapshot; it starts empty");
+                }
             }
         }
         positions.insert(tenant_id.to_string(), position);
@@ -213,6 +194,16 @@ pub fn recover(
         }
         // the core counts an id once, whatever the log holds
         let events = tenant.core.replay(batch.now_ms, events);
+        let feeds = events.iter().fold(0u64, |mask, event| {
+            mask | event.route.feeds | event.route.feeds_numerator
+        });
+        let context = Arc::clone(tenant.core.context());
+        let settings = series_settings(config, context.tz);
+        for (index, def) in context.catalogue.metrics().iter().enumerate() {
+            if feeds & (1u64 << index) != 0 && def.kind.has_state() && tenant.metrics[index].is_none() {
+                tenant.metrics[index] = Some(MetricState::new(index, def, settings, batch.now_ms));
+            }
+        }
         for metric in tenant.metrics.iter_mut().flatten() {
             let applied = metric.apply(&events, batch.now_ms);
             if applied.events_refused > 0 {
