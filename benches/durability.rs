@@ -101,6 +101,7 @@ fn build_recovery_fixture(dir: &std::path::Path, now_ms: i64) -> Config {
                 .map(|e| (id_key(&e.id), second_of_ms(e.ts_ms)))
                 .collect(),
             metrics,
+            runs: Vec::new(),
         });
     }
     store

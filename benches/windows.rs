@@ -151,7 +151,7 @@ fn dedup(c: &mut Criterion) {
                             (0..1000).map(|n| format!("r{round}-{n:04}")).collect();
                         let started = std::time::Instant::now();
                         for id in &ids {
-                            black_box(index.judge(id, T0_MS, T0_MS, today));
+                            black_box(index.judge(id, T0_MS, T0_MS, today).unwrap());
                             index.admit(id, T0_MS, T0_MS, today).unwrap();
                         }
                         total += started.elapsed();

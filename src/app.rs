@@ -208,10 +208,12 @@ pub async fn start_with_store(
     };
     let (committer, commit_thread) =
         Committer::start(Arc::clone(&store), queue_max, mode).map_err(StartError::Thread)?;
+    let snapshot_wanted = Arc::new(tokio::sync::Notify::new());
     let durability = Durability {
         committer: committer.clone(),
         next_lsn: Arc::new(AtomicU64::new(recovered.next_lsn)),
         record_bytes_max: config.storage.record_bytes_max,
+        snapshot_wanted: Arc::clone(&snapshot_wanted),
     };
 
     let runtime = ActorRuntime::start(config.shard_count()).map_err(StartError::Thread)?;
@@ -297,9 +299,12 @@ pub async fn start_with_store(
             let mut ticks = tokio::time::interval(snapshot_interval);
             ticks.tick().await;
             loop {
-                // a snapshot under way finishes; none starts once stopping
+                // a snapshot under way finishes; none starts once stopping. A
+                // tenant whose ids in memory reach half their cap asks for one
+                // early: it moves them into a run on disk.
                 tokio::select! {
                     _ = ticks.tick() => {}
+                    _ = snapshot_wanted.notified() => ticks.reset(),
                     _ = stopping.wait_for(|stopping| *stopping) => return,
                 }
                 if node.committer.is_failed() {

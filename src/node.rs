@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::{watch, Mutex, Semaphore};
 
-use crate::actors::tenant::TakeSnapshot;
+use crate::actors::tenant::{InstallRuns, TakeSnapshot};
 use crate::actors::{FatalSender, TenantHandle};
 use crate::auth::{tenant_for_read, AuthError, KeyRing, Principal};
 use crate::clock::{SharedClock, Stopwatch};
@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::domain::catalogue::Catalogue;
 use crate::read::feed::TenantFeed;
 use crate::storage::commit::Committer;
-use crate::storage::snapshot::{prune_ops, snapshot_ops};
+use crate::storage::snapshot::{delete_unlisted_runs, prune_ops, snapshot_ops, write_sealed_runs};
 use crate::storage::{SharedStore, StorageError};
 
 /// What every request handler shares.
@@ -130,7 +130,7 @@ impl Node {
             return Err(SnapshotError::DiskShort { free_bytes });
         }
         let stopwatch = Stopwatch::start();
-        let mut parts = Vec::with_capacity(self.tenants.len());
+        let mut taken = Vec::with_capacity(self.tenants.len());
         for tenant in self.tenants.values() {
             let part = tenant
                 .actor
@@ -138,13 +138,22 @@ impl Node {
                 .await
                 .map_err(|_| SnapshotError::Actors)?
                 .map_err(|error| SnapshotError::Tenant(error.to_string()))?;
-            parts.push(part);
+            taken.push(part);
         }
         let id = self.next_snapshot_id.fetch_add(1, Ordering::SeqCst);
         let created_ms = self.now_ms();
         let record_bytes_max = self.config.storage.record_bytes_max;
-        let ops = tokio::task::spawn_blocking(move || {
-            snapshot_ops(id, created_ms, &parts, record_bytes_max)
+        let data_dir = self.config.storage.data_dir.clone();
+        // the sealed ids become runs, durable before the manifest lists them
+        let (ops, installs) = tokio::task::spawn_blocking(move || {
+            let mut parts = Vec::with_capacity(taken.len());
+            let mut installs = Vec::with_capacity(taken.len());
+            for (mut part, sealed) in taken {
+                let runs = write_sealed_runs(&data_dir, &mut part, &sealed);
+                installs.push((part.tenant.clone(), runs));
+                parts.push(part);
+            }
+            snapshot_ops(id, created_ms, &parts, record_bytes_max).map(|ops| (ops, installs))
         })
         .await
         .map_err(|_| SnapshotError::Actors)?
@@ -171,6 +180,24 @@ impl Node {
             .commit(prune)
             .await
             .map_err(SnapshotError::Storage)?;
+        for (tenant, runs) in installs {
+            if let Some(handle) = self.tenant(&tenant) {
+                // the actor may be gone; its runs are listed and read back on restart
+                let _ = handle.actor.send(InstallRuns(runs)).await;
+            }
+        }
+        // runs no kept snapshot lists: expired, or from an unfinished snapshot
+        let store = Arc::clone(&self.store);
+        let data_dir = self.config.storage.data_dir.clone();
+        let tenants: Vec<String> = self.tenants.keys().cloned().collect();
+        let deleted = tokio::task::spawn_blocking(move || {
+            delete_unlisted_runs(&*store, &data_dir, &tenants, record_bytes_max)
+        })
+        .await
+        .map_err(|_| SnapshotError::Actors)?;
+        if let Err(error) = deleted {
+            tracing::warn!(%error, "old de-dup runs not deleted; the next snapshot tries again");
+        }
         let report = SnapshotReport {
             id,
             bytes,

@@ -136,6 +136,7 @@ fn start_tenant(store: Arc<GateStore>, queue_max: usize, tz: &str, now_ms: i64) 
         committer,
         next_lsn: Arc::new(AtomicU64::new(1)),
         record_bytes_max: 1 << 20,
+        snapshot_wanted: Arc::default(),
     };
     let gmv_index = catalogue.index_of("gmv").unwrap();
     let settings = series_settings(&config, context.tz);

@@ -35,7 +35,9 @@ use tally::domain::tenant::{
 use tally::domain::time::{counts_in_some_window, day_bounds};
 use tally::domain::window::{SlidingTally, Tally};
 use tally::storage::recovery::{recover, series_settings};
-use tally::storage::snapshot::{plan_ops, prune_ops, snapshot_ops, TenantSnapshot};
+use tally::storage::snapshot::{
+    delete_unlisted_runs, plan_ops, prune_ops, snapshot_ops, write_sealed_runs, TenantSnapshot,
+};
 use tally::storage::{key_lsn, lsn_key, Op, Space, StorageError, Store};
 
 const TENANT: &str = "demo";
@@ -183,6 +185,7 @@ struct Node {
 
 struct Sim {
     rng: Rng,
+    _runs_dir: tempfile::TempDir,
     config: Config,
     catalogue: Arc<Catalogue>,
     tz: Tz,
@@ -229,11 +232,15 @@ impl Sim {
         // ids expire as soon as their events can count nowhere, so that runs
         // reach expiry, and ids come back as new events after it
         config.ingest.dedup_horizon_s = 0;
+        // de-dup runs are real files, in a directory of the run's own
+        let runs_dir = tempfile::tempdir().expect("a temporary directory");
+        config.storage.data_dir = runs_dir.path().to_path_buf();
         let catalogue = Arc::new(config.catalogue().expect("default catalogue is valid"));
         let store = Arc::new(SimStore::default());
         let node = Self::recover_node(&store, &config, START_MS);
         Sim {
             rng: Rng(seed),
+            _runs_dir: runs_dir,
             config,
             catalogue,
             tz: chrono_tz::America::New_York,
@@ -580,11 +587,14 @@ impl Sim {
         if !self.node.core.is_idle() || self.node.core.failure().is_some() {
             return Ok(());
         }
-        let part = TenantSnapshot {
+        // as the actor does: the remembered ids are sealed for runs on disk
+        let sealed = self.node.core.seal_dedup();
+        let mut part = TenantSnapshot {
             tenant: TENANT.into(),
             position_lsn: self.node.next_lsn.load(Ordering::SeqCst).saturating_sub(1),
             now_ms: self.node.core.now_ms(),
             dedup: self.node.core.export_dedup(),
+            runs: self.node.core.dedup().runs(),
             metrics: self
                 .catalogue
                 .metrics()
@@ -593,6 +603,7 @@ impl Sim {
                 .filter_map(|(def, state)| Some((def.name.clone(), state.as_ref()?.export())))
                 .collect(),
         };
+        let runs = write_sealed_runs(&self.config.storage.data_dir, &mut part, &sealed);
         let id = self.node.next_snapshot_id;
         self.node.next_snapshot_id += 1;
         let record_bytes_max = self.config.storage.record_bytes_max;
@@ -608,6 +619,15 @@ impl Sim {
         self.store.persist(&ops);
         let prune = prune_ops(&*self.store, 2, record_bytes_max).map_err(|e| e.to_string())?;
         self.store.persist(&prune);
+        for run in runs {
+            self.node.core.install_run(run);
+        }
+        delete_unlisted_runs(
+            &*self.store,
+            &self.config.storage.data_dir,
+            &[TENANT.to_string()],
+            record_bytes_max,
+        )?;
         Ok(())
     }
 

@@ -319,6 +319,7 @@ impl Engine {
             position_lsn: 0,
             now_ms,
             dedup: self.core.export_dedup(),
+            runs: Vec::new(),
             metrics: catalogue
                 .metrics()
                 .iter()
@@ -326,11 +327,12 @@ impl Engine {
                 .map(|(def, state)| (def.name.clone(), state.export()))
                 .collect(),
         };
-        let bytes = encode(RecordKind::SnapshotPart, &snapshot).unwrap();
-        let restored: TenantSnapshot = decode(&bytes, RecordKind::SnapshotPart, 1 << 30).unwrap();
+        let bytes = encode(RecordKind::SnapshotPartRuns, &snapshot).unwrap();
+        let restored: TenantSnapshot =
+            decode(&bytes, RecordKind::SnapshotPartRuns, 1 << 30).unwrap();
         let mut dedup = DedupIndex::new(HORIZON_S, 1_000_000);
         for (key, second) in restored.dedup {
-            dedup.remember(key, second);
+            dedup.remember(key, second).unwrap();
         }
         self.core = tenant_core(Arc::clone(self.core.context()), dedup, now_ms);
         self.metrics = catalogue

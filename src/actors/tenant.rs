@@ -14,6 +14,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tokio::sync::{oneshot, Notify};
 
+use crate::domain::dedup::{Run, SealedIds};
 use crate::domain::event::ValidEvent;
 use crate::domain::metric::SeriesSettings;
 use crate::domain::quarantine::QuarantinedEvent;
@@ -45,6 +46,9 @@ pub struct Durability {
     pub next_lsn: Arc<AtomicU64>,
     /// The largest record recovery reads back; larger ones are refused.
     pub record_bytes_max: usize,
+    /// Asks the node for a snapshot now: a tenant's table of ids in memory is
+    /// half full, and a snapshot moves them into a run on disk.
+    pub snapshot_wanted: Arc<Notify>,
 }
 
 pub struct TenantActor {
@@ -263,6 +267,13 @@ impl Handler<IngestBatch> for TenantActor {
         if quarantines {
             self.report_quarantine_size();
         }
+        {
+            let core = self.core.borrow();
+            let dedup = core.dedup();
+            if dedup.ids_in_memory() >= dedup.ids_max() / 2 {
+                self.durability.snapshot_wanted.notify_one();
+            }
+        }
         self.carry_out(plan, batch.in_flight, outcomes)
     }
 }
@@ -340,13 +351,31 @@ impl Handler<RetryQuarantined> for TenantActor {
 }
 
 /// The tenant's state for a snapshot: waits until every batch already accepted
-/// is applied (taking no new messages meanwhile), then exports.
+/// is applied (taking no new messages meanwhile), seals the remembered ids for
+/// runs on disk, then exports. With the part come the sealed sets the snapshot
+/// must write as runs (and list) before it commits.
 #[derive(Message)]
-#[rtype(result = "Result<TenantSnapshot, TenantError>")]
+#[rtype(result = "Result<(TenantSnapshot, Vec<Arc<SealedIds>>), TenantError>")]
 pub struct TakeSnapshot;
 
+/// The runs a snapshot wrote are durable and listed: their ids leave memory.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct InstallRuns(pub Vec<Run>);
+
+impl Handler<InstallRuns> for TenantActor {
+    type Result = ();
+
+    fn handle(&mut self, message: InstallRuns, _: &mut Context<Self>) {
+        let mut core = self.core.borrow_mut();
+        for run in message.0 {
+            core.install_run(run);
+        }
+    }
+}
+
 impl Handler<TakeSnapshot> for TenantActor {
-    type Result = AtomicResponse<Self, Result<TenantSnapshot, TenantError>>;
+    type Result = AtomicResponse<Self, Result<(TenantSnapshot, Vec<Arc<SealedIds>>), TenantError>>;
 
     fn handle(&mut self, _: TakeSnapshot, _: &mut Context<Self>) -> Self::Result {
         let core = Rc::clone(&self.core);
@@ -369,7 +398,7 @@ impl Handler<TakeSnapshot> for TenantActor {
                 .next_lsn
                 .load(Ordering::SeqCst)
                 .saturating_sub(1);
-            let core = actor.core.borrow();
+            let mut core = actor.core.borrow_mut();
             // a failed tenant's memory may lack durable events: only the log
             // and an older snapshot can say what counts
             let failure = core.failure().map(|reason| CoreError::Failed {
@@ -378,11 +407,13 @@ impl Handler<TakeSnapshot> for TenantActor {
             });
             let tenant = core.context().id.to_string();
             let now_ms = core.now_ms();
-            let dedup = if failure.is_none() {
-                core.export_dedup()
+            let (sealed, runs) = if failure.is_none() {
+                (core.seal_dedup(), core.dedup().runs())
             } else {
-                Vec::new()
+                (Vec::new(), Vec::new())
             };
+            // sealed: the table is empty; ids stay answered from the sealed sets
+            let dedup = core.export_dedup();
             let names: Vec<(String, Addr<MetricActor>)> = actor
                 .metrics
                 .iter()
@@ -408,13 +439,17 @@ impl Handler<TakeSnapshot> for TenantActor {
                         .map_err(|_| TenantError::ActorGone(tenant.clone()))?;
                     metrics.push((name, export));
                 }
-                Ok(TenantSnapshot {
-                    tenant,
-                    position_lsn,
-                    now_ms,
-                    dedup,
-                    metrics,
-                })
+                Ok((
+                    TenantSnapshot {
+                        tenant,
+                        position_lsn,
+                        now_ms,
+                        dedup,
+                        metrics,
+                        runs,
+                    },
+                    sealed,
+                ))
             }
             .into_actor(actor)
         })))

@@ -13,6 +13,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
 
 use super::time::{counts_in_some_window, second_of_ms, DayBounds, BUCKET_HISTORY_S};
 
@@ -23,10 +26,91 @@ pub enum Admission {
     Late,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("de-duplication table is full ({ids_max} ids)")]
-pub struct DedupFull {
-    pub ids_max: usize,
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DedupError {
+    #[error("de-duplication table is full ({ids_max} ids)")]
+    Full { ids_max: usize },
+    /// A run's keys could not be read to confirm a filter's "maybe": the id
+    /// is neither accepted nor called a duplicate.
+    #[error("a de-duplication run cannot be read: {0}")]
+    Unreadable(String),
+}
+
+/// Where a run's keys are kept (a file, in the node): confirms a filter's
+/// "maybe", so that a false positive never makes a false duplicate.
+pub trait RunKeys: Send + Sync + std::fmt::Debug {
+    fn contains(&self, key: u128) -> Result<bool, String>;
+}
+
+/// What a snapshot records of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunMeta {
+    pub id: u64,
+    pub ids: u64,
+    /// The latest event second of its ids: the run is forgotten whole once an
+    /// event at this second can count nowhere.
+    pub max_second: i64,
+}
+
+/// Ids moved out of the table at a snapshot, waiting to be written as a run:
+/// sorted keys, still answered from memory until the run is installed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SealedIds {
+    pub meta: RunMeta,
+    pub keys: Vec<u128>,
+}
+
+/// A run on disk: its keys where `keys` keeps them, a filter in memory
+/// (BinaryFuse16 over the folded keys: about 18 bits an id, a false positive
+/// once in 65 536 lookups, then confirmed against the keys).
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub meta: RunMeta,
+    filter: Arc<xorf::BinaryFuse16>,
+    keys: Arc<dyn RunKeys>,
+}
+
+/// The 64 bits of a key the filters hold.
+pub fn fold_key(key: u128) -> u64 {
+    (key as u64) ^ ((key >> 64) as u64)
+}
+
+/// The filter of sorted `keys`; `None` when it cannot be built (the folded
+/// keys collide in a way the construction does not take: keep them in memory).
+pub fn build_filter(keys: &[u128]) -> Option<xorf::BinaryFuse16> {
+    let mut folded: Vec<u64> = keys.iter().map(|key| fold_key(*key)).collect();
+    folded.sort_unstable();
+    folded.dedup();
+    xorf::BinaryFuse16::try_from(&folded).ok()
+}
+
+impl Run {
+    pub fn new(meta: RunMeta, filter: xorf::BinaryFuse16, keys: Arc<dyn RunKeys>) -> Run {
+        Run {
+            meta,
+            filter: Arc::new(filter),
+            keys,
+        }
+    }
+
+    /// Memory the run holds: its filter.
+    pub fn filter_bytes(&self) -> usize {
+        self.filter.fingerprints.len() * 2
+    }
+
+    /// True when the filter cannot rule `key` out.
+    pub fn filter_maybe(&self, key: u128) -> bool {
+        use xorf::Filter;
+        self.filter.contains(&fold_key(key))
+    }
+
+    /// True when `key` is in the run: the filter, then the keys on a "maybe".
+    pub fn contains(&self, key: u128) -> Result<bool, DedupError> {
+        if !self.filter_maybe(key) {
+            return Ok(false);
+        }
+        self.keys.contains(key).map_err(DedupError::Unreadable)
+    }
 }
 
 /// The key an id is remembered by.
@@ -162,10 +246,17 @@ impl IdTable {
     }
 }
 
+/// The ids remembered: a table in memory of the ids since the last snapshot,
+/// sealed sets on their way to disk, and runs on disk behind filters. Ids
+/// leave the table for a run at each snapshot, so memory holds what arrived
+/// since (at most `ids_max`) plus about 18 bits an id for the filters.
 #[derive(Debug, Clone)]
 pub struct DedupIndex {
     seconds_by_id: IdTable,
     ids_by_second: BTreeMap<i64, Vec<u128>>,
+    sealed: Vec<Arc<SealedIds>>,
+    runs: Vec<Run>,
+    next_run_id: u64,
     horizon_s: i64,
     ids_max: usize,
 }
@@ -175,17 +266,99 @@ impl DedupIndex {
         DedupIndex {
             seconds_by_id: IdTable::default(),
             ids_by_second: BTreeMap::new(),
+            sealed: Vec::new(),
+            runs: Vec::new(),
+            next_run_id: 1,
             horizon_s,
             ids_max,
         }
     }
 
+    /// Ids in the table (not sealed, not in runs).
     pub fn len(&self) -> usize {
         self.seconds_by_id.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.seconds_by_id.is_empty()
+    }
+
+    /// Most ids the table and the sealed sets may hold together.
+    pub fn ids_max(&self) -> usize {
+        self.ids_max
+    }
+
+    /// Ids in memory: the table and the sealed sets not yet on disk.
+    pub fn ids_in_memory(&self) -> usize {
+        self.seconds_by_id.len() + self.sealed.iter().map(|set| set.keys.len()).sum::<usize>()
+    }
+
+    /// The runs on disk, for a snapshot to list.
+    pub fn runs(&self) -> Vec<RunMeta> {
+        self.runs.iter().map(|run| run.meta).collect()
+    }
+
+    /// Bytes of the runs' filters.
+    pub fn filter_bytes(&self) -> usize {
+        self.runs.iter().map(Run::filter_bytes).sum()
+    }
+
+    /// Recovery: a run listed by the snapshot, already read back.
+    pub fn add_run(&mut self, run: Run) {
+        self.next_run_id = self.next_run_id.max(run.meta.id + 1);
+        self.runs.push(run);
+    }
+
+    /// Moves every id of the table into a sealed set (the snapshot writes it as
+    /// a run, then `install`s it); returns every sealed set not yet installed,
+    /// this one included. Call after `expire`.
+    pub fn seal(&mut self) -> Vec<Arc<SealedIds>> {
+        if !self.seconds_by_id.is_empty() {
+            let mut keys: Vec<u128> = self.seconds_by_id.iter().map(|(key, _)| *key).collect();
+            keys.sort_unstable();
+            let max_second = self
+                .ids_by_second
+                .last_key_value()
+                .map_or(i64::MIN, |(second, _)| *second);
+            let meta = RunMeta {
+                id: self.next_run_id,
+                ids: keys.len() as u64,
+                max_second,
+            };
+            self.next_run_id += 1;
+            self.sealed.push(Arc::new(SealedIds { meta, keys }));
+            self.seconds_by_id = IdTable::default();
+            self.ids_by_second = BTreeMap::new();
+        }
+        self.sealed.clone()
+    }
+
+    /// The run written from a sealed set is durable and listed by a snapshot:
+    /// the set leaves memory.
+    pub fn install(&mut self, run: Run) {
+        let before = self.sealed.len();
+        self.sealed.retain(|set| set.meta.id != run.meta.id);
+        if self.sealed.len() < before {
+            self.runs.push(run);
+        }
+    }
+
+    /// True when `key` is remembered anywhere.
+    fn known(&self, key: u128) -> Result<bool, DedupError> {
+        if self.seconds_by_id.contains_key(&key) {
+            return Ok(true);
+        }
+        for set in &self.sealed {
+            if set.keys.binary_search(&key).is_ok() {
+                return Ok(true);
+            }
+        }
+        for run in &self.runs {
+            if run.contains(key)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Forgets ids whose event second can count in no window at `now_ms` (nor
@@ -205,6 +378,10 @@ impl DedupIndex {
                 self.seconds_by_id.remove(&key);
             }
         }
+        // sealed sets and runs go whole, once their latest id has
+        self.sealed
+            .retain(|set| set.meta.max_second >= oldest_kept_s);
+        self.runs.retain(|run| run.meta.max_second >= oldest_kept_s);
     }
 
     /// Every remembered id with its event second (for snapshots).
@@ -217,13 +394,13 @@ impl DedupIndex {
 
     /// Remembers an id that was accepted before (recovery), without judging it
     /// or counting it against the cap. False when it was remembered already.
-    pub fn remember(&mut self, key: u128, ts_s: i64) -> bool {
-        if self.seconds_by_id.contains_key(&key) {
-            return false;
+    pub fn remember(&mut self, key: u128, ts_s: i64) -> Result<bool, DedupError> {
+        if self.known(key)? {
+            return Ok(false);
         }
         self.seconds_by_id.insert(key, ts_s);
         self.ids_by_second.entry(ts_s).or_default().push(key);
-        true
+        Ok(true)
     }
 
     /// Forgets an id accepted moments ago whose batch could not be written, so
@@ -243,27 +420,39 @@ impl DedupIndex {
         }
     }
 
-    /// How many more ids fit; call after `expire`.
+    /// How many more ids fit in memory; call after `expire`.
     pub fn ids_free(&self) -> usize {
-        self.ids_max.saturating_sub(self.seconds_by_id.len())
+        self.ids_max.saturating_sub(self.ids_in_memory())
     }
 
     /// The outcome `admit` would give, without remembering anything. A known id
     /// is a duplicate even when its time would also make it late.
-    pub fn judge(&self, id: &str, ts_ms: i64, now_ms: i64, today: DayBounds) -> Admission {
+    pub fn judge(
+        &self,
+        id: &str,
+        ts_ms: i64,
+        now_ms: i64,
+        today: DayBounds,
+    ) -> Result<Admission, DedupError> {
         self.judge_key(id_key(id), ts_ms, now_ms, today)
     }
 
-    fn judge_key(&self, key: u128, ts_ms: i64, now_ms: i64, today: DayBounds) -> Admission {
+    fn judge_key(
+        &self,
+        key: u128,
+        ts_ms: i64,
+        now_ms: i64,
+        today: DayBounds,
+    ) -> Result<Admission, DedupError> {
         let ts_s = second_of_ms(ts_ms);
         let now_s = second_of_ms(now_ms);
-        if self.seconds_by_id.contains_key(&key) {
+        Ok(if self.known(key)? {
             Admission::Duplicate
         } else if !counts_in_some_window(ts_s, now_s, today) {
             Admission::Late
         } else {
             Admission::Accepted
-        }
+        })
     }
 
     /// Decides one event's outcome and remembers it when accepted.
@@ -274,15 +463,15 @@ impl DedupIndex {
         ts_ms: i64,
         now_ms: i64,
         today: DayBounds,
-    ) -> Result<Admission, DedupFull> {
+    ) -> Result<Admission, DedupError> {
         let key = id_key(id);
-        let judged = self.judge_key(key, ts_ms, now_ms, today);
+        let judged = self.judge_key(key, ts_ms, now_ms, today)?;
         if judged != Admission::Accepted {
             return Ok(judged);
         }
         let ts_s = second_of_ms(ts_ms);
-        if self.seconds_by_id.len() >= self.ids_max {
-            return Err(DedupFull {
+        if self.ids_in_memory() >= self.ids_max {
+            return Err(DedupError::Full {
                 ids_max: self.ids_max,
             });
         }
@@ -445,7 +634,7 @@ mod tests {
         assert_eq!(index.ids_free(), 0);
         assert_eq!(
             index.admit("c", NOW_MS, NOW_MS, DAY),
-            Err(DedupFull { ids_max: 2 })
+            Err(DedupError::Full { ids_max: 2 })
         );
         assert_eq!(
             index.admit("a", NOW_MS, NOW_MS, DAY),

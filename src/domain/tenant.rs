@@ -28,7 +28,7 @@ use std::sync::Arc;
 use chrono_tz::Tz;
 
 use super::catalogue::Catalogue;
-use super::dedup::{id_key, Admission, DedupIndex};
+use super::dedup::{id_key, Admission, DedupError, DedupIndex, Run, SealedIds};
 use super::event::{
     parse_event, validate_event, EventLimits, Reason, TenantField, ValidEvent, ValidationContext,
 };
@@ -83,6 +83,8 @@ pub enum CoreError {
     DedupFull { tenant: String, ids_max: usize },
     #[error("tenant {tenant} stopped serving ({reason}); the node must restart to recover it")]
     Failed { tenant: String, reason: String },
+    #[error("tenant {tenant} cannot read its de-duplication runs ({reason}); retry later")]
+    Unreadable { tenant: String, reason: String },
 }
 
 /// One write to the tenant's quarantine, in the order it must happen.
@@ -241,6 +243,14 @@ impl TenantCore {
         self.now_ms
     }
 
+    fn dedup_error(&self, error: DedupError) -> CoreError {
+        let tenant = self.context.id.to_string();
+        match error {
+            DedupError::Full { ids_max } => CoreError::DedupFull { tenant, ids_max },
+            DedupError::Unreadable(reason) => CoreError::Unreadable { tenant, reason },
+        }
+    }
+
     fn serving(&self) -> Result<(), CoreError> {
         match &self.failed {
             Some(reason) => Err(CoreError::Failed {
@@ -308,7 +318,11 @@ impl TenantCore {
         // Only ids that would be new need room (a resent batch is all duplicates).
         let mut new_ids = HashSet::new();
         for (_, event) in &events {
-            if self.dedup.judge(&event.id, event.ts_ms, now_ms, self.today) == Admission::Accepted {
+            let judged = self
+                .dedup
+                .judge(&event.id, event.ts_ms, now_ms, self.today)
+                .map_err(|error| self.dedup_error(error))?;
+            if judged == Admission::Accepted {
                 new_ids.insert(event.id.as_str());
             }
         }
@@ -324,16 +338,14 @@ impl TenantCore {
         for (index, event) in events {
             let admission = match self.dedup.admit(&event.id, event.ts_ms, now_ms, self.today) {
                 Ok(admission) => admission,
-                // room for every new id was checked above; should it still
-                // refuse, the batch is refused whole, nothing of it kept
-                Err(full) => {
+                // room for every new id was checked above, and every run read;
+                // should it still refuse, the batch is refused whole, nothing
+                // of it kept
+                Err(error) => {
                     for key in pending.admitted {
                         self.dedup.forget_key(key);
                     }
-                    return Err(CoreError::DedupFull {
-                        tenant: self.context.id.to_string(),
-                        ids_max: full.ids_max,
-                    });
+                    return Err(self.dedup_error(error));
                 }
             };
             let outcome = match admission {
@@ -402,15 +414,10 @@ impl TenantCore {
             }
         };
         let mut pending = Pending::default();
-        let admission = match self.dedup.admit(&event.id, event.ts_ms, now_ms, self.today) {
-            Ok(admission) => admission,
-            Err(full) => {
-                return Err(CoreError::DedupFull {
-                    tenant: self.context.id.to_string(),
-                    ids_max: full.ids_max,
-                })
-            }
-        };
+        let admission = self
+            .dedup
+            .admit(&event.id, event.ts_ms, now_ms, self.today)
+            .map_err(|error| self.dedup_error(error))?;
         let outcome = match admission {
             Admission::Accepted => EventOutcome::Accepted,
             Admission::Duplicate => EventOutcome::Duplicate,
@@ -522,21 +529,38 @@ impl TenantCore {
     /// remembered (from the snapshot or an earlier record) is not counted
     /// again, whatever the log holds; the ids cap does not apply to what was
     /// acknowledged.
-    pub fn replay(&mut self, record_now_ms: i64, events: Vec<ValidEvent>) -> Vec<ValidEvent> {
+    pub fn replay(
+        &mut self,
+        record_now_ms: i64,
+        events: Vec<ValidEvent>,
+    ) -> Result<Vec<ValidEvent>, CoreError> {
         // expire as the live core did when it decided this record: an id
         // accepted again after its first event could count nowhere is a new
         // event, and must be counted again
         self.advance(record_now_ms);
         let mut counted = Vec::with_capacity(events.len());
         for event in events {
-            if self
+            let new = self
                 .dedup
                 .remember(id_key(&event.id), second_of_ms(event.ts_ms))
-            {
+                .map_err(|error| self.dedup_error(error))?;
+            if new {
                 counted.push(event);
             }
         }
-        counted
+        Ok(counted)
+    }
+
+    /// A snapshot: moves the remembered ids into a sealed set for a run on
+    /// disk; returns every sealed set not yet installed. Call while idle.
+    pub fn seal_dedup(&mut self) -> Vec<Arc<SealedIds>> {
+        self.dedup.expire(self.now_ms, self.today);
+        self.dedup.seal()
+    }
+
+    /// A run written from a sealed set is durable and listed by a snapshot.
+    pub fn install_run(&mut self, run: Run) {
+        self.dedup.install(run);
     }
 
     /// Recovery: an entry read back from storage. Returns the qids evicted to
@@ -758,12 +782,12 @@ mod tests {
     fn replay_counts_an_id_again_once_it_had_expired_as_the_live_core_did() {
         let mut core = core(10);
         let first = event(&core, "a", NOW_MS);
-        assert_eq!(core.replay(NOW_MS, vec![first]).len(), 1);
+        assert_eq!(core.replay(NOW_MS, vec![first]).unwrap().len(), 1);
         // two days on, "a" comes back as a new event: the live core had expired
         // the first one and accepted this one, so replay must count it too
         let later_ms = NOW_MS + 2 * 86_400_000;
         let second = event(&core, "a", later_ms);
-        assert_eq!(core.replay(later_ms, vec![second]).len(), 1);
+        assert_eq!(core.replay(later_ms, vec![second]).unwrap().len(), 1);
     }
 
     #[test]
@@ -784,8 +808,8 @@ mod tests {
     fn replay_counts_an_id_once_whatever_the_log_holds() {
         let mut core = core(1);
         let events = vec![event(&core, "a", NOW_MS), event(&core, "b", NOW_MS)];
-        assert_eq!(core.replay(NOW_MS, events.clone()).len(), 2);
-        assert!(core.replay(NOW_MS, events).is_empty());
+        assert_eq!(core.replay(NOW_MS, events.clone()).unwrap().len(), 2);
+        assert!(core.replay(NOW_MS, events).unwrap().is_empty());
         // past the cap: acknowledged ids are remembered all the same
         assert_eq!(core.dedup().len(), 2);
     }

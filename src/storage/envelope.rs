@@ -23,6 +23,9 @@ pub enum RecordKind {
     OutboxRecord = 5,
     Rule = 6,
     Experiment = 7,
+    /// A tenant's snapshot part that lists its de-dup runs (`SnapshotPart`
+    /// is the shape before runs; recovery still reads it).
+    SnapshotPartRuns = 8,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -10,6 +10,7 @@ pub mod commit;
 pub mod envelope;
 pub mod outbox;
 pub mod recovery;
+pub mod runs;
 pub mod snapshot;
 
 use std::path::Path;

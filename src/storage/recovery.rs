@@ -12,12 +12,14 @@ use chrono_tz::Tz;
 
 use crate::clock::Stopwatch;
 use crate::config::Config;
-use crate::domain::dedup::DedupIndex;
+use crate::domain::dedup::{DedupIndex, Run};
 use crate::domain::metric::{MetricState, SeriesSettings};
 use crate::domain::quarantine::{QuarantineStore, QuarantinedEvent};
 use crate::domain::tenant::{TenantContext, TenantCore};
+use crate::domain::time::{day_bounds, second_of_ms, BUCKET_HISTORY_S};
 
 use super::envelope::{decode, RecordKind};
+use super::runs::{read_run, runs_dir};
 use super::snapshot::{load_snapshot, snapshot_ids, TenantSnapshot, WalBatch};
 use super::{key_lsn, lsn_key, quarantine_key, wal_floor, Space, StorageError, Store};
 
@@ -58,6 +60,41 @@ pub fn series_settings(config: &Config, tz: Tz) -> SeriesSettings {
     }
 }
 
+/// The de-dup runs every part lists, read back. A run that cannot be read
+/// makes the snapshot unusable, unless every id in it is expired already (the
+/// run was only kept because an older snapshot listed it).
+fn load_runs(
+    config: &Config,
+    contexts: &[Arc<TenantContext>],
+    parts: &[TenantSnapshot],
+    now_ms: i64,
+) -> Result<HashMap<String, Vec<Run>>, String> {
+    let now_s = second_of_ms(now_ms);
+    let mut loaded = HashMap::new();
+    for part in parts {
+        let Some(context) = contexts.iter().find(|context| *context.id == part.tenant) else {
+            continue;
+        };
+        let today = day_bounds(now_s, context.tz);
+        let oldest_kept_s = (now_s - BUCKET_HISTORY_S + 1)
+            .min(today.start_s)
+            .min(now_s - config.ingest.dedup_horizon_s + 1);
+        let dir = runs_dir(&config.storage.data_dir, &part.tenant);
+        let mut tenant_runs = Vec::with_capacity(part.runs.len());
+        for meta in &part.runs {
+            match read_run(&dir, meta) {
+                Ok(run) => tenant_runs.push(run),
+                Err(_) if meta.max_second < oldest_kept_s => {}
+                Err(error) => {
+                    return Err(format!("tenant {}: run {}: {error}", part.tenant, meta.id))
+                }
+            }
+        }
+        loaded.insert(part.tenant.clone(), tenant_runs);
+    }
+    Ok(loaded)
+}
+
 /// Recovers every tenant of `contexts` (the configured ones; records of
 /// others are skipped and said so).
 pub fn recover(
@@ -73,13 +110,21 @@ pub fn recover(
     let ids = snapshot_ids(store)?;
     let next_snapshot_id = ids.first().map_or(1, |id| id + 1);
     let mut snapshot: Vec<TenantSnapshot> = Vec::new();
+    let mut runs: HashMap<String, Vec<Run>> = HashMap::new();
     for id in ids {
         match load_snapshot(store, id, record_bytes_max)? {
-            Ok((_, parts)) => {
-                report.snapshot_id = Some(id);
-                snapshot = parts;
-                break;
-            }
+            Ok((_, parts)) => match load_runs(config, contexts, &parts, now_ms) {
+                Ok(loaded) => {
+                    report.snapshot_id = Some(id);
+                    snapshot = parts;
+                    runs = loaded;
+                    break;
+                }
+                Err(reason) => {
+                    tracing::warn!(snapshot = id, %reason, "skipping a snapshot whose de-dup runs cannot be read");
+                    report.snapshots_skipped.push((id, reason));
+                }
+            },
             Err(reason) => {
                 tracing::warn!(snapshot = id, %reason, "skipping a snapshot that cannot be used");
                 report.snapshots_skipped.push((id, reason));
@@ -103,8 +148,13 @@ pub fn recover(
         if let Some(part) = snapshot.iter().find(|part| part.tenant == tenant_id) {
             position = part.position_lsn;
             tenant_now_ms = part.now_ms;
+            for run in runs.remove(tenant_id).unwrap_or_default() {
+                dedup.add_run(run);
+            }
             for &(key, second) in &part.dedup {
-                dedup.remember(key, second);
+                dedup
+                    .remember(key, second)
+                    .map_err(|error| StorageError::Io(format!("tenant {tenant_id}: {error}")))?;
             }
             for (index, def) in catalogue.metrics().iter().enumerate() {
                 if !def.kind.has_state() {
@@ -168,6 +218,7 @@ pub fn recover(
     let mut next_lsn = positions.values().copied().max().unwrap_or(0) + 1;
     let from_lsn = positions.values().copied().min().unwrap_or(0) + 1;
     let mut scan_error = None;
+    let mut replay_error = None;
     store.scan(Space::Wal, &lsn_key(from_lsn), &mut |key, value| {
         let Some(lsn) = key_lsn(key) else {
             return true;
@@ -193,7 +244,13 @@ pub fn recover(
             event.route = tenant.core.context().catalogue.route(&event.event_type);
         }
         // the core counts an id once, whatever the log holds
-        let events = tenant.core.replay(batch.now_ms, events);
+        let events = match tenant.core.replay(batch.now_ms, events) {
+            Ok(events) => events,
+            Err(error) => {
+                replay_error = Some(format!("log record {lsn}: {error}"));
+                return false;
+            }
+        };
         let feeds = events.iter().fold(0u64, |mask, event| {
             mask | event.route.feeds | event.route.feeds_numerator
         });
@@ -213,6 +270,9 @@ pub fn recover(
         report.records_replayed += 1;
         true
     })?;
+    if let Some(error) = replay_error {
+        return Err(StorageError::Io(format!("recovery cannot replay: {error}")));
+    }
     if let Some(error) = scan_error {
         tracing::error!(%error, "replay refused events");
     }

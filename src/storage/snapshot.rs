@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::domain::dedup::{Run, RunMeta, SealedIds};
 use crate::domain::event::ValidEvent;
 use crate::domain::metric::MetricExport;
 use crate::domain::tenant::{Plan, QuarantineWrite};
@@ -93,7 +94,9 @@ pub fn plan_ops(
 }
 
 /// A tenant's state at a log position: every record of this tenant with an
-/// LSN at or below `position_lsn` is reflected in it.
+/// LSN at or below `position_lsn` is reflected in it. The remembered ids are
+/// in `dedup` (those not written as a run) and in the runs listed, which are
+/// durable files of their own (`storage::runs`), not copied here.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TenantSnapshot {
     pub tenant: String,
@@ -101,6 +104,63 @@ pub struct TenantSnapshot {
     pub now_ms: i64,
     pub dedup: Vec<(u128, i64)>,
     pub metrics: Vec<(String, MetricExport)>,
+    pub runs: Vec<RunMeta>,
+}
+
+/// The part's shape before runs (`RecordKind::SnapshotPart`).
+#[derive(Deserialize)]
+struct TenantSnapshotWithoutRuns {
+    tenant: String,
+    position_lsn: u64,
+    now_ms: i64,
+    dedup: Vec<(u128, i64)>,
+    metrics: Vec<(String, MetricExport)>,
+}
+
+/// Decodes a part of either shape.
+pub fn decode_part(bytes: &[u8], record_bytes_max: usize) -> Result<TenantSnapshot, EnvelopeError> {
+    match decode::<TenantSnapshot>(bytes, RecordKind::SnapshotPartRuns, record_bytes_max) {
+        Err(EnvelopeError::Kind { .. }) => {
+            let old: TenantSnapshotWithoutRuns =
+                decode(bytes, RecordKind::SnapshotPart, record_bytes_max)?;
+            Ok(TenantSnapshot {
+                tenant: old.tenant,
+                position_lsn: old.position_lsn,
+                now_ms: old.now_ms,
+                dedup: old.dedup,
+                metrics: old.metrics,
+                runs: Vec::new(),
+            })
+        }
+        other => other,
+    }
+}
+
+/// Writes each sealed set as a run in the tenant's runs directory and lists
+/// it in `part`; a set that cannot be written goes into `part.dedup` instead
+/// (its ids must be in the snapshot one way or the other). Returns the runs
+/// written, for the tenant to install once the snapshot is durable.
+pub fn write_sealed_runs(
+    data_dir: &std::path::Path,
+    part: &mut TenantSnapshot,
+    sealed: &[std::sync::Arc<SealedIds>],
+) -> Vec<Run> {
+    let dir = super::runs::runs_dir(data_dir, &part.tenant);
+    let mut written = Vec::with_capacity(sealed.len());
+    for set in sealed {
+        match super::runs::write_run(&dir, set) {
+            Ok(run) => {
+                part.runs.push(run.meta);
+                written.push(run);
+            }
+            Err(error) => {
+                tracing::warn!(tenant = %part.tenant, run = set.meta.id, %error, "de-dup run not written; its ids stay in the snapshot");
+                part.dedup
+                    .extend(set.keys.iter().map(|key| (*key, set.meta.max_second)));
+            }
+        }
+    }
+    written
 }
 
 /// Written last: a snapshot without a readable manifest, or missing a part the
@@ -143,7 +203,7 @@ pub fn snapshot_ops(
         ops.push(Op::Put {
             space: Space::Snapshot,
             key: part_key(id, &part.tenant),
-            value: encode_within(RecordKind::SnapshotPart, part, record_bytes_max)?,
+            value: encode_within(RecordKind::SnapshotPartRuns, part, record_bytes_max)?,
         });
     }
     let manifest = SnapshotManifest {
@@ -220,7 +280,7 @@ pub fn load_snapshot(
         let Some((_, bytes)) = parts_bytes.iter().find(|(name, _)| name == tenant) else {
             return Ok(Err(format!("part of tenant {tenant} is missing")));
         };
-        match decode::<TenantSnapshot>(bytes, RecordKind::SnapshotPart, record_bytes_max) {
+        match decode_part(bytes, record_bytes_max) {
             Ok(part) => parts.push(part),
             Err(error) => return Ok(Err(format!("part of tenant {tenant}: {error}"))),
         }
@@ -248,6 +308,40 @@ fn complete_manifest(
         }
     }
     Ok(Some(manifest))
+}
+
+/// Deletes every run file of `tenants` that no snapshot in the store lists
+/// (call after pruning, so that what is left is what is kept). Returns the
+/// files deleted.
+pub fn delete_unlisted_runs(
+    store: &dyn Store,
+    data_dir: &std::path::Path,
+    tenants: &[String],
+    record_bytes_max: usize,
+) -> Result<usize, String> {
+    let mut listed: std::collections::HashMap<String, std::collections::HashSet<u64>> =
+        std::collections::HashMap::new();
+    for id in snapshot_ids(store).map_err(|e| e.to_string())? {
+        match load_snapshot(store, id, record_bytes_max).map_err(|e| e.to_string())? {
+            Ok((_, parts)) => {
+                for part in parts {
+                    listed
+                        .entry(part.tenant)
+                        .or_default()
+                        .extend(part.runs.iter().map(|run| run.id));
+                }
+            }
+            // a snapshot that cannot be read lists runs nobody can tell: keep all
+            Err(_) => return Ok(0),
+        }
+    }
+    let mut deleted = 0;
+    for tenant in tenants {
+        let dir = super::runs::runs_dir(data_dir, tenant);
+        let empty = std::collections::HashSet::new();
+        deleted += super::runs::delete_unlisted(&dir, listed.get(tenant).unwrap_or(&empty))?;
+    }
+    Ok(deleted)
 }
 
 /// Removals that keep the newest `keep` complete snapshots (manifest readable,
