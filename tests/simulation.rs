@@ -200,6 +200,9 @@ struct Sim {
     /// applied to the running node's windows.
     durable: HashMap<String, SimEvent>,
     applied: HashMap<String, SimEvent>,
+    /// When the version of each id in `applied` (and in `durable`) was accepted.
+    applied_at: HashMap<String, i64>,
+    durable_at: HashMap<String, i64>,
     /// The qids whose entries are durable in the quarantine.
     quarantine_durable: BTreeSet<u64>,
     /// Valid events sitting in the quarantine under a made-up reason.
@@ -252,6 +255,8 @@ impl Sim {
             acknowledged: HashMap::new(),
             durable: HashMap::new(),
             applied: HashMap::new(),
+            applied_at: HashMap::new(),
+            durable_at: HashMap::new(),
             quarantined_raw: HashMap::new(),
             quarantine_durable: BTreeSet::new(),
             crashes: 0,
@@ -469,6 +474,7 @@ impl Sim {
                         ts_ms: event.ts_ms,
                         amount: event.amount.unwrap_or(0),
                     };
+                    self.durable_at.insert(event.id.clone(), ticket.plan.now_ms);
                     if let Some(old) = self.durable.insert(event.id.clone(), sim) {
                         // only an id whose first event can count nowhere any more
                         // may be accepted again
@@ -526,15 +532,34 @@ impl Sim {
             })?;
         }
         for event in ticket.plan.events.iter() {
-            let sim = self
-                .durable
-                .get(&event.id)
-                .cloned()
-                .ok_or_else(|| format!("event {} applied before it was durable", event.id))?;
-            if let Some(old) = self.applied.insert(event.id.clone(), sim) {
-                check(self.counts_nowhere(&old, ticket.plan.now_ms), || {
-                    format!("event {} applied twice while it counts", event.id)
-                })?;
+            // the event as this ticket carries it (the durable version of its
+            // id may be a later event already, accepted once this one could
+            // count nowhere)
+            check(self.durable.contains_key(&event.id), || {
+                format!("event {} applied before it was durable", event.id)
+            })?;
+            let sim = SimEvent {
+                id: event.id.clone(),
+                ts_ms: event.ts_ms,
+                amount: event.amount.unwrap_or(0),
+            };
+            // tickets apply in any order: of two events of one id, the one
+            // accepted first must count nowhere by the time the other was
+            let accepted_at = ticket.plan.now_ms;
+            match self.applied_at.get(&event.id).copied() {
+                Some(other_at) if other_at > accepted_at => {
+                    check(self.counts_nowhere(&sim, other_at), || {
+                        format!("event {} applied twice while it counts", event.id)
+                    })?;
+                }
+                _ => {
+                    if let Some(old) = self.applied.insert(event.id.clone(), sim) {
+                        check(self.counts_nowhere(&old, accepted_at), || {
+                            format!("event {} applied twice while it counts", event.id)
+                        })?;
+                    }
+                    self.applied_at.insert(event.id.clone(), accepted_at);
+                }
             }
         }
         self.node.core.complete(ticket.plan.ticket);
@@ -683,6 +708,7 @@ impl Sim {
             self.unacknowledged.extend(ticket.request);
         }
         self.applied = self.durable.clone();
+        self.applied_at = self.durable_at.clone();
         self.check_quarantine()?;
         self.check_windows("after recovery")
     }
