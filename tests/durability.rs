@@ -477,3 +477,92 @@ async fn a_tenant_that_stopped_serving_is_not_ready_and_503_with_its_reason() {
     );
     node.stop().await;
 }
+
+/// Posts `events` until every one has an outcome, waiting out `503` (the
+/// table of ids in memory is full until a snapshot moves them into a run).
+async fn post_until_answered(node: &TestNode, events: &[Value]) -> Value {
+    for _ in 0..200 {
+        let reply = node.post("demo-key", events).await;
+        if reply.status == StatusCode::OK {
+            return reply.body;
+        }
+        assert_eq!(
+            reply.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            reply.body
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the batch was never taken");
+}
+
+/// De-dup runs, CI-sized: a table of 1 000 ids in memory, so that snapshots
+/// move ids into runs on disk as they come (a tenant at half its table asks for
+/// one); the ids in runs are still recognized, also after a graceful restart
+/// and after a crash-like one, and the windows hold every event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_spill_into_runs_survive_restarts_and_are_still_recognized() {
+    let tweak = |config: &mut tally::config::Config| {
+        config.ingest.dedup_ids_max = 1_000;
+        config.storage.snapshot_interval_s = 3_600;
+    };
+    let node = start_node(tweak).await;
+    let events: Vec<Value> = (0..4_000)
+        .map(|n| order(&format!("spill-{n}"), 10, T0_MS))
+        .collect();
+    let mut accepted = 0;
+    for batch in events.chunks(400) {
+        accepted += post_until_answered(&node, batch).await["accepted"]
+            .as_u64()
+            .unwrap();
+    }
+    assert_eq!(accepted, 4_000);
+    let runs_dir = node
+        .running
+        .as_ref()
+        .unwrap()
+        .node
+        .config
+        .storage
+        .data_dir
+        .join("dedup/demo");
+    let run_files = std::fs::read_dir(&runs_dir).unwrap().count();
+    assert!(
+        run_files >= 2,
+        "ids were moved into runs ({run_files} files)"
+    );
+    // every id is recognized, wherever it is kept
+    for batch in events.chunks(1_000) {
+        let reply = post_until_answered(&node, batch).await;
+        assert_eq!(reply["duplicates"], 1_000, "{reply}");
+    }
+    let before = windows(&node).await;
+    assert_eq!(
+        before["metrics"]["orders"]["windows"]["today"]["value"],
+        4_000
+    );
+
+    let stopped = node.stop_keeping_data().await;
+    let node = start_node_in(stopped.data, stopped.clock, tweak).await;
+    assert_eq!(windows(&node).await, before);
+    for batch in events.chunks(1_000) {
+        assert_eq!(post_until_answered(&node, batch).await["duplicates"], 1_000);
+    }
+    // new ids after the restart, then a crash-like stop: runs and log together
+    let more: Vec<Value> = (0..600)
+        .map(|n| order(&format!("later-{n}"), 10, T0_MS))
+        .collect();
+    assert_eq!(post_until_answered(&node, &more).await["accepted"], 600);
+    let stopped = node.halt_keeping_data().await;
+    let node = start_node_in(stopped.data, stopped.clock, tweak).await;
+    for batch in events.chunks(1_000).chain([&more[..]]) {
+        let reply = post_until_answered(&node, batch).await;
+        assert_eq!(reply["accepted"], 0, "{reply}");
+    }
+    assert_eq!(
+        windows(&node).await["metrics"]["orders"]["windows"]["today"]["value"],
+        4_600
+    );
+    node.stop().await;
+}

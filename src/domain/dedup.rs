@@ -626,6 +626,92 @@ mod tests {
         );
     }
 
+    /// Keys of a run kept in memory, counting the lookups a "maybe" causes.
+    #[derive(Debug, Default)]
+    struct MemoryKeys {
+        keys: Vec<u128>,
+        lookups: std::sync::atomic::AtomicUsize,
+    }
+
+    impl RunKeys for MemoryKeys {
+        fn contains(&self, key: u128) -> Result<bool, String> {
+            self.lookups
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(self.keys.binary_search(&key).is_ok())
+        }
+    }
+
+    #[test]
+    fn sealed_ids_answer_from_memory_then_from_their_run() {
+        let mut index = DedupIndex::new(86_400, 1_000);
+        for n in 0..500 {
+            index.admit(&format!("s-{n}"), NOW_MS, NOW_MS, DAY).unwrap();
+        }
+        let sealed = index.seal();
+        assert_eq!(sealed.len(), 1);
+        assert_eq!(index.len(), 0);
+        assert_eq!(index.ids_in_memory(), 500, "sealed ids are still in memory");
+        assert_eq!(
+            index.admit("s-7", NOW_MS, NOW_MS, DAY),
+            Ok(Admission::Duplicate)
+        );
+        let set = &sealed[0];
+        let keys = Arc::new(MemoryKeys {
+            keys: set.keys.clone(),
+            ..MemoryKeys::default()
+        });
+        let run = Run::new(set.meta, build_filter(&set.keys).unwrap(), keys.clone());
+        index.install(run);
+        assert_eq!(index.ids_in_memory(), 0);
+        assert_eq!(index.runs(), vec![set.meta]);
+        assert_eq!(
+            index.admit("s-7", NOW_MS, NOW_MS, DAY),
+            Ok(Admission::Duplicate)
+        );
+        assert_eq!(
+            index.admit("new-1", NOW_MS, NOW_MS, DAY),
+            Ok(Admission::Accepted)
+        );
+        // the run goes whole once its latest second can count nowhere
+        let next_day = DayBounds {
+            start_s: DAY.end_s,
+            end_s: DAY.end_s + 86_400,
+        };
+        index.expire(DAY.end_s * 1000 + 1_800_000 + 86_400_000, next_day);
+        assert!(index.runs().is_empty());
+    }
+
+    #[test]
+    fn a_filter_false_positive_never_makes_a_false_duplicate() {
+        let mut index = DedupIndex::new(86_400, 100_000);
+        for n in 0..2_000 {
+            index
+                .admit(&format!("in-run-{n}"), NOW_MS, NOW_MS, DAY)
+                .unwrap();
+        }
+        let set = index.seal().remove(0);
+        let keys = Arc::new(MemoryKeys {
+            keys: set.keys.clone(),
+            ..MemoryKeys::default()
+        });
+        let run = Run::new(set.meta, build_filter(&set.keys).unwrap(), keys.clone());
+        // an id the filter cannot rule out, though the run does not hold it
+        let false_positive = (0..5_000_000)
+            .map(|n| format!("outside-{n}"))
+            .find(|id| run.filter_maybe(id_key(id)) && set.keys.binary_search(&id_key(id)).is_err())
+            .expect("a false positive among 5 M ids (rate about 1 in 65 536)");
+        index.install(run);
+        assert_eq!(
+            index.admit(&false_positive, NOW_MS, NOW_MS, DAY),
+            Ok(Admission::Accepted)
+        );
+        assert_eq!(
+            keys.lookups.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the maybe was confirmed against the keys"
+        );
+    }
+
     #[test]
     fn a_full_table_refuses_instead_of_forgetting() {
         let mut index = DedupIndex::new(86_400, 2);
