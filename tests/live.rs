@@ -43,8 +43,10 @@ async fn send(socket: &mut Socket, value: Value) {
 
 /// The next JSON message (pings are skipped); fails after 20 s.
 async fn next(socket: &mut Socket) -> Value {
+    // one deadline for the message, however many pings come first
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let message = tokio::time::timeout(Duration::from_secs(20), socket.next())
+        let message = tokio::time::timeout_at(deadline, socket.next())
             .await
             .expect("a message within 20 s")
             .expect("the connection is open")
@@ -300,16 +302,27 @@ async fn bad_messages_get_errors_and_the_connection_stays() {
 async fn sessions_per_tenant_are_limited() {
     let node = start_node(|config| config.live.sessions_per_tenant_max = 1).await;
     let mut first = connect(&node, Some("demo-key")).await.unwrap();
+    // the first session holds its place once it answers (the upgrade returns
+    // before the session starts, so a second connection could overtake it)
+    send(
+        &mut first,
+        json!({"op": "subscribe", "id": "s", "metrics": ["orders"]}),
+    )
+    .await;
+    assert_eq!(next(&mut first).await["type"], "snapshot");
     let mut second = connect(&node, Some("demo-key")).await.unwrap();
     assert_eq!(next(&mut second).await["code"], "too_many_sessions");
-    let Message::Close(Some(frame)) = second.next().await.unwrap().unwrap() else {
+    let closed = tokio::time::timeout(Duration::from_secs(20), second.next())
+        .await
+        .expect("a close within 20 s");
+    let Message::Close(Some(frame)) = closed.unwrap().unwrap() else {
         panic!("expected a close")
     };
     assert_eq!(u16::from(frame.code), 4429);
     // the first still works, and another tenant is not affected
     send(
         &mut first,
-        json!({"op": "subscribe", "id": "s", "metrics": ["orders"]}),
+        json!({"op": "subscribe", "id": "t", "metrics": ["gmv"]}),
     )
     .await;
     assert_eq!(next(&mut first).await["type"], "snapshot");
