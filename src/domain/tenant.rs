@@ -315,22 +315,26 @@ impl TenantCore {
     ) -> Result<(Plan, Vec<(u32, EventOutcome)>), CoreError> {
         self.serving()?;
         let now_ms = self.advance(now_ms);
-        // Only ids that would be new need room (a resent batch is all duplicates).
-        let mut new_ids = HashSet::new();
-        for (_, event) in &events {
-            let judged = self
-                .dedup
-                .judge(&event.id, event.ts_ms, now_ms, self.today)
-                .map_err(|error| self.dedup_error(error))?;
-            if judged == Admission::Accepted {
-                new_ids.insert(event.id.as_str());
+        // Only ids that would be new need room (a resent batch is all
+        // duplicates). Each event adds at most one id, so the ids are judged
+        // twice only when the table might not hold them all.
+        if self.dedup.ids_free() < events.len() {
+            let mut new_ids = HashSet::new();
+            for (_, event) in &events {
+                let judged = self
+                    .dedup
+                    .judge(&event.id, event.ts_ms, now_ms, self.today)
+                    .map_err(|error| self.dedup_error(error))?;
+                if judged == Admission::Accepted {
+                    new_ids.insert(event.id.as_str());
+                }
             }
-        }
-        if self.dedup.ids_free() < new_ids.len() {
-            return Err(CoreError::DedupFull {
-                tenant: self.context.id.to_string(),
-                ids_max: self.dedup.ids_free() + self.dedup.len(),
-            });
+            if self.dedup.ids_free() < new_ids.len() {
+                return Err(CoreError::DedupFull {
+                    tenant: self.context.id.to_string(),
+                    ids_max: self.dedup.ids_max(),
+                });
+            }
         }
         let mut pending = Pending::default();
         let mut outcomes = Vec::with_capacity(events.len() + quarantined.len());
