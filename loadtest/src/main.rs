@@ -11,11 +11,14 @@
 //!   most) for latency; prints the ratios.
 //! - `idle`: many configured tenants and no traffic: time to ready, resident
 //!   memory and cpu, at first start and after a restart.
+//! - `soak`: one scenario minute after minute, a table per minute, then the
+//!   end checks, `kill -9` and restart, re-sent ids, a graceful stop.
 
 mod idle;
 mod redis_target;
 mod run;
 mod scenario;
+mod soak;
 mod tally_target;
 
 use std::path::PathBuf;
@@ -76,6 +79,17 @@ enum Command {
     Compare {
         #[command(flatten)]
         common: Common,
+    },
+    /// One scenario for some minutes, a table per minute, then end checks.
+    Soak {
+        #[arg(long, default_value = "loadtest/scenarios/one-tenant-default.toml")]
+        scenario: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        minutes: usize,
+        #[arg(long, default_value = "target/release/tally")]
+        tally: String,
+        #[arg(long, default_value = "config/default.toml")]
+        config: String,
     },
     /// Many configured tenants and no traffic.
     Idle {
@@ -282,6 +296,12 @@ async fn main() -> ExitCode {
             Err(error) => Err(error),
         },
         Command::Compare { common } => compare(&common).await,
+        Command::Soak {
+            scenario,
+            minutes,
+            tally,
+            config,
+        } => soak::soak(&tally, &config, &scenario, minutes).await,
         Command::Idle {
             tenants,
             settle_s,

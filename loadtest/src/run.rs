@@ -354,7 +354,8 @@ pub async fn drive(
         for connection in 0..scenario.connections {
             let shared = Arc::clone(&shared);
             tasks.push(tokio::spawn(async move {
-                let mut stream = EventStream::new(&shared.scenario, connection);
+                let mut stream =
+                    EventStream::new(&shared.scenario, shared.scenario.stream_offset + connection);
                 while Instant::now() < deadline && shared.failed.lock().unwrap().is_none() {
                     let batch = stream.next_batch(&shared.scenario, now_ms());
                     shared.deliver(connection, batch, Instant::now()).await;
@@ -371,7 +372,7 @@ pub async fn drive(
             scenario.rate_events_per_s * scenario.duration_s / scenario.batch_events as u64;
         let period_ns = 1_000_000_000 * scenario.batch_events as u64 / scenario.rate_events_per_s;
         let mut streams: Vec<EventStream> = (0..scenario.connections)
-            .map(|connection| EventStream::new(scenario, connection))
+            .map(|connection| EventStream::new(scenario, scenario.stream_offset + connection))
             .collect();
         let in_flight = Arc::new(tokio::sync::Semaphore::new(scenario.connections));
         let mut tasks = Vec::new();

@@ -38,6 +38,10 @@ pub struct Scenario {
     /// Extra `TALLY_<SECTION>__<KEY>` overrides for the node.
     #[serde(default)]
     pub node_env: BTreeMap<String, String>,
+    /// Added to every connection's stream number: runs of one scenario that
+    /// follow each other (the soak's minutes) send distinct ids.
+    #[serde(skip)]
+    pub stream_offset: usize,
     /// Distinct values of each dim (`device-0` … `device-{n-1}`).
     pub cardinality: BTreeMap<String, u32>,
     /// The event mix: types with weights, their fields and dims.
@@ -290,6 +294,12 @@ pub struct Totals {
 }
 
 impl Totals {
+    fn merge(&mut self, other: &Totals) {
+        self.count += other.count;
+        self.amount += other.amount;
+        self.value += other.value;
+    }
+
     fn add(&mut self, event: &Event) {
         self.count += 1;
         self.amount += event.amount.unwrap_or(0) as i128;
@@ -318,6 +328,25 @@ impl Model {
             by_dim: vec![BTreeMap::new(); scenario.tenants],
             by_second: vec![BTreeMap::new(); scenario.tenants],
             dim_count: scenario.cardinality.len(),
+        }
+    }
+
+    /// Adds what `other` (a model of the same scenario) holds.
+    pub fn merge(&mut self, other: &Model) {
+        for (tenant, types) in other.by_type.iter().enumerate() {
+            for (kind, totals) in types.iter().enumerate() {
+                self.by_type[tenant][kind].merge(totals);
+            }
+        }
+        for (tenant, dims) in other.by_dim.iter().enumerate() {
+            for (key, totals) in dims {
+                self.by_dim[tenant].entry(*key).or_default().merge(totals);
+            }
+        }
+        for (tenant, seconds) in other.by_second.iter().enumerate() {
+            for (key, events) in seconds {
+                *self.by_second[tenant].entry(*key).or_default() += events;
+            }
         }
     }
 

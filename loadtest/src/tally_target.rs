@@ -14,6 +14,9 @@ use crate::scenario::{expectations, Batch, Model, Scenario};
 
 pub struct TallyTarget {
     child: tokio::process::Child,
+    /// How the node was started, to start it again on the same data.
+    command: (String, std::path::PathBuf, Vec<(String, String)>),
+    pub data_dir: std::path::PathBuf,
     pub base: String,
     http: reqwest::Client,
     pub metrics: Vec<MetricConfig>,
@@ -51,26 +54,31 @@ impl TallyTarget {
             .map_err(|issues| format!("the node config is invalid: {issues:?}"))?;
         let port = free_port()?;
         let data_dir = dir.path().join("data");
-        let mut command = tokio::process::Command::new(tally);
-        command
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .env("TALLY_SERVER__LISTEN", format!("127.0.0.1:{port}"))
-            .env("TALLY_STORAGE__DATA_DIR", &data_dir)
+        let mut env = vec![
+            (
+                "TALLY_SERVER__LISTEN".to_string(),
+                format!("127.0.0.1:{port}"),
+            ),
+            (
+                "TALLY_STORAGE__DATA_DIR".to_string(),
+                data_dir.display().to_string(),
+            ),
             // room for every id of the run; the table grows only as ids arrive
-            .env("TALLY_INGEST__DEDUP_IDS_MAX", "200000000")
-            .env(
-                "TALLY_LIVE__SESSIONS_PER_TENANT_MAX",
+            (
+                "TALLY_INGEST__DEDUP_IDS_MAX".to_string(),
+                "200000000".to_string(),
+            ),
+            (
+                "TALLY_LIVE__SESSIONS_PER_TENANT_MAX".to_string(),
                 (scenario.ws_clients + 10).to_string(),
-            )
-            .env("RUST_LOG", "warn")
-            .kill_on_drop(true);
+            ),
+            ("RUST_LOG".to_string(), "warn".to_string()),
+        ];
         for (key, value) in &scenario.node_env {
-            command.env(key, value);
+            env.push((key.clone(), value.clone()));
         }
-        let mut child = command
-            .spawn()
-            .map_err(|e| format!("cannot start {tally} (cargo build --release first): {e}"))?;
+        let command = (tally.to_string(), config_path.clone(), env);
+        let mut child = spawn_node(&command)?;
         let base = format!("127.0.0.1:{port}");
         // a node that hangs fails the run instead of hanging it
         let http = reqwest::Client::builder()
@@ -102,6 +110,8 @@ impl TallyTarget {
             .collect();
         Ok(TallyTarget {
             child,
+            command,
+            data_dir,
             base,
             http,
             metrics: parsed.metrics.clone(),
@@ -118,6 +128,77 @@ impl TallyTarget {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
+    }
+
+    /// Waits until the node answers ready; the seconds it took.
+    async fn wait_ready(&mut self) -> Result<f64, String> {
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("the node exited before it was ready ({status})"));
+            }
+            if let Ok(response) = self
+                .http
+                .get(format!("http://{}/readyz", self.base))
+                .send()
+                .await
+            {
+                if response.status().is_success() {
+                    return Ok(started.elapsed().as_secs_f64());
+                }
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                return Err("the node was not ready within 120 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL, then the node again on the same data: the seconds from the
+    /// new process's start to ready.
+    pub async fn kill_and_restart(&mut self) -> Result<f64, String> {
+        self.child.kill().await.map_err(|e| e.to_string())?;
+        self.child = spawn_node(&self.command)?;
+        self.wait_ready().await
+    }
+
+    /// SIGTERM (a graceful stop with its final snapshot): the seconds to exit.
+    pub async fn stop_gracefully(&mut self) -> Result<f64, String> {
+        let pid = self.child.id().ok_or("the node is gone")?;
+        let started = std::time::Instant::now();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err("kill -TERM failed".into());
+        }
+        let exited = tokio::time::timeout(Duration::from_secs(120), self.child.wait())
+            .await
+            .map_err(|_| "the node did not stop within 120 s".to_string())?
+            .map_err(|e| e.to_string())?;
+        if !exited.success() {
+            return Err(format!("the node stopped with {exited}"));
+        }
+        Ok(started.elapsed().as_secs_f64())
+    }
+
+    /// Posts one batch once; its outcome counts (`accepted`, `duplicates`).
+    pub async fn post_once(&self, batch: &Batch) -> Result<(u64, u64), String> {
+        let response = self
+            .http
+            .post(format!("http://{}/v1/events", self.base))
+            .bearer_auth(Scenario::tenant_key(batch.tenant))
+            .header("content-type", "application/x-ndjson")
+            .body(self.render(batch))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let body: Value = response.json().await.map_err(|e| e.to_string())?;
+        Ok((
+            body["accepted"].as_u64().unwrap_or(0),
+            body["duplicates"].as_u64().unwrap_or(0),
+        ))
     }
 
     pub fn render(&self, batch: &Batch) -> String {
@@ -445,6 +526,22 @@ fn compare_figure(
     if have != Some(want) {
         differences.push(format!("{}: node {have:?}, sent {want}", label()));
     }
+}
+
+fn spawn_node(
+    (tally, config_path, env): &(String, std::path::PathBuf, Vec<(String, String)>),
+) -> Result<tokio::process::Child, String> {
+    let mut command = tokio::process::Command::new(tally);
+    command
+        .args(["serve", "--config"])
+        .arg(config_path)
+        .kill_on_drop(true);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command
+        .spawn()
+        .map_err(|e| format!("cannot start {tally} (cargo build --release first): {e}"))
 }
 
 pub fn free_port() -> Result<u16, String> {
