@@ -20,7 +20,7 @@ use crate::actors::metric::MetricActor;
 use crate::actors::tenant::{Durability, TenantActor};
 use crate::actors::{metric_slots, ActorRuntime, FatalSender, TenantHandle, TenantHealth};
 use crate::auth::KeyRing;
-use crate::clock::SharedClock;
+use crate::clock::{SharedClock, Stopwatch};
 use crate::config::Config;
 use crate::domain::catalogue::Catalogue;
 pub use crate::node::{Node, SnapshotError, SnapshotReport};
@@ -413,14 +413,17 @@ impl RunningNode {
         let grace = Duration::from_millis(self.node.config.server.shutdown_grace_ms);
         // the tasks end on `stopping`; what is left at the end of the grace
         // period is aborted
-        let deadline = tokio::time::Instant::now() + grace;
+        let waiting = Stopwatch::start();
         let tasks = self
             .snapshotter
             .take()
             .into_iter()
             .chain(self.background.drain(..));
         for mut task in tasks {
-            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+            if tokio::time::timeout(waiting.left_of(grace), &mut task)
+                .await
+                .is_err()
+            {
                 tracing::warn!("a background task outlived the grace period; aborted");
                 task.abort();
             }

@@ -72,6 +72,11 @@ impl Stopwatch {
     pub fn elapsed_secs(&self) -> f64 {
         self.0.elapsed().as_secs_f64()
     }
+
+    /// What is left of `budget` since the start (zero once it is spent).
+    pub fn left_of(&self, budget: std::time::Duration) -> std::time::Duration {
+        budget.saturating_sub(self.0.elapsed())
+    }
 }
 
 #[cfg(test)]
