@@ -18,7 +18,7 @@ use crate::clock::Stopwatch;
 use crate::domain::time::WindowName;
 use crate::node::Node;
 use crate::read::feed::Frame;
-use crate::read::{MetricView, ReadError};
+use crate::read::{MetricView, ReadError, WindowView};
 use crate::storage::outbox::{read_since, Topic};
 
 use super::protocol::{parse_client_message, ClientMessage, ErrorCode, ServerMessage, Subscribe};
@@ -73,9 +73,9 @@ struct MetricSubscription {
     from_ms: i64,
     /// The seq of the last frame this subscription looked at.
     last_seq: u64,
-    /// (metric, window) → what was last sent, as the client saw it: a mean
-    /// whose parts moved while its value did not is no change to send.
-    sent: BTreeMap<(String, WindowName), Value>,
+    /// (metric, window) → what was last sent. A change is what the client
+    /// would see change (`WindowView::shows_same`).
+    sent: BTreeMap<(String, WindowName), WindowView>,
 }
 
 impl MetricSubscription {
@@ -99,10 +99,13 @@ impl MetricSubscription {
                     continue;
                 };
                 let key = (name.clone(), window);
-                let shown = serde_json::to_value(value).unwrap_or(Value::Null);
-                if everything || self.sent.get(&key) != Some(&shown) {
+                let unchanged = self
+                    .sent
+                    .get(&key)
+                    .is_some_and(|sent| sent.shows_same(value));
+                if everything || !unchanged {
                     windows.push((window, *value));
-                    self.sent.insert(key, shown);
+                    self.sent.insert(key, *value);
                 }
             }
             if !windows.is_empty() {

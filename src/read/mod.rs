@@ -122,6 +122,25 @@ impl WindowView {
         }
     }
 
+    /// True when both show a client the same figures (their JSON is equal): a
+    /// mean shows its value alone, so parts that moved without moving it are
+    /// no change. Cheaper than rendering both.
+    pub fn shows_same(&self, other: &WindowView) -> bool {
+        match (self, other) {
+            (
+                WindowView::Mean { prev, .. },
+                WindowView::Mean {
+                    prev: other_prev, ..
+                },
+            ) => {
+                prev.is_some() == other_prev.is_some()
+                    && self.value() == other.value()
+                    && self.prev_value() == other.prev_value()
+            }
+            _ => self == other,
+        }
+    }
+
     /// Events the window counted (a ratio's denominator, a mean's count).
     pub fn events(&self) -> u64 {
         match self {
@@ -686,6 +705,16 @@ mod tests {
             scale: 1,
         };
         assert_eq!(json!(mean), json!({"value": 1400.0, "prev": null}));
+        let same_mean = WindowView::Mean {
+            current: MeanParts {
+                sum: 8400,
+                count: 6,
+            },
+            prev: Some(MeanParts { sum: 0, count: 0 }),
+            scale: 1,
+        };
+        assert!(mean.shows_same(&same_mean) && mean != same_mean);
+        assert!(!ratio.shows_same(&sum_today));
         let view = MetricView {
             kind: "count",
             windows: vec![(
