@@ -15,9 +15,13 @@
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
+
+mod common;
+
+use common::{free_port, wait_until_ready};
 
 /// (tenant, key, currency) of each producer.
 const PRODUCERS: [(&str, &str, &str); 3] = [
@@ -83,30 +87,6 @@ fn spawn_node(dir: &std::path::Path, port: u16, log: &std::path::Path) -> NodePr
         .spawn()
         .unwrap();
     NodeProcess { child }
-}
-
-async fn wait_ready(
-    client: &reqwest::Client,
-    node: &mut NodeProcess,
-    base: &str,
-    log: &std::path::Path,
-) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(Some(status)) = node.child.try_wait() {
-            panic!(
-                "tally exited ({status}); log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        if let Ok(response) = client.get(format!("{base}/readyz")).send().await {
-            if response.status().is_success() {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "tally did not become ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn kill_9(node: &mut NodeProcess) {
@@ -232,11 +212,7 @@ async fn kill_9_cycles_lose_nothing_and_count_nothing_twice() {
     );
     std::fs::write(dir.path().join("config/default.toml"), config).unwrap();
     let log = dir.path().join("tally.log");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
 
@@ -260,14 +236,14 @@ async fn kill_9_cycles_lose_nothing_and_count_nothing_twice() {
 
     for _ in 0..cycles {
         let mut node = spawn_node(dir.path(), port, &log);
-        wait_ready(&client, &mut node, &base, &log).await;
+        wait_until_ready(&client, &mut node.child, &base, &log).await;
         tokio::time::sleep(Duration::from_millis(rng.next_in(100, 3000))).await;
         kill_9(&mut node);
     }
 
     // a last start: producers finish their batches, then the windows are checked
     let mut node = spawn_node(dir.path(), port, &log);
-    wait_ready(&client, &mut node, &base, &log).await;
+    wait_until_ready(&client, &mut node.child, &base, &log).await;
     stop.store(true, Ordering::SeqCst);
     for producer in producers {
         // a producer that cannot get its last batch acknowledged fails the run

@@ -16,6 +16,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
+mod common;
+
+use common::{free_port, wait_until_ready};
+
 const FS_BYTES: u64 = 64 << 20;
 const RESERVE_BYTES: u64 = 16 << 20;
 
@@ -67,14 +71,6 @@ impl Drop for SmallFilesystem {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn spawn_node(data_dir: &Path, port: u16, reserve_bytes: u64, log: &Path) -> Child {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
     for (name, _) in std::env::vars() {
@@ -96,25 +92,6 @@ fn spawn_node(data_dir: &Path, port: u16, reserve_bytes: u64, log: &Path) -> Chi
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap()
-}
-
-async fn wait_ready(client: &reqwest::Client, child: &mut Child, base: &str, log: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!(
-                "tally exited ({status}): {}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        if let Ok(response) = client.get(format!("{base}/readyz")).send().await {
-            if response.status().is_success() {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "tally did not become ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn wall_ms() -> i64 {
@@ -173,7 +150,7 @@ async fn below_the_reserve_ingest_is_507_reads_go_on_and_ingest_resumes() {
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     let mut child = spawn_node(&data_dir, port, RESERVE_BYTES, &log);
-    wait_ready(&client, &mut child, &base, &log).await;
+    wait_until_ready(&client, &mut child, &base, &log).await;
     // about 6 MiB above the reserve: a few batches fit, then 507
     let filler = fs.fill_leaving(RESERVE_BYTES + (6 << 20));
     let mut acknowledged = 0u64;
@@ -215,7 +192,7 @@ async fn below_the_reserve_ingest_is_507_reads_go_on_and_ingest_resumes() {
     child.kill().unwrap();
     child.wait().unwrap();
     let mut child = spawn_node(&data_dir, port, RESERVE_BYTES, &log);
-    wait_ready(&client, &mut child, &base, &log).await;
+    wait_until_ready(&client, &mut child, &base, &log).await;
     assert_eq!(orders_today(&client, &base).await, acknowledged);
     child.kill().unwrap();
     child.wait().unwrap();
@@ -234,7 +211,7 @@ async fn a_flush_on_a_full_disk_ends_the_process_and_a_restart_recovers() {
         .unwrap();
     // the reserve is off: the disk fills under a write or a flush
     let mut child = spawn_node(&data_dir, port, 0, &log);
-    wait_ready(&client, &mut child, &base, &log).await;
+    wait_until_ready(&client, &mut child, &base, &log).await;
     let filler = fs.fill_leaving(4 << 20);
     let mut acknowledged = 0u64;
     let mut failed = false;
@@ -284,7 +261,7 @@ async fn a_flush_on_a_full_disk_ends_the_process_and_a_restart_recovers() {
     // space returns; a restart (the store's lock released) recovers everything
     std::fs::remove_file(filler).unwrap();
     let mut child = spawn_node(&data_dir, port, 0, &log);
-    wait_ready(&client, &mut child, &base, &log).await;
+    wait_until_ready(&client, &mut child, &base, &log).await;
     let counted = orders_today(&client, &base).await;
     // an unacknowledged batch may have reached the disk: at least what was acked
     assert!(

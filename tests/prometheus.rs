@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use common::{order, start_node, T0_MS};
+use common::{free_port, order, start_node, T0_MS};
 
 fn tool(name: &str) -> String {
     for dir in ["/usr/bin", "/usr/local/bin"] {
@@ -176,14 +176,6 @@ async fn metrics_can_have_their_own_listener() {
         .unwrap();
     assert!(text.contains("tally_window_value{"));
     node.stop().await;
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Polls Prometheus's query API until `query` has `expected` as its value.

@@ -177,3 +177,41 @@ impl TestNode {
 pub fn order(id: &str, amount: i64, ts_ms: i64) -> Value {
     serde_json::json!({"id": id, "type": "order.completed", "ts": ts_ms, "amount": amount, "currency": "USD"})
 }
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until a `tally` process answers `/readyz`; panics with its log if it
+/// exits first or is not ready within 60 s.
+pub async fn wait_until_ready(
+    client: &reqwest::Client,
+    child: &mut std::process::Child,
+    base: &str,
+    log: &std::path::Path,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "tally exited ({status}); log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        if let Ok(response) = client.get(format!("{base}/readyz")).send().await {
+            if response.status().is_success() {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tally did not become ready"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
