@@ -16,6 +16,7 @@ use tokio::sync::Semaphore;
 use tally::actors::metric::{MetricActor, MetricRead, ReadMetric};
 use tally::actors::tenant::{
     Durability, IngestBatch, ListQuarantine, RetryQuarantined, TakeSnapshot, TenantActor,
+    TenantError,
 };
 use tally::actors::{metric_slots, InFlight, TenantHealth};
 use tally::config::Config;
@@ -200,6 +201,31 @@ impl Tenant {
         }
     }
 
+    /// The qids the tenant's quarantine lists.
+    async fn quarantined_qids(&self) -> Vec<u64> {
+        let listed = self
+            .actor
+            .send(ListQuarantine {
+                in_flight: self.in_flight(),
+                after: 0,
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        listed.iter().map(|entry| entry.qid).collect()
+    }
+
+    async fn retry(&self, qid: u64) -> Result<Option<EventOutcome>, TenantError> {
+        self.actor
+            .send(RetryQuarantined {
+                in_flight: self.in_flight(),
+                qid,
+                now_ms: T0_MS,
+            })
+            .await
+            .unwrap()
+    }
+
     /// Today's gmv (sum, count).
     async fn gmv_today(&self, now_ms: i64) -> (i128, u64) {
         let read = self
@@ -224,31 +250,28 @@ fn outcomes_of(reply: Vec<(u32, EventOutcome)>) -> Vec<EventOutcome> {
     reply.into_iter().map(|(_, outcome)| outcome).collect()
 }
 
-/// Fills the commit queue (size 1): the first batch is inside the flush, the
-/// second waits in the queue. Returns their replies, to await after the gate
-/// opens.
+/// Closes the gate and fills the commit queue (size 1): the first batch is
+/// inside the flush, the second waits in the queue. Returns their replies, to
+/// await after the gate opens.
 async fn fill_commit_queue(
     tenant: &Tenant,
     store: &Arc<GateStore>,
 ) -> Vec<actix::dev::Request<TenantActor, IngestBatch>> {
+    let flushes = {
+        let mut state = store.state.lock().unwrap();
+        state.0 = false;
+        state.1
+    };
     let first = tenant
         .actor
         .send(tenant.batch(T0_MS, vec![tenant.order("fill-1", T0_MS, 1)]));
-    store.wait_for_flushes(1).await;
+    store.wait_for_flushes(flushes + 1).await;
     let second = tenant
         .actor
         .send(tenant.batch(T0_MS, vec![tenant.order("fill-2", T0_MS, 1)]));
     // the second is in the actor's mailbox; a read behind it makes sure it
     // was handled (submitted) before the test goes on
-    tenant
-        .actor
-        .send(ListQuarantine {
-            in_flight: tenant.in_flight(),
-            after: 0,
-            limit: 1,
-        })
-        .await
-        .unwrap();
+    tenant.quarantined_qids().await;
     vec![first, second]
 }
 
@@ -405,56 +428,22 @@ async fn defect_3_a_failed_quarantine_retry_keeps_the_event_quarantined() {
         panic!("quarantined: {quarantined:?}");
     };
     let qid = *qid;
-    // close the gate behind the quarantine write, then fill the queue
-    store.state.lock().unwrap().0 = false;
-    let flushes = store.state.lock().unwrap().1;
-    let first = tenant
-        .actor
-        .send(tenant.batch(T0_MS, vec![tenant.order("fill-1", T0_MS, 1)]));
-    store.wait_for_flushes(flushes + 1).await;
-    let second = tenant
-        .actor
-        .send(tenant.batch(T0_MS, vec![tenant.order("fill-2", T0_MS, 1)]));
-    let retried = tenant
-        .actor
-        .send(RetryQuarantined {
-            in_flight: tenant.in_flight(),
-            qid,
-            now_ms: T0_MS,
-        })
-        .await
-        .unwrap();
+    // the gate closes behind the quarantine write
+    let filling = fill_commit_queue(&tenant, &store).await;
+    let retried = tenant.retry(qid).await;
     assert!(
         matches!(&retried, Err(error) if error.to_string().contains("commit queue is full")),
         "{retried:?}"
     );
-    let listed = tenant
-        .actor
-        .send(ListQuarantine {
-            in_flight: tenant.in_flight(),
-            after: 0,
-            limit: 10,
-        })
-        .await
-        .unwrap();
-    assert_eq!(
-        listed.iter().map(|entry| entry.qid).collect::<Vec<_>>(),
-        vec![qid]
-    );
+    assert_eq!(tenant.quarantined_qids().await, vec![qid]);
     store.open();
-    first.await.unwrap().unwrap();
-    second.await.unwrap().unwrap();
-    let retried = tenant
-        .actor
-        .send(RetryQuarantined {
-            in_flight: tenant.in_flight(),
-            qid,
-            now_ms: T0_MS,
-        })
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(retried, Some(EventOutcome::Accepted));
+    for reply in filling {
+        reply.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        tenant.retry(qid).await.unwrap(),
+        Some(EventOutcome::Accepted)
+    );
     assert_eq!(tenant.gmv_today(T0_MS).await, (42, 3));
 }
 
@@ -538,15 +527,7 @@ async fn defect_5_outcomes_are_counted_when_decided_even_if_nobody_waits() {
     // its flush; then the client goes away: nobody reads the reply. (actix
     // skips a message whose requester left before it was handled: then
     // nothing was decided, and nothing is counted.)
-    tenant
-        .actor
-        .send(ListQuarantine {
-            in_flight: tenant.in_flight(),
-            after: 0,
-            limit: 1,
-        })
-        .await
-        .unwrap();
+    tenant.quarantined_qids().await;
     store.wait_for_flushes(1).await;
     drop(request);
     store.open();
