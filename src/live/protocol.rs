@@ -181,6 +181,14 @@ mod tests {
             code_of(r#"{"op":"subscribe","id":"a","interval_ms":"soon"}"#),
             Some(ErrorCode::BadMessage)
         );
+        for since in ["-1", "1.5", "\"3\""] {
+            let text = format!(r#"{{"op":"subscribe","id":"a","topic":"alerts","since":{since}}}"#);
+            assert_eq!(code_of(&text), Some(ErrorCode::BadMessage), "{text}");
+        }
+        assert_eq!(
+            code_of(r#"{"op":"subscribe","id":7}"#),
+            Some(ErrorCode::BadMessage)
+        );
     }
 
     #[test]
