@@ -251,6 +251,7 @@ pub async fn start_with_store(
         ingest_kib,
         next_snapshot_id: AtomicU64::new(next_snapshot_id),
         snapshot_lock: Mutex::new(()),
+        merging: Mutex::new(0),
         ready: AtomicBool::new(false),
         fatal,
     });
@@ -316,6 +317,34 @@ pub async fn start_with_store(
             }
         })
     };
+    // merges de-dup runs so that their number grows with the logarithm of the
+    // ids remembered (docs/durability.md, "de-duplication runs")
+    let merger = {
+        let node = Arc::clone(&node);
+        let mut stopping = node.stopping.subscribe();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    _ = stopping.wait_for(|stopping| *stopping) => return,
+                }
+                loop {
+                    if node.committer.is_failed() || *node.stopping.borrow() {
+                        return;
+                    }
+                    match node.merge_runs_once().await {
+                        Ok(true) => continue,
+                        Ok(false) => break,
+                        Err(error) => {
+                            tracing::warn!(%error, "de-dup runs not merged; trying again later");
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+    };
     let upkeep = {
         let node = Arc::clone(&node);
         let every = Duration::from_secs(node.config.prometheus.upkeep_interval_s);
@@ -373,7 +402,7 @@ pub async fn start_with_store(
         stop_accepting: Some(stop_accepting),
         server: Some(server),
         snapshotter: Some(snapshotter),
-        background: vec![upkeep, storage_watch]
+        background: vec![merger, upkeep, storage_watch]
             .into_iter()
             .chain(metrics_server)
             .chain(feed_tasks)

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::{watch, Mutex, Semaphore};
 
-use crate::actors::tenant::{InstallRuns, TakeSnapshot};
+use crate::actors::tenant::{InstallMerged, InstallRuns, PlanMerge, TakeSnapshot};
 use crate::actors::{FatalSender, TenantHandle};
 use crate::auth::{tenant_for_read, AuthError, KeyRing, Principal};
 use crate::clock::{SharedClock, Stopwatch};
@@ -41,8 +41,12 @@ pub struct Node {
     /// Request body bytes being read and validated, in KiB, node-wide.
     pub ingest_kib: Arc<Semaphore>,
     pub(crate) next_snapshot_id: AtomicU64,
-    /// One snapshot at a time (the periodic one and the final one).
+    /// One snapshot at a time (the periodic one and the final one); a merge
+    /// commits under it too.
     pub(crate) snapshot_lock: Mutex<()>,
+    /// One merge at a time (two could plan the same runs); holds where the
+    /// next merge looks first (`merge_runs_once`).
+    pub(crate) merging: Mutex<usize>,
     pub(crate) ready: AtomicBool,
     /// Set with the reason when the node must exit for a clean restart: a
     /// storage failure, or a tenant that stopped serving.
@@ -214,6 +218,92 @@ impl Node {
         );
         Ok(report)
     }
+}
+
+impl Node {
+    /// Merges one tenant's de-dup runs, if any has runs to merge
+    /// (`DedupIndex::plan_merge`); true when it merged. The merge is written
+    /// off the actor and the snapshot path; only its commit (a rename) waits
+    /// for a snapshot under way, so that no snapshot deletes the new run as
+    /// unlisted before its tenant has it. Stops early when the node stops.
+    pub async fn merge_runs_once(self: &Arc<Self>) -> Result<bool, MergeError> {
+        if let Some(free_bytes) = self.disk_short() {
+            return Err(MergeError::DiskShort { free_bytes });
+        }
+        // each call starts one tenant further, so that no tenant waits on another's merges
+        let mut cursor = self.merging.lock().await;
+        let start = *cursor;
+        *cursor = cursor.wrapping_add(1);
+        let count = self.tenants.len();
+        for (tenant, handle) in self
+            .tenants
+            .iter()
+            .cycle()
+            .skip(start % count.max(1))
+            .take(count)
+        {
+            let Some(plan) = handle
+                .actor
+                .send(PlanMerge)
+                .await
+                .map_err(|_| MergeError::Actors)?
+            else {
+                continue;
+            };
+            let stopwatch = Stopwatch::start();
+            let dir = crate::storage::runs::runs_dir(&self.config.storage.data_dir, tenant);
+            let inputs: Vec<u64> = plan.inputs.iter().map(|run| run.meta.id).collect();
+            let node = Arc::clone(self);
+            let merged = tokio::task::spawn_blocking(move || {
+                let cancelled = || *node.stopping.borrow();
+                crate::storage::runs::merge_runs(&dir, &plan, &cancelled)
+                    .map(|merged| merged.map(|merged| (dir, merged)))
+            })
+            .await
+            .map_err(|_| MergeError::Actors)?
+            .map_err(MergeError::Io)?;
+            let Some((dir, merged)) = merged else {
+                return Ok(false);
+            };
+            let ids = merged.meta.ids;
+            let _no_snapshot_meanwhile = self.snapshot_lock.lock().await;
+            let run = tokio::task::spawn_blocking(move || {
+                crate::storage::runs::commit_merge(&dir, merged)
+            })
+            .await
+            .map_err(|_| MergeError::Actors)?
+            .map_err(MergeError::Io)?;
+            let id = run.meta.id;
+            handle
+                .actor
+                .send(InstallMerged {
+                    run,
+                    inputs: inputs.clone(),
+                })
+                .await
+                .map_err(|_| MergeError::Actors)?;
+            tracing::info!(
+                %tenant,
+                run = id,
+                ?inputs,
+                ids,
+                duration_ms = stopwatch.elapsed_ms(),
+                "de-dup runs merged"
+            );
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    #[error("the actors are not running")]
+    Actors,
+    #[error("de-dup merge failed: {0}")]
+    Io(String),
+    #[error("the data directory has {free_bytes} bytes free, below storage.disk_free_bytes_min; merges wait")]
+    DiskShort { free_bytes: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -26,6 +26,9 @@ pub const SNAPSHOT_BYTES: &str = "tally_snapshot_size_bytes";
 pub const RECOVERY_SECONDS: &str = "tally_recovery_duration_seconds";
 pub const ACTOR_MESSAGES_TOTAL: &str = "tally_actor_messages_total";
 pub const QUARANTINE_EVENTS: &str = "tally_quarantine_events";
+pub const DEDUP_RUNS: &str = "tally_dedup_runs";
+pub const DEDUP_FILTER_BYTES: &str = "tally_dedup_filter_bytes";
+pub const DEDUP_MERGES_TOTAL: &str = "tally_dedup_merges_total";
 pub const QUARANTINE_EVICTED_TOTAL: &str = "tally_quarantine_evicted_total";
 pub const SERIES_FOLDED_TOTAL: &str = "tally_series_folded_total";
 pub const METRIC_APPLY_ERRORS_TOTAL: &str = "tally_metric_apply_errors_total";
@@ -196,6 +199,21 @@ fn describe() {
         Unit::Count,
         "events in the quarantine, by tenant"
     );
+    describe_gauge!(
+        DEDUP_RUNS,
+        Unit::Count,
+        "de-duplication runs on disk, by tenant (each new id probes every run's filter)"
+    );
+    describe_gauge!(
+        DEDUP_FILTER_BYTES,
+        Unit::Bytes,
+        "memory held by the filters of the de-duplication runs, by tenant"
+    );
+    describe_counter!(
+        DEDUP_MERGES_TOTAL,
+        Unit::Count,
+        "de-duplication runs merged into one, by tenant"
+    );
     describe_counter!(
         QUARANTINE_EVICTED_TOTAL,
         Unit::Count,
@@ -277,6 +295,15 @@ pub fn record_recovery(seconds: f64) {
 
 pub fn count_actor_message(actor: &'static str) {
     counter!(ACTOR_MESSAGES_TOTAL, "actor" => actor).increment(1);
+}
+
+pub fn set_dedup_runs(tenant: &str, runs: usize, filter_bytes: usize) {
+    gauge!(DEDUP_RUNS, "tenant" => tenant.to_string()).set(runs as f64);
+    gauge!(DEDUP_FILTER_BYTES, "tenant" => tenant.to_string()).set(filter_bytes as f64);
+}
+
+pub fn count_dedup_merge(tenant: &str) {
+    counter!(DEDUP_MERGES_TOTAL, "tenant" => tenant.to_string()).increment(1);
 }
 
 pub fn set_quarantine_size(tenant: &str, events: usize) {

@@ -497,10 +497,24 @@ async fn post_until_answered(node: &TestNode, events: &[Value]) -> Value {
     panic!("the batch was never taken");
 }
 
+/// Merges the tenant's runs until none are left to merge; its runs then.
+async fn merge_all_runs(node: &TestNode) -> Vec<tally::domain::dedup::RunMeta> {
+    let running = &node.running.as_ref().unwrap().node;
+    while running.merge_runs_once().await.unwrap() {}
+    running
+        .tenant("demo")
+        .unwrap()
+        .actor
+        .send(tally::actors::tenant::ListRuns)
+        .await
+        .unwrap()
+}
+
 /// De-dup runs, CI-sized: a table of 1 000 ids in memory, so that snapshots
 /// move ids into runs on disk as they come (a tenant at half its table asks for
 /// one); the ids in runs are still recognized, also after a graceful restart
-/// and after a crash-like one, and the windows hold every event once.
+/// and after a crash-like one, and the windows hold every event once. Runs
+/// merge, and a crash between a merge and the next snapshot loses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ids_spill_into_runs_survive_restarts_and_are_still_recognized() {
     let tweak = |config: &mut tally::config::Config| {
@@ -537,6 +551,29 @@ async fn ids_spill_into_runs_survive_restarts_and_are_still_recognized() {
         let reply = post_until_answered(&node, batch).await;
         assert_eq!(reply["duplicates"], 1_000, "{reply}");
     }
+    // runs of one size tier merge into one; a crash before any snapshot lists
+    // the merged run recovers from the one listing its inputs
+    let merged = merge_all_runs(&node).await;
+    assert!(
+        merged.iter().any(|run| run.ids >= 1_000),
+        "runs of about 500 ids merged: {merged:?}"
+    );
+    let stopped = node.halt_keeping_data().await;
+    let node = start_node_in(stopped.data, stopped.clock, tweak).await;
+    for batch in events.chunks(1_000) {
+        let reply = post_until_answered(&node, batch).await;
+        assert_eq!(reply["duplicates"], 1_000, "{reply}");
+    }
+    let merged = merge_all_runs(&node).await;
+    for batch in events.chunks(1_000) {
+        let reply = post_until_answered(&node, batch).await;
+        assert_eq!(reply["duplicates"], 1_000, "{reply}");
+    }
+    assert_eq!(
+        merged.iter().map(|run| run.ids).sum::<u64>(),
+        4_000,
+        "each id in one run: {merged:?}"
+    );
     let before = windows(&node).await;
     assert_eq!(
         before["metrics"]["orders"]["windows"]["today"]["value"],

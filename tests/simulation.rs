@@ -7,8 +7,9 @@
 //! what was flushed apart from what was only written, through random batches,
 //! duplicates, retries, abandoned requests, quarantine retries and deletes,
 //! failed submits, failed encodes, failed (and partly persisted) flushes, a
-//! metric actor gone, a log that holds a record twice, and crashes between any
-//! two steps. After every step it checks that:
+//! metric actor gone, a log that holds a record twice, de-dup runs merged
+//! (merges cancelled, and crashes between a merge and the snapshot that lists
+//! it), and crashes between any two steps. After every step it checks that:
 //! (a) every acknowledged event is durable, and counted after recovery;
 //! (b) nothing is counted twice (windows equal the model, which holds each id
 //!     once);
@@ -35,6 +36,7 @@ use tally::domain::tenant::{
 use tally::domain::time::{counts_in_some_window, day_bounds};
 use tally::domain::window::{SlidingTally, Tally};
 use tally::storage::recovery::{recover, series_settings};
+use tally::storage::runs::{commit_merge, merge_runs, runs_dir};
 use tally::storage::snapshot::{
     delete_unlisted_runs, plan_ops, prune_ops, snapshot_ops, write_sealed_runs, TenantSnapshot,
 };
@@ -208,6 +210,7 @@ struct Sim {
     /// Valid events sitting in the quarantine under a made-up reason.
     quarantined_raw: HashMap<String, SimEvent>,
     crashes: u64,
+    merges: u64,
     faults: u64,
 }
 
@@ -260,6 +263,7 @@ impl Sim {
             quarantined_raw: HashMap::new(),
             quarantine_durable: BTreeSet::new(),
             crashes: 0,
+            merges: 0,
             faults: 0,
         }
     }
@@ -656,6 +660,29 @@ impl Sim {
         Ok(())
     }
 
+    /// Merges de-dup runs as the node's merger does (real run files): some
+    /// merges are cancelled, some crash before the commit or before a
+    /// snapshot lists the merged run.
+    fn merge(&mut self) -> Result<(), String> {
+        let Some(plan) = self.node.core.plan_merge() else {
+            return Ok(());
+        };
+        let dir = runs_dir(&self.config.storage.data_dir, TENANT);
+        let cancel = self.rng.chance(10);
+        let Some(merged) = merge_runs(&dir, &plan, &|| cancel)? else {
+            return Ok(());
+        };
+        if self.rng.chance(10) {
+            self.faults += 1;
+            return self.crash();
+        }
+        let run = commit_merge(&dir, merged)?;
+        let inputs: Vec<u64> = plan.inputs.iter().map(|run| run.meta.id).collect();
+        self.node.core.install_merged(run, &inputs);
+        self.merges += 1;
+        Ok(())
+    }
+
     /// The log holds a record twice (e.g. a source that delivers again).
     fn duplicate_a_record(&mut self) -> Result<(), String> {
         let mut records = Vec::new();
@@ -836,8 +863,9 @@ impl Sim {
             30..=44 => self.flush()?,
             45..=64 => self.apply()?,
             65..=74 => self.reply()?,
-            75..=79 => self.retry_quarantined()?,
-            80..=83 => self.snapshot()?,
+            75..=77 => self.retry_quarantined()?,
+            78..=82 => self.snapshot()?,
+            83 => self.merge()?,
             84..=92 => {
                 let advance_ms = if self.rng.chance(5) {
                     self.rng.range(60_000, 3_600_000)
@@ -902,13 +930,14 @@ fn the_tenant_pipeline_keeps_its_invariants_under_faults() {
             (first..first + env_u64("TALLY_SIM_SEEDS", 40)).collect()
         }
     };
-    let (mut acknowledged, mut crashes, mut faults) = (0, 0, 0);
+    let (mut acknowledged, mut crashes, mut faults, mut merges) = (0, 0, 0, 0);
     for seed in &seeds {
         match run_seed(*seed, steps) {
             Ok(sim) => {
                 acknowledged += sim.acknowledged.len();
                 crashes += sim.crashes;
                 faults += sim.faults;
+                merges += sim.merges;
             }
             Err(error) => panic!(
                 "seed {seed} failed at {error}\nreplay: TALLY_SIM_SEED={seed} TALLY_SIM_STEPS={steps} \
@@ -918,9 +947,9 @@ fn the_tenant_pipeline_keeps_its_invariants_under_faults() {
     }
     println!(
         "simulation: {} seeds x {steps} steps, {acknowledged} events acknowledged, \
-         {crashes} crashes, {faults} faults injected",
+         {crashes} crashes, {faults} faults injected, {merges} de-dup merges",
         seeds.len()
     );
     // the run must have exercised what it claims to
-    assert!(acknowledged > 0 && crashes > 0 && faults > 0);
+    assert!(acknowledged > 0 && crashes > 0 && faults > 0 && merges > 0);
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tokio::sync::{oneshot, Notify};
 
-use crate::domain::dedup::{Run, SealedIds};
+use crate::domain::dedup::{MergePlan, Run, RunMeta, SealedIds};
 use crate::domain::event::ValidEvent;
 use crate::domain::metric::SeriesSettings;
 use crate::domain::quarantine::QuarantinedEvent;
@@ -238,6 +238,11 @@ impl TenantActor {
 
 impl Actor for TenantActor {
     type Context = Context<Self>;
+
+    fn started(&mut self, _: &mut Context<Self>) {
+        // runs read back by the recovery
+        publish_dedup_runs(&self.core.borrow());
+    }
 }
 
 /// One request's events for this tenant, validated off the actor thread.
@@ -371,6 +376,59 @@ impl Handler<InstallRuns> for TenantActor {
         for run in message.0 {
             core.install_run(run);
         }
+        publish_dedup_runs(&core);
+    }
+}
+
+fn publish_dedup_runs(core: &TenantCore) {
+    let dedup = core.dedup();
+    crate::telemetry::set_dedup_runs(&core.context().id, dedup.runs().len(), dedup.filter_bytes());
+}
+
+/// The de-dup runs the tenant holds, oldest first (operators and tests).
+#[derive(Message)]
+#[rtype(result = "Vec<RunMeta>")]
+pub struct ListRuns;
+
+impl Handler<ListRuns> for TenantActor {
+    type Result = Vec<RunMeta>;
+
+    fn handle(&mut self, _: ListRuns, _: &mut Context<Self>) -> Vec<RunMeta> {
+        let mut runs = self.core.borrow().dedup().runs();
+        runs.sort_by_key(|run| (run.max_second, run.id));
+        runs
+    }
+}
+
+/// The next de-dup runs to merge, with the merged run's id reserved.
+#[derive(Message)]
+#[rtype(result = "Option<MergePlan>")]
+pub struct PlanMerge;
+
+impl Handler<PlanMerge> for TenantActor {
+    type Result = Option<MergePlan>;
+
+    fn handle(&mut self, _: PlanMerge, _: &mut Context<Self>) -> Option<MergePlan> {
+        self.core.borrow_mut().plan_merge()
+    }
+}
+
+/// A merged run is durable: it replaces its inputs (by id).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct InstallMerged {
+    pub run: Run,
+    pub inputs: Vec<u64>,
+}
+
+impl Handler<InstallMerged> for TenantActor {
+    type Result = ();
+
+    fn handle(&mut self, message: InstallMerged, _: &mut Context<Self>) {
+        let mut core = self.core.borrow_mut();
+        core.install_merged(message.run, &message.inputs);
+        crate::telemetry::count_dedup_merge(&core.context().id);
+        publish_dedup_runs(&core);
     }
 }
 

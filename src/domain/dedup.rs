@@ -37,9 +37,12 @@ pub enum DedupError {
 }
 
 /// Where a run's keys are kept (a file, in the node): confirms a filter's
-/// "maybe", so that a false positive never makes a false duplicate.
+/// "maybe", so that a false positive never makes a false duplicate, and hands
+/// them out in order for a merge.
 pub trait RunKeys: Send + Sync + std::fmt::Debug {
     fn contains(&self, key: u128) -> Result<bool, String>;
+    /// Appends up to `count` keys from position `first` (ascending) to `out`.
+    fn read(&self, first: u64, count: usize, out: &mut Vec<u128>) -> Result<(), String>;
 }
 
 /// What a snapshot records of a run.
@@ -60,13 +63,166 @@ pub struct SealedIds {
     pub keys: Vec<u128>,
 }
 
-/// A run on disk: its keys where `keys` keeps them, a filter in memory
-/// (BinaryFuse16 over the folded keys: about 18 bits an id, a false positive
-/// once in 65 536 lookups, then confirmed against the keys).
+/// Ids a filter part holds at most (about): a run's filter is split by the
+/// keys' top bits into parts of this size, so that building one, even after a
+/// merge of hundreds of millions of ids, needs memory for one part at a time
+/// (about 34 bytes an id while it is built: 2 MiB).
+pub const FILTER_PART_IDS: u64 = 1 << 16;
+/// Below this many ids a part keeps its folded keys instead of a filter.
+const FILTER_PART_KEYS_MAX: usize = 256;
+/// At most 2^20 parts (runs of about 2^36 ids).
+const FILTER_PART_BITS_MAX: u32 = 20;
+
+/// One part of a run's filter.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum FilterPart {
+    Empty,
+    /// Few ids: their folded keys, sorted.
+    Keys(Vec<u64>),
+    /// BinaryFuse16 over the folded keys: about 18 bits an id, a false
+    /// positive once in 65 536 lookups.
+    Fuse(xorf::BinaryFuse16),
+    /// The filter could not be built: every key is a "maybe".
+    Unfiltered,
+}
+
+impl FilterPart {
+    fn build(mut folded: Vec<u64>) -> FilterPart {
+        folded.sort_unstable();
+        folded.dedup();
+        if folded.is_empty() {
+            FilterPart::Empty
+        } else if folded.len() <= FILTER_PART_KEYS_MAX {
+            FilterPart::Keys(folded)
+        } else {
+            xorf::BinaryFuse16::try_from(&folded).map_or(FilterPart::Unfiltered, FilterPart::Fuse)
+        }
+    }
+
+    fn maybe(&self, folded: u64) -> bool {
+        use xorf::Filter;
+        match self {
+            FilterPart::Empty => false,
+            FilterPart::Keys(keys) => keys.binary_search(&folded).is_ok(),
+            FilterPart::Fuse(filter) => filter.contains(&folded),
+            FilterPart::Unfiltered => true,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            FilterPart::Empty | FilterPart::Unfiltered => 0,
+            FilterPart::Keys(keys) => keys.len() * 8,
+            FilterPart::Fuse(filter) => filter.fingerprints.len() * 2,
+        }
+    }
+}
+
+/// A run's filter in memory: parts chosen by the keys' top `bits` bits, each
+/// over the keys' 64-bit folds. One lookup reads one part.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunFilter {
+    bits: u32,
+    parts: Vec<FilterPart>,
+}
+
+impl RunFilter {
+    /// The filter of a run written before filters were split: one part.
+    pub fn single(filter: xorf::BinaryFuse16) -> RunFilter {
+        RunFilter {
+            bits: 0,
+            parts: vec![FilterPart::Fuse(filter)],
+        }
+    }
+
+    /// The filter of `keys`, ascending.
+    pub fn build(keys: &[u128]) -> RunFilter {
+        let mut builder = RunFilterBuilder::new(keys.len() as u64);
+        for key in keys {
+            builder.push(*key);
+        }
+        builder.finish()
+    }
+
+    fn part_of(bits: u32, key: u128) -> usize {
+        if bits == 0 {
+            0
+        } else {
+            (key >> (128 - bits)) as usize
+        }
+    }
+
+    /// True when the filter cannot rule `key` out.
+    pub fn maybe(&self, key: u128) -> bool {
+        // a filter read from a file may not have every part: then maybe
+        self.parts
+            .get(Self::part_of(self.bits, key))
+            .is_none_or(|part| part.maybe(fold_key(key)))
+    }
+
+    /// Memory the filter holds.
+    pub fn bytes(&self) -> usize {
+        self.parts.iter().map(FilterPart::bytes).sum::<usize>()
+            + self.parts.len() * std::mem::size_of::<FilterPart>()
+    }
+}
+
+/// Builds a run's filter from its keys in ascending order, one part at a time.
+#[derive(Debug)]
+pub struct RunFilterBuilder {
+    bits: u32,
+    folded: Vec<u64>,
+    parts: Vec<FilterPart>,
+}
+
+impl RunFilterBuilder {
+    /// For a run of about `ids` ids (the part count follows from it).
+    pub fn new(ids: u64) -> RunFilterBuilder {
+        let parts = ids.div_ceil(FILTER_PART_IDS).max(1).next_power_of_two();
+        RunFilterBuilder {
+            bits: parts.trailing_zeros().min(FILTER_PART_BITS_MAX),
+            folded: Vec::new(),
+            parts: Vec::new(),
+        }
+    }
+
+    fn close_part(&mut self) {
+        let folded = std::mem::take(&mut self.folded);
+        self.parts.push(FilterPart::build(folded));
+    }
+
+    /// The next key; keys come in ascending order.
+    pub fn push(&mut self, key: u128) {
+        let part = RunFilter::part_of(self.bits, key);
+        if part < self.parts.len() {
+            // out of order: that part can no longer rule anything out
+            self.parts[part] = FilterPart::Unfiltered;
+            return;
+        }
+        while self.parts.len() < part {
+            self.close_part();
+        }
+        self.folded.push(fold_key(key));
+    }
+
+    pub fn finish(mut self) -> RunFilter {
+        let parts = 1usize << self.bits;
+        while self.parts.len() < parts {
+            self.close_part();
+        }
+        RunFilter {
+            bits: self.bits,
+            parts: self.parts,
+        }
+    }
+}
+
+/// A run on disk: its keys where `keys` keeps them, its filter in memory
+/// (about 18 bits an id), confirmed against the keys on a "maybe".
 #[derive(Debug, Clone)]
 pub struct Run {
     pub meta: RunMeta,
-    filter: Arc<xorf::BinaryFuse16>,
+    filter: Arc<RunFilter>,
     keys: Arc<dyn RunKeys>,
 }
 
@@ -75,17 +231,8 @@ pub fn fold_key(key: u128) -> u64 {
     (key as u64) ^ ((key >> 64) as u64)
 }
 
-/// The filter of sorted `keys`; `None` when it cannot be built (the folded
-/// keys collide in a way the construction does not take: keep them in memory).
-pub fn build_filter(keys: &[u128]) -> Option<xorf::BinaryFuse16> {
-    let mut folded: Vec<u64> = keys.iter().map(|key| fold_key(*key)).collect();
-    folded.sort_unstable();
-    folded.dedup();
-    xorf::BinaryFuse16::try_from(&folded).ok()
-}
-
 impl Run {
-    pub fn new(meta: RunMeta, filter: xorf::BinaryFuse16, keys: Arc<dyn RunKeys>) -> Run {
+    pub fn new(meta: RunMeta, filter: RunFilter, keys: Arc<dyn RunKeys>) -> Run {
         Run {
             meta,
             filter: Arc::new(filter),
@@ -95,13 +242,12 @@ impl Run {
 
     /// Memory the run holds: its filter.
     pub fn filter_bytes(&self) -> usize {
-        self.filter.fingerprints.len() * 2
+        self.filter.bytes()
     }
 
     /// True when the filter cannot rule `key` out.
     pub fn filter_maybe(&self, key: u128) -> bool {
-        use xorf::Filter;
-        self.filter.contains(&fold_key(key))
+        self.filter.maybe(key)
     }
 
     /// True when `key` is in the run: the filter, then the keys on a "maybe".
@@ -111,6 +257,27 @@ impl Run {
         }
         self.keys.contains(key).map_err(DedupError::Unreadable)
     }
+
+    /// The run's keys, for a merge.
+    pub fn keys(&self) -> &Arc<dyn RunKeys> {
+        &self.keys
+    }
+}
+
+/// Runs merged into one at a time (size-tiered: four runs of similar size
+/// make one four times larger).
+pub const MERGE_FANIN: usize = 4;
+/// Runs merge only when their latest event seconds lie within this span, so
+/// that a merged run, forgotten whole once its latest id is, keeps ids at most
+/// this much longer than they need.
+pub const MERGE_SPAN_S: i64 = 3 * 3600;
+
+/// Runs to merge into one with the reserved `id`.
+#[derive(Debug, Clone)]
+pub struct MergePlan {
+    pub id: u64,
+    pub max_second: i64,
+    pub inputs: Vec<Run>,
 }
 
 /// The key an id is remembered by.
@@ -301,6 +468,45 @@ impl DedupIndex {
     /// Bytes of the runs' filters.
     pub fn filter_bytes(&self) -> usize {
         self.runs.iter().map(Run::filter_bytes).sum()
+    }
+
+    /// The next runs to merge, if any: the oldest `MERGE_FANIN` runs next to
+    /// each other in age (latest second, then id) of similar size (the largest
+    /// at most twice the smallest) whose latest seconds lie within
+    /// `MERGE_SPAN_S`. Each lookup of a new id probes every run's filter, so
+    /// the run count must grow with the logarithm of the ids, not with the
+    /// snapshots (at 500 000 events/s a run every two seconds): runs of one
+    /// size make one four times larger, which merges with three more of its
+    /// size, and so on. Reserves the merged run's id.
+    pub fn plan_merge(&mut self) -> Option<MergePlan> {
+        let mut runs: Vec<&Run> = self.runs.iter().collect();
+        runs.sort_by_key(|run| (run.meta.max_second, run.meta.id));
+        let chosen = runs.windows(MERGE_FANIN).find(|window| {
+            let smallest = window.iter().map(|run| run.meta.ids).min().unwrap_or(0);
+            let largest = window.iter().map(|run| run.meta.ids).max().unwrap_or(0);
+            let first = window[0].meta.max_second;
+            let last = window[MERGE_FANIN - 1].meta.max_second;
+            largest <= 2 * smallest.max(1) && last - first <= MERGE_SPAN_S
+        })?;
+        let plan = MergePlan {
+            id: self.next_run_id,
+            max_second: chosen
+                .iter()
+                .map(|run| run.meta.max_second)
+                .max()
+                .unwrap_or(i64::MIN),
+            inputs: chosen.iter().map(|run| (*run).clone()).collect(),
+        };
+        self.next_run_id += 1;
+        Some(plan)
+    }
+
+    /// A merged run is durable: it takes its inputs' place (those still
+    /// remembered; the merged run holds every key they held).
+    pub fn install_merged(&mut self, run: Run, inputs: &[u64]) {
+        self.runs.retain(|other| !inputs.contains(&other.meta.id));
+        self.next_run_id = self.next_run_id.max(run.meta.id + 1);
+        self.runs.push(run);
     }
 
     /// Recovery: a run listed by the snapshot, already read back.
@@ -639,6 +845,11 @@ mod tests {
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Ok(self.keys.binary_search(&key).is_ok())
         }
+
+        fn read(&self, first: u64, count: usize, out: &mut Vec<u128>) -> Result<(), String> {
+            out.extend(self.keys.iter().skip(first as usize).take(count));
+            Ok(())
+        }
     }
 
     #[test]
@@ -660,7 +871,7 @@ mod tests {
             keys: set.keys.clone(),
             ..MemoryKeys::default()
         });
-        let run = Run::new(set.meta, build_filter(&set.keys).unwrap(), keys.clone());
+        let run = Run::new(set.meta, RunFilter::build(&set.keys), keys.clone());
         index.install(run);
         assert_eq!(index.ids_in_memory(), 0);
         assert_eq!(index.runs(), vec![set.meta]);
@@ -694,7 +905,7 @@ mod tests {
             keys: set.keys.clone(),
             ..MemoryKeys::default()
         });
-        let run = Run::new(set.meta, build_filter(&set.keys).unwrap(), keys.clone());
+        let run = Run::new(set.meta, RunFilter::build(&set.keys), keys.clone());
         // an id the filter cannot rule out, though the run does not hold it
         let false_positive = (0..5_000_000)
             .map(|n| format!("outside-{n}"))
@@ -710,6 +921,122 @@ mod tests {
             1,
             "the maybe was confirmed against the keys"
         );
+    }
+
+    fn memory_run(id: u64, keys: Vec<u128>, max_second: i64) -> Run {
+        let meta = RunMeta {
+            id,
+            ids: keys.len() as u64,
+            max_second,
+        };
+        let filter = RunFilter::build(&keys);
+        Run::new(
+            meta,
+            filter,
+            Arc::new(MemoryKeys {
+                keys,
+                ..MemoryKeys::default()
+            }),
+        )
+    }
+
+    fn sorted_keys(prefix: &str, count: usize) -> Vec<u128> {
+        let mut keys: Vec<u128> = (0..count)
+            .map(|n| id_key(&format!("{prefix}-{n}")))
+            .collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    #[test]
+    fn a_split_filter_rules_out_by_part_and_never_misses_a_key() {
+        let keys = sorted_keys("split", 300_000);
+        let filter = RunFilter::build(&keys);
+        assert_eq!(
+            filter.parts.len(),
+            8,
+            "300 000 ids in parts of 65 536 at most"
+        );
+        assert!(keys.iter().all(|key| filter.maybe(*key)));
+        let false_maybes = (0..200_000)
+            .filter(|n| filter.maybe(id_key(&format!("absent-{n}"))))
+            .count();
+        assert!(false_maybes < 20, "{false_maybes}");
+        // a few ids: their folded keys, exact
+        let few = RunFilter::build(&sorted_keys("few", 10));
+        assert_eq!(few.parts.len(), 1);
+        assert!(!few.maybe(id_key("absent")));
+        // keys out of order cannot be ruled out any more, never missed
+        let mut builder = RunFilterBuilder::new(keys.len() as u64);
+        for key in keys.iter().rev() {
+            builder.push(*key);
+        }
+        let reversed = builder.finish();
+        assert!(keys.iter().all(|key| reversed.maybe(*key)));
+    }
+
+    #[test]
+    fn runs_merge_four_of_similar_size_within_the_span_oldest_first() {
+        let t = 1_763_805_600;
+        let mut index = DedupIndex::new(86_400, 1_000);
+        // similar sizes: the largest at most twice the smallest
+        let sizes_and_seconds = [
+            (20, t),
+            (30, t + 10),
+            (100, t + 20),
+            (40, t + 30),
+            (50, t + 40),
+            (60, t + 50),
+            (31, t + 60),
+        ];
+        for (n, (size, second)) in sizes_and_seconds.iter().enumerate() {
+            let id = n as u64 + 1;
+            index.add_run(memory_run(
+                id,
+                sorted_keys(&format!("r{id}"), *size),
+                *second,
+            ));
+        }
+        // runs 1, 2 are cut off by run 3 (too large): 4, 5, 6, 7 merge
+        let plan = index.plan_merge().expect("four runs of similar size");
+        let inputs: Vec<u64> = plan.inputs.iter().map(|run| run.meta.id).collect();
+        assert_eq!(inputs, vec![4, 5, 6, 7]);
+        assert_eq!(plan.id, 8, "the id is reserved");
+        assert_eq!(plan.max_second, t + 60);
+        let mut merged: Vec<u128> = plan
+            .inputs
+            .iter()
+            .flat_map(|run| {
+                let mut keys = Vec::new();
+                run.keys().read(0, usize::MAX, &mut keys).unwrap();
+                keys
+            })
+            .collect();
+        merged.sort_unstable();
+        let merged_run = memory_run(plan.id, merged, plan.max_second);
+        index.install_merged(merged_run, &inputs);
+        let ids: Vec<u64> = index.runs().iter().map(|meta| meta.id).collect();
+        assert_eq!(ids, vec![1, 2, 3, 8]);
+        assert_eq!(index.plan_merge().map(|plan| plan.id), None);
+        // every id of the merged runs is still a duplicate
+        for key in sorted_keys("r5", 50) {
+            assert!(index.known(key).unwrap());
+        }
+        // the next sealed set takes a fresh id
+        index.admit("fresh", t * 1000, t * 1000, DAY).unwrap();
+        assert_eq!(index.seal()[0].meta.id, 9);
+
+        // runs further apart than the span do not merge
+        let mut apart = DedupIndex::new(86_400, 1_000);
+        for n in 0..4 {
+            let second = t + n * (MERGE_SPAN_S / 2);
+            apart.add_run(memory_run(
+                n as u64 + 1,
+                sorted_keys(&format!("a{n}"), 20),
+                second,
+            ));
+        }
+        assert!(apart.plan_merge().is_none());
     }
 
     #[test]

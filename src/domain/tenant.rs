@@ -28,7 +28,7 @@ use std::sync::Arc;
 use chrono_tz::Tz;
 
 use super::catalogue::Catalogue;
-use super::dedup::{id_key, Admission, DedupError, DedupIndex, Run, SealedIds};
+use super::dedup::{id_key, Admission, DedupError, DedupIndex, MergePlan, Run, SealedIds};
 use super::event::{
     parse_event, validate_event, EventLimits, Reason, TenantField, ValidEvent, ValidationContext,
 };
@@ -565,6 +565,20 @@ impl TenantCore {
     /// A run written from a sealed set is durable and listed by a snapshot.
     pub fn install_run(&mut self, run: Run) {
         self.dedup.install(run);
+    }
+
+    /// The next de-dup runs to merge (`DedupIndex::plan_merge`); none while
+    /// the tenant has failed.
+    pub fn plan_merge(&mut self) -> Option<MergePlan> {
+        if self.failed.is_some() {
+            return None;
+        }
+        self.dedup.plan_merge()
+    }
+
+    /// A merged run is durable: it replaces its inputs.
+    pub fn install_merged(&mut self, run: Run, inputs: &[u64]) {
+        self.dedup.install_merged(run, inputs);
     }
 
     /// Recovery: an entry read back from storage. Returns the qids evicted to

@@ -19,7 +19,7 @@ use crate::domain::tenant::{TenantContext, TenantCore};
 use crate::domain::time::{day_bounds, second_of_ms, BUCKET_HISTORY_S};
 
 use super::envelope::{decode, RecordKind};
-use super::runs::{read_run, runs_dir};
+use super::runs::{delete_merges, read_run, runs_dir};
 use super::snapshot::{load_snapshot, snapshot_ids, TenantSnapshot, WalBatch};
 use super::{key_lsn, lsn_key, quarantine_key, wal_floor, Space, StorageError, Store};
 
@@ -71,6 +71,11 @@ fn load_runs(
 ) -> Result<HashMap<String, Vec<Run>>, String> {
     let now_s = second_of_ms(now_ms);
     let mut loaded = HashMap::new();
+    // merges a stopped or killed node left unfinished; no merge runs yet
+    for context in contexts {
+        let dir = runs_dir(&config.storage.data_dir, &context.id);
+        delete_merges(&dir).map_err(|error| format!("tenant {}: {error}", context.id))?;
+    }
     for part in parts {
         let Some(context) = contexts.iter().find(|context| *context.id == part.tenant) else {
             continue;

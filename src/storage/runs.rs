@@ -5,10 +5,13 @@
 //!
 //! A file: a 44-byte header (magic, run id, ids, latest event second, filter
 //! length, CRC-32 of the header and the filter), the sorted 128-bit keys, then
-//! the filter (bincode). The keys are read only to confirm a filter's "maybe",
-//! through a fence every 1 024 keys kept in memory: one read of at most 16 KiB.
+//! the filter (bincode of `RunFilter`; files of the first format, `TLYRUN01`,
+//! hold one BinaryFuse16 and are still read). The keys are read only to
+//! confirm a filter's "maybe", through a fence every 1 024 keys kept in memory
+//! (one read of at most 16 KiB), and in order by a merge.
 //! Owns: the format, writing (fsync, rename, fsync of the directory, before any
-//! snapshot lists the run), reading back, and deleting runs no snapshot lists.
+//! snapshot lists the run), merging runs into one (`<id>.merge` until the
+//! caller commits it), reading back, and deleting runs no snapshot lists.
 //! Must not: decide what is a duplicate (`domain::dedup` does).
 
 use std::collections::HashSet;
@@ -18,9 +21,13 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::domain::dedup::{build_filter, Run, RunKeys, RunMeta, SealedIds};
+use crate::domain::dedup::{
+    MergePlan, Run, RunFilter, RunFilterBuilder, RunKeys, RunMeta, SealedIds,
+};
 
-const MAGIC: &[u8; 8] = b"TLYRUN01";
+const MAGIC: &[u8; 8] = b"TLYRUN02";
+/// The first format: one BinaryFuse16 for the whole run.
+const MAGIC_SINGLE_FILTER: &[u8; 8] = b"TLYRUN01";
 const HEADER_BYTES: u64 = 44;
 const FENCE_EVERY: usize = 1024;
 /// The largest filter read back (a run of about 2^31 ids).
@@ -35,9 +42,13 @@ fn run_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:020}.run"))
 }
 
-fn header(meta: &RunMeta, filter_len: u64) -> [u8; 40] {
+fn merge_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:020}.merge"))
+}
+
+fn header(magic: &[u8; 8], meta: &RunMeta, filter_len: u64) -> [u8; 40] {
     let mut header = [0u8; 40];
-    header[0..8].copy_from_slice(MAGIC);
+    header[0..8].copy_from_slice(magic);
     header[8..16].copy_from_slice(&meta.id.to_le_bytes());
     header[16..24].copy_from_slice(&meta.ids.to_le_bytes());
     header[24..32].copy_from_slice(&meta.max_second.to_le_bytes());
@@ -47,10 +58,10 @@ fn header(meta: &RunMeta, filter_len: u64) -> [u8; 40] {
 
 /// Writes `set` as a run file in `dir`, durable before it returns.
 pub fn write_run(dir: &Path, set: &SealedIds) -> Result<Run, String> {
-    let filter = build_filter(&set.keys).ok_or("the run's filter cannot be built")?;
+    let filter = RunFilter::build(&set.keys);
     let filter_bytes = bincode::serialize(&filter).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let header = header(&set.meta, filter_bytes.len() as u64);
+    let header = header(MAGIC, &set.meta, filter_bytes.len() as u64);
     let mut crc = crc32fast::Hasher::new();
     crc.update(&header);
     crc.update(&filter_bytes);
@@ -69,8 +80,171 @@ pub fn write_run(dir: &Path, set: &SealedIds) -> Result<Run, String> {
         File::open(dir)?.sync_all()
     };
     write().map_err(|e| format!("{}: {e}", path.display()))?;
-    let keys = FileKeys::open(&path, set.meta.ids, Some(&set.keys))?;
+    let fences = set.keys.iter().step_by(FENCE_EVERY).copied().collect();
+    let keys = FileKeys::open(&path, set.meta.ids, Some(fences))?;
     Ok(Run::new(set.meta, filter, Arc::new(keys)))
+}
+
+/// A merge written to `<id>.merge`, not yet a run.
+#[derive(Debug)]
+pub struct Merged {
+    pub meta: RunMeta,
+    filter: RunFilter,
+    fences: Vec<u128>,
+}
+
+/// Keys of one input, read in blocks.
+struct Cursor<'a> {
+    run: &'a Run,
+    next: u64,
+    keys: Vec<u128>,
+    at: usize,
+}
+
+impl Cursor<'_> {
+    const BLOCK_KEYS: usize = 8192;
+
+    fn peek(&mut self) -> Result<Option<u128>, String> {
+        if self.at == self.keys.len() {
+            self.keys.clear();
+            self.at = 0;
+            let count = (self.run.meta.ids - self.next).min(Self::BLOCK_KEYS as u64) as usize;
+            if count == 0 {
+                return Ok(None);
+            }
+            self.run.keys().read(self.next, count, &mut self.keys)?;
+            if self.keys.len() != count {
+                return Err(format!("run {}: short read of its keys", self.run.meta.id));
+            }
+            self.next += count as u64;
+        }
+        Ok(Some(self.keys[self.at]))
+    }
+}
+
+/// Merges `plan`'s runs into `<id>.merge` in `dir` (durable when it returns;
+/// `commit_merge` makes it a run): their keys in order, each once, and a new
+/// filter, built one part at a time. Reads the inputs through their open
+/// files, so a run deleted meanwhile is still read whole. `None` when
+/// `cancelled` said stop (the node is stopping); the partial file is removed.
+pub fn merge_runs(
+    dir: &Path,
+    plan: &MergePlan,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Option<Merged>, String> {
+    let path = merge_path(dir, plan.id);
+    let result = write_merge(&path, plan, cancelled);
+    if !matches!(result, Ok(Some(_))) {
+        let _ = std::fs::remove_file(&path);
+    }
+    result.map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn write_merge(
+    path: &Path,
+    plan: &MergePlan,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Option<Merged>, String> {
+    let io = |e: std::io::Error| e.to_string();
+    let ids_max: u64 = plan.inputs.iter().map(|run| run.meta.ids).sum();
+    let mut cursors: Vec<Cursor> = plan
+        .inputs
+        .iter()
+        .map(|run| Cursor {
+            run,
+            next: 0,
+            keys: Vec::new(),
+            at: 0,
+        })
+        .collect();
+    let file = File::create(path).map_err(io)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, &file);
+    out.write_all(&[0u8; HEADER_BYTES as usize]).map_err(io)?;
+    let mut builder = RunFilterBuilder::new(ids_max);
+    let mut fences = Vec::with_capacity((ids_max as usize).div_ceil(FENCE_EVERY));
+    let mut written: u64 = 0;
+    let mut last: Option<u128> = None;
+    loop {
+        // the smallest next key of the inputs (a plain scan: at most MERGE_FANIN)
+        let mut smallest: Option<(usize, u128)> = None;
+        for (index, cursor) in cursors.iter_mut().enumerate() {
+            if let Some(key) = cursor.peek()? {
+                if smallest.is_none_or(|(_, best)| key < best) {
+                    smallest = Some((index, key));
+                }
+            }
+        }
+        let Some((index, key)) = smallest else { break };
+        cursors[index].at += 1;
+        if last == Some(key) {
+            continue;
+        }
+        last = Some(key);
+        if written % FENCE_EVERY as u64 == 0 {
+            fences.push(key);
+            if written % (64 * FENCE_EVERY as u64) == 0 && cancelled() {
+                return Ok(None);
+            }
+        }
+        out.write_all(&key.to_le_bytes()).map_err(io)?;
+        builder.push(key);
+        written += 1;
+    }
+    let filter = builder.finish();
+    let filter_bytes = bincode::serialize(&filter).map_err(|e| e.to_string())?;
+    out.write_all(&filter_bytes).map_err(io)?;
+    out.flush().map_err(io)?;
+    drop(out);
+    let meta = RunMeta {
+        id: plan.id,
+        ids: written,
+        max_second: plan.max_second,
+    };
+    let header = header(MAGIC, &meta, filter_bytes.len() as u64);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&header);
+    crc.update(&filter_bytes);
+    file.write_all_at(&header, 0).map_err(io)?;
+    file.write_all_at(&crc.finalize().to_le_bytes(), 40)
+        .map_err(io)?;
+    file.sync_all().map_err(io)?;
+    Ok(Some(Merged {
+        meta,
+        filter,
+        fences,
+    }))
+}
+
+/// Makes a merge a run (rename, fsync of the directory). The caller must
+/// hold off snapshots from deleting unlisted runs until the tenant has the run
+/// (so that the next snapshot lists it).
+pub fn commit_merge(dir: &Path, merged: Merged) -> Result<Run, String> {
+    let path = run_path(dir, merged.meta.id);
+    let commit = || -> std::io::Result<()> {
+        std::fs::rename(merge_path(dir, merged.meta.id), &path)?;
+        File::open(dir)?.sync_all()
+    };
+    commit().map_err(|e| format!("{}: {e}", path.display()))?;
+    let keys = FileKeys::open(&path, merged.meta.ids, Some(merged.fences))?;
+    Ok(Run::new(merged.meta, merged.filter, Arc::new(keys)))
+}
+
+/// Removes merges a stopped or killed node left unfinished (at start, before
+/// any merge runs).
+pub fn delete_merges(dir: &Path) -> Result<usize, String> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(error) => return Err(format!("{}: {error}", dir.display())),
+    };
+    let mut deleted = 0;
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().ends_with(".merge") {
+            std::fs::remove_file(entry.path()).map_err(|e| e.to_string())?;
+            deleted += 1;
+        }
+    }
+    Ok(deleted)
 }
 
 /// Reads back the run `meta` lists: its header must agree and its header and
@@ -82,7 +256,12 @@ pub fn read_run(dir: &Path, meta: &RunMeta) -> Result<Run, String> {
     file.read_exact_at(&mut head, 0)
         .map_err(|e| format!("{}: header: {e}", path.display()))?;
     let filter_len = u64::from_le_bytes(head[32..40].try_into().map_err(|_| "header")?);
-    if &head[0..8] != MAGIC || head[0..40] != header(meta, filter_len) {
+    let magic = if &head[0..8] == MAGIC_SINGLE_FILTER {
+        MAGIC_SINGLE_FILTER
+    } else {
+        MAGIC
+    };
+    if head[0..40] != header(magic, meta, filter_len) {
         return Err(format!(
             "{}: header does not match its snapshot",
             path.display()
@@ -100,8 +279,12 @@ pub fn read_run(dir: &Path, meta: &RunMeta) -> Result<Run, String> {
     if crc.finalize().to_le_bytes() != head[40..44] {
         return Err(format!("{}: checksum does not match", path.display()));
     }
-    let filter: xorf::BinaryFuse16 = bincode::deserialize(&filter_bytes)
-        .map_err(|e| format!("{}: filter: {e}", path.display()))?;
+    let filter = if magic == MAGIC_SINGLE_FILTER {
+        bincode::deserialize::<xorf::BinaryFuse16>(&filter_bytes).map(RunFilter::single)
+    } else {
+        bincode::deserialize::<RunFilter>(&filter_bytes)
+    }
+    .map_err(|e| format!("{}: filter: {e}", path.display()))?;
     let keys = FileKeys::open(&path, meta.ids, None)?;
     Ok(Run::new(*meta, filter, Arc::new(keys)))
 }
@@ -142,20 +325,22 @@ struct FileKeys {
 }
 
 impl FileKeys {
-    fn open(path: &Path, ids: u64, keys: Option<&[u128]>) -> Result<FileKeys, String> {
+    /// `fences` when the caller has them (it wrote the file).
+    fn open(path: &Path, ids: u64, fences: Option<Vec<u128>>) -> Result<FileKeys, String> {
         let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut fences = Vec::with_capacity((ids as usize).div_ceil(FENCE_EVERY));
-        match keys {
-            Some(keys) => fences.extend(keys.iter().step_by(FENCE_EVERY).copied()),
+        let fences = match fences {
+            Some(fences) => fences,
             None => {
+                let mut fences = Vec::with_capacity((ids as usize).div_ceil(FENCE_EVERY));
                 let mut key = [0u8; 16];
                 for index in (0..ids).step_by(FENCE_EVERY) {
                     file.read_exact_at(&mut key, HEADER_BYTES + index * 16)
                         .map_err(|e| format!("{}: keys: {e}", path.display()))?;
                     fences.push(u128::from_le_bytes(key));
                 }
+                fences
             }
-        }
+        };
         Ok(FileKeys { file, ids, fences })
     }
 }
@@ -166,20 +351,22 @@ impl RunKeys for FileKeys {
         if block == 0 {
             return Ok(false);
         }
-        let first = ((block - 1) * FENCE_EVERY) as u64;
-        let count = (self.ids - first).min(FENCE_EVERY as u64) as usize;
+        let mut keys = Vec::with_capacity(FENCE_EVERY);
+        self.read(((block - 1) * FENCE_EVERY) as u64, FENCE_EVERY, &mut keys)?;
+        Ok(keys.binary_search(&key).is_ok())
+    }
+
+    fn read(&self, first: u64, count: usize, out: &mut Vec<u128>) -> Result<(), String> {
+        let count = (self.ids.saturating_sub(first)).min(count as u64) as usize;
         let mut bytes = vec![0u8; count * 16];
         self.file
             .read_exact_at(&mut bytes, HEADER_BYTES + first * 16)
             .map_err(|e| e.to_string())?;
-        let keys: Vec<u128> = bytes
-            .chunks_exact(16)
-            .map(|chunk| {
-                // chunks_exact yields 16-byte chunks
-                u128::from_le_bytes(chunk.try_into().unwrap_or([0; 16]))
-            })
-            .collect();
-        Ok(keys.binary_search(&key).is_ok())
+        out.extend(bytes.chunks_exact(16).map(|chunk| {
+            // chunks_exact yields 16-byte chunks
+            u128::from_le_bytes(chunk.try_into().unwrap_or([0; 16]))
+        }));
+        Ok(())
     }
 }
 
@@ -222,6 +409,89 @@ mod tests {
             false_maybes += usize::from(read.filter_maybe(key));
         }
         assert!(false_maybes < 20, "{false_maybes}");
+    }
+
+    #[test]
+    fn merged_runs_hold_every_key_once_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut all: Vec<u128> = Vec::new();
+        let mut inputs = Vec::new();
+        for id in 1..=4u64 {
+            let mut set = sealed(id, 3_000 + id * 500);
+            // a key shared by two inputs is written once
+            if id == 2 {
+                set.keys.push(inputs_first_key(&inputs));
+                set.keys.sort_unstable();
+                set.meta.ids += 1;
+            }
+            all.extend(&set.keys);
+            inputs.push(write_run(dir.path(), &set).unwrap());
+        }
+        all.sort_unstable();
+        all.dedup();
+        let plan = MergePlan {
+            id: 9,
+            max_second: 1_763_805_700,
+            inputs,
+        };
+        // a stopping node leaves no merge behind
+        assert!(merge_runs(dir.path(), &plan, &|| true).unwrap().is_none());
+        assert!(!merge_path(dir.path(), 9).exists());
+
+        let merged = merge_runs(dir.path(), &plan, &|| false).unwrap().unwrap();
+        assert_eq!(merged.meta.ids, all.len() as u64);
+        // an unfinished merge is never read as a run, and goes at start
+        assert!(!run_path(dir.path(), 9).exists());
+        let run = commit_merge(dir.path(), merged).unwrap();
+        let read = read_run(dir.path(), &run.meta).unwrap();
+        let mut keys = Vec::new();
+        read.keys().read(0, usize::MAX, &mut keys).unwrap();
+        assert_eq!(keys, all);
+        for key in &all {
+            assert!(run.contains(*key).unwrap() && read.contains(*key).unwrap());
+        }
+        for n in 0..20_000 {
+            let key = crate::domain::dedup::id_key(&format!("other-{n}"));
+            assert!(!read.contains(key).unwrap());
+        }
+        std::fs::write(merge_path(dir.path(), 11), b"partial").unwrap();
+        assert_eq!(delete_merges(dir.path()).unwrap(), 1);
+    }
+
+    fn inputs_first_key(inputs: &[Run]) -> u128 {
+        let mut keys = Vec::new();
+        inputs[0].keys().read(0, 1, &mut keys).unwrap();
+        keys[0]
+    }
+
+    #[test]
+    fn a_run_of_the_first_format_is_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let set = sealed(5, 2_000);
+        let mut folded: Vec<u64> = set
+            .keys
+            .iter()
+            .map(|key| crate::domain::dedup::fold_key(*key))
+            .collect();
+        folded.sort_unstable();
+        let filter = xorf::BinaryFuse16::try_from(&folded).unwrap();
+        let filter_bytes = bincode::serialize(&filter).unwrap();
+        let head = header(MAGIC_SINGLE_FILTER, &set.meta, filter_bytes.len() as u64);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&head);
+        crc.update(&filter_bytes);
+        let mut bytes = head.to_vec();
+        bytes.extend(crc.finalize().to_le_bytes());
+        for key in &set.keys {
+            bytes.extend(key.to_le_bytes());
+        }
+        bytes.extend(&filter_bytes);
+        std::fs::write(run_path(dir.path(), 5), bytes).unwrap();
+        let run = read_run(dir.path(), &set.meta).unwrap();
+        assert!(set.keys.iter().all(|key| run.contains(*key).unwrap()));
+        assert!(!run
+            .contains(crate::domain::dedup::id_key("absent"))
+            .unwrap());
     }
 
     #[test]
