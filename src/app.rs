@@ -18,7 +18,9 @@ use tokio::task::JoinHandle;
 
 use crate::actors::metric::MetricActor;
 use crate::actors::tenant::{Durability, TenantActor};
-use crate::actors::{metric_slots, ActorRuntime, FatalSender, TenantHandle, TenantHealth};
+use crate::actors::{
+    metric_slots, ActorRuntime, FatalSender, PublishedRuns, TenantHandle, TenantHealth,
+};
 use crate::auth::KeyRing;
 use crate::clock::{SharedClock, Stopwatch};
 use crate::config::Config;
@@ -88,7 +90,9 @@ fn start_tenants(
         }
         let settings = series_settings(config, context.tz);
         let health = Arc::new(TenantHealth::new(&tenant.id, Arc::clone(fatal)));
+        let runs = Arc::new(PublishedRuns::default());
         let actor = {
+            let runs = Arc::clone(&runs);
             let metrics = Arc::clone(&metrics);
             let durability = durability.clone();
             let health = Arc::clone(&health);
@@ -102,6 +106,7 @@ fn start_tenants(
                     mailbox_capacity,
                     durability,
                     health,
+                    runs,
                 )
             })
         };
@@ -115,6 +120,7 @@ fn start_tenants(
                 batch_permits: Arc::new(Semaphore::new(batches_max)),
                 query_permits: Arc::new(Semaphore::new(queries_max)),
                 health,
+                runs,
             },
         );
     }

@@ -69,6 +69,7 @@ pub async fn run(node: Arc<Node>) {
             continue;
         };
         let batch = IngestBatch {
+            checked: None,
             in_flight: InFlight::new(permit),
             now_ms,
             events,

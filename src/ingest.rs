@@ -13,6 +13,7 @@ use std::sync::Arc;
 use crate::actors::tenant::{EventOutcome, IngestBatch, QuarantineCandidate, TenantError};
 use crate::actors::InFlight;
 use crate::auth::Principal;
+use crate::domain::dedup::RunsChecked;
 use crate::domain::event::{parse_event, validate_event, Reason, TenantField, ValidEvent};
 use crate::domain::tenant::CoreError;
 use crate::node::Node;
@@ -183,11 +184,23 @@ pub async fn ingest(
     let mut requests = Vec::with_capacity(batches.len());
     for ((tenant_id, batch), in_flight) in batches.into_iter().zip(permits) {
         let tenant = &node.tenants[tenant_id];
+        // the runs' filters are asked here, on this request's task, so that a
+        // busy tenant's lookups spread over every core; the actor asks only
+        // runs published since. A run that cannot be read is left to the actor,
+        // which refuses the batch with the reason.
+        let runs = tenant.runs.get();
+        let checked = if runs.is_empty() {
+            None
+        } else {
+            let ids = batch.events.iter().map(|(_, event)| event.id.as_str());
+            RunsChecked::of(&runs, ids).ok()
+        };
         requests.push(tenant.actor.send(IngestBatch {
             in_flight,
             now_ms,
             events: batch.events,
             quarantined: batch.quarantined,
+            checked,
         }));
     }
     let mut outcomes: Vec<(u32, EventOutcome)> = Vec::with_capacity(items.len());

@@ -7,7 +7,8 @@
 //! what was flushed apart from what was only written, through random batches,
 //! duplicates, retries, abandoned requests, quarantine retries and deletes,
 //! failed submits, failed encodes, failed (and partly persisted) flushes, a
-//! metric actor gone, a log that holds a record twice, de-dup runs merged
+//! metric actor gone, ids checked against a stale list of runs before the
+//! core judges them, a log that holds a record twice, de-dup runs merged
 //! (merges cancelled, and crashes between a merge and the snapshot that lists
 //! it), and crashes between any two steps. After every step it checks that:
 //! (a) every acknowledged event is durable, and counted after recovery;
@@ -183,6 +184,8 @@ struct Node {
     replying: Vec<InFlightTicket>,
     /// A metric actor is gone: every apply fails.
     metric_gone: bool,
+    /// The runs as last published to ingest (often older than the core's).
+    published_runs: Vec<tally::domain::dedup::Run>,
 }
 
 struct Sim {
@@ -289,6 +292,7 @@ impl Sim {
             durable: Vec::new(),
             replying: Vec::new(),
             metric_gone: false,
+            published_runs: Vec::new(),
         }
     }
 
@@ -364,7 +368,21 @@ impl Sim {
                 raw: event_json(&event).into_bytes(),
             });
         }
-        let decided = self.node.core.ingest(self.now_ms, events, candidates);
+        // ingest checks the ids against the runs the tenant last published,
+        // which may be stale: the core asks the runs the list lacked
+        if self.rng.chance(50) {
+            self.node.published_runs = self.node.core.dedup().runs_shared();
+        }
+        let checked = if self.rng.chance(70) {
+            let ids = events.iter().map(|(_, event)| event.id.as_str());
+            tally::domain::dedup::RunsChecked::of(&self.node.published_runs, ids).ok()
+        } else {
+            None
+        };
+        let decided = self
+            .node
+            .core
+            .ingest(self.now_ms, events, candidates, checked);
         match decided {
             Ok((plan, outcomes)) => self.submit(plan, request, outcomes),
             Err(_) => {

@@ -437,7 +437,10 @@ fn run(start_ms: i64, steps: Vec<Step>) -> Result<(), TestCaseError> {
                 events.push(event);
                 expected.push((admission, json));
             }
-            let (plan, outcomes) = engine.core.ingest(now_ms, events, Vec::new()).unwrap();
+            let (plan, outcomes) = engine
+                .core
+                .ingest(now_ms, events, Vec::new(), None)
+                .unwrap();
             for ((_, outcome), (admission, json)) in outcomes.iter().zip(&expected) {
                 let expected_outcome = match admission {
                     Admission::Accepted => EventOutcome::Accepted,

@@ -16,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use metric::MetricActor;
 use tenant::{TenantActor, TenantContext};
 
+use crate::domain::dedup::Run;
 use crate::domain::metric::SeriesSettings;
 
 /// A tenant's metric actors, indexed like the catalogue. A slot is filled when
@@ -83,6 +84,34 @@ impl TenantHealth {
     }
 }
 
+/// The tenant's de-dup runs as its actor last published them. Ingest asks
+/// their filters on its own task, on any core, before the batch reaches the
+/// actor's one thread (`RunsChecked`); the actor asks only the runs the list
+/// did not have, so a list older than the actor's is still exact
+/// (docs/architecture.md, "one tenant on every core").
+#[derive(Debug, Default)]
+pub struct PublishedRuns {
+    runs: std::sync::RwLock<Arc<Vec<Run>>>,
+}
+
+impl PublishedRuns {
+    pub fn get(&self) -> Arc<Vec<Run>> {
+        // a panic while holding the lock cannot leave the Arc half-written
+        match self.runs.read() {
+            Ok(runs) => Arc::clone(&runs),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    pub fn set(&self, runs: Vec<Run>) {
+        let runs = Arc::new(runs);
+        match self.runs.write() {
+            Ok(mut slot) => *slot = runs,
+            Err(poisoned) => *poisoned.into_inner() = runs,
+        }
+    }
+}
+
 /// A tenant as request handlers reach it.
 pub struct TenantHandle {
     pub context: Arc<TenantContext>,
@@ -99,6 +128,7 @@ pub struct TenantHandle {
     pub query_permits: Arc<Semaphore>,
     /// Why the tenant stopped serving, once it has.
     pub health: Arc<TenantHealth>,
+    pub runs: Arc<PublishedRuns>,
 }
 
 impl TenantHandle {

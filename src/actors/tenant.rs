@@ -14,7 +14,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tokio::sync::{oneshot, Notify};
 
-use crate::domain::dedup::{MergePlan, Run, RunMeta, SealedIds};
+use crate::domain::dedup::{MergePlan, Run, RunMeta, RunsChecked, SealedIds};
 use crate::domain::event::ValidEvent;
 use crate::domain::metric::SeriesSettings;
 use crate::domain::quarantine::QuarantinedEvent;
@@ -26,7 +26,7 @@ use crate::storage::StorageError;
 use crate::telemetry::{self, Outcome};
 
 use super::metric::{ApplyEvents, ExportState, MetricActor};
-use super::{InFlight, MetricSlots, TenantHealth};
+use super::{InFlight, MetricSlots, PublishedRuns, TenantHealth};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TenantError {
@@ -64,6 +64,9 @@ pub struct TenantActor {
     mailbox_capacity: usize,
     durability: Durability,
     health: Arc<TenantHealth>,
+    runs: Arc<PublishedRuns>,
+    /// `DedupIndex::runs_generation` when the runs were last published.
+    runs_published: Option<u64>,
 }
 
 /// Counts the outcomes of a completed ticket, where they were decided.
@@ -126,6 +129,7 @@ impl TenantActor {
         mailbox_capacity: usize,
         durability: Durability,
         health: Arc<TenantHealth>,
+        runs: Arc<PublishedRuns>,
     ) -> Self {
         telemetry::set_quarantine_size(&core.context().id, core.quarantine().len());
         TenantActor {
@@ -136,6 +140,20 @@ impl TenantActor {
             mailbox_capacity,
             durability,
             health,
+            runs,
+            runs_published: None,
+        }
+    }
+
+    /// Publishes the runs for ingest to check (`PublishedRuns`) when they
+    /// changed since last time, and their gauges.
+    fn publish_runs(&mut self) {
+        let core = self.core.borrow();
+        let generation = core.dedup().runs_generation();
+        if self.runs_published != Some(generation) {
+            self.runs.set(core.dedup().runs_shared());
+            self.runs_published = Some(generation);
+            publish_dedup_runs(&core);
         }
     }
 
@@ -241,7 +259,7 @@ impl Actor for TenantActor {
 
     fn started(&mut self, _: &mut Context<Self>) {
         // runs read back by the recovery
-        publish_dedup_runs(&self.core.borrow());
+        self.publish_runs();
     }
 }
 
@@ -253,6 +271,8 @@ pub struct IngestBatch {
     pub now_ms: i64,
     pub events: Vec<(u32, ValidEvent)>,
     pub quarantined: Vec<QuarantineCandidate>,
+    /// The events' ids checked against the published runs, if they were.
+    pub checked: Option<RunsChecked>,
 }
 
 impl Handler<IngestBatch> for TenantActor {
@@ -261,10 +281,12 @@ impl Handler<IngestBatch> for TenantActor {
     fn handle(&mut self, batch: IngestBatch, _: &mut Context<Self>) -> Self::Result {
         telemetry::count_actor_message("tenant");
         let quarantines = !batch.quarantined.is_empty();
-        let decided = self
-            .core
-            .borrow_mut()
-            .ingest(batch.now_ms, batch.events, batch.quarantined);
+        let decided = self.core.borrow_mut().ingest(
+            batch.now_ms,
+            batch.events,
+            batch.quarantined,
+            batch.checked,
+        );
         let (plan, outcomes) = match decided {
             Ok(decided) => decided,
             Err(error) => return Box::pin(async move { Err(error.into()) }),
@@ -272,10 +294,15 @@ impl Handler<IngestBatch> for TenantActor {
         if quarantines {
             self.report_quarantine_size();
         }
+        // runs expire as time passes
+        self.publish_runs();
         {
             let core = self.core.borrow();
             let dedup = core.dedup();
-            if dedup.ids_in_memory() >= dedup.ids_max() / 2 {
+            // the table alone: ids sealed by a snapshot under way are on their
+            // way out, and counting them asked for a second snapshot at once
+            // (a run of a tenth the size after every full one)
+            if dedup.len() >= dedup.ids_max() / 2 {
                 self.durability.snapshot_wanted.notify_one();
             }
         }
@@ -372,11 +399,13 @@ impl Handler<InstallRuns> for TenantActor {
     type Result = ();
 
     fn handle(&mut self, message: InstallRuns, _: &mut Context<Self>) {
-        let mut core = self.core.borrow_mut();
-        for run in message.0 {
-            core.install_run(run);
+        {
+            let mut core = self.core.borrow_mut();
+            for run in message.0 {
+                core.install_run(run);
+            }
         }
-        publish_dedup_runs(&core);
+        self.publish_runs();
     }
 }
 
@@ -425,10 +454,12 @@ impl Handler<InstallMerged> for TenantActor {
     type Result = ();
 
     fn handle(&mut self, message: InstallMerged, _: &mut Context<Self>) {
-        let mut core = self.core.borrow_mut();
-        core.install_merged(message.run, &message.inputs);
-        crate::telemetry::count_dedup_merge(&core.context().id);
-        publish_dedup_runs(&core);
+        {
+            let mut core = self.core.borrow_mut();
+            core.install_merged(message.run, &message.inputs);
+            crate::telemetry::count_dedup_merge(&core.context().id);
+        }
+        self.publish_runs();
     }
 }
 

@@ -423,9 +423,66 @@ pub struct DedupIndex {
     ids_by_second: BTreeMap<i64, Vec<u128>>,
     sealed: Vec<Arc<SealedIds>>,
     runs: Vec<Run>,
+    /// Changes whenever `runs` does, so that the owner knows when to publish
+    /// them again (`check_runs`).
+    runs_generation: u64,
     next_run_id: u64,
     horizon_s: i64,
     ids_max: usize,
+}
+
+/// What the runs said of an id before its tenant judged it (`check_runs`,
+/// off the tenant's thread, over the runs it last published).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prechecked<'a> {
+    /// Not checked: the tenant asks every run.
+    No,
+    /// Not in any of these runs: the tenant asks only the others.
+    NotIn(&'a [u64]),
+    /// In this run: a duplicate while the tenant still has the run; asked
+    /// anew when it has gone (expired, or merged into another).
+    In(u64),
+}
+
+/// A batch's ids checked against the runs off the tenant's thread: their
+/// keys, the runs asked, and which held each key.
+#[derive(Debug, Clone, Default)]
+pub struct RunsChecked {
+    pub runs: Vec<u64>,
+    pub keys: Vec<u128>,
+    pub found: Vec<Option<u64>>,
+}
+
+impl RunsChecked {
+    /// Checks the ids against `runs`.
+    pub fn of<'a>(
+        runs: &[Run],
+        ids: impl Iterator<Item = &'a str>,
+    ) -> Result<RunsChecked, DedupError> {
+        let keys: Vec<u128> = ids.map(id_key).collect();
+        let found = check_runs(runs, &keys)?;
+        Ok(RunsChecked {
+            runs: runs.iter().map(|run| run.meta.id).collect(),
+            keys,
+            found,
+        })
+    }
+}
+
+/// Which run holds each key, if any, over `runs` (a list the tenant
+/// published, possibly older than its own). Probes the filters run by run (a
+/// filter's lookups one after another, which the processor overlaps), then
+/// confirms each "maybe" against the run's keys.
+pub fn check_runs(runs: &[Run], keys: &[u128]) -> Result<Vec<Option<u64>>, DedupError> {
+    let mut found: Vec<Option<u64>> = vec![None; keys.len()];
+    for run in runs {
+        for (slot, key) in found.iter_mut().zip(keys) {
+            if slot.is_none() && run.filter_maybe(*key) && run.contains(*key)? {
+                *slot = Some(run.meta.id);
+            }
+        }
+    }
+    Ok(found)
 }
 
 impl DedupIndex {
@@ -435,6 +492,7 @@ impl DedupIndex {
             ids_by_second: BTreeMap::new(),
             sealed: Vec::new(),
             runs: Vec::new(),
+            runs_generation: 0,
             next_run_id: 1,
             horizon_s,
             ids_max,
@@ -470,23 +528,23 @@ impl DedupIndex {
         self.runs.iter().map(Run::filter_bytes).sum()
     }
 
-    /// The next runs to merge, if any: the oldest `MERGE_FANIN` runs next to
-    /// each other in age (latest second, then id) of similar size (the largest
-    /// at most twice the smallest) whose latest seconds lie within
-    /// `MERGE_SPAN_S`. Each lookup of a new id probes every run's filter, so
-    /// the run count must grow with the logarithm of the ids, not with the
-    /// snapshots (at 500 000 events/s a run every two seconds): runs of one
-    /// size make one four times larger, which merges with three more of its
-    /// size, and so on. Reserves the merged run's id.
+    /// The next runs to merge, if any: `MERGE_FANIN` runs of similar size
+    /// (the largest at most twice the smallest), the smallest such, whose
+    /// latest seconds lie within `MERGE_SPAN_S`. Each lookup of a new id
+    /// probes every run's filter, so the run count must grow with the
+    /// logarithm of the ids, not with the snapshots (at 500 000 events/s a
+    /// run every two seconds): runs of one size make one four times larger,
+    /// which merges with three more of its size, and so on. Reserves the
+    /// merged run's id.
     pub fn plan_merge(&mut self) -> Option<MergePlan> {
         let mut runs: Vec<&Run> = self.runs.iter().collect();
-        runs.sort_by_key(|run| (run.meta.max_second, run.meta.id));
+        runs.sort_by_key(|run| (run.meta.ids, run.meta.max_second, run.meta.id));
         let chosen = runs.windows(MERGE_FANIN).find(|window| {
-            let smallest = window.iter().map(|run| run.meta.ids).min().unwrap_or(0);
-            let largest = window.iter().map(|run| run.meta.ids).max().unwrap_or(0);
-            let first = window[0].meta.max_second;
-            let last = window[MERGE_FANIN - 1].meta.max_second;
-            largest <= 2 * smallest.max(1) && last - first <= MERGE_SPAN_S
+            let smallest = window[0].meta.ids;
+            let largest = window[MERGE_FANIN - 1].meta.ids;
+            let seconds = window.iter().map(|run| run.meta.max_second);
+            let span = seconds.clone().max().unwrap_or(0) - seconds.min().unwrap_or(0);
+            largest <= 2 * smallest.max(1) && span <= MERGE_SPAN_S
         })?;
         let plan = MergePlan {
             id: self.next_run_id,
@@ -507,12 +565,24 @@ impl DedupIndex {
         self.runs.retain(|other| !inputs.contains(&other.meta.id));
         self.next_run_id = self.next_run_id.max(run.meta.id + 1);
         self.runs.push(run);
+        self.runs_generation += 1;
+    }
+
+    /// The runs, to publish for `check_runs`.
+    pub fn runs_shared(&self) -> Vec<Run> {
+        self.runs.clone()
+    }
+
+    /// Changes whenever the runs do.
+    pub fn runs_generation(&self) -> u64 {
+        self.runs_generation
     }
 
     /// Recovery: a run listed by the snapshot, already read back.
     pub fn add_run(&mut self, run: Run) {
         self.next_run_id = self.next_run_id.max(run.meta.id + 1);
         self.runs.push(run);
+        self.runs_generation += 1;
     }
 
     /// Moves every id of the table into a sealed set (the snapshot writes it as
@@ -546,11 +616,18 @@ impl DedupIndex {
         self.sealed.retain(|set| set.meta.id != run.meta.id);
         if self.sealed.len() < before {
             self.runs.push(run);
+            self.runs_generation += 1;
         }
     }
 
     /// True when `key` is remembered anywhere.
     fn known(&self, key: u128) -> Result<bool, DedupError> {
+        self.known_except(key, &[])
+    }
+
+    /// True when `key` is remembered anywhere but in the runs `checked`
+    /// (which said no already).
+    fn known_except(&self, key: u128, checked: &[u64]) -> Result<bool, DedupError> {
         if self.seconds_by_id.contains_key(&key) {
             return Ok(true);
         }
@@ -560,7 +637,7 @@ impl DedupIndex {
             }
         }
         for run in &self.runs {
-            if run.contains(key)? {
+            if !checked.contains(&run.meta.id) && run.contains(key)? {
                 return Ok(true);
             }
         }
@@ -587,7 +664,11 @@ impl DedupIndex {
         // sealed sets and runs go whole, once their latest id has
         self.sealed
             .retain(|set| set.meta.max_second >= oldest_kept_s);
+        let runs_before = self.runs.len();
         self.runs.retain(|run| run.meta.max_second >= oldest_kept_s);
+        if self.runs.len() < runs_before {
+            self.runs_generation += 1;
+        }
     }
 
     /// Every remembered id with its event second (for snapshots).
@@ -640,7 +721,7 @@ impl DedupIndex {
         now_ms: i64,
         today: DayBounds,
     ) -> Result<Admission, DedupError> {
-        self.judge_key(id_key(id), ts_ms, now_ms, today)
+        self.judge_key(id_key(id), ts_ms, now_ms, today, Prechecked::No)
     }
 
     fn judge_key(
@@ -649,10 +730,18 @@ impl DedupIndex {
         ts_ms: i64,
         now_ms: i64,
         today: DayBounds,
+        prechecked: Prechecked,
     ) -> Result<Admission, DedupError> {
+        let checked: &[u64] = match prechecked {
+            Prechecked::In(run) if self.runs.iter().any(|other| other.meta.id == run) => {
+                return Ok(Admission::Duplicate)
+            }
+            Prechecked::NotIn(checked) => checked,
+            Prechecked::In(_) | Prechecked::No => &[],
+        };
         let ts_s = second_of_ms(ts_ms);
         let now_s = second_of_ms(now_ms);
-        Ok(if self.known(key)? {
+        Ok(if self.known_except(key, checked)? {
             Admission::Duplicate
         } else if !counts_in_some_window(ts_s, now_s, today) {
             Admission::Late
@@ -670,8 +759,19 @@ impl DedupIndex {
         now_ms: i64,
         today: DayBounds,
     ) -> Result<Admission, DedupError> {
-        let key = id_key(id);
-        let judged = self.judge_key(key, ts_ms, now_ms, today)?;
+        self.admit_key(id_key(id), ts_ms, now_ms, today, Prechecked::No)
+    }
+
+    /// `admit` of a key, with what the runs said of it beforehand.
+    pub fn admit_key(
+        &mut self,
+        key: u128,
+        ts_ms: i64,
+        now_ms: i64,
+        today: DayBounds,
+        prechecked: Prechecked,
+    ) -> Result<Admission, DedupError> {
+        let judged = self.judge_key(key, ts_ms, now_ms, today, prechecked)?;
         if judged != Admission::Accepted {
             return Ok(judged);
         }
@@ -976,7 +1076,7 @@ mod tests {
     }
 
     #[test]
-    fn runs_merge_four_of_similar_size_within_the_span_oldest_first() {
+    fn the_smallest_four_runs_of_similar_size_within_the_span_merge() {
         let t = 1_763_805_600;
         let mut index = DedupIndex::new(86_400, 1_000);
         // similar sizes: the largest at most twice the smallest
@@ -997,10 +1097,12 @@ mod tests {
                 *second,
             ));
         }
-        // runs 1, 2 are cut off by run 3 (too large): 4, 5, 6, 7 merge
+        // the smallest four of similar size: 20, 30, 31, 40 (50 and 60 are
+        // more than twice 20; run 3 is no one's size)
         let plan = index.plan_merge().expect("four runs of similar size");
-        let inputs: Vec<u64> = plan.inputs.iter().map(|run| run.meta.id).collect();
-        assert_eq!(inputs, vec![4, 5, 6, 7]);
+        let mut inputs: Vec<u64> = plan.inputs.iter().map(|run| run.meta.id).collect();
+        inputs.sort_unstable();
+        assert_eq!(inputs, vec![1, 2, 4, 7]);
         assert_eq!(plan.id, 8, "the id is reserved");
         assert_eq!(plan.max_second, t + 60);
         let mut merged: Vec<u128> = plan
@@ -1016,10 +1118,10 @@ mod tests {
         let merged_run = memory_run(plan.id, merged, plan.max_second);
         index.install_merged(merged_run, &inputs);
         let ids: Vec<u64> = index.runs().iter().map(|meta| meta.id).collect();
-        assert_eq!(ids, vec![1, 2, 3, 8]);
+        assert_eq!(ids, vec![3, 5, 6, 8]);
         assert_eq!(index.plan_merge().map(|plan| plan.id), None);
         // every id of the merged runs is still a duplicate
-        for key in sorted_keys("r5", 50) {
+        for key in sorted_keys("r4", 40) {
             assert!(index.known(key).unwrap());
         }
         // the next sealed set takes a fresh id
@@ -1037,6 +1139,72 @@ mod tests {
             ));
         }
         assert!(apart.plan_merge().is_none());
+    }
+
+    #[test]
+    fn ids_checked_against_a_stale_list_of_runs_are_judged_exactly() {
+        let mut index = DedupIndex::new(0, 1_000);
+        let keys = sorted_keys("old", 100);
+        index.add_run(memory_run(1, keys.clone(), NOW_MS / 1000));
+        let published = index.runs_shared();
+        let checked = RunsChecked::of(&published, ["old-7", "new-1"].into_iter()).unwrap();
+        assert_eq!(checked.found, vec![Some(1), None]);
+        // a run published after the check is still asked
+        index.add_run(memory_run(2, sorted_keys("later", 10), NOW_MS / 1000));
+        let later = id_key("later-3");
+        assert_eq!(
+            index.admit_key(later, NOW_MS, NOW_MS, DAY, Prechecked::NotIn(&checked.runs)),
+            Ok(Admission::Duplicate)
+        );
+        // found in a run the tenant still has: a duplicate
+        assert_eq!(
+            index.admit_key(checked.keys[0], NOW_MS, NOW_MS, DAY, Prechecked::In(1)),
+            Ok(Admission::Duplicate)
+        );
+        // the run expired since the check: the id is new again, not a duplicate
+        let next_day = DayBounds {
+            start_s: DAY.end_s,
+            end_s: DAY.end_s + 86_400,
+        };
+        let tomorrow_ms = DAY.end_s * 1000 + 3_600_000;
+        index.expire(tomorrow_ms, next_day);
+        assert!(index.runs().is_empty());
+        assert_eq!(
+            index.admit_key(
+                checked.keys[0],
+                tomorrow_ms,
+                tomorrow_ms,
+                next_day,
+                Prechecked::In(1)
+            ),
+            Ok(Admission::Accepted)
+        );
+    }
+
+    #[test]
+    fn an_id_found_in_a_run_merged_since_is_found_in_the_merged_run() {
+        let mut index = DedupIndex::new(86_400, 1_000);
+        for id in 1..=4 {
+            index.add_run(memory_run(
+                id,
+                sorted_keys(&format!("m{id}"), 20),
+                NOW_MS / 1000,
+            ));
+        }
+        let key = id_key("m2-5");
+        let checked = RunsChecked::of(&index.runs_shared(), ["m2-5"].into_iter()).unwrap();
+        assert_eq!(checked.found, vec![Some(2)]);
+        let plan = index.plan_merge().unwrap();
+        let mut merged: Vec<u128> = (1..=4)
+            .flat_map(|id| sorted_keys(&format!("m{id}"), 20))
+            .collect();
+        merged.sort_unstable();
+        let inputs: Vec<u64> = plan.inputs.iter().map(|run| run.meta.id).collect();
+        index.install_merged(memory_run(plan.id, merged, plan.max_second), &inputs);
+        assert_eq!(
+            index.admit_key(key, NOW_MS, NOW_MS, DAY, Prechecked::In(2)),
+            Ok(Admission::Duplicate)
+        );
     }
 
     #[test]

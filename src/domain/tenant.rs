@@ -28,7 +28,9 @@ use std::sync::Arc;
 use chrono_tz::Tz;
 
 use super::catalogue::Catalogue;
-use super::dedup::{id_key, Admission, DedupError, DedupIndex, MergePlan, Run, SealedIds};
+use super::dedup::{
+    id_key, Admission, DedupError, DedupIndex, MergePlan, Prechecked, Run, RunsChecked, SealedIds,
+};
 use super::event::{
     parse_event, validate_event, EventLimits, Reason, TenantField, ValidEvent, ValidationContext,
 };
@@ -307,12 +309,19 @@ impl TenantCore {
     /// Decides the outcome of every event of a batch. The whole batch is
     /// refused (and nothing changes) when the de-dup table has no room for
     /// its new ids.
+    /// `checked`, when given, is what the runs said of the events' ids
+    /// (aligned with `events`), asked off the tenant's thread.
     pub fn ingest(
         &mut self,
         now_ms: i64,
         events: Vec<(u32, ValidEvent)>,
         quarantined: Vec<QuarantineCandidate>,
+        checked: Option<RunsChecked>,
     ) -> Result<(Plan, Vec<(u32, EventOutcome)>), CoreError> {
+        // a check that does not match the batch is not used
+        let checked = checked.filter(|checked| {
+            checked.keys.len() == events.len() && checked.found.len() == events.len()
+        });
         self.serving()?;
         let now_ms = self.advance(now_ms);
         // Only ids that would be new need room (a resent batch is all
@@ -339,8 +348,21 @@ impl TenantCore {
         let mut pending = Pending::default();
         let mut outcomes = Vec::with_capacity(events.len() + quarantined.len());
         let mut accepted = Vec::new();
-        for (index, event) in events {
-            let admission = match self.dedup.admit(&event.id, event.ts_ms, now_ms, self.today) {
+        for (position, (index, event)) in events.into_iter().enumerate() {
+            let (key, prechecked) = match &checked {
+                Some(checked) => (
+                    checked.keys[position],
+                    match checked.found[position] {
+                        Some(run) => Prechecked::In(run),
+                        None => Prechecked::NotIn(&checked.runs),
+                    },
+                ),
+                None => (id_key(&event.id), Prechecked::No),
+            };
+            let admitted = self
+                .dedup
+                .admit_key(key, event.ts_ms, now_ms, self.today, prechecked);
+            let admission = match admitted {
                 Ok(admission) => admission,
                 // room for every new id was checked above, and every run read;
                 // should it still refuse, the batch is refused whole, nothing
@@ -354,7 +376,7 @@ impl TenantCore {
             };
             let outcome = match admission {
                 Admission::Accepted => {
-                    pending.admitted.push(id_key(&event.id));
+                    pending.admitted.push(key);
                     accepted.push(event);
                     EventOutcome::Accepted
                 }
@@ -671,14 +693,14 @@ mod tests {
             (0, event(&core, "a", NOW_MS)),
             (1, event(&core, "b", NOW_MS)),
         ];
-        let (plan, outcomes) = core.ingest(NOW_MS, batch.clone(), vec![]).unwrap();
+        let (plan, outcomes) = core.ingest(NOW_MS, batch.clone(), vec![], None).unwrap();
         assert_eq!(outcomes[0].1, EventOutcome::Accepted);
         assert_eq!(plan.events.len(), 2);
         assert_eq!(plan.feeds, 1);
         core.abort(plan.ticket);
         assert!(core.dedup().is_empty());
         assert_eq!(core.visible_through(), plan.ticket);
-        let (retry, outcomes) = core.ingest(NOW_MS, batch, vec![]).unwrap();
+        let (retry, outcomes) = core.ingest(NOW_MS, batch, vec![], None).unwrap();
         assert!(outcomes.iter().all(|(_, o)| *o == EventOutcome::Accepted));
         assert_eq!(
             core.complete(retry.ticket),
@@ -697,11 +719,12 @@ mod tests {
                 NOW_MS,
                 vec![],
                 vec![candidate(0, "{1}"), candidate(1, "{2}")],
+                None,
             )
             .unwrap();
         core.complete(first.ticket);
         let (plan, outcomes) = core
-            .ingest(NOW_MS, vec![], vec![candidate(0, "{3}")])
+            .ingest(NOW_MS, vec![], vec![candidate(0, "{3}")], None)
             .unwrap();
         assert!(matches!(
             outcomes[0].1,
@@ -717,10 +740,10 @@ mod tests {
     fn a_duplicate_is_ready_only_after_the_batch_holding_its_original() {
         let mut core = core(10);
         let (original, _) = core
-            .ingest(NOW_MS, vec![(0, event(&core, "a", NOW_MS))], vec![])
+            .ingest(NOW_MS, vec![(0, event(&core, "a", NOW_MS))], vec![], None)
             .unwrap();
         let (duplicate, outcomes) = core
-            .ingest(NOW_MS, vec![(0, event(&core, "a", NOW_MS))], vec![])
+            .ingest(NOW_MS, vec![(0, event(&core, "a", NOW_MS))], vec![], None)
             .unwrap();
         assert_eq!(outcomes[0].1, EventOutcome::Duplicate);
         assert!(duplicate.writes_nothing());
@@ -741,10 +764,10 @@ mod tests {
     fn a_failed_ticket_stops_the_tenant_and_every_waiting_reply() {
         let mut core = core(10);
         let (original, _) = core
-            .ingest(NOW_MS, vec![(0, event(&core, "a", NOW_MS))], vec![])
+            .ingest(NOW_MS, vec![(0, event(&core, "a", NOW_MS))], vec![], None)
             .unwrap();
         let (duplicate, _) = core
-            .ingest(NOW_MS, vec![(0, event(&core, "a", NOW_MS))], vec![])
+            .ingest(NOW_MS, vec![(0, event(&core, "a", NOW_MS))], vec![], None)
             .unwrap();
         core.complete(duplicate.ticket);
         core.fail(original.ticket, "metric actor gone");
@@ -755,7 +778,7 @@ mod tests {
         // the id stays remembered: its record may be durable
         assert_eq!(core.dedup().len(), 1);
         assert!(matches!(
-            core.ingest(NOW_MS, vec![], vec![]),
+            core.ingest(NOW_MS, vec![], vec![], None),
             Err(CoreError::Failed { .. })
         ));
     }
@@ -768,7 +791,7 @@ mod tests {
             (1, event(&core, "b", NOW_MS)),
         ];
         assert!(matches!(
-            core.ingest(NOW_MS, batch, vec![]),
+            core.ingest(NOW_MS, batch, vec![], None),
             Err(CoreError::DedupFull { ids_max: 1, .. })
         ));
         assert!(core.dedup().is_empty());
@@ -780,7 +803,7 @@ mod tests {
         let mut core = core(10);
         let raw = format!(r#"{{"id":"q","type":"order.completed","ts":{NOW_MS}}}"#);
         let (first, _) = core
-            .ingest(NOW_MS, vec![], vec![candidate(0, &raw)])
+            .ingest(NOW_MS, vec![], vec![candidate(0, &raw)], None)
             .unwrap();
         core.complete(first.ticket);
         let RetryDecision::Planned(plan, outcome) = core.retry_quarantined(1, NOW_MS).unwrap()
@@ -812,10 +835,10 @@ mod tests {
     fn nothing_is_counted_once_the_tenant_failed() {
         let mut core = core(10);
         let (first, _) = core
-            .ingest(NOW_MS, vec![(0, event(&core, "a", NOW_MS))], vec![])
+            .ingest(NOW_MS, vec![(0, event(&core, "a", NOW_MS))], vec![], None)
             .unwrap();
         let (second, _) = core
-            .ingest(NOW_MS, vec![(0, event(&core, "b", NOW_MS))], vec![])
+            .ingest(NOW_MS, vec![(0, event(&core, "b", NOW_MS))], vec![], None)
             .unwrap();
         core.fail(first.ticket, "flush failed");
         // the client of the second gets 503; its retry after the restart counts
