@@ -157,8 +157,16 @@ fn start_tenant(store: Arc<GateStore>, queue_max: usize, tz: &str, now_ms: i64) 
         now_ms,
     );
     let health = Arc::new(TenantHealth::default());
-    let actor =
-        TenantActor::new(core, metrics, settings, 64, durability, Arc::clone(&health)).start();
+    let actor = TenantActor::new(
+        core,
+        metrics,
+        settings,
+        64,
+        durability,
+        Arc::clone(&health),
+        Default::default(),
+    )
+    .start();
     Tenant {
         actor,
         gmv,
@@ -190,6 +198,7 @@ impl Tenant {
 
     fn batch(&self, now_ms: i64, events: Vec<ValidEvent>) -> IngestBatch {
         IngestBatch {
+            checked: None,
             in_flight: self.in_flight(),
             now_ms,
             events: events
@@ -411,6 +420,7 @@ async fn defect_3_a_failed_quarantine_retry_keeps_the_event_quarantined() {
     let quarantined = tenant
         .actor
         .send(IngestBatch {
+            checked: None,
             in_flight: tenant.in_flight(),
             now_ms: T0_MS,
             events: vec![],
