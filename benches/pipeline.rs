@@ -219,6 +219,7 @@ fn actor_ingest(c: &mut Criterion) {
                                                     .map(|(i, e)| (i as u32, e))
                                                     .collect(),
                                                 quarantined: Vec::new(),
+                                                checked: None,
                                             })
                                             .await
                                             .unwrap()
