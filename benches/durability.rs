@@ -33,7 +33,7 @@ const BATCH: usize = 1000;
 
 fn recovery_config(data_dir: &std::path::Path) -> Config {
     let mut text = format!(
-        "[storage]\ndata_dir = \"{}\"\n[ingest]\ndedup_ids_max = 10000000\n",
+        "[storage]\ndata_dir = \"{}\"\n[ingest]\ndedup_table_bytes_max = 1280000000\n",
         data_dir.display()
     );
     for tenant in 0..TENANTS {

@@ -21,6 +21,7 @@ use crate::actors::tenant::{Durability, TenantActor};
 use crate::actors::{
     metric_slots, ActorRuntime, FatalSender, PublishedRuns, TenantHandle, TenantHealth,
 };
+use crate::alerting::{AlertHub, TenantAlerts};
 use crate::auth::KeyRing;
 use crate::clock::{SharedClock, Stopwatch};
 use crate::config::Config;
@@ -233,6 +234,30 @@ pub async fn start_with_store(
         &durability,
         &fatal,
     );
+    // alert states come back from the records they wrote
+    let alerts = {
+        let mut alerts = HashMap::with_capacity(tenants.len());
+        let now_ms = clock.now_ms();
+        for tenant in tenants.keys() {
+            let restored = TenantAlerts::restore(
+                &*store,
+                tenant,
+                checked.rules_for(tenant),
+                now_ms,
+                config.storage.record_bytes_max,
+            );
+            match restored {
+                Ok(tenant_alerts) => {
+                    alerts.insert(tenant.clone(), Arc::new(tenant_alerts));
+                }
+                Err(error) => {
+                    runtime.stop();
+                    return Err(StartError::Recovery(error));
+                }
+            }
+        }
+        AlertHub::new(alerts)
+    };
     let keys = KeyRing::from_checked(&checked);
     let addr = checked.listen;
     let snapshot_interval = Duration::from_secs(config.storage.snapshot_interval_s);
@@ -254,6 +279,7 @@ pub async fn start_with_store(
         prometheus,
         stopping: watch::channel(false).0,
         feeds,
+        alerts,
         ingest_kib,
         next_snapshot_id: AtomicU64::new(next_snapshot_id),
         snapshot_lock: Mutex::new(()),
@@ -351,6 +377,7 @@ pub async fn start_with_store(
             }
         })
     };
+    let alerting = tokio::spawn(crate::alerting::run(Arc::clone(&node)));
     let upkeep = {
         let node = Arc::clone(&node);
         let every = Duration::from_secs(node.config.prometheus.upkeep_interval_s);
@@ -408,7 +435,7 @@ pub async fn start_with_store(
         stop_accepting: Some(stop_accepting),
         server: Some(server),
         snapshotter: Some(snapshotter),
-        background: vec![merger, upkeep, storage_watch]
+        background: vec![alerting, merger, upkeep, storage_watch]
             .into_iter()
             .chain(metrics_server)
             .chain(feed_tasks)

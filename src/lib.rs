@@ -1,6 +1,7 @@
 //! Tally: a real-time metrics node. See README.md and docs/ for the whole picture.
 
 pub mod actors;
+pub mod alerting;
 pub mod app;
 pub mod auth;
 pub mod clock;

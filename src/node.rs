@@ -38,6 +38,8 @@ pub struct Node {
     pub stopping: watch::Sender<bool>,
     /// Each tenant's live feed (API.md §5).
     pub feeds: HashMap<String, Arc<TenantFeed>>,
+    /// Each tenant's alert rules and states (API.md §7).
+    pub alerts: crate::alerting::AlertHub,
     /// Request body bytes being read and validated, in KiB, node-wide.
     pub ingest_kib: Arc<Semaphore>,
     pub(crate) next_snapshot_id: AtomicU64,

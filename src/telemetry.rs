@@ -27,6 +27,7 @@ pub const RECOVERY_SECONDS: &str = "tally_recovery_duration_seconds";
 pub const ACTOR_MESSAGES_TOTAL: &str = "tally_actor_messages_total";
 pub const QUARANTINE_EVENTS: &str = "tally_quarantine_events";
 pub const DEDUP_RUNS: &str = "tally_dedup_runs";
+pub const ALERT_FIRING: &str = "tally_alert_firing";
 pub const DEDUP_FILTER_BYTES: &str = "tally_dedup_filter_bytes";
 pub const DEDUP_MERGES_TOTAL: &str = "tally_dedup_merges_total";
 pub const QUARANTINE_EVICTED_TOTAL: &str = "tally_quarantine_evicted_total";
@@ -200,6 +201,11 @@ fn describe() {
         "events in the quarantine, by tenant"
     );
     describe_gauge!(
+        ALERT_FIRING,
+        Unit::Count,
+        "alerts firing, by tenant, rule and severity (with `by`, one per dim value)"
+    );
+    describe_gauge!(
         DEDUP_RUNS,
         Unit::Count,
         "de-duplication runs on disk, by tenant (each new id probes every run's filter)"
@@ -295,6 +301,16 @@ pub fn record_recovery(seconds: f64) {
 
 pub fn count_actor_message(actor: &'static str) {
     counter!(ACTOR_MESSAGES_TOTAL, "actor" => actor).increment(1);
+}
+
+pub fn set_alert_firing(tenant: &str, rule: &str, severity: &str, firing: usize) {
+    gauge!(
+        ALERT_FIRING,
+        "tenant" => tenant.to_string(),
+        "rule" => rule.to_string(),
+        "severity" => severity.to_string()
+    )
+    .set(firing as f64);
 }
 
 pub fn set_dedup_runs(tenant: &str, runs: usize, filter_bytes: usize) {

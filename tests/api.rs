@@ -494,7 +494,7 @@ async fn reads_past_their_limit_are_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_dedup_table_is_503_and_forgets_nothing() {
     let node = start_node(|config| {
-        config.ingest.dedup_ids_max = 3;
+        config.ingest.dedup_table_bytes_max = 3 * 128;
     })
     .await;
     assert_eq!(

@@ -80,7 +80,7 @@ fn spawn_node(dir: &std::path::Path, port: u16, log: &std::path::Path) -> NodePr
         .env("TALLY_SERVER__LISTEN", format!("127.0.0.1:{port}"))
         .env("TALLY_STORAGE__SNAPSHOT_INTERVAL_S", "1")
         // long runs remember millions of ids; the default table (2 M) would fill
-        .env("TALLY_INGEST__DEDUP_IDS_MAX", "50000000")
+        .env("TALLY_INGEST__DEDUP_TABLE_BYTES_MAX", "6400000000")
         .env("RUST_LOG", "warn,tally::app=info")
         .stdout(Stdio::null())
         .stderr(log_file)

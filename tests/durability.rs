@@ -518,7 +518,7 @@ async fn merge_all_runs(node: &TestNode) -> Vec<tally::domain::dedup::RunMeta> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ids_spill_into_runs_survive_restarts_and_are_still_recognized() {
     let tweak = |config: &mut tally::config::Config| {
-        config.ingest.dedup_ids_max = 1_000;
+        config.ingest.dedup_table_bytes_max = 1_000 * 128;
         config.storage.snapshot_interval_s = 3_600;
     };
     let node = start_node(tweak).await;

@@ -16,6 +16,6 @@ pub fn node_config(data_dir: &std::path::Path, dedup_ids_max: usize) -> Config {
     let mut config = default_config();
     config.server.listen = "127.0.0.1:0".into();
     config.storage.data_dir = data_dir.to_path_buf();
-    config.ingest.dedup_ids_max = dedup_ids_max;
+    config.ingest.dedup_table_bytes_max = dedup_ids_max * 128;
     config
 }

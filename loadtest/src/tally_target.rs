@@ -65,8 +65,9 @@ impl TallyTarget {
             ),
             // room for every id of the run; the table grows only as ids arrive
             (
-                "TALLY_INGEST__DEDUP_IDS_MAX".to_string(),
-                "200000000".to_string(),
+                "TALLY_INGEST__DEDUP_TABLE_BYTES_MAX".to_string(),
+                // 200 M ids at 128 bytes
+                "25600000000".to_string(),
             ),
             (
                 "TALLY_LIVE__SESSIONS_PER_TENANT_MAX".to_string(),

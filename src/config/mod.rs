@@ -25,6 +25,7 @@ use crate::domain::tenant::TenantContext;
 
 mod actors;
 mod admin;
+pub mod alerts;
 mod ingest;
 mod live;
 mod metrics;
@@ -37,6 +38,7 @@ mod windows;
 
 pub use actors::ActorsConfig;
 pub use admin::AdminConfig;
+pub use alerts::{AlertingConfig, RuleConfig};
 pub use ingest::IngestConfig;
 pub use live::LiveConfig;
 pub use metrics::{MetricConfig, MetricKindName};
@@ -61,8 +63,10 @@ pub struct Config {
     pub admin: AdminConfig,
     pub prometheus: PrometheusConfig,
     pub live: LiveConfig,
+    pub alerting: AlertingConfig,
     pub tenants: Vec<TenantConfig>,
     pub metrics: Vec<MetricConfig>,
+    pub alerts: Vec<RuleConfig>,
 }
 
 /// The SHA-256 digest of an API key.
@@ -81,9 +85,20 @@ pub struct Checked {
     pub tenants: Vec<TenantSettings>,
     pub catalogue: Arc<Catalogue>,
     pub event_limits: EventLimits,
+    /// `[[alerts]]`, each with the tenants it is for (empty: every one).
+    pub alert_rules: Vec<(Vec<String>, crate::domain::alert::Rule)>,
 }
 
 impl Checked {
+    /// The config's alert rules for `tenant`.
+    pub fn rules_for(&self, tenant: &str) -> Vec<crate::domain::alert::Rule> {
+        self.alert_rules
+            .iter()
+            .filter(|(tenants, _)| tenants.is_empty() || tenants.iter().any(|id| id == tenant))
+            .map(|(_, rule)| rule.clone())
+            .collect()
+    }
+
     /// What every part of the node knows of each tenant, in config order.
     pub fn tenant_contexts(&self) -> Vec<Arc<TenantContext>> {
         self.tenants
@@ -228,7 +243,6 @@ impl Config {
                 "ingest.max_events_per_request",
                 self.ingest.max_events_per_request,
             ),
-            ("ingest.dedup_ids_max", self.ingest.dedup_ids_max),
             (
                 "ingest.tenant_batches_inflight_max",
                 self.ingest.tenant_batches_inflight_max,
@@ -269,6 +283,18 @@ impl Config {
             if value == 0 {
                 issues.push(issue(path, "must be at least 1"));
             }
+        }
+        if self.ingest.dedup_table_bytes_max < ingest::DEDUP_TABLE_BYTES_PER_ID {
+            issues.push(issue(
+                "ingest.dedup_table_bytes_max",
+                "must be at least 128 (one id)",
+            ));
+        }
+        if !(100..=60_000).contains(&self.alerting.tick_ms) {
+            issues.push(issue("alerting.tick_ms", "must be within 100..=60000"));
+        }
+        if self.alerting.rules_per_tenant_max == 0 {
+            issues.push(issue("alerting.rules_per_tenant_max", "must be at least 1"));
         }
         if self.storage.cache_bytes < 1 << 20 {
             issues.push(issue(
@@ -432,6 +458,27 @@ impl Config {
                 None
             }
         };
+        let alert_rules = match &catalogue {
+            Some(catalogue) => {
+                alerts::check_rules(catalogue, &self.alerts, &tenant_ids, &mut issues)
+            }
+            None => Vec::new(),
+        };
+        for tenant in &self.tenants {
+            let rules = alert_rules
+                .iter()
+                .filter(|(tenants, _)| tenants.is_empty() || tenants.contains(&tenant.id))
+                .count();
+            if rules > self.alerting.rules_per_tenant_max {
+                issues.push(issue(
+                    "alerts",
+                    format!(
+                        "tenant {} has {rules} rules, more than alerting.rules_per_tenant_max",
+                        tenant.id
+                    ),
+                ));
+            }
+        }
         match (listen, catalogue) {
             (Some(listen), Some(catalogue)) if issues.is_empty() => Ok(Checked {
                 listen,
@@ -441,6 +488,7 @@ impl Config {
                 tenants,
                 catalogue: Arc::new(catalogue),
                 event_limits: self.event_limits(),
+                alert_rules,
             }),
             _ => Err(issues),
         }
@@ -498,6 +546,8 @@ mod tests {
         assert_eq!(config.quarantine, defaults.quarantine);
         assert_eq!(config.prometheus, defaults.prometheus);
         assert_eq!(config.live, defaults.live);
+        assert_eq!(config.alerting, defaults.alerting);
+        assert!(config.alerts.is_empty(), "the shipped rules are commented");
         assert_eq!(config.tenants[0].id, "demo");
         assert_eq!(config.tenants[0].api_keys, vec!["demo-key".to_string()]);
         let catalogue = config.catalogue().unwrap();
@@ -528,6 +578,77 @@ mod tests {
                 "{expected} missing from the default catalogue"
             );
         }
+    }
+
+    /// The commented rules of config/default.toml, uncommented.
+    fn with_shipped_rules() -> String {
+        let mut text = String::new();
+        let mut in_rules = false;
+        for line in DEFAULT_TOML.lines() {
+            if line == "# [[alerts]]" {
+                in_rules = true;
+            }
+            match line.strip_prefix("# ") {
+                Some(rest) if in_rules => text.push_str(rest),
+                _ if in_rules && line == "#" => {}
+                _ => text.push_str(line),
+            }
+            text.push('\n');
+        }
+        text
+    }
+
+    #[test]
+    fn the_shipped_alert_rules_check_when_uncommented() {
+        let config = Config::parse(&with_shipped_rules(), no_env()).unwrap();
+        let checked = config.check().unwrap();
+        let ids: Vec<String> = checked
+            .rules_for("demo")
+            .into_iter()
+            .map(|rule| rule.id)
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "gmv-drop",
+                "payment-failures",
+                "order-errors",
+                "zero-result-searches",
+                "checkout-abandonment-spike",
+                "gmv-anomaly",
+                "campaign-budget",
+                "device-silent"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_alert_rule_names_each_field() {
+        let text = format!(
+            "{DEFAULT_TOML}\n[[alerts]]\nid = \"x\"\nmetric = \"nope\"\nwindow = \"1h\"\n\
+             condition = {{ type = \"drop_vs_prev\", pct = 0 }}\nfor_s = -1\n\
+             tenants = [\"ghost\"]\n\
+             [[alerts]]\nid = \"y\"\nmetric = \"orders\"\nwindow = \"15m\"\nby = \"campaign\"\n\
+             condition = {{ type = \"absent\" }}\nfor_s = 10\n\
+             [[alerts]]\nid = \"z\"\nmetric = \"orders\"\nwindow = \"today\"\n\
+             condition = {{ type = \"budget_used\", pct = 90 }}\n"
+        );
+        let issues = Config::parse(&text, no_env()).unwrap_err();
+        let paths: Vec<&str> = issues.iter().map(|issue| issue.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "alerts[0].tenants[0]",
+                "alerts[0].metric",
+                "alerts[0].window",
+                "alerts[0].condition.pct",
+                "alerts[0].for_s",
+                "alerts[1].by",
+                "alerts[1].for_s",
+                "alerts[2].metric",
+            ],
+            "{issues:?}"
+        );
     }
 
     #[test]

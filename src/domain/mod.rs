@@ -2,6 +2,7 @@
 //! de-duplication, and the tenant core that decides every event's outcome. Everything takes `now` as an argument; nothing here touches
 //! actix, tokio, sled or the clock.
 
+pub mod alert;
 pub mod catalogue;
 pub mod dedup;
 pub mod event;

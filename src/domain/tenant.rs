@@ -81,7 +81,7 @@ pub struct QuarantineCandidate {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CoreError {
-    #[error("de-duplication table of tenant {tenant} is full ({ids_max} ids); retry later")]
+    #[error("de-duplication table of tenant {tenant} is full ({ids_max} ids, ingest.dedup_table_bytes_max); retry later")]
     DedupFull { tenant: String, ids_max: usize },
     #[error("tenant {tenant} stopped serving ({reason}); the node must restart to recover it")]
     Failed { tenant: String, reason: String },

@@ -65,6 +65,24 @@ impl WindowName {
     }
 }
 
+/// As the API names it: "30s", "15m" or "today".
+impl serde::Serialize for WindowName {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for WindowName {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        WindowName::parse(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown window {text:?}: one of \"30s\", \"15m\", \"today\""
+            ))
+        })
+    }
+}
+
 /// How far back the in-memory buckets reach: the longest window and its `prev`.
 pub const BUCKET_HISTORY_S: i64 = 2 * 900;
 

@@ -1,6 +1,7 @@
 //! The HTTP API: every route in one place (`router`), errors mapped to status in
 //! `error`, who is calling in `caller` (who may do what is `crate::auth`'s).
 
+pub mod alerts;
 pub mod caller;
 pub mod error;
 pub mod ingest;
@@ -40,6 +41,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/metrics", get(query::get_all))
         .route("/v1/metrics/{name}", get(query::get_one))
         .route("/v1/metrics/{name}/series", get(query::get_series))
+        .route("/v1/alerts", get(alerts::list))
         .route("/v1/quarantine", get(quarantine::list))
         .route("/v1/quarantine/{qid}/retry", post(quarantine::retry))
         .route("/v1/quarantine/{qid}", delete(quarantine::delete))

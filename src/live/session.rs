@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use serde_json::{Map, Value};
+use tokio::sync::watch;
 
 use crate::clock::Stopwatch;
 use crate::domain::time::WindowName;
@@ -162,7 +163,15 @@ pub async fn run(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
     // the loop returns from many places; the gauge is settled once, after it
     async {
         let mut frames = feed.subscribe();
-        let mut topics: BTreeMap<String, Topic> = BTreeMap::new();
+        // each topic subscription with the last seq it was sent
+        let mut topics: BTreeMap<String, (Topic, u64)> = BTreeMap::new();
+        // new alert records: the engine moves this after each write (a
+        // tenant without an engine keeps its own sender, so it never moves)
+        let (_quiet, quiet) = watch::channel(0u64);
+        let mut alerts_written = node
+            .alerts
+            .tenant(&tenant)
+            .map_or(quiet, |alerts| alerts.written());
         let mut heard = Stopwatch::start();
         let tick = Duration::from_millis(node.config.live.tick_ms);
         let mut wake = Box::pin(tokio::time::sleep(tick));
@@ -218,6 +227,28 @@ pub async fn run(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
                     }
                     // subscriptions may have changed: plan the next wake-up anew
                     wake = Box::pin(tokio::time::sleep(Duration::from_millis(1)));
+                }
+                // records written since: every alerts subscription gets them
+                changed = alerts_written.changed(), if topics.values().any(|(topic, _)| *topic == Topic::Alerts) => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let subs: Vec<(String, u64)> = topics
+                        .iter()
+                        .filter(|(_, (topic, _))| *topic == Topic::Alerts)
+                        .map(|(id, (_, last))| (id.clone(), *last))
+                        .collect();
+                    for (id, last) in subs {
+                        let (replies, next) = replay(&node, &tenant, id, Topic::Alerts, last, &mut topics).await;
+                        for reply in &replies {
+                            if !send(&mut socket, limit, reply).await {
+                                return;
+                            }
+                        }
+                        if let Next::CloseTooFarBehind = next {
+                            return close(&mut socket, limit, CLOSE_TOO_FAR_BEHIND, "too far behind; resume with since").await;
+                        }
+                    }
                 }
                 // frames matter only while a subscription is due: the others sleep
                 // until they are, so a frame does not wake every session
@@ -312,7 +343,7 @@ async fn handle(
     text: &str,
     frames: &tokio::sync::watch::Receiver<Arc<Frame>>,
     subscriptions: &mut BTreeMap<String, MetricSubscription>,
-    topics: &mut BTreeMap<String, Topic>,
+    topics: &mut BTreeMap<String, (Topic, u64)>,
 ) -> (Vec<ServerMessage>, Next) {
     let message = match parse_client_message(text) {
         Ok(message) => message,
@@ -366,7 +397,7 @@ async fn subscribe(
     request: Subscribe,
     frames: &tokio::sync::watch::Receiver<Arc<Frame>>,
     subscriptions: &mut BTreeMap<String, MetricSubscription>,
-    topics: &mut BTreeMap<String, Topic>,
+    topics: &mut BTreeMap<String, (Topic, u64)>,
 ) -> (Vec<ServerMessage>, Next) {
     let limits = &node.config.live;
     let id = request.id;
@@ -483,7 +514,7 @@ async fn replay(
     id: String,
     topic: Topic,
     since: u64,
-    topics: &mut BTreeMap<String, Topic>,
+    topics: &mut BTreeMap<String, (Topic, u64)>,
 ) -> (Vec<ServerMessage>, Next) {
     let store = Arc::clone(&node.store);
     let (tenant_id, replay_max, record_max) = (
@@ -501,7 +532,8 @@ async fn replay(
             "the records could not be read; retry",
         );
     };
-    topics.insert(id.clone(), topic);
+    let last = records.last().map_or(since, |(seq, _)| *seq).max(since);
+    topics.insert(id.clone(), (topic, last));
     let behind = records.len() >= replay_max;
     let mut replies = Vec::with_capacity(records.len() + 1);
     for (seq, record) in records {

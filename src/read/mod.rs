@@ -141,6 +141,17 @@ impl WindowView {
         }
     }
 
+    /// Events the window before counted, where there is one.
+    pub fn prev_events(&self) -> u64 {
+        match self {
+            WindowView::Sum { prev, .. }
+            | WindowView::Count { prev, .. }
+            | WindowView::Ratio { prev, .. } => prev.map_or(0, |prev| prev.count),
+            WindowView::Mean { prev, .. } => prev.map_or(0, |prev| prev.count.max(0) as u64),
+            WindowView::Histogram(_) => 0,
+        }
+    }
+
     /// Events the window counted (a ratio's denominator, a mean's count).
     pub fn events(&self) -> u64 {
         match self {

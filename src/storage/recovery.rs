@@ -143,7 +143,8 @@ pub fn recover(
         let tenant_id: &str = &context.id;
         let catalogue = &context.catalogue;
         let settings = series_settings(config, context.tz);
-        let mut dedup = DedupIndex::new(config.ingest.dedup_horizon_s, config.ingest.dedup_ids_max);
+        let mut dedup =
+            DedupIndex::new(config.ingest.dedup_horizon_s, config.ingest.dedup_ids_max());
         // a metric gets state when the snapshot or a replayed record has some
         // for it (its actor starts with it); the others stay empty
         let mut metrics: Vec<Option<MetricState>> =

@@ -1,0 +1,398 @@
+//! The alert engine (API.md §7, docs/alerts.md): judges every tenant's rules
+//! on a tick through the read path, writes each transition to the outbox
+//! (through the committer) before any live session hears of it, and keeps the
+//! current states for `GET /v1/alerts` and `tally_alert_firing`.
+//! Owns: the alerts' memory between ticks, its restoration from the outbox at
+//! start, and the records' seq numbers.
+//! Must not: decide a transition (`domain::alert` does) or read windows other
+//! than through `read`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::domain::alert::{
+    judge, step, AlertMemory, AlertRecord, AlertState, Condition, Judgement, Observation, Rule,
+    Transition, KEYS_PER_RULE_MAX,
+};
+use crate::domain::time::{SlidingWindow, WindowName};
+use crate::node::Node;
+use crate::read::{MetricView, ReadError, TenantReader};
+use crate::storage::outbox::{append_op, read_since, Topic};
+use crate::storage::{StorageError, Store};
+
+/// One alert: a rule, and the dim value it watches when the rule has `by`.
+pub type AlertKey = (String, Option<String>);
+
+/// A tenant's alerts: its rules, what each alert remembers, and the last seq
+/// written (live sessions watch it).
+pub struct TenantAlerts {
+    rules: Mutex<Vec<Rule>>,
+    state: Mutex<AlertBook>,
+    written: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct AlertBook {
+    alerts: BTreeMap<AlertKey, (AlertMemory, Judgement)>,
+    next_seq: u64,
+}
+
+/// An alert as `GET /v1/alerts` shows it: pending or firing.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlertStatus {
+    pub rule: String,
+    pub labels: BTreeMap<String, String>,
+    pub state: &'static str,
+    /// When it became pending, or started firing (ms since the epoch).
+    pub since: i64,
+    pub value: Option<f64>,
+    pub baseline: Option<f64>,
+    pub threshold: Option<f64>,
+}
+
+impl TenantAlerts {
+    /// The tenant's alerts with `rules`, their states read back from the
+    /// outbox: the last record of each alert says where it is (a rule firing
+    /// before a restart is still firing and writes no second `firing`).
+    pub fn restore(
+        store: &dyn Store,
+        tenant: &str,
+        rules: Vec<Rule>,
+        now_ms: i64,
+        record_bytes_max: usize,
+    ) -> Result<TenantAlerts, StorageError> {
+        let mut book = AlertBook {
+            next_seq: 1,
+            ..AlertBook::default()
+        };
+        let mut since = 0;
+        loop {
+            let page =
+                read_since::<String>(store, tenant, Topic::Alerts, since, 4096, record_bytes_max)?;
+            let Some((last, _)) = page.last() else { break };
+            since = *last;
+            for (seq, record) in page {
+                book.next_seq = seq + 1;
+                let Some(record) = record
+                    .ok()
+                    .and_then(|text| serde_json::from_str::<AlertRecord>(&text).ok())
+                else {
+                    continue;
+                };
+                let state = match record.state {
+                    Transition::Pending => AlertState::Pending {
+                        since_ms: record.at_ms,
+                    },
+                    Transition::Firing => AlertState::Firing {
+                        since_ms: record.at_ms,
+                    },
+                    Transition::Resolved | Transition::Ok => AlertState::Ok,
+                };
+                let mut memory = AlertMemory::new(now_ms);
+                memory.state = state;
+                let judgement = Judgement {
+                    breached: state != AlertState::Ok,
+                    cleared: false,
+                    value: record.value,
+                    baseline: record.baseline,
+                    threshold: record.threshold,
+                };
+                book.alerts
+                    .insert((record.rule, record.dim_value), (memory, judgement));
+            }
+        }
+        let last_written = book.next_seq - 1;
+        Ok(TenantAlerts {
+            rules: Mutex::new(rules),
+            state: Mutex::new(book),
+            written: watch::channel(last_written).0,
+        })
+    }
+
+    pub fn rules(&self) -> Vec<Rule> {
+        lock(&self.rules).clone()
+    }
+
+    /// The seq of the last record written, to watch.
+    pub fn written(&self) -> watch::Receiver<u64> {
+        self.written.subscribe()
+    }
+
+    /// Pending and firing alerts, by rule and dim value.
+    pub fn statuses(&self, tenant: &str) -> Vec<AlertStatus> {
+        let rules = self.rules();
+        let book = lock(&self.state);
+        let mut statuses = Vec::new();
+        for ((rule_id, key), (memory, judgement)) in &book.alerts {
+            let (state, since) = match memory.state {
+                AlertState::Ok => continue,
+                AlertState::Pending { since_ms } => ("pending", since_ms),
+                AlertState::Firing { since_ms } => ("firing", since_ms),
+            };
+            let rule = rules.iter().find(|rule| &rule.id == rule_id);
+            statuses.push(AlertStatus {
+                rule: rule_id.clone(),
+                labels: labels(tenant, rule_id, rule, key.as_deref()),
+                state,
+                since,
+                value: judgement.value,
+                baseline: judgement.baseline,
+                threshold: judgement.threshold,
+            });
+        }
+        statuses
+    }
+}
+
+/// A lock whose holder cannot leave it half-changed (no code between lock
+/// and unlock panics on input); a poisoned one is used as it is.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn labels(
+    tenant: &str,
+    rule_id: &str,
+    rule: Option<&Rule>,
+    key: Option<&str>,
+) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    labels.insert("tenant".to_string(), tenant.to_string());
+    labels.insert("rule".to_string(), rule_id.to_string());
+    if let Some(rule) = rule {
+        labels.insert("severity".to_string(), rule.severity.clone());
+        if let (Some(dim), Some(value)) = (&rule.by, key) {
+            labels.insert(dim.clone(), value.to_string());
+        }
+    }
+    labels
+}
+
+/// The node's alerts, by tenant.
+#[derive(Default)]
+pub struct AlertHub {
+    tenants: HashMap<String, Arc<TenantAlerts>>,
+}
+
+impl AlertHub {
+    pub fn new(tenants: HashMap<String, Arc<TenantAlerts>>) -> AlertHub {
+        AlertHub { tenants }
+    }
+
+    pub fn tenant(&self, id: &str) -> Option<&Arc<TenantAlerts>> {
+        self.tenants.get(id)
+    }
+}
+
+const RECENT: WindowName = WindowName::Sliding(SlidingWindow::Sec30);
+
+fn observe(view: &MetricView, window: WindowName) -> Observation {
+    let mut observation = Observation::default();
+    if let Some(window) = view.window(window) {
+        observation.value = window.value();
+        observation.prev = window.prev_value();
+        observation.events = window.events();
+        observation.prev_events = window.prev_events();
+    }
+    if let Some(recent) = view.window(RECENT) {
+        observation.recent_events = recent.events();
+    }
+    observation
+}
+
+/// Each alert of `rule` with what the windows show of it now.
+async fn observations(
+    reader: &TenantReader<'_>,
+    rule: &Rule,
+    now_ms: i64,
+) -> Result<Vec<(Option<String>, Observation)>, ReadError> {
+    let index = reader.metric_index(&rule.metric)?;
+    let windows = [rule.window, RECENT];
+    Ok(match &rule.by {
+        None => {
+            let view = reader.metric(index, &windows, now_ms).await?;
+            vec![(None, observe(&view, rule.window))]
+        }
+        Some(dim) => reader
+            .breakdown(index, dim, &windows, now_ms)
+            .await?
+            .into_iter()
+            .take(KEYS_PER_RULE_MAX)
+            .map(|(value, view)| (Some(value), observe(&view, rule.window)))
+            .collect(),
+    })
+}
+
+/// Judges every rule of one tenant once; writes and announces what moved.
+pub async fn evaluate_tenant(
+    node: &Node,
+    tenant_id: &str,
+    alerts: &TenantAlerts,
+) -> Result<usize, EvaluateError> {
+    let Some(handle) = node.tenant(tenant_id) else {
+        return Ok(0);
+    };
+    let reader = TenantReader::begin(handle)?;
+    let now_ms = node.now_ms();
+    let rules = alerts.rules();
+    let mut observed = Vec::with_capacity(rules.len());
+    for rule in &rules {
+        observed.push(observations(&reader, rule, now_ms).await?);
+    }
+    drop(reader);
+    let mut records = Vec::new();
+    let mut firing: Vec<(String, String, usize)> = Vec::with_capacity(rules.len());
+    {
+        let mut book = lock(&alerts.state);
+        for (rule, observations) in rules.iter().zip(observed) {
+            let window_ms = crate::config::alerts::window_ms(rule.window);
+            let mut seen = Vec::with_capacity(observations.len());
+            for (key, observation) in observations {
+                seen.push(key.clone());
+                let alert_key = (rule.id.clone(), key);
+                let (memory, last) = book
+                    .alerts
+                    .entry(alert_key.clone())
+                    .or_insert_with(|| (AlertMemory::new(now_ms), judge_none()));
+                let judgement = judge(rule, &observation, None, memory, window_ms, now_ms);
+                if let Some(transition) = step(rule, &judgement, memory, now_ms) {
+                    records.push((alert_key, transition, judgement.clone()));
+                }
+                *last = judgement;
+            }
+            // a dim value gone from every window has gone silent
+            if matches!(rule.condition, Condition::Absent {}) {
+                let unseen: Vec<AlertKey> = book
+                    .alerts
+                    .keys()
+                    .filter(|(id, key)| *id == rule.id && !seen.contains(key))
+                    .cloned()
+                    .collect();
+                for alert_key in unseen {
+                    let Some((memory, last)) = book.alerts.get_mut(&alert_key) else {
+                        continue;
+                    };
+                    let judgement = judge(
+                        rule,
+                        &Observation::default(),
+                        None,
+                        memory,
+                        window_ms,
+                        now_ms,
+                    );
+                    if let Some(transition) = step(rule, &judgement, memory, now_ms) {
+                        records.push((alert_key, transition, judgement.clone()));
+                    }
+                    *last = judgement;
+                }
+            }
+            let count = book
+                .alerts
+                .iter()
+                .filter(|((id, _), (memory, _))| {
+                    *id == rule.id && matches!(memory.state, AlertState::Firing { .. })
+                })
+                .count();
+            firing.push((rule.id.clone(), rule.severity.clone(), count));
+        }
+    }
+    let written = records.len();
+    if !records.is_empty() {
+        let mut ops = Vec::with_capacity(records.len());
+        let mut last_seq = 0;
+        {
+            let mut book = lock(&alerts.state);
+            for ((rule_id, key), transition, judgement) in records {
+                let rule = rules.iter().find(|rule| rule.id == rule_id);
+                let seq = book.next_seq;
+                book.next_seq += 1;
+                let record = AlertRecord {
+                    seq,
+                    rule: rule_id.clone(),
+                    state: transition,
+                    labels: labels(tenant_id, &rule_id, rule, key.as_deref()),
+                    dim_value: key,
+                    metric: rule.map(|rule| rule.metric.clone()).unwrap_or_default(),
+                    window: rule
+                        .map(|rule| rule.window.name().to_string())
+                        .unwrap_or_default(),
+                    condition: rule
+                        .map(|rule| rule.condition.name().to_string())
+                        .unwrap_or_default(),
+                    value: judgement.value,
+                    baseline: judgement.baseline,
+                    threshold: judgement.threshold,
+                    runbook: rule.and_then(|rule| rule.runbook.clone()),
+                    at_ms: now_ms,
+                };
+                let text = serde_json::to_string(&record)
+                    .map_err(|e| EvaluateError::Encode(e.to_string()))?;
+                ops.push(
+                    append_op(tenant_id, Topic::Alerts, seq, &text)
+                        .map_err(|e| EvaluateError::Encode(e.to_string()))?,
+                );
+                last_seq = seq;
+            }
+        }
+        // durable before anyone hears of it
+        node.committer.commit(ops).await?;
+        alerts.written.send_replace(last_seq);
+    }
+    for (rule, severity, count) in firing {
+        crate::telemetry::set_alert_firing(tenant_id, &rule, &severity, count);
+    }
+    Ok(written)
+}
+
+fn judge_none() -> Judgement {
+    Judgement {
+        breached: false,
+        cleared: false,
+        value: None,
+        baseline: None,
+        threshold: None,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvaluateError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("an alert record cannot be encoded: {0}")]
+    Encode(String),
+}
+
+/// Judges every tenant's rules every `alerting.tick_ms` until the node stops.
+pub async fn run(node: Arc<Node>) {
+    let mut stopping = node.stopping.subscribe();
+    let mut ticks = tokio::time::interval(std::time::Duration::from_millis(
+        node.config.alerting.tick_ms,
+    ));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stopping.wait_for(|stopping| *stopping) => return,
+        }
+        if node.committer.is_failed() {
+            return;
+        }
+        for (tenant_id, alerts) in &node.alerts.tenants {
+            match evaluate_tenant(&node, tenant_id, alerts).await {
+                Ok(_) => {}
+                // a busy tenant is judged at the next tick
+                Err(EvaluateError::Read(ReadError::Busy(_))) => {}
+                Err(error) => {
+                    tracing::warn!(tenant = %tenant_id, %error, "alert rules not evaluated");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! `[alerting]` and `[[alerts]]`: how often rules are judged, the limits on
+//! rules, and the rules the tenants start with (API.md §7, docs/alerts.md).
+//! `check_rule` is the one check of a rule, for config and the API alike;
+//! every problem names its field.
+
+use std::collections::HashSet;
+
+use serde::Deserialize;
+
+use crate::domain::alert::{Condition, Rule};
+use crate::domain::catalogue::{Catalogue, MetricKind};
+use crate::domain::time::WindowName;
+
+use super::{is_identifier, issue, ConfigIssue};
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertingConfig {
+    /// Milliseconds between evaluations of every rule.
+    pub tick_ms: u64,
+    /// Rules one tenant may have (config and API together).
+    pub rules_per_tenant_max: usize,
+}
+
+impl Default for AlertingConfig {
+    fn default() -> Self {
+        AlertingConfig {
+            tick_ms: 1_000,
+            rules_per_tenant_max: 1_000,
+        }
+    }
+}
+
+/// A rule as written in config or sent to `PUT /v1/alerts/{rule_id}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// In config only (the API takes it from the path).
+    #[serde(default)]
+    pub id: String,
+    /// In config only: the tenants the rule is for (empty: every tenant).
+    #[serde(default)]
+    pub tenants: Vec<String>,
+    pub metric: String,
+    pub window: String,
+    pub condition: Condition,
+    #[serde(default)]
+    pub by: Option<String>,
+    #[serde(default)]
+    pub min_count: u64,
+    #[serde(default)]
+    pub for_s: i64,
+    #[serde(default = "default_severity")]
+    pub severity: String,
+    #[serde(default)]
+    pub runbook: Option<String>,
+}
+
+fn default_severity() -> String {
+    "warning".into()
+}
+
+/// The longest silence or hold a rule may ask for: a day.
+const FOR_S_MAX: i64 = 86_400;
+/// Events in the last 30 seconds tell `absent` that events still come.
+const ABSENT_FOR_S_MIN: i64 = 30;
+
+/// Checks one rule against the catalogue; every problem with its field
+/// under `at` (e.g. `alerts[2]`, or empty for an API body).
+pub fn check_rule(
+    catalogue: &Catalogue,
+    at: &str,
+    id: &str,
+    rule: &RuleConfig,
+) -> Result<Rule, Vec<ConfigIssue>> {
+    let field = |name: &str| {
+        if at.is_empty() {
+            name.to_string()
+        } else {
+            format!("{at}.{name}")
+        }
+    };
+    let mut issues = Vec::new();
+    if !is_identifier(id, 64) {
+        issues.push(issue(field("id"), "must match [a-z0-9_-]{1,64}"));
+    }
+    let metric = catalogue
+        .index_of(&rule.metric)
+        .map(|index| &catalogue.metrics()[index]);
+    if metric.is_none() {
+        issues.push(issue(
+            field("metric"),
+            format!("unknown metric {:?}", rule.metric),
+        ));
+    }
+    let window = WindowName::parse(&rule.window);
+    if window.is_none() {
+        issues.push(issue(field("window"), "must be one of 30s, 15m, today"));
+    }
+    if let Some((name, message)) = rule.condition.problem() {
+        issues.push(issue(field(name), message));
+    }
+    if let (Some(metric), Some(by)) = (metric, &rule.by) {
+        if !metric.dims.contains(by) {
+            issues.push(issue(
+                field("by"),
+                format!("metric {} has no breakdown by {by:?}", metric.name),
+            ));
+        }
+    }
+    if !(0..=FOR_S_MAX).contains(&rule.for_s) {
+        issues.push(issue(
+            field("for_s"),
+            format!("must be within 0..={FOR_S_MAX}"),
+        ));
+    }
+    match &rule.condition {
+        Condition::Absent {} if rule.for_s < ABSENT_FOR_S_MIN => issues.push(issue(
+            field("for_s"),
+            format!("absent needs at least {ABSENT_FOR_S_MIN} seconds of silence"),
+        )),
+        Condition::DropVsPrev { .. } | Condition::RiseVsPrev { .. }
+            if window == Some(WindowName::Today) =>
+        {
+            issues.push(issue(
+                field("window"),
+                "today has no window before it: use 30s or 15m",
+            ))
+        }
+        Condition::BudgetUsed { .. }
+            if metric.is_some_and(|metric| !matches!(metric.kind, MetricKind::Sum { .. })) =>
+        {
+            issues.push(issue(field("metric"), "budget_used needs a sum metric"))
+        }
+        Condition::Zscore { .. } if window == Some(WindowName::Today) => issues.push(issue(
+            field("window"),
+            "zscore compares windows of one length: use 30s or 15m",
+        )),
+        _ => {}
+    }
+    if rule.severity.is_empty()
+        || rule.severity.len() > 32
+        || rule.severity.chars().any(char::is_control)
+    {
+        issues.push(issue(field("severity"), "must be 1 to 32 bytes of text"));
+    }
+    if rule
+        .runbook
+        .as_ref()
+        .is_some_and(|runbook| runbook.len() > 2048 || runbook.chars().any(char::is_control))
+    {
+        issues.push(issue(
+            field("runbook"),
+            "must be at most 2048 bytes of text",
+        ));
+    }
+    match (metric, window) {
+        (Some(metric), Some(window)) if issues.is_empty() => Ok(Rule {
+            id: id.to_string(),
+            metric: metric.name.clone(),
+            window,
+            condition: rule.condition.clone(),
+            by: rule.by.clone(),
+            min_count: rule.min_count,
+            for_s: rule.for_s,
+            severity: rule.severity.clone(),
+            runbook: rule.runbook.clone(),
+        }),
+        _ => Err(issues),
+    }
+}
+
+/// The config's rules, each with the tenants it is for (empty: every one).
+pub fn check_rules(
+    catalogue: &Catalogue,
+    rules: &[RuleConfig],
+    tenant_ids: &HashSet<&str>,
+    issues: &mut Vec<ConfigIssue>,
+) -> Vec<(Vec<String>, Rule)> {
+    let mut checked = Vec::with_capacity(rules.len());
+    let mut ids = HashSet::new();
+    for (index, rule) in rules.iter().enumerate() {
+        let at = format!("alerts[{index}]");
+        if !ids.insert(rule.id.as_str()) {
+            issues.push(issue(format!("{at}.id"), "rule id is used more than once"));
+        }
+        for (t, tenant) in rule.tenants.iter().enumerate() {
+            if !tenant_ids.contains(tenant.as_str()) {
+                issues.push(issue(
+                    format!("{at}.tenants[{t}]"),
+                    format!("unknown tenant {tenant:?}"),
+                ));
+            }
+        }
+        match check_rule(catalogue, &at, &rule.id, rule) {
+            Ok(checked_rule) => checked.push((rule.tenants.clone(), checked_rule)),
+            Err(rule_issues) => issues.extend(rule_issues),
+        }
+    }
+    checked
+}
+
+/// The window length a rule's condition compares, where it has one.
+pub fn window_ms(window: WindowName) -> Option<i64> {
+    match window {
+        WindowName::Sliding(sliding) => Some(sliding.length_s() * 1000),
+        WindowName::Today => None,
+    }
+}

@@ -1,0 +1,266 @@
+//! Alerts end to end (API.md §7, docs/alerts.md): rules from config judged on
+//! a tick against windows fed through the HTTP API with event timestamps, the
+//! records on a real WebSocket client and through `GET /v1/alerts`, and the
+//! states after a crash-like restart.
+
+mod common;
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use common::{order, start_node, start_node_in, TestNode, T0_MS};
+use tally::config::{Config, RuleConfig};
+use tally::domain::alert::Condition;
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn subscribe_alerts(node: &TestNode, since: u64) -> Socket {
+    let url = format!("{}/v1/live", node.base.replace("http://", "ws://"));
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer demo-key".parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let subscribe = json!({"op": "subscribe", "id": "a", "topic": "alerts", "since": since});
+    socket
+        .send(Message::Text(subscribe.to_string().into()))
+        .await
+        .unwrap();
+    socket
+}
+
+/// The next JSON message within `wait` (pings skipped), or `None`.
+async fn next_within(socket: &mut Socket, wait: Duration) -> Option<Value> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let message = tokio::time::timeout_at(deadline, socket.next())
+            .await
+            .ok()??;
+        match message.unwrap() {
+            Message::Text(text) => return Some(serde_json::from_str(&text).unwrap()),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+async fn next(socket: &mut Socket) -> Value {
+    next_within(socket, Duration::from_secs(20))
+        .await
+        .expect("a message within 20 s")
+}
+
+fn rule(id: &str, metric: &str, window: &str, condition: Condition) -> RuleConfig {
+    RuleConfig {
+        id: id.into(),
+        tenants: vec!["demo".into()],
+        metric: metric.into(),
+        window: window.into(),
+        condition,
+        by: None,
+        min_count: 0,
+        for_s: 0,
+        severity: "P1".into(),
+        runbook: None,
+    }
+}
+
+fn gmv_drop(config: &mut Config) {
+    config.alerting.tick_ms = 100;
+    let mut drop = rule(
+        "gmv-drop",
+        "gmv",
+        "15m",
+        Condition::DropVsPrev { pct: 30.0 },
+    );
+    drop.min_count = 10;
+    drop.for_s = 60;
+    drop.runbook = Some("https://runbooks.example/gmv-drop".into());
+    config.alerts = vec![drop];
+}
+
+async fn post_orders(node: &TestNode, prefix: &str, count: usize, amount: i64, ts_ms: i64) {
+    let events: Vec<Value> = (0..count)
+        .map(|n| order(&format!("{prefix}-{n}"), amount, ts_ms))
+        .collect();
+    let reply = node.post("demo-key", &events).await;
+    assert_eq!(reply.body["accepted"], count, "{}", reply.body);
+}
+
+/// Waits (in wall time: the engine ticks every 100 ms) until `GET /v1/alerts`
+/// shows `count` records after `since`.
+async fn records_after(node: &TestNode, since: u64, count: usize) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let reply = node
+            .get(Some("demo-key"), &format!("/v1/alerts?since={since}"))
+            .await;
+        let records = reply.body["records"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if records.len() >= count || tokio::time::Instant::now() > deadline {
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gmv_drop_fires_survives_a_crash_without_a_second_firing_and_resumes_exactly_once() {
+    let node = start_node(gmv_drop).await;
+    let mut socket = subscribe_alerts(&node, 0).await;
+    // the window before: 100 orders of 1 000; this window: 60 (a 40 % drop),
+    // in one request so that no tick sees half of it
+    let mut events: Vec<Value> = (0..100)
+        .map(|n| order(&format!("before-{n}"), 1_000, T0_MS - 20 * 60_000))
+        .collect();
+    events.extend((0..60).map(|n| order(&format!("now-{n}"), 1_000, T0_MS - 5 * 60_000)));
+    assert_eq!(node.post("demo-key", &events).await.body["accepted"], 160);
+
+    let pending = next(&mut socket).await;
+    assert_eq!(pending["type"], "alert");
+    assert_eq!(pending["seq"], 1);
+    assert_eq!(pending["state"], "pending");
+    assert_eq!(pending["rule"], "gmv-drop");
+    assert_eq!(pending["value"], 60_000.0);
+    assert_eq!(pending["baseline"], 100_000.0);
+    assert_eq!(pending["threshold"], 70_000.0);
+    assert_eq!(pending["at"], T0_MS);
+    assert_eq!(
+        pending["labels"],
+        json!({"tenant": "demo", "rule": "gmv-drop", "severity": "P1"})
+    );
+    assert_eq!(pending["runbook"], "https://runbooks.example/gmv-drop");
+    // still pending until the breach has held for_s (60 s)
+    node.clock.advance_ms(59_000);
+    assert_eq!(
+        next_within(&mut socket, Duration::from_millis(500)).await,
+        None
+    );
+    node.clock.advance_ms(1_000);
+    let firing = next(&mut socket).await;
+    assert_eq!(
+        (firing["seq"].clone(), firing["state"].clone()),
+        (json!(2), json!("firing"))
+    );
+    assert_eq!(firing["at"], T0_MS + 60_000);
+
+    let alerts = node.get(Some("demo-key"), "/v1/alerts").await.body;
+    assert_eq!(alerts["alerts"][0]["state"], "firing");
+    assert_eq!(alerts["alerts"][0]["since"], T0_MS + 60_000);
+    assert_eq!(alerts["rules"][0]["id"], "gmv-drop");
+
+    // kill -9 (no final snapshot), then a restart: still firing, no second record
+    drop(socket);
+    let stopped = node.halt_keeping_data().await;
+    let node = start_node_in(stopped.data, stopped.clock, gmv_drop).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let records = records_after(&node, 0, 2).await;
+    let states: Vec<(u64, String)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["seq"].as_u64().unwrap(),
+                r["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(states, vec![(1, "pending".into()), (2, "firing".into())]);
+    let alerts = node.get(Some("demo-key"), "/v1/alerts").await.body;
+    assert_eq!(alerts["alerts"][0]["state"], "firing");
+    assert_eq!(alerts["alerts"][0]["since"], T0_MS + 60_000);
+
+    // a client that saw seq 1 resumes: seq 2 once, then the resolve as it happens
+    let mut socket = subscribe_alerts(&node, 1).await;
+    let resumed = next(&mut socket).await;
+    assert_eq!(
+        (resumed["seq"].clone(), resumed["state"].clone()),
+        (json!(2), json!("firing"))
+    );
+    post_orders(&node, "recovered", 40, 1_000, T0_MS - 4 * 60_000).await;
+    let resolved = next(&mut socket).await;
+    assert_eq!(
+        (resolved["seq"].clone(), resolved["state"].clone()),
+        (json!(3), json!("resolved"))
+    );
+    assert_eq!(resolved["value"], 100_000.0);
+    assert_eq!(
+        next_within(&mut socket, Duration::from_millis(500)).await,
+        None
+    );
+    assert_eq!(records_after(&node, 0, 3).await.len(), 3);
+    assert!(
+        node.get(Some("demo-key"), "/v1/alerts").await.body["alerts"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    node.stop().await;
+}
+
+fn device_order(id: &str, device: &str, ts_ms: i64) -> Value {
+    json!({"id": id, "type": "order.completed", "ts": ts_ms, "amount": 100,
+           "currency": "USD", "dims": {"device": device}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absent_fires_for_the_device_that_went_silent_only_and_resolves_when_it_reports() {
+    let node = start_node(|config| {
+        config.alerting.tick_ms = 100;
+        let mut silent = rule("device-silent", "orders", "15m", Condition::Absent {});
+        silent.by = Some("device".into());
+        silent.for_s = 60;
+        config.alerts = vec![silent];
+    })
+    .await;
+    let mut socket = subscribe_alerts(&node, 0).await;
+    let reply = node
+        .post(
+            "demo-key",
+            &[
+                device_order("a-0", "pos-1", T0_MS),
+                device_order("b-0", "pos-2", T0_MS),
+            ],
+        )
+        .await;
+    assert_eq!(reply.body["accepted"], 2);
+    // both seen; then pos-1 reports every 20 s and pos-2 stays silent
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for step in 1..=4 {
+        let now = T0_MS + step * 20_000;
+        node.clock.set_ms(now);
+        let reply = node
+            .post(
+                "demo-key",
+                &[device_order(&format!("a-{step}"), "pos-1", now)],
+            )
+            .await;
+        assert_eq!(reply.body["accepted"], 1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // at T0 + 80 s pos-2 has been silent 80 s (> 60): one alert, for pos-2
+    let firing = next(&mut socket).await;
+    assert_eq!(firing["state"], "firing");
+    assert_eq!(firing["dim_value"], "pos-2");
+    assert_eq!(firing["labels"]["device"], "pos-2");
+    assert_eq!(
+        next_within(&mut socket, Duration::from_millis(500)).await,
+        None
+    );
+    let now = T0_MS + 90_000;
+    node.clock.set_ms(now);
+    let reply = node
+        .post("demo-key", &[device_order("b-1", "pos-2", now)])
+        .await;
+    assert_eq!(reply.body["accepted"], 1);
+    let resolved = next(&mut socket).await;
+    assert_eq!(resolved["state"], "resolved");
+    assert_eq!(resolved["dim_value"], "pos-2");
+    node.stop().await;
+}
