@@ -20,8 +20,9 @@ use crate::domain::alert::{
 use crate::domain::time::{SlidingWindow, WindowName};
 use crate::node::Node;
 use crate::read::{MetricView, ReadError, TenantReader};
+use crate::storage::envelope::{decode, encode, RecordKind};
 use crate::storage::outbox::{append_op, read_since, Topic};
-use crate::storage::{StorageError, Store};
+use crate::storage::{Op, Space, StorageError, Store};
 
 /// One alert: a rule, and the dim value it watches when the rule has `by`.
 pub type AlertKey = (String, Option<String>);
@@ -30,8 +31,14 @@ pub type AlertKey = (String, Option<String>);
 /// written (live sessions watch it).
 pub struct TenantAlerts {
     rules: Mutex<Vec<Rule>>,
+    /// Ids of the rules from config: the API does not change them.
+    config_rules: Vec<String>,
+    /// Budgets by dim and value, in the metric's unit (`budget_used`).
+    budgets: Mutex<BTreeMap<(String, String), f64>>,
     state: Mutex<AlertBook>,
     written: watch::Sender<u64>,
+    /// One writer at a time: a tick, or a change of rules through the API.
+    writing: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -61,9 +68,50 @@ impl TenantAlerts {
         store: &dyn Store,
         tenant: &str,
         rules: Vec<Rule>,
+        budgets: Vec<((String, String), f64)>,
         now_ms: i64,
         record_bytes_max: usize,
     ) -> Result<TenantAlerts, StorageError> {
+        let config_rules: Vec<String> = rules.iter().map(|rule| rule.id.clone()).collect();
+        let mut rules = rules;
+        let mut budgets: BTreeMap<(String, String), f64> = budgets.into_iter().collect();
+        // rules and budgets set through the API, over the config's
+        let prefix = crate::storage::tenant_prefix(tenant);
+        let mut stored = Vec::new();
+        store.scan(Space::Rules, &prefix, &mut |key, value| {
+            if !key.starts_with(&prefix) {
+                return false;
+            }
+            stored.push((key[prefix.len()..].to_vec(), value.to_vec()));
+            true
+        })?;
+        for (name, value) in stored {
+            let Ok(text) = decode::<String>(&value, RecordKind::Rule, record_bytes_max) else {
+                tracing::warn!(%tenant, "an alert rule or budget cannot be read; skipped");
+                continue;
+            };
+            match name.strip_prefix(BUDGET_PREFIX) {
+                Some(budget_key) => {
+                    let budget_key = String::from_utf8_lossy(budget_key);
+                    let (Some((dim, dim_value)), Ok(amount)) =
+                        (budget_key.split_once('\0'), text.parse::<f64>())
+                    else {
+                        continue;
+                    };
+                    budgets.insert((dim.to_string(), dim_value.to_string()), amount);
+                }
+                None => match serde_json::from_str::<Rule>(&text) {
+                    Ok(rule) if !config_rules.contains(&rule.id) => {
+                        rules.retain(|other| other.id != rule.id);
+                        rules.push(rule);
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(%tenant, %error, "an alert rule cannot be read; skipped")
+                    }
+                },
+            }
+        }
         let mut book = AlertBook {
             next_seq: 1,
             ..AlertBook::default()
@@ -107,9 +155,30 @@ impl TenantAlerts {
         let last_written = book.next_seq - 1;
         Ok(TenantAlerts {
             rules: Mutex::new(rules),
+            config_rules,
+            budgets: Mutex::new(budgets),
             state: Mutex::new(book),
             written: watch::channel(last_written).0,
+            writing: tokio::sync::Mutex::new(()),
         })
+    }
+
+    pub fn is_from_config(&self, rule_id: &str) -> bool {
+        self.config_rules.iter().any(|id| id == rule_id)
+    }
+
+    pub fn rule(&self, rule_id: &str) -> Option<Rule> {
+        lock(&self.rules)
+            .iter()
+            .find(|rule| rule.id == rule_id)
+            .cloned()
+    }
+
+    /// The budget of a dim value, if one is set.
+    pub fn budget(&self, dim: &str, value: &str) -> Option<f64> {
+        lock(&self.budgets)
+            .get(&(dim.to_string(), value.to_string()))
+            .copied()
     }
 
     pub fn rules(&self) -> Vec<Rule> {
@@ -145,6 +214,189 @@ impl TenantAlerts {
         }
         statuses
     }
+}
+
+/// Budgets are kept in the rules' space under this prefix (no rule id has it:
+/// ids are `[a-z0-9_-]`).
+const BUDGET_PREFIX: &[u8] = b"\x01budget\0";
+
+fn budget_key(tenant: &str, dim: &str, value: &str) -> Vec<u8> {
+    let mut key = crate::storage::tenant_prefix(tenant);
+    key.extend_from_slice(BUDGET_PREFIX);
+    key.extend_from_slice(dim.as_bytes());
+    key.push(0);
+    key.extend_from_slice(value.as_bytes());
+    key
+}
+
+/// Why a change of rules or budgets was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    #[error("rule {0} comes from config; change it there")]
+    FromConfig(String),
+    #[error("no alert rule {0}")]
+    NotFound(String),
+    #[error("the tenant has {0} rules, alerting.rules_per_tenant_max")]
+    TooMany(usize),
+    #[error("the budget must be a finite number of at least 0")]
+    BadBudget,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("cannot encode: {0}")]
+    Encode(String),
+}
+
+/// Sets a rule through the API (persisted before it applies); true when it
+/// is new. A changed rule keeps its alerts' states and is judged anew at the
+/// next tick.
+pub async fn put_rule(node: &Node, tenant: &str, rule: Rule) -> Result<bool, RuleError> {
+    let Some(alerts) = node.alerts.tenant(tenant) else {
+        return Err(RuleError::NotFound(rule.id));
+    };
+    if alerts.is_from_config(&rule.id) {
+        return Err(RuleError::FromConfig(rule.id));
+    }
+    let _one_writer = alerts.writing.lock().await;
+    let rules_max = node.config.alerting.rules_per_tenant_max;
+    let new = alerts.rule(&rule.id).is_none();
+    if new && alerts.rules().len() >= rules_max {
+        return Err(RuleError::TooMany(rules_max));
+    }
+    let text = serde_json::to_string(&rule).map_err(|e| RuleError::Encode(e.to_string()))?;
+    let value = encode(RecordKind::Rule, &text).map_err(|e| RuleError::Encode(e.to_string()))?;
+    node.committer
+        .commit(vec![Op::Put {
+            space: Space::Rules,
+            key: crate::storage::named_key(tenant, &rule.id),
+            value,
+        }])
+        .await?;
+    let mut rules = lock(&alerts.rules);
+    rules.retain(|other| other.id != rule.id);
+    rules.push(rule);
+    Ok(new)
+}
+
+/// Deletes a rule set through the API; its pending and firing alerts end with
+/// a `resolved` (or `ok`) record, written with the removal.
+pub async fn delete_rule(node: &Node, tenant: &str, rule_id: &str) -> Result<(), RuleError> {
+    let Some(alerts) = node.alerts.tenant(tenant) else {
+        return Err(RuleError::NotFound(rule_id.to_string()));
+    };
+    if alerts.is_from_config(rule_id) {
+        return Err(RuleError::FromConfig(rule_id.to_string()));
+    }
+    let _one_writer = alerts.writing.lock().await;
+    let Some(rule) = alerts.rule(rule_id) else {
+        return Err(RuleError::NotFound(rule_id.to_string()));
+    };
+    let now_ms = node.now_ms();
+    let ending: Vec<(AlertKey, Transition, Judgement)> = {
+        let book = lock(&alerts.state);
+        book.alerts
+            .iter()
+            .filter(|((id, _), _)| id == rule_id)
+            .filter_map(|(key, (memory, last))| {
+                let transition = match memory.state {
+                    AlertState::Ok => return None,
+                    AlertState::Pending { .. } => Transition::Ok,
+                    AlertState::Firing { .. } => Transition::Resolved,
+                };
+                Some((key.clone(), transition, last.clone()))
+            })
+            .collect()
+    };
+    let (mut ops, last_seq) =
+        record_ops(tenant, alerts, std::slice::from_ref(&rule), ending, now_ms)
+            .map_err(|e| RuleError::Encode(e.to_string()))?;
+    ops.push(Op::Remove {
+        space: Space::Rules,
+        key: crate::storage::named_key(tenant, rule_id),
+    });
+    node.committer.commit(ops).await?;
+    lock(&alerts.rules).retain(|other| other.id != rule_id);
+    lock(&alerts.state)
+        .alerts
+        .retain(|(id, _), _| id != rule_id);
+    if let Some(seq) = last_seq {
+        alerts.written.send_replace(seq);
+    }
+    crate::telemetry::set_alert_firing(tenant, rule_id, &rule.severity, 0);
+    Ok(())
+}
+
+/// Sets the budget of a dim value (persisted before it applies).
+pub async fn put_budget(
+    node: &Node,
+    tenant: &str,
+    dim: &str,
+    value: &str,
+    amount: f64,
+) -> Result<(), RuleError> {
+    let Some(alerts) = node.alerts.tenant(tenant) else {
+        return Err(RuleError::NotFound(format!("tenant {tenant}")));
+    };
+    if !amount.is_finite() || amount < 0.0 {
+        return Err(RuleError::BadBudget);
+    }
+    let _one_writer = alerts.writing.lock().await;
+    let stored = encode(RecordKind::Rule, &amount.to_string())
+        .map_err(|e| RuleError::Encode(e.to_string()))?;
+    node.committer
+        .commit(vec![Op::Put {
+            space: Space::Rules,
+            key: budget_key(tenant, dim, value),
+            value: stored,
+        }])
+        .await?;
+    lock(&alerts.budgets).insert((dim.to_string(), value.to_string()), amount);
+    Ok(())
+}
+
+/// The records of `transitions` with their seqs (taken from the book), as
+/// writes; and the last seq.
+fn record_ops(
+    tenant_id: &str,
+    alerts: &TenantAlerts,
+    rules: &[Rule],
+    transitions: Vec<(AlertKey, Transition, Judgement)>,
+    now_ms: i64,
+) -> Result<(Vec<Op>, Option<u64>), EvaluateError> {
+    let mut ops = Vec::with_capacity(transitions.len());
+    let mut last_seq = None;
+    let mut book = lock(&alerts.state);
+    for ((rule_id, key), transition, judgement) in transitions {
+        let rule = rules.iter().find(|rule| rule.id == rule_id);
+        let seq = book.next_seq;
+        book.next_seq += 1;
+        let record = AlertRecord {
+            seq,
+            rule: rule_id.clone(),
+            state: transition,
+            labels: labels(tenant_id, &rule_id, rule, key.as_deref()),
+            dim_value: key,
+            metric: rule.map(|rule| rule.metric.clone()).unwrap_or_default(),
+            window: rule
+                .map(|rule| rule.window.name().to_string())
+                .unwrap_or_default(),
+            condition: rule
+                .map(|rule| rule.condition.name().to_string())
+                .unwrap_or_default(),
+            value: judgement.value,
+            baseline: judgement.baseline,
+            threshold: judgement.threshold,
+            runbook: rule.and_then(|rule| rule.runbook.clone()),
+            at_ms: now_ms,
+        };
+        let text =
+            serde_json::to_string(&record).map_err(|e| EvaluateError::Encode(e.to_string()))?;
+        ops.push(
+            append_op(tenant_id, Topic::Alerts, seq, &text)
+                .map_err(|e| EvaluateError::Encode(e.to_string()))?,
+        );
+        last_seq = Some(seq);
+    }
+    Ok((ops, last_seq))
 }
 
 /// A lock whose holder cannot leave it half-changed (no code between lock
@@ -237,6 +489,7 @@ pub async fn evaluate_tenant(
     let Some(handle) = node.tenant(tenant_id) else {
         return Ok(0);
     };
+    let _one_writer = alerts.writing.lock().await;
     let reader = TenantReader::begin(handle)?;
     let now_ms = node.now_ms();
     let rules = alerts.rules();
@@ -259,7 +512,11 @@ pub async fn evaluate_tenant(
                     .alerts
                     .entry(alert_key.clone())
                     .or_insert_with(|| (AlertMemory::new(now_ms), judge_none()));
-                let judgement = judge(rule, &observation, None, memory, window_ms, now_ms);
+                let budget = match (&rule.by, &alert_key.1) {
+                    (Some(dim), Some(value)) => alerts.budget(dim, value),
+                    _ => None,
+                };
+                let judgement = judge(rule, &observation, budget, memory, window_ms, now_ms);
                 if let Some(transition) = step(rule, &judgement, memory, now_ms) {
                     records.push((alert_key, transition, judgement.clone()));
                 }
@@ -303,45 +560,12 @@ pub async fn evaluate_tenant(
     }
     let written = records.len();
     if !records.is_empty() {
-        let mut ops = Vec::with_capacity(records.len());
-        let mut last_seq = 0;
-        {
-            let mut book = lock(&alerts.state);
-            for ((rule_id, key), transition, judgement) in records {
-                let rule = rules.iter().find(|rule| rule.id == rule_id);
-                let seq = book.next_seq;
-                book.next_seq += 1;
-                let record = AlertRecord {
-                    seq,
-                    rule: rule_id.clone(),
-                    state: transition,
-                    labels: labels(tenant_id, &rule_id, rule, key.as_deref()),
-                    dim_value: key,
-                    metric: rule.map(|rule| rule.metric.clone()).unwrap_or_default(),
-                    window: rule
-                        .map(|rule| rule.window.name().to_string())
-                        .unwrap_or_default(),
-                    condition: rule
-                        .map(|rule| rule.condition.name().to_string())
-                        .unwrap_or_default(),
-                    value: judgement.value,
-                    baseline: judgement.baseline,
-                    threshold: judgement.threshold,
-                    runbook: rule.and_then(|rule| rule.runbook.clone()),
-                    at_ms: now_ms,
-                };
-                let text = serde_json::to_string(&record)
-                    .map_err(|e| EvaluateError::Encode(e.to_string()))?;
-                ops.push(
-                    append_op(tenant_id, Topic::Alerts, seq, &text)
-                        .map_err(|e| EvaluateError::Encode(e.to_string()))?,
-                );
-                last_seq = seq;
-            }
-        }
+        let (ops, last_seq) = record_ops(tenant_id, alerts, &rules, records, now_ms)?;
         // durable before anyone hears of it
         node.committer.commit(ops).await?;
-        alerts.written.send_replace(last_seq);
+        if let Some(seq) = last_seq {
+            alerts.written.send_replace(seq);
+        }
     }
     for (rule, severity, count) in firing {
         crate::telemetry::set_alert_firing(tenant_id, &rule, &severity, count);

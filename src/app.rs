@@ -243,6 +243,7 @@ pub async fn start_with_store(
                 &*store,
                 tenant,
                 checked.rules_for(tenant),
+                checked.budgets_for(tenant),
                 now_ms,
                 config.storage.record_bytes_max,
             );

@@ -264,3 +264,198 @@ async fn absent_fires_for_the_device_that_went_silent_only_and_resolves_when_it_
     assert_eq!(resolved["dim_value"], "pos-2");
     node.stop().await;
 }
+
+async fn call_json(
+    node: &TestNode,
+    method: reqwest::Method,
+    key: &str,
+    path: &str,
+    body: Value,
+) -> common::Reply {
+    let request = node
+        .client
+        .request(method, format!("{}{}", node.base, path))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    node.send(request).await
+}
+
+fn spend(id: &str, campaign: &str, amount: i64, ts_ms: i64) -> Value {
+    json!({"id": id, "type": "ad.impression", "ts": ts_ms, "amount": amount,
+           "currency": "USD", "dims": {"campaign": campaign}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_budget_fires_at_nine_thousand_spent_not_at_8999() {
+    let node = start_node(|config| config.alerting.tick_ms = 100).await;
+    let rule = json!({"metric": "ad_spend", "window": "today", "by": "campaign",
+                      "condition": {"type": "budget_used", "pct": 90}, "severity": "P2"});
+    let reply = call_json(
+        &node,
+        reqwest::Method::PUT,
+        "demo-key",
+        "/v1/alerts/campaign-budget",
+        rule,
+    )
+    .await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let reply = call_json(
+        &node,
+        reqwest::Method::PUT,
+        "demo-key",
+        "/v1/budgets/campaign/spring",
+        json!({"amount": 10_000}),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let mut socket = subscribe_alerts(&node, 0).await;
+    let events: Vec<Value> = (0..8)
+        .map(|n| spend(&format!("s-{n}"), "spring", 1_000, T0_MS))
+        .chain([
+            spend("s-8", "spring", 999, T0_MS),
+            spend("o-1", "autumn", 50_000, T0_MS),
+        ])
+        .collect();
+    assert_eq!(node.post("demo-key", &events).await.body["accepted"], 10);
+    // 8 999 of 10 000 (and a campaign without a budget): nothing
+    assert_eq!(
+        next_within(&mut socket, Duration::from_millis(600)).await,
+        None
+    );
+    assert_eq!(
+        node.post("demo-key", &[spend("s-9", "spring", 1, T0_MS)])
+            .await
+            .body["accepted"],
+        1
+    );
+    let firing = next(&mut socket).await;
+    assert_eq!(firing["state"], "firing");
+    assert_eq!(firing["labels"]["campaign"], "spring");
+    assert_eq!(firing["value"], 9_000.0);
+    assert_eq!(firing["baseline"], 10_000.0);
+    assert_eq!(firing["threshold"], 9_000.0);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_through_the_api_are_checked_persisted_kept_per_tenant_and_deleted() {
+    let with_config_rule = |config: &mut Config| {
+        config.alerting.tick_ms = 100;
+        config.alerts = vec![rule(
+            "from-config",
+            "orders",
+            "15m",
+            Condition::Above { value: 1e9 },
+        )];
+    };
+    let node = start_node(with_config_rule).await;
+    let put = |path: &'static str, body: Value| {
+        call_json(&node, reqwest::Method::PUT, "demo-key", path, body)
+    };
+    // every problem, by field
+    let reply = put(
+        "/v1/alerts/bad",
+        json!({"metric": "nope", "window": "1h", "condition": {"type": "above", "value": 1}, "for_s": -5}),
+    )
+    .await;
+    assert_eq!(reply.status, 400);
+    let fields: Vec<&str> = reply.body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|error| error["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["metric", "window", "for_s"], "{}", reply.body);
+    let reply = put(
+        "/v1/alerts/bad",
+        json!({"metric": "gmv", "window": "15m", "condition": {"type": "sideways"}}),
+    )
+    .await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(
+        reply.body["errors"][0]["field"], "condition.type",
+        "{}",
+        reply.body
+    );
+    let reply = put(
+        "/v1/alerts/Bad%20Id",
+        json!({"metric": "gmv", "window": "15m", "condition": {"type": "above", "value": 1}}),
+    )
+    .await;
+    assert_eq!(reply.body["errors"][0]["field"], "id", "{}", reply.body);
+
+    let failures = json!({"metric": "payment_failure_rate", "window": "15m",
+                          "condition": {"type": "above", "value": 0.05}, "min_count": 100,
+                          "for_s": 60, "severity": "P1", "runbook": "https://runbooks.example/pfr"});
+    assert_eq!(put("/v1/alerts/pfr", failures.clone()).await.status, 201);
+    assert_eq!(put("/v1/alerts/pfr", failures).await.status, 200);
+    let config_rule =
+        json!({"metric": "orders", "window": "15m", "condition": {"type": "above", "value": 1}});
+    assert_eq!(put("/v1/alerts/from-config", config_rule).await.status, 409);
+    let got = node.get(Some("demo-key"), "/v1/alerts/pfr").await;
+    assert_eq!(got.status, 200);
+    assert_eq!(
+        got.body["rule"]["condition"],
+        json!({"type": "above", "value": 0.05})
+    );
+    assert_eq!(got.body["source"], "api");
+    // another tenant neither sees nor deletes it
+    assert_eq!(
+        node.get(Some("acme-key"), "/v1/alerts/pfr").await.status,
+        404
+    );
+    assert_eq!(
+        node.call(reqwest::Method::DELETE, "acme-key", "/v1/alerts/pfr")
+            .await
+            .status,
+        404
+    );
+    let ids = |body: &Value| -> Vec<String> {
+        body["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|rule| rule["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        ids(&node.get(Some("acme-key"), "/v1/alerts").await.body),
+        Vec::<String>::new()
+    );
+
+    // kept across a crash-like restart
+    let stopped = node.halt_keeping_data().await;
+    let node = start_node_in(stopped.data, stopped.clock, with_config_rule).await;
+    assert_eq!(
+        ids(&node.get(Some("demo-key"), "/v1/alerts").await.body),
+        ["from-config", "pfr"]
+    );
+    assert_eq!(
+        node.call(
+            reqwest::Method::DELETE,
+            "demo-key",
+            "/v1/alerts/from-config"
+        )
+        .await
+        .status,
+        409
+    );
+    assert_eq!(
+        node.call(reqwest::Method::DELETE, "demo-key", "/v1/alerts/pfr")
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        node.get(Some("demo-key"), "/v1/alerts/pfr").await.status,
+        404
+    );
+    let stopped = node.stop_keeping_data().await;
+    let node = start_node_in(stopped.data, stopped.clock, with_config_rule).await;
+    assert_eq!(
+        ids(&node.get(Some("demo-key"), "/v1/alerts").await.body),
+        ["from-config"]
+    );
+    node.stop().await;
+}

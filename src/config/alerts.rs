@@ -56,6 +56,64 @@ pub struct RuleConfig {
     pub runbook: Option<String>,
 }
 
+/// A budget as written in config (`[[budgets]]`); the API sets them with
+/// `PUT /v1/budgets/{dim}/{value}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// The tenants it is for (empty: every tenant).
+    #[serde(default)]
+    pub tenants: Vec<String>,
+    pub dim: String,
+    pub value: String,
+    /// In the metric's unit (minor units for money).
+    pub amount: f64,
+}
+
+/// The config's budgets, each with the tenants it is for.
+pub fn check_budgets(
+    budgets: &[BudgetConfig],
+    tenant_ids: &HashSet<&str>,
+    issues: &mut Vec<ConfigIssue>,
+) -> Vec<(Vec<String>, (String, String), f64)> {
+    let mut checked = Vec::with_capacity(budgets.len());
+    for (index, budget) in budgets.iter().enumerate() {
+        let at = format!("budgets[{index}]");
+        let mut fine = true;
+        for (t, tenant) in budget.tenants.iter().enumerate() {
+            if !tenant_ids.contains(tenant.as_str()) {
+                issues.push(issue(
+                    format!("{at}.tenants[{t}]"),
+                    format!("unknown tenant {tenant:?}"),
+                ));
+                fine = false;
+            }
+        }
+        if budget.dim.is_empty() || budget.value.is_empty() {
+            issues.push(issue(
+                format!("{at}.dim"),
+                "dim and value must not be empty",
+            ));
+            fine = false;
+        }
+        if !budget.amount.is_finite() || budget.amount < 0.0 {
+            issues.push(issue(
+                format!("{at}.amount"),
+                "must be a finite number of at least 0",
+            ));
+            fine = false;
+        }
+        if fine {
+            checked.push((
+                budget.tenants.clone(),
+                (budget.dim.clone(), budget.value.clone()),
+                budget.amount,
+            ));
+        }
+    }
+    checked
+}
+
 fn default_severity() -> String {
     "warning".into()
 }
@@ -127,10 +185,16 @@ pub fn check_rule(
                 "today has no window before it: use 30s or 15m",
             ))
         }
-        Condition::BudgetUsed { .. }
-            if metric.is_some_and(|metric| !matches!(metric.kind, MetricKind::Sum { .. })) =>
-        {
-            issues.push(issue(field("metric"), "budget_used needs a sum metric"))
+        Condition::BudgetUsed { .. } => {
+            if metric.is_some_and(|metric| !matches!(metric.kind, MetricKind::Sum { .. })) {
+                issues.push(issue(field("metric"), "budget_used needs a sum metric"));
+            }
+            if rule.by.is_none() {
+                issues.push(issue(
+                    field("by"),
+                    "budget_used needs by: budgets are per dim value",
+                ));
+            }
         }
         Condition::Zscore { .. } if window == Some(WindowName::Today) => issues.push(issue(
             field("window"),

@@ -38,7 +38,7 @@ mod windows;
 
 pub use actors::ActorsConfig;
 pub use admin::AdminConfig;
-pub use alerts::{AlertingConfig, RuleConfig};
+pub use alerts::{AlertingConfig, BudgetConfig, RuleConfig};
 pub use ingest::IngestConfig;
 pub use live::LiveConfig;
 pub use metrics::{MetricConfig, MetricKindName};
@@ -67,6 +67,7 @@ pub struct Config {
     pub tenants: Vec<TenantConfig>,
     pub metrics: Vec<MetricConfig>,
     pub alerts: Vec<RuleConfig>,
+    pub budgets: Vec<BudgetConfig>,
 }
 
 /// The SHA-256 digest of an API key.
@@ -87,9 +88,20 @@ pub struct Checked {
     pub event_limits: EventLimits,
     /// `[[alerts]]`, each with the tenants it is for (empty: every one).
     pub alert_rules: Vec<(Vec<String>, crate::domain::alert::Rule)>,
+    /// `[[budgets]]`: (tenants, (dim, value), amount).
+    pub budgets: Vec<(Vec<String>, (String, String), f64)>,
 }
 
 impl Checked {
+    /// The config's budgets for `tenant`.
+    pub fn budgets_for(&self, tenant: &str) -> Vec<((String, String), f64)> {
+        self.budgets
+            .iter()
+            .filter(|(tenants, _, _)| tenants.is_empty() || tenants.iter().any(|id| id == tenant))
+            .map(|(_, key, amount)| (key.clone(), *amount))
+            .collect()
+    }
+
     /// The config's alert rules for `tenant`.
     pub fn rules_for(&self, tenant: &str) -> Vec<crate::domain::alert::Rule> {
         self.alert_rules
@@ -464,6 +476,7 @@ impl Config {
             }
             None => Vec::new(),
         };
+        let budgets = alerts::check_budgets(&self.budgets, &tenant_ids, &mut issues);
         for tenant in &self.tenants {
             let rules = alert_rules
                 .iter()
@@ -489,6 +502,7 @@ impl Config {
                 catalogue: Arc::new(catalogue),
                 event_limits: self.event_limits(),
                 alert_rules,
+                budgets,
             }),
             _ => Err(issues),
         }

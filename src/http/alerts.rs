@@ -3,12 +3,15 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::alerting::RuleError;
 use crate::auth::Caller;
+use crate::config::RuleConfig;
 use crate::node::Node;
 use crate::storage::outbox::{read_since, Topic};
 
@@ -98,4 +101,165 @@ fn unavailable(node: &Node) -> ApiError {
         message: "the alert records could not be read; retry".into(),
         retry_after_s: node.config.server.retry_after_s,
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantQuery {
+    tenant: Option<String>,
+}
+
+/// The tenant a caller may change: its own with a tenant key, the one it
+/// names with an admin key (the same rule as reads).
+fn writing_tenant(
+    node: &Node,
+    caller: &Caller,
+    query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<String, ApiError> {
+    let principal = caller.principal()?;
+    let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let tenant = node.reading_tenant(principal, query.tenant.as_deref())?;
+    Ok(tenant.context.id.to_string())
+}
+
+fn rule_error(node: &Node, error: RuleError) -> ApiError {
+    match error {
+        RuleError::FromConfig(_) | RuleError::TooMany(_) => ApiError::Conflict(error.to_string()),
+        RuleError::NotFound(_) => ApiError::NotFound(error.to_string()),
+        RuleError::BadBudget => ApiError::Invalid(vec![("amount".into(), error.to_string())]),
+        RuleError::Storage(_) | RuleError::Encode(_) => ApiError::Unavailable {
+            message: error.to_string(),
+            retry_after_s: node.config.server.retry_after_s,
+        },
+    }
+}
+
+/// `GET /v1/alerts/{rule_id}`: the rule, where it comes from, and its pending
+/// and firing alerts.
+pub async fn get_rule(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+    Path(rule_id): Path<String>,
+    query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = writing_tenant(&node, &caller, query)?;
+    let alerts = node
+        .alerts
+        .tenant(&tenant)
+        .ok_or_else(|| ApiError::NotFound(format!("no alert rule {rule_id}")))?;
+    let rule = alerts
+        .rule(&rule_id)
+        .ok_or_else(|| ApiError::NotFound(format!("no alert rule {rule_id}")))?;
+    let statuses: Vec<_> = alerts
+        .statuses(&tenant)
+        .into_iter()
+        .filter(|status| status.rule == rule_id)
+        .collect();
+    Ok(Json(json!({
+        "tenant": tenant,
+        "rule": rule,
+        "source": if alerts.is_from_config(&rule_id) { "config" } else { "api" },
+        "alerts": statuses,
+    })))
+}
+
+/// `PUT /v1/alerts/{rule_id}`: creates (201) or replaces (200) a rule; a body
+/// that does not check gets 400 with every problem by field.
+pub async fn put_rule(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+    Path(rule_id): Path<String>,
+    query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let tenant = writing_tenant(&node, &caller, query)?;
+    let mut deserializer = serde_json::Deserializer::from_slice(&body);
+    let config: RuleConfig =
+        serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+            let field = error.path().to_string();
+            ApiError::Invalid(vec![(field, error.into_inner().to_string())])
+        })?;
+    let mut problems = Vec::new();
+    if !config.id.is_empty() && config.id != rule_id {
+        problems.push((
+            "id".to_string(),
+            "must be left out or equal the path's".to_string(),
+        ));
+    }
+    if !config.tenants.is_empty() {
+        problems.push((
+            "tenants".to_string(),
+            "is for config; the key names the tenant".to_string(),
+        ));
+    }
+    let checked = crate::config::alerts::check_rule(&node.catalogue, "", &rule_id, &config);
+    let rule = match checked {
+        Ok(rule) if problems.is_empty() => rule,
+        Ok(_) => return Err(ApiError::Invalid(problems)),
+        Err(issues) => {
+            problems.extend(issues.into_iter().map(|issue| (issue.path, issue.message)));
+            return Err(ApiError::Invalid(problems));
+        }
+    };
+    let new = crate::alerting::put_rule(&node, &tenant, rule.clone())
+        .await
+        .map_err(|error| rule_error(&node, error))?;
+    let status = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!({"tenant": tenant, "rule": rule}))))
+}
+
+/// `DELETE /v1/alerts/{rule_id}`: 204; its pending and firing alerts end
+/// with a record.
+pub async fn delete_rule(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+    Path(rule_id): Path<String>,
+    query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<StatusCode, ApiError> {
+    let tenant = writing_tenant(&node, &caller, query)?;
+    crate::alerting::delete_rule(&node, &tenant, &rule_id)
+        .await
+        .map_err(|error| rule_error(&node, error))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetBody {
+    amount: f64,
+}
+
+/// `PUT /v1/budgets/{dim}/{value}` with `{"amount": …}` in the metric's unit.
+pub async fn put_budget(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+    Path((dim, value)): Path<(String, String)>,
+    query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = writing_tenant(&node, &caller, query)?;
+    let mut deserializer = serde_json::Deserializer::from_slice(&body);
+    let budget: BudgetBody =
+        serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+            let field = error.path().to_string();
+            ApiError::Invalid(vec![(field, error.into_inner().to_string())])
+        })?;
+    let bad =
+        |text: &str| text.is_empty() || text.len() > 128 || text.chars().any(char::is_control);
+    if bad(&dim) || bad(&value) {
+        return Err(ApiError::Invalid(vec![(
+            "path".into(),
+            "dim and value must be 1 to 128 bytes of text".into(),
+        )]));
+    }
+    crate::alerting::put_budget(&node, &tenant, &dim, &value, budget.amount)
+        .await
+        .map_err(|error| rule_error(&node, error))?;
+    Ok(Json(
+        json!({"tenant": tenant, "dim": dim, "value": value, "amount": budget.amount}),
+    ))
 }

@@ -23,6 +23,11 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    /// A body that does not check: every problem with its field.
+    #[error("the request does not check; see errors")]
+    Invalid(Vec<(String, String)>),
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("content type must be application/json or application/x-ndjson")]
@@ -45,6 +50,8 @@ impl ApiError {
             ApiError::Forbidden(_) | ApiError::TenantMismatch(_) => StatusCode::FORBIDDEN,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -61,6 +68,8 @@ impl ApiError {
             ApiError::TenantMismatch(_) => "tenant_mismatch",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::NotFound(_) => "not_found",
+            ApiError::Invalid(_) => "invalid",
+            ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::RequestTimeout(_) => "request_timeout",
@@ -116,8 +125,15 @@ impl IntoResponse for ApiError {
             | ApiError::InsufficientStorage { retry_after_s, .. } => Some(*retry_after_s),
             _ => None,
         };
-        if let ApiError::TenantMismatch(errors) = self {
-            body["errors"] = serde_json::Value::Array(errors);
+        match self {
+            ApiError::TenantMismatch(errors) => body["errors"] = serde_json::Value::Array(errors),
+            ApiError::Invalid(errors) => {
+                body["errors"] = errors
+                    .into_iter()
+                    .map(|(field, message)| json!({"field": field, "message": message}))
+                    .collect();
+            }
+            _ => {}
         }
         let mut response = (status, Json(body)).into_response();
         if let Some(seconds) = retry_after_s {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
@@ -42,6 +42,13 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/metrics/{name}", get(query::get_one))
         .route("/v1/metrics/{name}/series", get(query::get_series))
         .route("/v1/alerts", get(alerts::list))
+        .route(
+            "/v1/alerts/{rule_id}",
+            get(alerts::get_rule)
+                .put(alerts::put_rule)
+                .delete(alerts::delete_rule),
+        )
+        .route("/v1/budgets/{dim}/{value}", put(alerts::put_budget))
         .route("/v1/quarantine", get(quarantine::list))
         .route("/v1/quarantine/{qid}/retry", post(quarantine::retry))
         .route("/v1/quarantine/{qid}", delete(quarantine::delete))
