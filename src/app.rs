@@ -379,6 +379,10 @@ pub async fn start_with_store(
         })
     };
     let alerting = tokio::spawn(crate::alerting::run(Arc::clone(&node)));
+    let alertmanager = {
+        let url = node.config.alerting.alertmanager_url.clone();
+        (!url.is_empty()).then(|| tokio::spawn(crate::alertmanager::run(Arc::clone(&node), url)))
+    };
     let upkeep = {
         let node = Arc::clone(&node);
         let every = Duration::from_secs(node.config.prometheus.upkeep_interval_s);
@@ -439,6 +443,7 @@ pub async fn start_with_store(
         background: vec![alerting, merger, upkeep, storage_watch]
             .into_iter()
             .chain(metrics_server)
+            .chain(alertmanager)
             .chain(feed_tasks)
             .collect(),
         runtime: Some(runtime),

@@ -2,6 +2,7 @@
 
 pub mod actors;
 pub mod alerting;
+pub mod alertmanager;
 pub mod app;
 pub mod auth;
 pub mod clock;

@@ -20,6 +20,12 @@ pub struct AlertingConfig {
     pub tick_ms: u64,
     /// Rules one tenant may have (config and API together).
     pub rules_per_tenant_max: usize,
+    /// Alertmanager's base URL (`http://host:9093`); empty: none.
+    pub alertmanager_url: String,
+    /// Seconds between sends of the alerts still firing.
+    pub alertmanager_resend_s: u64,
+    /// How long one request to Alertmanager may take, in milliseconds.
+    pub alertmanager_timeout_ms: u64,
 }
 
 impl Default for AlertingConfig {
@@ -27,6 +33,9 @@ impl Default for AlertingConfig {
         AlertingConfig {
             tick_ms: 1_000,
             rules_per_tenant_max: 1_000,
+            alertmanager_url: String::new(),
+            alertmanager_resend_s: 60,
+            alertmanager_timeout_ms: 5_000,
         }
     }
 }

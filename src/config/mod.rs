@@ -305,6 +305,28 @@ impl Config {
         if !(100..=60_000).contains(&self.alerting.tick_ms) {
             issues.push(issue("alerting.tick_ms", "must be within 100..=60000"));
         }
+        let url = &self.alerting.alertmanager_url;
+        let plain_http = url.len() > "http://".len()
+            && url.starts_with("http://")
+            && !url.contains(char::is_whitespace);
+        if !url.is_empty() && !plain_http {
+            issues.push(issue(
+                "alerting.alertmanager_url",
+                "must be empty or a plain http:// URL such as http://127.0.0.1:9093",
+            ));
+        }
+        if !(1..=3600).contains(&self.alerting.alertmanager_resend_s) {
+            issues.push(issue(
+                "alerting.alertmanager_resend_s",
+                "must be within 1..=3600",
+            ));
+        }
+        if !(100..=60_000).contains(&self.alerting.alertmanager_timeout_ms) {
+            issues.push(issue(
+                "alerting.alertmanager_timeout_ms",
+                "must be within 100..=60000",
+            ));
+        }
         if self.alerting.rules_per_tenant_max == 0 {
             issues.push(issue("alerting.rules_per_tenant_max", "must be at least 1"));
         }
