@@ -185,6 +185,11 @@ impl TenantAlerts {
         lock(&self.rules).clone()
     }
 
+    /// The seq of the last record written.
+    pub fn last_seq(&self) -> u64 {
+        *self.written.borrow()
+    }
+
     /// The seq of the last record written, to watch.
     pub fn written(&self) -> watch::Receiver<u64> {
         self.written.subscribe()

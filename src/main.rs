@@ -52,10 +52,14 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Serve { demo } => {
-            let config = match load(&cli.config) {
+            let mut config = match load(&cli.config) {
                 Ok(config) => config,
                 Err(code) => return code,
             };
+            if demo {
+                // the demo's alert rules, checked with the rest at start
+                config.alerts.extend(tally::demo::alert_rules());
+            }
             use std::io::IsTerminal;
             tracing_subscriber::fmt()
                 .with_writer(std::io::stderr)

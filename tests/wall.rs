@@ -2,7 +2,8 @@
 //! chromedriver (Debian's `chromium` and `chromium-driver`, installed by
 //! `scripts/test`) over the WebDriver protocol. The page loads with the token
 //! in its fragment; events are ingested; the displayed GMV must equal their sum;
-//! after the server stops, the page must show its stale state. A screenshot is
+//! a rule that fires on them shows in the alert strip; after the server stops,
+//! the page must show its stale state. A screenshot is
 //! written to Cargo's temporary directory for integration tests
 //! (`CARGO_TARGET_TMPDIR`, wherever the target directory is) as wall.png; the
 //! one in docs/ was taken this way.
@@ -191,7 +192,23 @@ mod base64_decode {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wall_shows_the_ingested_gmv_and_goes_stale_when_the_server_stops() {
-    let node = start_node(|_| {}).await;
+    // a rule that fires on the third order: the wall shows it
+    let node = start_node(|config| {
+        config.alerting.tick_ms = 100;
+        config.alerts = vec![tally::config::RuleConfig {
+            id: "many-orders".into(),
+            tenants: vec!["demo".into()],
+            metric: "orders".into(),
+            window: "today".into(),
+            condition: tally::domain::alert::Condition::Above { value: 2.0 },
+            by: None,
+            min_count: 0,
+            for_s: 0,
+            severity: "P1".into(),
+            runbook: None,
+        }];
+    })
+    .await;
     let driver = Driver::start().await;
     driver
         .open(&format!("{}/wall#token=demo-key", node.base))
@@ -213,6 +230,9 @@ async fn the_wall_shows_the_ingested_gmv_and_goes_stale_when_the_server_stops() 
         .await;
     driver.wait_for_text("#orders", "3").await;
     driver.wait_for_text("#aov", "$14.00").await;
+    driver
+        .wait_for_text("[data-testid=alert-rule]", "P1 many-orders")
+        .await;
     let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
     println!("screenshots in {}", target.display());
     driver.screenshot(&target.join("wall.png")).await;

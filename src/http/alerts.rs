@@ -51,6 +51,8 @@ pub async fn list(
             "tenant": tenant,
             "alerts": alerts.statuses(&tenant),
             "rules": rules,
+            // where a client subscribing to the alerts topic after this starts
+            "last_seq": alerts.last_seq(),
         })));
     };
     let limit_max = node.config.live.replay_records_max;
