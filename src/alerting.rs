@@ -43,7 +43,8 @@ pub struct TenantAlerts {
 
 #[derive(Default)]
 struct AlertBook {
-    alerts: BTreeMap<AlertKey, (AlertMemory, Judgement)>,
+    /// By rule, then by dim value: a tick walks each rule's alerts once.
+    alerts: BTreeMap<String, BTreeMap<Option<String>, (AlertMemory, Judgement)>>,
     next_seq: u64,
 }
 
@@ -149,7 +150,9 @@ impl TenantAlerts {
                     threshold: record.threshold,
                 };
                 book.alerts
-                    .insert((record.rule, record.dim_value), (memory, judgement));
+                    .entry(record.rule)
+                    .or_default()
+                    .insert(record.dim_value, (memory, judgement));
             }
         }
         let last_written = book.next_seq - 1;
@@ -200,7 +203,10 @@ impl TenantAlerts {
         let rules = self.rules();
         let book = lock(&self.state);
         let mut statuses = Vec::new();
-        for ((rule_id, key), (memory, judgement)) in &book.alerts {
+        let each = book.alerts.iter().flat_map(|(rule_id, by_key)| {
+            by_key.iter().map(move |(key, alert)| (rule_id, key, alert))
+        });
+        for (rule_id, key, (memory, judgement)) in each {
             let (state, since) = match memory.state {
                 AlertState::Ok => continue,
                 AlertState::Pending { since_ms } => ("pending", since_ms),
@@ -299,15 +305,16 @@ pub async fn delete_rule(node: &Node, tenant: &str, rule_id: &str) -> Result<(),
     let ending: Vec<(AlertKey, Transition, Judgement)> = {
         let book = lock(&alerts.state);
         book.alerts
-            .iter()
-            .filter(|((id, _), _)| id == rule_id)
+            .get(rule_id)
+            .into_iter()
+            .flatten()
             .filter_map(|(key, (memory, last))| {
                 let transition = match memory.state {
                     AlertState::Ok => return None,
                     AlertState::Pending { .. } => Transition::Ok,
                     AlertState::Firing { .. } => Transition::Resolved,
                 };
-                Some((key.clone(), transition, last.clone()))
+                Some(((rule_id.to_string(), key.clone()), transition, last.clone()))
             })
             .collect()
     };
@@ -320,9 +327,7 @@ pub async fn delete_rule(node: &Node, tenant: &str, rule_id: &str) -> Result<(),
     });
     node.committer.commit(ops).await?;
     lock(&alerts.rules).retain(|other| other.id != rule_id);
-    lock(&alerts.state)
-        .alerts
-        .retain(|(id, _), _| id != rule_id);
+    lock(&alerts.state).alerts.remove(rule_id);
     if let Some(seq) = last_seq {
         alerts.written.send_replace(seq);
     }
@@ -462,25 +467,23 @@ fn observe(view: &MetricView, window: WindowName) -> Observation {
     observation
 }
 
-/// Each alert of `rule` with what the windows show of it now.
-async fn observations(
+/// A metric's views now, in every window: its total, or by each value of a
+/// dim (at most `KEYS_PER_RULE_MAX`).
+async fn views(
     reader: &TenantReader<'_>,
-    rule: &Rule,
+    metric: &str,
+    by: Option<&str>,
     now_ms: i64,
-) -> Result<Vec<(Option<String>, Observation)>, ReadError> {
-    let index = reader.metric_index(&rule.metric)?;
-    let windows = [rule.window, RECENT];
-    Ok(match &rule.by {
-        None => {
-            let view = reader.metric(index, &windows, now_ms).await?;
-            vec![(None, observe(&view, rule.window))]
-        }
+) -> Result<Vec<(Option<String>, MetricView)>, ReadError> {
+    let index = reader.metric_index(metric)?;
+    Ok(match by {
+        None => vec![(None, reader.metric(index, &WindowName::ALL, now_ms).await?)],
         Some(dim) => reader
-            .breakdown(index, dim, &windows, now_ms)
+            .breakdown(index, dim, &WindowName::ALL, now_ms)
             .await?
             .into_iter()
             .take(KEYS_PER_RULE_MAX)
-            .map(|(value, view)| (Some(value), observe(&view, rule.window)))
+            .map(|(value, view)| (Some(value), view))
             .collect(),
     })
 }
@@ -498,9 +501,23 @@ pub async fn evaluate_tenant(
     let reader = TenantReader::begin(handle)?;
     let now_ms = node.now_ms();
     let rules = alerts.rules();
+    // each metric (and breakdown) is read once a tick, whatever its rules
+    let mut read: HashMap<(String, Option<String>), Vec<(Option<String>, MetricView)>> =
+        HashMap::new();
     let mut observed = Vec::with_capacity(rules.len());
     for rule in &rules {
-        observed.push(observations(&reader, rule, now_ms).await?);
+        let source = (rule.metric.clone(), rule.by.clone());
+        if !read.contains_key(&source) {
+            let shown = views(&reader, &rule.metric, rule.by.as_deref(), now_ms).await?;
+            read.insert(source.clone(), shown);
+        }
+        let shown = read.get(&source).map(Vec::as_slice).unwrap_or_default();
+        observed.push(
+            shown
+                .iter()
+                .map(|(key, view)| (key.clone(), observe(view, rule.window)))
+                .collect::<Vec<_>>(),
+        );
     }
     drop(reader);
     let mut records = Vec::new();
@@ -509,56 +526,50 @@ pub async fn evaluate_tenant(
         let mut book = lock(&alerts.state);
         for (rule, observations) in rules.iter().zip(observed) {
             let window_ms = crate::config::alerts::window_ms(rule.window);
-            let mut seen = Vec::with_capacity(observations.len());
+            let by_key = book.alerts.entry(rule.id.clone()).or_default();
+            let absent = matches!(rule.condition, Condition::Absent {});
+            let mut seen = std::collections::HashSet::new();
             for (key, observation) in observations {
-                seen.push(key.clone());
-                let alert_key = (rule.id.clone(), key);
-                let (memory, last) = book
-                    .alerts
-                    .entry(alert_key.clone())
-                    .or_insert_with(|| (AlertMemory::new(now_ms), judge_none()));
-                let budget = match (&rule.by, &alert_key.1) {
+                let budget = match (&rule.by, &key) {
                     (Some(dim), Some(value)) => alerts.budget(dim, value),
                     _ => None,
                 };
+                if absent {
+                    seen.insert(key.clone());
+                }
+                let (memory, last) = match by_key.get_mut(&key) {
+                    Some(alert) => alert,
+                    None => by_key
+                        .entry(key.clone())
+                        .or_insert_with(|| (AlertMemory::new(now_ms), judge_none())),
+                };
                 let judgement = judge(rule, &observation, budget, memory, window_ms, now_ms);
                 if let Some(transition) = step(rule, &judgement, memory, now_ms) {
-                    records.push((alert_key, transition, judgement.clone()));
+                    records.push(((rule.id.clone(), key), transition, judgement.clone()));
                 }
                 *last = judgement;
             }
             // a dim value gone from every window has gone silent
-            if matches!(rule.condition, Condition::Absent {}) {
-                let unseen: Vec<AlertKey> = book
-                    .alerts
-                    .keys()
-                    .filter(|(id, key)| *id == rule.id && !seen.contains(key))
-                    .cloned()
-                    .collect();
-                for alert_key in unseen {
-                    let Some((memory, last)) = book.alerts.get_mut(&alert_key) else {
+            if absent {
+                for (key, (memory, last)) in by_key.iter_mut() {
+                    if seen.contains(key) {
                         continue;
-                    };
-                    let judgement = judge(
-                        rule,
-                        &Observation::default(),
-                        None,
-                        memory,
-                        window_ms,
-                        now_ms,
-                    );
+                    }
+                    let quiet = Observation::default();
+                    let judgement = judge(rule, &quiet, None, memory, window_ms, now_ms);
                     if let Some(transition) = step(rule, &judgement, memory, now_ms) {
-                        records.push((alert_key, transition, judgement.clone()));
+                        records.push((
+                            (rule.id.clone(), key.clone()),
+                            transition,
+                            judgement.clone(),
+                        ));
                     }
                     *last = judgement;
                 }
             }
-            let count = book
-                .alerts
-                .iter()
-                .filter(|((id, _), (memory, _))| {
-                    *id == rule.id && matches!(memory.state, AlertState::Firing { .. })
-                })
+            let count = by_key
+                .values()
+                .filter(|(memory, _)| matches!(memory.state, AlertState::Firing { .. }))
                 .count();
             firing.push((rule.id.clone(), rule.severity.clone(), count));
         }
