@@ -467,6 +467,9 @@ fn observe(view: &MetricView, window: WindowName) -> Observation {
     observation
 }
 
+/// A view of a metric's total (no key) or of one value of a dim.
+type KeyedView = (Option<String>, MetricView);
+
 /// A metric's views now, in every window: its total, or by each value of a
 /// dim (at most `KEYS_PER_RULE_MAX`).
 async fn views(
@@ -474,7 +477,7 @@ async fn views(
     metric: &str,
     by: Option<&str>,
     now_ms: i64,
-) -> Result<Vec<(Option<String>, MetricView)>, ReadError> {
+) -> Result<Vec<KeyedView>, ReadError> {
     let index = reader.metric_index(metric)?;
     Ok(match by {
         None => vec![(None, reader.metric(index, &WindowName::ALL, now_ms).await?)],
@@ -502,8 +505,7 @@ pub async fn evaluate_tenant(
     let now_ms = node.now_ms();
     let rules = alerts.rules();
     // each metric (and breakdown) is read once a tick, whatever its rules
-    let mut read: HashMap<(String, Option<String>), Vec<(Option<String>, MetricView)>> =
-        HashMap::new();
+    let mut read: HashMap<(String, Option<String>), Vec<KeyedView>> = HashMap::new();
     let mut observed = Vec::with_capacity(rules.len());
     for rule in &rules {
         let source = (rule.metric.clone(), rule.by.clone());
