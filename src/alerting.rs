@@ -155,6 +155,35 @@ impl TenantAlerts {
                     .insert(record.dim_value, (memory, judgement));
             }
         }
+        // what the records do not say: zscore histories, absent's last event
+        let memory_prefix = memory_key(tenant, "");
+        let mut dumps = Vec::new();
+        store.scan(Space::Rules, &memory_prefix, &mut |key, value| {
+            if !key.starts_with(&memory_prefix) {
+                return false;
+            }
+            dumps.push((key[memory_prefix.len()..].to_vec(), value.to_vec()));
+            true
+        })?;
+        for (rule_id, value) in dumps {
+            let rule_id = String::from_utf8_lossy(&rule_id).to_string();
+            let dump = decode::<String>(&value, RecordKind::Rule, record_bytes_max)
+                .ok()
+                .and_then(|text| serde_json::from_str::<Vec<MemoryDump>>(&text).ok());
+            let Some(dump) = dump else {
+                tracing::warn!(%tenant, rule = %rule_id, "an alert memory cannot be read; it starts afresh");
+                continue;
+            };
+            let by_key = book.alerts.entry(rule_id).or_default();
+            for kept in dump {
+                let (memory, _) = by_key
+                    .entry(kept.key)
+                    .or_insert_with(|| (AlertMemory::new(now_ms), judge_none()));
+                memory.last_seen_ms = kept.last_seen_ms;
+                memory.history = kept.history;
+                memory.history_period = kept.history_period;
+            }
+        }
         let last_written = book.next_seq - 1;
         Ok(TenantAlerts {
             rules: Mutex::new(rules),
@@ -225,6 +254,80 @@ impl TenantAlerts {
         }
         statuses
     }
+}
+
+/// What an alert keeps between ticks that its records do not say, stored
+/// every `storage.snapshot_interval_s` and when the node stops.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct MemoryDump {
+    key: Option<String>,
+    last_seen_ms: i64,
+    history: std::collections::VecDeque<f64>,
+    history_period: Option<i64>,
+}
+
+/// Alert memories are kept in the rules' space under this prefix.
+const MEMORY_PREFIX: &[u8] = b"\x02memory\0";
+
+fn memory_key(tenant: &str, rule_id: &str) -> Vec<u8> {
+    let mut key = crate::storage::tenant_prefix(tenant);
+    key.extend_from_slice(MEMORY_PREFIX);
+    key.extend_from_slice(rule_id.as_bytes());
+    key
+}
+
+/// Stores the memory of every `zscore` and `absent` rule of a tenant.
+pub async fn save_memories(
+    node: &Node,
+    tenant: &str,
+    alerts: &TenantAlerts,
+) -> Result<(), RuleError> {
+    let _one_writer = alerts.writing.lock().await;
+    let rules = alerts.rules();
+    let mut ops = Vec::new();
+    {
+        let book = lock(&alerts.state);
+        for rule in &rules {
+            if !matches!(
+                rule.condition,
+                Condition::Zscore { .. } | Condition::Absent {}
+            ) {
+                continue;
+            }
+            let Some(by_key) = book.alerts.get(&rule.id) else {
+                continue;
+            };
+            let dump: Vec<MemoryDump> = by_key
+                .iter()
+                .map(|(key, (memory, _))| MemoryDump {
+                    key: key.clone(),
+                    last_seen_ms: memory.last_seen_ms,
+                    history: memory.history.clone(),
+                    history_period: memory.history_period,
+                })
+                .collect();
+            let text =
+                serde_json::to_string(&dump).map_err(|e| RuleError::Encode(e.to_string()))?;
+            match crate::storage::envelope::encode_within(
+                RecordKind::Rule,
+                &text,
+                node.config.storage.record_bytes_max,
+            ) {
+                Ok(value) => ops.push(Op::Put {
+                    space: Space::Rules,
+                    key: memory_key(tenant, &rule.id),
+                    value,
+                }),
+                Err(error) => {
+                    tracing::warn!(%tenant, rule = %rule.id, %error, "an alert memory is too large to keep; it starts afresh after a restart");
+                }
+            }
+        }
+    }
+    if !ops.is_empty() {
+        node.committer.commit(ops).await?;
+    }
+    Ok(())
 }
 
 /// Budgets are kept in the rules' space under this prefix (no rule id has it:
@@ -328,6 +431,13 @@ pub async fn delete_rule(node: &Node, tenant: &str, rule_id: &str) -> Result<(),
     node.committer.commit(ops).await?;
     lock(&alerts.rules).retain(|other| other.id != rule_id);
     lock(&alerts.state).alerts.remove(rule_id);
+    // its stored memory goes too (a rule of the same id later starts afresh)
+    node.committer
+        .commit(vec![Op::Remove {
+            space: Space::Rules,
+            key: memory_key(tenant, rule_id),
+        }])
+        .await?;
     if let Some(seq) = last_seq {
         alerts.written.send_replace(seq);
     }
@@ -611,20 +721,43 @@ pub enum EvaluateError {
     Encode(String),
 }
 
-/// Judges every tenant's rules every `alerting.tick_ms` until the node stops.
+async fn save_all(node: &Node) {
+    if node.committer.is_failed() {
+        return;
+    }
+    for (tenant_id, alerts) in &node.alerts.tenants {
+        if let Err(error) = save_memories(node, tenant_id, alerts).await {
+            tracing::warn!(tenant = %tenant_id, %error, "alert memories not stored");
+        }
+    }
+}
+
+/// Judges every tenant's rules every `alerting.tick_ms` until the node stops,
+/// and stores their memories every `storage.snapshot_interval_s` and at the
+/// end.
 pub async fn run(node: Arc<Node>) {
     let mut stopping = node.stopping.subscribe();
     let mut ticks = tokio::time::interval(std::time::Duration::from_millis(
         node.config.alerting.tick_ms,
     ));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let save_every = std::time::Duration::from_secs(node.config.storage.snapshot_interval_s);
+    let mut saved = tokio::time::Instant::now();
     loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            _ = stopping.wait_for(|stopping| *stopping) => return,
+        let stop = tokio::select! {
+            _ = ticks.tick() => false,
+            _ = stopping.wait_for(|stopping| *stopping) => true,
+        };
+        if stop {
+            save_all(&node).await;
+            return;
         }
         if node.committer.is_failed() {
             return;
+        }
+        if saved.elapsed() >= save_every {
+            save_all(&node).await;
+            saved = tokio::time::Instant::now();
         }
         for (tenant_id, alerts) in &node.alerts.tenants {
             match evaluate_tenant(&node, tenant_id, alerts).await {

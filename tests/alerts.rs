@@ -459,3 +459,34 @@ async fn rules_through_the_api_are_checked_persisted_kept_per_tenant_and_deleted
     );
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silence_is_counted_across_a_restart() {
+    let silent_rule = |config: &mut Config| {
+        config.alerting.tick_ms = 100;
+        let mut silent = rule("device-silent", "orders", "15m", Condition::Absent {});
+        silent.by = Some("device".into());
+        silent.for_s = 60;
+        config.alerts = vec![silent];
+    };
+    let node = start_node(silent_rule).await;
+    let reply = node
+        .post("demo-key", &[device_order("b-0", "pos-2", T0_MS)])
+        .await;
+    assert_eq!(reply.body["accepted"], 1);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // pos-2 last seen at T0; the node stops at T0 + 40 s and starts again
+    node.clock.set_ms(T0_MS + 40_000);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped = node.stop_keeping_data().await;
+    let node = start_node_in(stopped.data, stopped.clock, silent_rule).await;
+    let mut socket = subscribe_alerts(&node, 0).await;
+    // 60 s of silence at T0 + 60 s, counted from before the restart (not
+    // from the start at T0 + 40 s, which would wait until T0 + 100 s)
+    node.clock.set_ms(T0_MS + 61_000);
+    let firing = next(&mut socket).await;
+    assert_eq!(firing["state"], "firing");
+    assert_eq!(firing["dim_value"], "pos-2");
+    assert_eq!(firing["at"], T0_MS + 61_000);
+    node.stop().await;
+}
