@@ -155,6 +155,28 @@ async fn a_gmv_drop_fires_survives_a_crash_without_a_second_firing_and_resumes_e
     assert_eq!(alerts["alerts"][0]["state"], "firing");
     assert_eq!(alerts["alerts"][0]["since"], T0_MS + 60_000);
     assert_eq!(alerts["rules"][0]["id"], "gmv-drop");
+    // and on the scrape, once the tick after the firing has set it
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let line = r#"tally_alert_firing{tenant="demo",rule="gmv-drop",severity="P1"} 1"#;
+    loop {
+        let scrape = node
+            .client
+            .get(format!("{}/metrics", node.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if scrape.lines().any(|l| l == line) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {line} in:\n{scrape}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // kill -9 (no final snapshot), then a restart: still firing, no second record
     drop(socket);

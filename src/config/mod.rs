@@ -682,6 +682,7 @@ mod tests {
                 "alerts[1].by",
                 "alerts[1].for_s",
                 "alerts[2].metric",
+                "alerts[2].by",
             ],
             "{issues:?}"
         );
