@@ -91,6 +91,9 @@ impl TenantAlerts {
                 tracing::warn!(%tenant, "an alert rule or budget cannot be read; skipped");
                 continue;
             };
+            if name.starts_with(MEMORY_PREFIX) {
+                continue;
+            }
             match name.strip_prefix(BUDGET_PREFIX) {
                 Some(budget_key) => {
                     let budget_key = String::from_utf8_lossy(budget_key);
@@ -179,7 +182,9 @@ impl TenantAlerts {
                 let (memory, _) = by_key
                     .entry(kept.key)
                     .or_insert_with(|| (AlertMemory::new(now_ms), judge_none()));
-                memory.last_seen_ms = kept.last_seen_ms;
+                // the silence before the stop counts, the time stopped does not
+                let down_ms = (now_ms - kept.saved_ms.max(kept.last_seen_ms)).max(0);
+                memory.last_seen_ms = (kept.last_seen_ms + down_ms).min(now_ms);
                 memory.history = kept.history;
                 memory.history_period = kept.history_period;
             }
@@ -261,6 +266,9 @@ impl TenantAlerts {
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 struct MemoryDump {
     key: Option<String>,
+    /// When it was stored: the time the node was down is no silence.
+    #[serde(default)]
+    saved_ms: i64,
     last_seen_ms: i64,
     history: std::collections::VecDeque<f64>,
     history_period: Option<i64>,
@@ -284,23 +292,28 @@ pub async fn save_memories(
 ) -> Result<(), RuleError> {
     let _one_writer = alerts.writing.lock().await;
     let rules = alerts.rules();
+    let saved_ms = node.now_ms();
     let mut ops = Vec::new();
     {
         let book = lock(&alerts.state);
         for rule in &rules {
-            if !matches!(
+            let remembers = matches!(
                 rule.condition,
                 Condition::Zscore { .. } | Condition::Absent {}
-            ) {
-                continue;
-            }
-            let Some(by_key) = book.alerts.get(&rule.id) else {
+            );
+            let Some(by_key) = book.alerts.get(&rule.id).filter(|_| remembers) else {
+                // nothing to keep: no older memory may come back either
+                ops.push(Op::Remove {
+                    space: Space::Rules,
+                    key: memory_key(tenant, &rule.id),
+                });
                 continue;
             };
             let dump: Vec<MemoryDump> = by_key
                 .iter()
                 .map(|(key, (memory, _))| MemoryDump {
                     key: key.clone(),
+                    saved_ms,
                     last_seen_ms: memory.last_seen_ms,
                     history: memory.history.clone(),
                     history_period: memory.history_period,
@@ -320,6 +333,10 @@ pub async fn save_memories(
                 }),
                 Err(error) => {
                     tracing::warn!(%tenant, rule = %rule.id, %error, "an alert memory is too large to keep; it starts afresh after a restart");
+                    ops.push(Op::Remove {
+                        space: Space::Rules,
+                        key: memory_key(tenant, &rule.id),
+                    });
                 }
             }
         }
@@ -352,8 +369,10 @@ pub enum RuleError {
     NotFound(String),
     #[error("the tenant has {0} rules, alerting.rules_per_tenant_max")]
     TooMany(usize),
-    #[error("the budget must be a finite number of at least 0")]
+    #[error("the budget must be a finite number above 0")]
     BadBudget,
+    #[error("the tenant has {0} budgets, alerting.budgets_per_tenant_max")]
+    TooManyBudgets(usize),
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("cannot encode: {0}")]
@@ -378,13 +397,51 @@ pub async fn put_rule(node: &Node, tenant: &str, rule: Rule) -> Result<bool, Rul
     }
     let text = serde_json::to_string(&rule).map_err(|e| RuleError::Encode(e.to_string()))?;
     let value = encode(RecordKind::Rule, &text).map_err(|e| RuleError::Encode(e.to_string()))?;
-    node.committer
-        .commit(vec![Op::Put {
+    let mut ops = vec![Op::Put {
+        space: Space::Rules,
+        key: crate::storage::named_key(tenant, &rule.id),
+        value,
+    }];
+    // a rule that watches something else now: its alerts end and its memory
+    // (histories, last events) starts afresh
+    let old = alerts.rule(&rule.id);
+    let watches_else = old.as_ref().is_some_and(|old| {
+        old.metric != rule.metric
+            || old.window != rule.window
+            || old.by != rule.by
+            || old.condition.name() != rule.condition.name()
+    });
+    let first_seq = lock(&alerts.state).next_seq;
+    let mut last_seq = None;
+    if watches_else {
+        let ended = lock(&alerts.state)
+            .alerts
+            .get(&rule.id)
+            .map(|by_key| ending(&rule.id, by_key))
+            .unwrap_or_default();
+        let (record_writes, last) =
+            record_ops(tenant, alerts, old.as_slice(), ended, node.now_ms())
+                .map_err(|e| RuleError::Encode(e.to_string()))?;
+        ops.extend(record_writes);
+        ops.push(Op::Remove {
             space: Space::Rules,
-            key: crate::storage::named_key(tenant, &rule.id),
-            value,
-        }])
-        .await?;
+            key: memory_key(tenant, &rule.id),
+        });
+        last_seq = last;
+    }
+    if let Err(error) = node.committer.commit(ops).await {
+        lock(&alerts.state).next_seq = first_seq;
+        return Err(error.into());
+    }
+    if watches_else {
+        lock(&alerts.state).alerts.remove(&rule.id);
+    }
+    if let Some(seq) = last_seq {
+        alerts.written.send_replace(seq);
+    }
+    if let Some(old) = old.filter(|old| old.severity != rule.severity || watches_else) {
+        crate::telemetry::set_alert_firing(tenant, &old.id, &old.severity, 0);
+    }
     let mut rules = lock(&alerts.rules);
     rules.retain(|other| other.id != rule.id);
     rules.push(rule);
@@ -405,39 +462,32 @@ pub async fn delete_rule(node: &Node, tenant: &str, rule_id: &str) -> Result<(),
         return Err(RuleError::NotFound(rule_id.to_string()));
     };
     let now_ms = node.now_ms();
-    let ending: Vec<(AlertKey, Transition, Judgement)> = {
+    let ended: Vec<(AlertKey, Transition, Judgement)> = {
         let book = lock(&alerts.state);
         book.alerts
             .get(rule_id)
-            .into_iter()
-            .flatten()
-            .filter_map(|(key, (memory, last))| {
-                let transition = match memory.state {
-                    AlertState::Ok => return None,
-                    AlertState::Pending { .. } => Transition::Ok,
-                    AlertState::Firing { .. } => Transition::Resolved,
-                };
-                Some(((rule_id.to_string(), key.clone()), transition, last.clone()))
-            })
-            .collect()
+            .map(|by_key| ending(rule_id, by_key))
+            .unwrap_or_default()
     };
+    let first_seq = lock(&alerts.state).next_seq;
     let (mut ops, last_seq) =
-        record_ops(tenant, alerts, std::slice::from_ref(&rule), ending, now_ms)
+        record_ops(tenant, alerts, std::slice::from_ref(&rule), ended, now_ms)
             .map_err(|e| RuleError::Encode(e.to_string()))?;
     ops.push(Op::Remove {
         space: Space::Rules,
         key: crate::storage::named_key(tenant, rule_id),
     });
-    node.committer.commit(ops).await?;
+    // its stored memory goes too (a rule of the same id later starts afresh)
+    ops.push(Op::Remove {
+        space: Space::Rules,
+        key: memory_key(tenant, rule_id),
+    });
+    if let Err(error) = node.committer.commit(ops).await {
+        lock(&alerts.state).next_seq = first_seq;
+        return Err(error.into());
+    }
     lock(&alerts.rules).retain(|other| other.id != rule_id);
     lock(&alerts.state).alerts.remove(rule_id);
-    // its stored memory goes too (a rule of the same id later starts afresh)
-    node.committer
-        .commit(vec![Op::Remove {
-            space: Space::Rules,
-            key: memory_key(tenant, rule_id),
-        }])
-        .await?;
     if let Some(seq) = last_seq {
         alerts.written.send_replace(seq);
     }
@@ -456,10 +506,18 @@ pub async fn put_budget(
     let Some(alerts) = node.alerts.tenant(tenant) else {
         return Err(RuleError::NotFound(format!("tenant {tenant}")));
     };
-    if !amount.is_finite() || amount < 0.0 {
+    if !amount.is_finite() || amount <= 0.0 {
         return Err(RuleError::BadBudget);
     }
     let _one_writer = alerts.writing.lock().await;
+    let budgets_max = node.config.alerting.budgets_per_tenant_max;
+    {
+        let budgets = lock(&alerts.budgets);
+        let new = !budgets.contains_key(&(dim.to_string(), value.to_string()));
+        if new && budgets.len() >= budgets_max {
+            return Err(RuleError::TooManyBudgets(budgets_max));
+        }
+    }
     let stored = encode(RecordKind::Rule, &amount.to_string())
         .map_err(|e| RuleError::Encode(e.to_string()))?;
     node.committer
@@ -539,7 +597,13 @@ fn labels(
     if let Some(rule) = rule {
         labels.insert("severity".to_string(), rule.severity.clone());
         if let (Some(dim), Some(value)) = (&rule.by, key) {
-            labels.insert(dim.clone(), value.to_string());
+            // a dim named like a built-in label does not replace it
+            let name = if ["tenant", "rule", "severity", "alertname"].contains(&dim.as_str()) {
+                format!("dim_{dim}")
+            } else {
+                dim.clone()
+            };
+            labels.insert(name, value.to_string());
         }
     }
     labels
@@ -620,7 +684,19 @@ pub async fn evaluate_tenant(
     for rule in &rules {
         let source = (rule.metric.clone(), rule.by.clone());
         if !read.contains_key(&source) {
-            let shown = views(&reader, &rule.metric, rule.by.as_deref(), now_ms).await?;
+            let shown = match views(&reader, &rule.metric, rule.by.as_deref(), now_ms).await {
+                Ok(shown) => shown,
+                // a busy or stopped tenant is judged at a later tick
+                Err(error @ (ReadError::Busy(_) | ReadError::NotServing { .. })) => {
+                    return Err(error.into())
+                }
+                // a rule the catalogue no longer allows (a metric or dim gone
+                // from config): that rule only is not judged
+                Err(error) => {
+                    tracing::warn!(tenant = %tenant_id, rule = %rule.id, %error, "alert rule not judged");
+                    Vec::new()
+                }
+            };
             read.insert(source.clone(), shown);
         }
         let shown = read.get(&source).map(Vec::as_slice).unwrap_or_default();
@@ -633,9 +709,24 @@ pub async fn evaluate_tenant(
     }
     drop(reader);
     let mut records = Vec::new();
+    // the states before this tick of the alerts that moved, to put back if
+    // their records cannot be written
+    let mut moved: Vec<(AlertKey, AlertState)> = Vec::new();
     let mut firing: Vec<(String, String, usize)> = Vec::with_capacity(rules.len());
     {
         let mut book = lock(&alerts.state);
+        // alerts of rules that are gone (from config, at a restart) end
+        let gone: Vec<String> = book
+            .alerts
+            .keys()
+            .filter(|id| !rules.iter().any(|rule| &rule.id == *id))
+            .cloned()
+            .collect();
+        for rule_id in gone {
+            if let Some(by_key) = book.alerts.remove(&rule_id) {
+                records.extend(ending(&rule_id, &by_key));
+            }
+        }
         for (rule, observations) in rules.iter().zip(observed) {
             let window_ms = crate::config::alerts::window_ms(rule.window);
             let by_key = book.alerts.entry(rule.id.clone()).or_default();
@@ -656,7 +747,9 @@ pub async fn evaluate_tenant(
                         .or_insert_with(|| (AlertMemory::new(now_ms), judge_none())),
                 };
                 let judgement = judge(rule, &observation, budget, memory, window_ms, now_ms);
+                let before = memory.state;
                 if let Some(transition) = step(rule, &judgement, memory, now_ms) {
+                    moved.push(((rule.id.clone(), key.clone()), before));
                     records.push(((rule.id.clone(), key), transition, judgement.clone()));
                 }
                 *last = judgement;
@@ -669,7 +762,9 @@ pub async fn evaluate_tenant(
                     }
                     let quiet = Observation::default();
                     let judgement = judge(rule, &quiet, None, memory, window_ms, now_ms);
+                    let before = memory.state;
                     if let Some(transition) = step(rule, &judgement, memory, now_ms) {
+                        moved.push(((rule.id.clone(), key.clone()), before));
                         records.push((
                             (rule.id.clone(), key.clone()),
                             transition,
@@ -688,9 +783,24 @@ pub async fn evaluate_tenant(
     }
     let written = records.len();
     if !records.is_empty() {
+        let first_seq = lock(&alerts.state).next_seq;
         let (ops, last_seq) = record_ops(tenant_id, alerts, &rules, records, now_ms)?;
-        // durable before anyone hears of it
-        node.committer.commit(ops).await?;
+        // durable before anyone hears of it; if it cannot be written, the
+        // alerts go back to where they were and the next tick tries again
+        if let Err(error) = node.committer.commit(ops).await {
+            let mut book = lock(&alerts.state);
+            book.next_seq = first_seq;
+            for ((rule_id, key), before) in moved {
+                if let Some((memory, _)) = book
+                    .alerts
+                    .get_mut(&rule_id)
+                    .and_then(|by_key| by_key.get_mut(&key))
+                {
+                    memory.state = before;
+                }
+            }
+            return Err(error.into());
+        }
         if let Some(seq) = last_seq {
             alerts.written.send_replace(seq);
         }
@@ -699,6 +809,25 @@ pub async fn evaluate_tenant(
         crate::telemetry::set_alert_firing(tenant_id, &rule, &severity, count);
     }
     Ok(written)
+}
+
+/// The records that end a rule's pending and firing alerts (its rule is gone
+/// or changed what it watches).
+fn ending(
+    rule_id: &str,
+    by_key: &BTreeMap<Option<String>, (AlertMemory, Judgement)>,
+) -> Vec<(AlertKey, Transition, Judgement)> {
+    by_key
+        .iter()
+        .filter_map(|(key, (memory, last))| {
+            let transition = match memory.state {
+                AlertState::Ok => return None,
+                AlertState::Pending { .. } => Transition::Ok,
+                AlertState::Firing { .. } => Transition::Resolved,
+            };
+            Some(((rule_id.to_string(), key.clone()), transition, last.clone()))
+        })
+        .collect()
 }
 
 fn judge_none() -> Judgement {

@@ -54,9 +54,37 @@ fn number(value: Option<f64>) -> String {
 /// Alertmanager's labels: `alertname` is the rule, then the record's own
 /// (tenant, rule, severity, and the dim value with `by`).
 fn alert_labels(record: &AlertRecord) -> BTreeMap<String, String> {
-    let mut labels = record.labels.clone();
+    let mut labels = BTreeMap::new();
+    for (name, value) in &record.labels {
+        labels.insert(label_name(name), value.clone());
+    }
+    // the record's own labels win over a dim of the same name
+    for name in ["tenant", "rule", "severity"] {
+        if let Some(value) = record.labels.get(name) {
+            labels.insert(name.to_string(), value.clone());
+        }
+    }
     labels.insert("alertname".to_string(), record.rule.clone());
     labels
+}
+
+/// A label name Alertmanager takes (`[a-zA-Z_][a-zA-Z0-9_]*`): other
+/// characters become `_`; a dim named like a built-in label gets `dim_`.
+fn label_name(name: &str) -> String {
+    let mut clean: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if clean.is_empty() || clean.starts_with(|c: char| c.is_ascii_digit()) {
+        clean.insert(0, '_');
+    }
+    clean
 }
 
 fn annotations(record: &AlertRecord) -> BTreeMap<String, String> {
@@ -288,7 +316,15 @@ async fn send_tenant(
         noted.push(record);
     }
     if resend {
-        for (starts_ms, record) in cursor.firing.values() {
+        // what this batch ended is not sent again as firing
+        let mut firing = cursor.firing.clone();
+        for record in &noted {
+            let key = (record.rule.clone(), record.dim_value.clone());
+            if matches!(record.state, Transition::Resolved | Transition::Ok) {
+                firing.remove(&key);
+            }
+        }
+        for (starts_ms, record) in firing.values() {
             if let Some(alert) = postable(record, *starts_ms, now_ms, resend_ms) {
                 alerts.push(alert);
             }

@@ -512,3 +512,38 @@ async fn a_silence_is_counted_across_a_restart() {
     assert_eq!(firing["at"], T0_MS + 61_000);
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firing_alert_whose_rule_left_the_config_resolves_after_the_restart() {
+    let with_rule = |config: &mut Config| {
+        config.alerting.tick_ms = 100;
+        config.alerts = vec![rule(
+            "many-orders",
+            "orders",
+            "today",
+            Condition::Above { value: 2.0 },
+        )];
+    };
+    let node = start_node(with_rule).await;
+    let events: Vec<Value> = (0..3)
+        .map(|n| order(&format!("o-{n}"), 100, T0_MS))
+        .collect();
+    assert_eq!(node.post("demo-key", &events).await.body["accepted"], 3);
+    assert_eq!(records_after(&node, 0, 1).await[0]["state"], "firing");
+    let stopped = node.stop_keeping_data().await;
+    let node = start_node_in(stopped.data, stopped.clock, |config| {
+        config.alerting.tick_ms = 100;
+    })
+    .await;
+    let records = records_after(&node, 1, 1).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["rule"], "many-orders");
+    assert_eq!(records[0]["state"], "resolved");
+    assert!(
+        node.get(Some("demo-key"), "/v1/alerts").await.body["alerts"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    node.stop().await;
+}

@@ -20,6 +20,8 @@ pub struct AlertingConfig {
     pub tick_ms: u64,
     /// Rules one tenant may have (config and API together).
     pub rules_per_tenant_max: usize,
+    /// Budgets one tenant may have (config and API together).
+    pub budgets_per_tenant_max: usize,
     /// Alertmanager's base URL (`http://host:9093`); empty: none.
     pub alertmanager_url: String,
     /// Seconds between sends of the alerts still firing.
@@ -33,6 +35,7 @@ impl Default for AlertingConfig {
         AlertingConfig {
             tick_ms: 1_000,
             rules_per_tenant_max: 1_000,
+            budgets_per_tenant_max: 10_000,
             alertmanager_url: String::new(),
             alertmanager_resend_s: 60,
             alertmanager_timeout_ms: 5_000,
@@ -105,10 +108,10 @@ pub fn check_budgets(
             ));
             fine = false;
         }
-        if !budget.amount.is_finite() || budget.amount < 0.0 {
+        if !budget.amount.is_finite() || budget.amount <= 0.0 {
             issues.push(issue(
                 format!("{at}.amount"),
-                "must be a finite number of at least 0",
+                "must be a finite number above 0",
             ));
             fine = false;
         }
@@ -167,11 +170,11 @@ pub fn check_rule(
     if let Some((name, message)) = rule.condition.problem() {
         issues.push(issue(field(name), message));
     }
-    if let (Some(metric), Some(by)) = (metric, &rule.by) {
-        if !metric.dims.contains(by) {
+    if let (Some(index), Some(by)) = (catalogue.index_of(&rule.metric), &rule.by) {
+        if !catalogue.breakdown_dims(index).contains(by) {
             issues.push(issue(
                 field("by"),
-                format!("metric {} has no breakdown by {by:?}", metric.name),
+                format!("metric {} has no breakdown by {by:?}", rule.metric),
             ));
         }
     }
@@ -209,6 +212,15 @@ pub fn check_rule(
             field("window"),
             "zscore compares windows of one length: use 30s or 15m",
         )),
+        // a histogram's value is its p95, which has no window before it
+        Condition::DropVsPrev { .. } | Condition::RiseVsPrev { .. } | Condition::Zscore { .. }
+            if metric.is_some_and(|metric| matches!(metric.kind, MetricKind::Histogram)) =>
+        {
+            issues.push(issue(
+                field("condition.type"),
+                "a histogram's p95 has no window before it: use above or below",
+            ))
+        }
         _ => {}
     }
     if rule.severity.is_empty()

@@ -327,6 +327,12 @@ impl Config {
                 "must be within 100..=60000",
             ));
         }
+        if self.alerting.budgets_per_tenant_max == 0 {
+            issues.push(issue(
+                "alerting.budgets_per_tenant_max",
+                "must be at least 1",
+            ));
+        }
         if self.alerting.rules_per_tenant_max == 0 {
             issues.push(issue("alerting.rules_per_tenant_max", "must be at least 1"));
         }

@@ -126,7 +126,9 @@ fn writing_tenant(
 
 fn rule_error(node: &Node, error: RuleError) -> ApiError {
     match error {
-        RuleError::FromConfig(_) | RuleError::TooMany(_) => ApiError::Conflict(error.to_string()),
+        RuleError::FromConfig(_) | RuleError::TooMany(_) | RuleError::TooManyBudgets(_) => {
+            ApiError::Conflict(error.to_string())
+        }
         RuleError::NotFound(_) => ApiError::NotFound(error.to_string()),
         RuleError::BadBudget => ApiError::Invalid(vec![("amount".into(), error.to_string())]),
         RuleError::Storage(_) | RuleError::Encode(_) => ApiError::Unavailable {

@@ -523,18 +523,27 @@ async fn replay(
         node.config.storage.record_bytes_max,
     );
     let records = tokio::task::spawn_blocking(move || {
-        read_since::<String>(&*store, &tenant_id, topic, since, replay_max, record_max)
+        // one more than a replay holds tells whether there are more
+        read_since::<String>(
+            &*store,
+            &tenant_id,
+            topic,
+            since,
+            replay_max + 1,
+            record_max,
+        )
     })
     .await;
-    let Ok(Ok(records)) = records else {
+    let Ok(Ok(mut records)) = records else {
         return refuse(
             ErrorCode::Unavailable,
             "the records could not be read; retry",
         );
     };
+    let behind = records.len() > replay_max;
+    records.truncate(replay_max);
     let last = records.last().map_or(since, |(seq, _)| *seq).max(since);
     topics.insert(id.clone(), (topic, last));
-    let behind = records.len() >= replay_max;
     let mut replies = Vec::with_capacity(records.len() + 1);
     for (seq, record) in records {
         let Some(mut record) = record
