@@ -186,6 +186,7 @@ impl TenantAlerts {
                 let down_ms = (now_ms - kept.saved_ms.max(kept.last_seen_ms)).max(0);
                 memory.last_seen_ms = (kept.last_seen_ms + down_ms).min(now_ms);
                 memory.history = kept.history;
+                memory.history_stats = None;
                 memory.history_period = kept.history_period;
             }
         }

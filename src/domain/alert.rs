@@ -193,6 +193,10 @@ pub struct AlertMemory {
     pub history: VecDeque<f64>,
     /// The window period the newest history value closed (`zscore`).
     pub history_period: Option<i64>,
+    /// The history's mean and deviation, worked out once each time it
+    /// changes (once a period), not at every tick.
+    #[serde(skip)]
+    pub history_stats: Option<(f64, f64)>,
 }
 
 impl AlertMemory {
@@ -202,6 +206,7 @@ impl AlertMemory {
             last_seen_ms: now_ms,
             history: VecDeque::new(),
             history_period: None,
+            history_stats: None,
         }
     }
 }
@@ -311,6 +316,7 @@ pub fn judge(
                     while memory.history.len() > *history {
                         memory.history.pop_front();
                     }
+                    memory.history_stats = None;
                 }
                 memory.history_period = Some(period);
             }
@@ -322,7 +328,9 @@ pub fn judge(
                     ..Judgement::quiet()
                 };
             }
-            let (mean, deviation) = mean_and_deviation(&memory.history);
+            let (mean, deviation) = *memory
+                .history_stats
+                .get_or_insert_with(|| mean_and_deviation(&memory.history));
             if deviation <= f64::EPSILON * mean.abs().max(1.0) {
                 // a flat history gives no scale to judge by
                 return Judgement {
