@@ -547,3 +547,125 @@ async fn a_firing_alert_whose_rule_left_the_config_resolves_after_the_restart() 
     );
     node.stop().await;
 }
+
+/// The real binary, killed with SIGKILL while an alert fires: after the
+/// restart the alert is still firing and no second `firing` record exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_binary_killed_with_9_keeps_a_firing_alert_without_a_second_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let config = format!(
+        "{}\n[[alerts]]\nid = \"many-orders\"\nmetric = \"orders\"\nwindow = \"today\"\n\
+         condition = {{ type = \"above\", value = 2 }}\nseverity = \"P1\"\n",
+        common::DEFAULT_TOML
+            .replace(
+                "listen = \"127.0.0.1:7700\"",
+                &format!("listen = \"127.0.0.1:{port}\"")
+            )
+            .replace(
+                "data_dir = \"./data\"",
+                &format!("data_dir = {:?}", dir.path().join("data"))
+            )
+            .replace(
+                "tick_ms = 1000\n# Alert rules",
+                "tick_ms = 100\n# Alert rules"
+            )
+    );
+    assert!(
+        config.contains("tick_ms = 100\n# Alert rules")
+            && config.contains(&format!("127.0.0.1:{port}")),
+        "the test's config overrides apply"
+    );
+    let config_path = dir.path().join("tally.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let log = dir.path().join("log");
+    let spawn = || {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+        for (name, _) in std::env::vars() {
+            if name.starts_with("TALLY_") {
+                command.env_remove(name);
+            }
+        }
+        command
+            .arg("--config")
+            .arg(&config_path)
+            .arg("serve")
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .unwrap()
+    };
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let records = |client: reqwest::Client, base: String| async move {
+        let body: Value = client
+            .get(format!("{base}/v1/alerts?since=0"))
+            .bearer_auth("demo-key")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["records"].as_array().cloned().unwrap_or_default()
+    };
+    let mut child = spawn();
+    common::wait_until_ready(&client, &mut child, &base, &log).await;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let body: Vec<String> = (0..3)
+        .map(|n| order(&format!("o-{n}"), 100, now_ms).to_string())
+        .collect();
+    let reply = client
+        .post(format!("{base}/v1/events"))
+        .bearer_auth("demo-key")
+        .header("content-type", "application/x-ndjson")
+        .body(body.join("\n"))
+        .send()
+        .await
+        .unwrap();
+    assert!(reply.status().is_success());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while records(client.clone(), base.clone()).await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no alert record");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let status = std::process::Command::new("kill")
+        .args(["-9", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _ = child.wait();
+    let mut child = spawn();
+    common::wait_until_ready(&client, &mut child, &base, &log).await;
+    // many ticks after the restart
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let states: Vec<(u64, String)> = records(client.clone(), base.clone())
+        .await
+        .iter()
+        .map(|r| {
+            (
+                r["seq"].as_u64().unwrap(),
+                r["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(states, vec![(1, "firing".to_string())]);
+    let alerts: Value = client
+        .get(format!("{base}/v1/alerts"))
+        .bearer_auth("demo-key")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(alerts["alerts"][0]["state"], "firing");
+    let _ = child.kill();
+    let _ = child.wait();
+}
