@@ -181,7 +181,7 @@ impl TenantAlerts {
             for kept in dump {
                 let (memory, _) = by_key
                     .entry(kept.key)
-                    .or_insert_with(|| (AlertMemory::new(now_ms), judge_none()));
+                    .or_insert_with(|| (AlertMemory::new(now_ms), Judgement::quiet()));
                 // the silence before the stop counts, the time stopped does not
                 let down_ms = (now_ms - kept.saved_ms.max(kept.last_seen_ms)).max(0);
                 memory.last_seen_ms = (kept.last_seen_ms + down_ms).min(now_ms);
@@ -745,7 +745,7 @@ pub async fn evaluate_tenant(
                     Some(alert) => alert,
                     None => by_key
                         .entry(key.clone())
-                        .or_insert_with(|| (AlertMemory::new(now_ms), judge_none())),
+                        .or_insert_with(|| (AlertMemory::new(now_ms), Judgement::quiet())),
                 };
                 let judgement = judge(rule, &observation, budget, memory, window_ms, now_ms);
                 let before = memory.state;
@@ -829,16 +829,6 @@ fn ending(
             Some(((rule_id.to_string(), key.clone()), transition, last.clone()))
         })
         .collect()
-}
-
-fn judge_none() -> Judgement {
-    Judgement {
-        breached: false,
-        cleared: false,
-        value: None,
-        baseline: None,
-        threshold: None,
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -160,7 +160,6 @@ pub async fn run(node: Arc<Node>, url: String) {
     };
     let mut stopping = node.stopping.subscribe();
     let mut cursors: BTreeMap<String, TenantCursor> = BTreeMap::new();
-    let record_bytes_max = node.config.storage.record_bytes_max;
     for tenant in node.tenants.keys() {
         let key = cursor_key(tenant);
         let store = Arc::clone(&node.store);
@@ -183,32 +182,16 @@ pub async fn run(node: Arc<Node>, url: String) {
     for (tenant, cursor) in cursors.iter_mut() {
         let mut since = 0;
         while since < cursor.sent_seq {
-            let store = Arc::clone(&node.store);
-            let tenant_id = tenant.clone();
-            let page = tokio::task::spawn_blocking(move || {
-                read_since::<String>(
-                    &*store,
-                    &tenant_id,
-                    Topic::Alerts,
-                    since,
-                    RECORDS_PER_REQUEST_MAX,
-                    record_bytes_max,
-                )
-            })
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
+            let page = records_after(&node, tenant, since)
+                .await
+                .unwrap_or_default();
             let Some((last, _)) = page.last() else { break };
             since = *last;
             for (seq, record) in page {
                 if seq > cursor.sent_seq {
                     break;
                 }
-                if let Some(record) = record
-                    .ok()
-                    .and_then(|text| serde_json::from_str::<AlertRecord>(&text).ok())
-                {
+                if let Some(record) = record {
                     note(cursor, record);
                 }
             }
@@ -253,6 +236,41 @@ pub async fn run(node: Arc<Node>, url: String) {
     }
 }
 
+/// Up to `RECORDS_PER_REQUEST_MAX` alert records of `tenant` after `since`,
+/// read off the async threads; a record that does not decode is `None` in its
+/// place.
+async fn records_after(
+    node: &Node,
+    tenant: &str,
+    since: u64,
+) -> Result<Vec<(u64, Option<AlertRecord>)>, String> {
+    let store = Arc::clone(&node.store);
+    let tenant_id = tenant.to_string();
+    let record_bytes_max = node.config.storage.record_bytes_max;
+    let page = tokio::task::spawn_blocking(move || {
+        read_since::<String>(
+            &*store,
+            &tenant_id,
+            Topic::Alerts,
+            since,
+            RECORDS_PER_REQUEST_MAX,
+            record_bytes_max,
+        )
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    Ok(page
+        .into_iter()
+        .map(|(seq, record)| {
+            let record = record
+                .ok()
+                .and_then(|text| serde_json::from_str::<AlertRecord>(&text).ok());
+            (seq, record)
+        })
+        .collect())
+}
+
 /// Keeps what a record says of its alert's firing.
 fn note(cursor: &mut TenantCursor, record: AlertRecord) {
     let key = (record.rule.clone(), record.dim_value.clone());
@@ -278,31 +296,13 @@ async fn send_tenant(
     now_ms: i64,
     resend_ms: i64,
 ) -> Result<(), String> {
-    let store = Arc::clone(&node.store);
-    let (tenant_id, since) = (tenant.to_string(), cursor.sent_seq);
-    let record_bytes_max = node.config.storage.record_bytes_max;
-    let records = tokio::task::spawn_blocking(move || {
-        read_since::<String>(
-            &*store,
-            &tenant_id,
-            Topic::Alerts,
-            since,
-            RECORDS_PER_REQUEST_MAX,
-            record_bytes_max,
-        )
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
+    let records = records_after(node, tenant, cursor.sent_seq).await?;
     let mut alerts = Vec::new();
     let mut last_seq = cursor.sent_seq;
     let mut noted = Vec::new();
     for (seq, record) in records {
         last_seq = seq;
-        let Some(record) = record
-            .ok()
-            .and_then(|text| serde_json::from_str::<AlertRecord>(&text).ok())
-        else {
+        let Some(record) = record else {
             continue;
         };
         let key = (record.rule.clone(), record.dim_value.clone());

@@ -172,7 +172,8 @@ pub struct Judgement {
 }
 
 impl Judgement {
-    fn quiet() -> Judgement {
+    /// Nothing judged: no breach, no value.
+    pub fn quiet() -> Judgement {
         Judgement {
             breached: false,
             cleared: false,

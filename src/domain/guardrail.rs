@@ -33,6 +33,24 @@ pub enum Compare {
     Ratio { ratio: f64 },
 }
 
+impl Compare {
+    /// The threshold as the rule states it (a difference or a ratio).
+    pub fn threshold(&self) -> f64 {
+        match *self {
+            Compare::Delta { margin } => margin,
+            Compare::Ratio { ratio } => ratio,
+        }
+    }
+
+    /// The estimate on the test's scale, as the rule states it.
+    fn observed(&self, theta: f64) -> f64 {
+        match self {
+            Compare::Delta { .. } => theta,
+            Compare::Ratio { .. } => theta.exp(),
+        }
+    }
+}
+
 /// One look's verdict.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Verdict {
@@ -115,10 +133,7 @@ pub fn sequential(
     confidence: f64,
     state: &mut SequentialState,
 ) -> Verdict {
-    let threshold = match compare {
-        Compare::Delta { margin } => margin,
-        Compare::Ratio { ratio } => ratio,
-    };
+    let threshold = compare.threshold();
     let Some((theta, v, theta0)) = estimate(control, treatment, compare) else {
         return Verdict {
             worse: false,
@@ -127,10 +142,7 @@ pub fn sequential(
             p_value: state.p_value,
         };
     };
-    let observed = match compare {
-        Compare::Delta { .. } => theta,
-        Compare::Ratio { .. } => theta.exp(),
-    };
+    let observed = compare.observed(theta);
     if theta > theta0 && v > 0.0 {
         let likelihood =
             mixture_likelihood_ratio(theta, v, theta0, mixture_variance(control, compare));
@@ -153,10 +165,7 @@ pub fn z_test(
     compare: Compare,
     confidence: f64,
 ) -> Verdict {
-    let threshold = match compare {
-        Compare::Delta { margin } => margin,
-        Compare::Ratio { ratio } => ratio,
-    };
+    let threshold = compare.threshold();
     let Some((theta, v, theta0)) = estimate(control, treatment, compare) else {
         return Verdict {
             worse: false,
@@ -169,10 +178,7 @@ pub fn z_test(
     let p_value = normal_upper_tail(z);
     Verdict {
         worse: p_value < 1.0 - confidence,
-        observed: Some(match compare {
-            Compare::Delta { .. } => theta,
-            Compare::Ratio { .. } => theta.exp(),
-        }),
+        observed: Some(compare.observed(theta)),
         threshold,
         p_value,
     }

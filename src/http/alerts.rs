@@ -124,6 +124,15 @@ fn writing_tenant(
     Ok(tenant.context.id.to_string())
 }
 
+/// A JSON body, or `400` naming the field that does not parse.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let field = error.path().to_string();
+        ApiError::Invalid(vec![(field, error.into_inner().to_string())])
+    })
+}
+
 fn rule_error(node: &Node, error: RuleError) -> ApiError {
     match error {
         RuleError::FromConfig(_) | RuleError::TooMany(_) | RuleError::TooManyBudgets(_) => {
@@ -177,12 +186,7 @@ pub async fn put_rule(
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let tenant = writing_tenant(&node, &caller, query)?;
-    let mut deserializer = serde_json::Deserializer::from_slice(&body);
-    let config: RuleConfig =
-        serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
-            let field = error.path().to_string();
-            ApiError::Invalid(vec![(field, error.into_inner().to_string())])
-        })?;
+    let config: RuleConfig = json_body(&body)?;
     let mut problems = Vec::new();
     if !config.id.is_empty() && config.id != rule_id {
         problems.push((
@@ -246,12 +250,7 @@ pub async fn put_budget(
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let tenant = writing_tenant(&node, &caller, query)?;
-    let mut deserializer = serde_json::Deserializer::from_slice(&body);
-    let budget: BudgetBody =
-        serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
-            let field = error.path().to_string();
-            ApiError::Invalid(vec![(field, error.into_inner().to_string())])
-        })?;
+    let budget: BudgetBody = json_body(&body)?;
     let bad =
         |text: &str| text.is_empty() || text.len() > 128 || text.chars().any(char::is_control);
     if bad(&dim) || bad(&value) {
