@@ -6,6 +6,7 @@ pub mod alert;
 pub mod catalogue;
 pub mod dedup;
 pub mod event;
+pub mod experiment;
 pub mod guardrail;
 pub mod histogram;
 pub mod metric;

@@ -1,0 +1,285 @@
+//! Experiments as API.md §8 states them: their check, every problem named by
+//! field, and their state machine (`running → paused | stopped`, `paused →
+//! running` on resume).
+//! Owns: what an experiment and its guardrails say, and which transitions are
+//! allowed. Must not: count events, judge guardrails (`guardrail` does the
+//! statistics) or store anything.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::catalogue::{Catalogue, MetricKind};
+
+/// Variants an experiment may have.
+pub const VARIANTS_MAX: usize = 16;
+/// Guardrails an experiment may have.
+pub const GUARDRAILS_MAX: usize = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// The mixture sequential test: valid however often it is looked at.
+    #[default]
+    Sequential,
+    /// The fixed-horizon two-proportion z-test (for comparison).
+    Z,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompareKind {
+    Ratio,
+    Delta,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Pause,
+    Stop,
+}
+
+/// One guardrail as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardrailSpec {
+    pub metric: String,
+    /// Only on histogram metrics: `p95`.
+    #[serde(default)]
+    pub stat: Option<String>,
+    pub compare: CompareKind,
+    /// In the metric's unit: a rate difference (0.01 = 1 point), a ratio, or
+    /// milliseconds of p95 for `stat = "p95"`.
+    pub threshold: f64,
+    pub action: Action,
+}
+
+/// An experiment as `PUT /v1/experiments/{id}` takes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentSpec {
+    pub variants: Vec<String>,
+    pub control: String,
+    pub split: BTreeMap<String, f64>,
+    #[serde(default = "default_min_samples")]
+    pub min_samples: u64,
+    #[serde(default = "default_confidence")]
+    pub confidence: f64,
+    #[serde(default)]
+    pub method: Method,
+    #[serde(default)]
+    pub guardrails: Vec<GuardrailSpec>,
+}
+
+fn default_min_samples() -> u64 {
+    1_000
+}
+
+fn default_confidence() -> f64 {
+    0.95
+}
+
+fn is_name(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+impl ExperimentSpec {
+    /// Every problem, by field (`split.B`, `guardrails[1].stat`, …); empty
+    /// when it checks.
+    pub fn problems(&self, catalogue: &Catalogue) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let mut problem =
+            |field: String, message: &str| problems.push((field, message.to_string()));
+        if self.variants.len() < 2 || self.variants.len() > VARIANTS_MAX {
+            problem("variants".into(), "must name 2 to 16 variants");
+        }
+        for (index, variant) in self.variants.iter().enumerate() {
+            if !is_name(variant) {
+                problem(
+                    format!("variants[{index}]"),
+                    "must match [A-Za-z0-9_.-]{1,64}",
+                );
+            } else if self.variants[..index].contains(variant) {
+                problem(format!("variants[{index}]"), "is named twice");
+            }
+        }
+        if !self.variants.contains(&self.control) {
+            problem("control".into(), "must be one of the variants");
+        }
+        for variant in &self.variants {
+            if !self.split.contains_key(variant) {
+                problem(format!("split.{variant}"), "every variant needs its share");
+            }
+        }
+        for (variant, share) in &self.split {
+            if !self.variants.contains(variant) {
+                problem(format!("split.{variant}"), "is not a variant");
+            } else if !(share.is_finite() && *share > 0.0 && *share <= 1.0) {
+                problem(format!("split.{variant}"), "must be above 0 and at most 1");
+            }
+        }
+        let total: f64 = self.split.values().sum();
+        if (total - 1.0).abs() > 1e-9 {
+            problem("split".into(), "the shares must sum to 1");
+        }
+        if self.min_samples == 0 {
+            problem("min_samples".into(), "must be at least 1");
+        }
+        if !(self.confidence > 0.5 && self.confidence < 1.0) {
+            problem("confidence".into(), "must be above 0.5 and below 1");
+        }
+        if self.guardrails.len() > GUARDRAILS_MAX {
+            problem("guardrails".into(), "at most 16 guardrails");
+        }
+        for (index, guardrail) in self.guardrails.iter().enumerate() {
+            let at = format!("guardrails[{index}]");
+            let kind = catalogue
+                .index_of(&guardrail.metric)
+                .map(|metric| &catalogue.metrics()[metric].kind);
+            match (kind, guardrail.stat.as_deref()) {
+                (None, _) => problem(format!("{at}.metric"), "unknown metric"),
+                (Some(MetricKind::Histogram), Some("p95")) => {}
+                (Some(MetricKind::Histogram), Some(_)) => {
+                    problem(format!("{at}.stat"), "the only stat is p95")
+                }
+                (Some(MetricKind::Histogram), None) => problem(
+                    format!("{at}.stat"),
+                    "a histogram guardrail needs stat = \"p95\"",
+                ),
+                (Some(MetricKind::Ratio), None) => {}
+                (Some(_), Some(_)) => {
+                    problem(format!("{at}.stat"), "stat is only for histogram metrics")
+                }
+                (Some(_), None) => problem(
+                    format!("{at}.metric"),
+                    "a guardrail watches a rate (ratio metric) or a histogram's p95",
+                ),
+            }
+            let threshold_ok = guardrail.threshold.is_finite()
+                && match guardrail.compare {
+                    CompareKind::Ratio => guardrail.threshold > 1.0,
+                    CompareKind::Delta => guardrail.threshold > 0.0,
+                };
+            if !threshold_ok {
+                problem(
+                    format!("{at}.threshold"),
+                    "must be above 1 for a ratio and above 0 for a delta",
+                );
+            }
+            if guardrail.stat.is_some() && guardrail.compare == CompareKind::Ratio {
+                problem(
+                    format!("{at}.compare"),
+                    "a p95 guardrail compares by delta (ms)",
+                );
+            }
+        }
+        problems
+    }
+}
+
+/// Where an experiment is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExperimentState {
+    Running,
+    Paused,
+    Stopped,
+}
+
+impl ExperimentState {
+    /// The state a breach with `action` moves a running experiment to; none
+    /// when it is not running (a paused or stopped experiment signals once).
+    pub fn on_breach(self, action: Action) -> Option<ExperimentState> {
+        match (self, action) {
+            (ExperimentState::Running, Action::Pause) => Some(ExperimentState::Paused),
+            (ExperimentState::Running, Action::Stop) => Some(ExperimentState::Stopped),
+            _ => None,
+        }
+    }
+
+    /// Resume: a paused experiment runs again; a stopped one stays stopped.
+    pub fn on_resume(self) -> Result<ExperimentState, &'static str> {
+        match self {
+            ExperimentState::Paused | ExperimentState::Running => Ok(ExperimentState::Running),
+            ExperimentState::Stopped => {
+                Err("a stopped experiment does not resume; register a new one")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalogue() -> Catalogue {
+        let config =
+            crate::config::Config::parse(include_str!("../../config/default.toml"), Vec::new())
+                .unwrap();
+        config.catalogue().unwrap()
+    }
+
+    fn contract_example() -> ExperimentSpec {
+        serde_json::from_str(
+            r#"{"variants": ["A", "B"], "control": "A", "split": {"A": 0.5, "B": 0.5},
+                "min_samples": 1000, "confidence": 0.95, "method": "sequential",
+                "guardrails": [
+                  {"metric": "error_rate", "compare": "ratio", "threshold": 2.0, "action": "stop"},
+                  {"metric": "payment_failure_rate", "compare": "delta", "threshold": 0.01, "action": "pause"},
+                  {"metric": "checkout_latency_ms", "stat": "p95", "compare": "delta", "threshold": 200, "action": "stop"}]}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_contracts_example_checks() {
+        assert_eq!(contract_example().problems(&catalogue()), vec![]);
+    }
+
+    #[test]
+    fn every_problem_names_its_field() {
+        let mut spec = contract_example();
+        spec.variants = vec!["A".into(), "B".into(), "B".into()];
+        spec.control = "C".into();
+        spec.split.insert("B".into(), 0.6);
+        spec.confidence = 1.0;
+        spec.guardrails[0].metric = "gmv".into();
+        spec.guardrails[1].stat = Some("p95".into());
+        spec.guardrails[2].stat = Some("p99".into());
+        spec.guardrails[2].threshold = -1.0;
+        let fields: Vec<String> = spec
+            .problems(&catalogue())
+            .into_iter()
+            .map(|(field, _)| field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "variants[2]",
+                "control",
+                "split",
+                "confidence",
+                "guardrails[0].metric",
+                "guardrails[1].stat",
+                "guardrails[2].stat",
+                "guardrails[2].threshold",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_breach_pauses_or_stops_once_and_only_a_paused_experiment_resumes() {
+        use ExperimentState::*;
+        assert_eq!(Running.on_breach(Action::Pause), Some(Paused));
+        assert_eq!(Running.on_breach(Action::Stop), Some(Stopped));
+        assert_eq!(Paused.on_breach(Action::Stop), None);
+        assert_eq!(Stopped.on_breach(Action::Pause), None);
+        assert_eq!(Paused.on_resume(), Ok(Running));
+        assert!(Stopped.on_resume().is_err());
+    }
+}
