@@ -151,9 +151,14 @@ impl TenantActor {
         let core = self.core.borrow();
         let generation = core.dedup().runs_generation();
         if self.runs_published != Some(generation) {
-            self.runs.set(core.dedup().runs_shared());
+            let runs = core.dedup().runs_shared();
+            // a tenant that never had runs has no gauges: with many idle
+            // tenants they were a kilobyte each
+            if !runs.is_empty() || !self.runs.get().is_empty() {
+                publish_dedup_runs(&core);
+            }
+            self.runs.set(runs);
             self.runs_published = Some(generation);
-            publish_dedup_runs(&core);
         }
     }
 
