@@ -437,6 +437,7 @@ mod tests {
         let margin = Compare::Delta { margin: 0.01 };
         // a true difference of half a point against a margin of one
         let (below, _) = simulate(400, 0.02, 0.025, margin, true, 50, 1_000);
+        println!("half a point against a 1-point margin: stopped {below}");
         assert!(below <= 0.05, "{below}");
         let (above, median) = simulate(200, 0.02, 0.05, margin, true, 50, 1_000);
         println!("3 points against a 1-point margin: stopped {above}, median samples {median:?}");
