@@ -156,6 +156,50 @@ pub fn sequential(
     }
 }
 
+/// The share of control's events above its own p95.
+pub const P95_TAIL: f64 = 0.05;
+
+/// A `p95` guardrail at one look (`stat = "p95"`, `compare = "delta"`): is
+/// the treatment's p95 more than `threshold` above control's? It is, exactly
+/// when more than 5 % of the treatment's events lie above control's p95 plus
+/// the threshold; so the test is a sequential one-sample test that the share
+/// of treatment events above that line (`above` of `treatment_samples`)
+/// exceeds 5 %, with the same mixture as the rate guardrails. The caller counts
+/// the share from the treatment's histogram at control's current p95 plus the
+/// threshold; with control's p95 estimated from thousands of events, its own
+/// error is small against the test's.
+pub fn sequential_p95(
+    above: u64,
+    treatment_samples: u64,
+    threshold_ms: f64,
+    confidence: f64,
+    state: &mut SequentialState,
+) -> Verdict {
+    if treatment_samples == 0 {
+        return Verdict {
+            worse: false,
+            observed: None,
+            threshold: threshold_ms,
+            p_value: state.p_value,
+        };
+    }
+    let n = treatment_samples as f64;
+    let share = (above as f64 + 0.5) / (n + 1.0);
+    let v = share * (1.0 - share) / n;
+    if share > P95_TAIL && v > 0.0 {
+        // a share of 10 % above the line: the size of difference to catch
+        let tau2 = P95_TAIL * P95_TAIL;
+        let likelihood = mixture_likelihood_ratio(share, v, P95_TAIL, tau2);
+        state.p_value = state.p_value.min((1.0 / likelihood).min(1.0));
+    }
+    Verdict {
+        worse: share > P95_TAIL && state.p_value < 1.0 - confidence,
+        observed: Some(share),
+        threshold: threshold_ms,
+        p_value: state.p_value,
+    }
+}
+
 /// The fixed-horizon one-sided z-test at one look, valid only if looked at
 /// once (`method = "z"`, kept for comparison: repeated looks stop far more
 /// than `1 − confidence` of experiments with no effect).
@@ -442,6 +486,103 @@ mod tests {
         let (above, median) = simulate(200, 0.02, 0.05, margin, true, 50, 1_000);
         println!("3 points against a 1-point margin: stopped {above}, median samples {median:?}");
         assert!(above >= 0.95, "{above}");
+    }
+
+    /// Latencies of 100 ms plus an exponential of mean 200 ms (p95 about
+    /// 699 ms), in a histogram of 1 ms buckets up to 20 s.
+    struct Latencies {
+        buckets: Vec<u64>,
+        count: u64,
+    }
+
+    impl Latencies {
+        fn new() -> Latencies {
+            Latencies {
+                buckets: vec![0; 20_000],
+                count: 0,
+            }
+        }
+
+        fn add(&mut self, rng: &mut Rng, shift_ms: f64, n: u64) {
+            for _ in 0..n {
+                let ms = 100.0 + shift_ms - 200.0 * (1.0 - rng.next()).ln();
+                self.buckets[(ms as usize).min(19_999)] += 1;
+                self.count += 1;
+            }
+        }
+
+        fn p95(&self) -> f64 {
+            let rank = (self.count as f64 * 0.95).ceil() as u64;
+            let mut seen = 0;
+            for (ms, count) in self.buckets.iter().enumerate() {
+                seen += count;
+                if seen >= rank {
+                    return ms as f64;
+                }
+            }
+            20_000.0
+        }
+
+        fn above(&self, line_ms: f64) -> u64 {
+            self.buckets[(line_ms as usize + 1).min(20_000)..]
+                .iter()
+                .sum()
+        }
+    }
+
+    /// Share of runs a p95 guardrail of `threshold_ms` stops when the
+    /// treatment's latencies are `shift_ms` slower, judged after every batch.
+    fn simulate_p95(runs: u64, shift_ms: f64, threshold_ms: f64) -> (f64, Option<u64>) {
+        let (mut stopped, mut stops_at) = (0, Vec::new());
+        for seed in 0..runs {
+            let mut rng = Rng(seed * 104_729 + 3);
+            let (mut control, mut treatment) = (Latencies::new(), Latencies::new());
+            let mut state = SequentialState::default();
+            for look in 1..=40u64 {
+                control.add(&mut rng, 0.0, 500);
+                treatment.add(&mut rng, shift_ms, 500);
+                let line = control.p95() + threshold_ms;
+                let verdict = sequential_p95(
+                    treatment.above(line),
+                    treatment.count,
+                    threshold_ms,
+                    0.95,
+                    &mut state,
+                );
+                if verdict.worse {
+                    stopped += 1;
+                    stops_at.push(look * 500);
+                    break;
+                }
+            }
+        }
+        stops_at.sort_unstable();
+        (
+            stopped as f64 / runs as f64,
+            stops_at.get(stops_at.len() / 2).copied(),
+        )
+    }
+
+    #[test]
+    fn a_p95_guardrail_stops_a_slower_treatment_and_not_one_within_the_threshold() {
+        // 400 ms slower against a threshold of 200 ms: stopped
+        let (slower, median) = simulate_p95(100, 400.0, 200.0);
+        println!("p95 400 ms slower, threshold 200: stopped {slower}, median samples {median:?}");
+        assert!(slower >= 0.95, "{slower}");
+        // 100 ms slower (within the threshold) and the same: rarely
+        let (within, _) = simulate_p95(200, 100.0, 200.0);
+        let (same, _) = simulate_p95(200, 0.0, 200.0);
+        // exactly at the threshold: the null's edge
+        let (at, _) = simulate_p95(200, 200.0, 200.0);
+        let (beyond, beyond_median) = simulate_p95(100, 300.0, 200.0);
+        println!(
+            "p95 100 ms slower: stopped {within}; the same: {same}; 200 ms: {at}; \
+             300 ms: {beyond}, median samples {beyond_median:?}"
+        );
+        assert!(
+            within <= 0.05 && same <= 0.05 && at <= 0.05,
+            "{within} {same} {at}"
+        );
     }
 
     #[test]
