@@ -379,6 +379,8 @@ fn string_pairs(
             || key.len() > limits.dim_key_bytes_max
             || value.len() > limits.dim_value_bytes_max
             || value.starts_with("__")
+            || key.chars().any(char::is_control)
+            || value.chars().any(char::is_control)
             || pairs.iter().any(|(seen, _)| seen.as_str() == key.as_ref())
         {
             return Err(reason);
@@ -399,7 +401,13 @@ pub fn validate_event(
 ) -> Result<ValidEvent, Reason> {
     let id = match &raw.id {
         None => return Err(Reason::MissingId),
-        Some(Scalar::Str(id)) if !id.is_empty() && id.len() <= ID_BYTES_MAX => id,
+        // control characters (NUL, newlines, escapes) break logs, CSV and
+        // terminals downstream: such an id is quarantined, not counted
+        Some(Scalar::Str(id))
+            if !id.is_empty() && id.len() <= ID_BYTES_MAX && !id.chars().any(char::is_control) =>
+        {
+            id
+        }
         Some(_) => return Err(Reason::InvalidId),
     };
     let event_type = match &raw.event_type {
@@ -680,6 +688,13 @@ mod tests {
         assert!(check(&ok).is_ok());
         let long_key = format!(r#"{{"id":"a","type":"x","dims":{{"{key_32}k":"v"}}}}"#);
         assert_eq!(check(&long_key).map(|_| ()), Err(Reason::InvalidDims));
+        // control characters in a dim key or value
+        for dims in [r#"{"dev\u0000ice": "ios"}"#, r#"{"device": "i\nos"}"#] {
+            let line = format!(
+                r#"{{"id":"c","type":"order.completed","amount":1,"currency":"USD","dims":{dims}}}"#
+            );
+            assert_eq!(check(&line).map(|_| ()), Err(Reason::InvalidDims), "{line}");
+        }
         let many: Vec<String> = (0..17).map(|i| format!(r#""d{i}":"v""#)).collect();
         let too_many = format!(r#"{{"id":"a","type":"x","dims":{{{}}}}}"#, many.join(","));
         assert_eq!(check(&too_many).map(|_| ()), Err(Reason::InvalidDims));
@@ -691,6 +706,12 @@ mod tests {
         assert!(check(&ok).is_ok());
         let long = format!(r#"{{"id":"{}","type":"x"}}"#, "i".repeat(129));
         assert_eq!(check(&long).map(|_| ()), Err(Reason::InvalidId));
+        // an id with a control character (NUL, newline) is quarantined
+        for id in [r#""o\u0000-1""#, r#""o-1\n""#, r#""\u001b[31m""#] {
+            let line =
+                format!(r#"{{"id":{id},"type":"order.completed","amount":1,"currency":"USD"}}"#);
+            assert_eq!(check(&line).map(|_| ()), Err(Reason::InvalidId), "{line}");
+        }
     }
 
     #[test]
