@@ -865,23 +865,36 @@ pub async fn run(node: Arc<Node>) {
         node.config.alerting.tick_ms,
     ));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let save_every = std::time::Duration::from_secs(node.config.storage.snapshot_interval_s);
-    let mut saved = tokio::time::Instant::now();
+    let mut saves = tokio::time::interval(std::time::Duration::from_secs(
+        node.config.storage.snapshot_interval_s,
+    ));
+    saves.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // the first tick of an interval is at once: nothing to save yet
+    saves.tick().await;
     loop {
-        let stop = tokio::select! {
-            _ = ticks.tick() => false,
-            _ = stopping.wait_for(|stopping| *stopping) => true,
-        };
-        if stop {
-            save_all(&node).await;
-            return;
+        enum Wake {
+            Tick,
+            Save,
+            Stop,
         }
+        let wake = tokio::select! {
+            _ = ticks.tick() => Wake::Tick,
+            _ = saves.tick() => Wake::Save,
+            _ = stopping.wait_for(|stopping| *stopping) => Wake::Stop,
+        };
         if node.committer.is_failed() {
             return;
         }
-        if saved.elapsed() >= save_every {
-            save_all(&node).await;
-            saved = tokio::time::Instant::now();
+        match wake {
+            Wake::Stop => {
+                save_all(&node).await;
+                return;
+            }
+            Wake::Save => {
+                save_all(&node).await;
+                continue;
+            }
+            Wake::Tick => {}
         }
         for (tenant_id, alerts) in &node.alerts.tenants {
             match evaluate_tenant(&node, tenant_id, alerts).await {
