@@ -34,7 +34,7 @@ pub struct TenantAlerts {
     /// Ids of the rules from config: the API does not change them.
     config_rules: Vec<String>,
     /// Budgets by dim and value, in the metric's unit (`budget_used`).
-    budgets: Mutex<BTreeMap<(String, String), f64>>,
+    budgets: Mutex<BTreeMap<(String, String), i64>>,
     state: Mutex<AlertBook>,
     written: watch::Sender<u64>,
     /// One writer at a time: a tick, or a change of rules through the API.
@@ -69,13 +69,13 @@ impl TenantAlerts {
         store: &dyn Store,
         tenant: &str,
         rules: Vec<Rule>,
-        budgets: Vec<((String, String), f64)>,
+        budgets: Vec<((String, String), i64)>,
         now_ms: i64,
         record_bytes_max: usize,
     ) -> Result<TenantAlerts, StorageError> {
         let config_rules: Vec<String> = rules.iter().map(|rule| rule.id.clone()).collect();
         let mut rules = rules;
-        let mut budgets: BTreeMap<(String, String), f64> = budgets.into_iter().collect();
+        let mut budgets: BTreeMap<(String, String), i64> = budgets.into_iter().collect();
         // rules and budgets set through the API, over the config's
         let prefix = crate::storage::tenant_prefix(tenant);
         let mut stored = Vec::new();
@@ -98,7 +98,7 @@ impl TenantAlerts {
                 Some(budget_key) => {
                     let budget_key = String::from_utf8_lossy(budget_key);
                     let (Some((dim, dim_value)), Ok(amount)) =
-                        (budget_key.split_once('\0'), text.parse::<f64>())
+                        (budget_key.split_once('\0'), text.parse::<i64>())
                     else {
                         continue;
                     };
@@ -213,7 +213,7 @@ impl TenantAlerts {
     }
 
     /// The budget of a dim value, if one is set.
-    pub fn budget(&self, dim: &str, value: &str) -> Option<f64> {
+    pub fn budget(&self, dim: &str, value: &str) -> Option<i64> {
         lock(&self.budgets)
             .get(&(dim.to_string(), value.to_string()))
             .copied()
@@ -370,7 +370,7 @@ pub enum RuleError {
     NotFound(String),
     #[error("the tenant has {0} rules, alerting.rules_per_tenant_max")]
     TooMany(usize),
-    #[error("the budget must be a finite number above 0")]
+    #[error("the budget must be an integer of minor units from 1 to 10^15")]
     BadBudget,
     #[error("the tenant has {0} budgets, alerting.budgets_per_tenant_max")]
     TooManyBudgets(usize),
@@ -502,12 +502,12 @@ pub async fn put_budget(
     tenant: &str,
     dim: &str,
     value: &str,
-    amount: f64,
+    amount: i64,
 ) -> Result<(), RuleError> {
     let Some(alerts) = node.alerts.tenant(tenant) else {
         return Err(RuleError::NotFound(format!("tenant {tenant}")));
     };
-    if !amount.is_finite() || amount <= 0.0 {
+    if !(1..=crate::domain::event::AMOUNT_ABS_MAX).contains(&amount) {
         return Err(RuleError::BadBudget);
     }
     let _one_writer = alerts.writing.lock().await;

@@ -331,6 +331,19 @@ async fn a_campaign_budget_fires_at_nine_thousand_spent_not_at_8999() {
     )
     .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
+    // money is integer minor units: a fraction, zero and a negative are refused
+    for amount in [json!(10_000.5), json!(0), json!(-5), json!("10000")] {
+        let reply = call_json(
+            &node,
+            reqwest::Method::PUT,
+            "demo-key",
+            "/v1/budgets/campaign/spring",
+            json!({ "amount": amount }),
+        )
+        .await;
+        assert_eq!(reply.status, 400, "{amount}: {}", reply.body);
+        assert_eq!(reply.body["errors"][0]["field"], "amount", "{}", reply.body);
+    }
     let mut socket = subscribe_alerts(&node, 0).await;
     let events: Vec<Value> = (0..8)
         .map(|n| spend(&format!("s-{n}"), "spring", 1_000, T0_MS))

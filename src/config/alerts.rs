@@ -78,8 +78,8 @@ pub struct BudgetConfig {
     pub tenants: Vec<String>,
     pub dim: String,
     pub value: String,
-    /// In the metric's unit (minor units for money).
-    pub amount: f64,
+    /// In the metric's unit: integer minor units for money.
+    pub amount: i64,
 }
 
 /// The config's budgets, each with the tenants it is for.
@@ -87,7 +87,7 @@ pub fn check_budgets(
     budgets: &[BudgetConfig],
     tenant_ids: &HashSet<&str>,
     issues: &mut Vec<ConfigIssue>,
-) -> Vec<(Vec<String>, (String, String), f64)> {
+) -> Vec<(Vec<String>, (String, String), i64)> {
     let mut checked = Vec::with_capacity(budgets.len());
     for (index, budget) in budgets.iter().enumerate() {
         let at = format!("budgets[{index}]");
@@ -108,10 +108,10 @@ pub fn check_budgets(
             ));
             fine = false;
         }
-        if !budget.amount.is_finite() || budget.amount <= 0.0 {
+        if !(1..=crate::domain::event::AMOUNT_ABS_MAX).contains(&budget.amount) {
             issues.push(issue(
                 format!("{at}.amount"),
-                "must be a finite number above 0",
+                "must be an integer of minor units from 1 to 10^15",
             ));
             fine = false;
         }

@@ -89,12 +89,12 @@ pub struct Checked {
     /// `[[alerts]]`, each with the tenants it is for (empty: every one).
     pub alert_rules: Vec<(Vec<String>, crate::domain::alert::Rule)>,
     /// `[[budgets]]`: (tenants, (dim, value), amount).
-    pub budgets: Vec<(Vec<String>, (String, String), f64)>,
+    pub budgets: Vec<(Vec<String>, (String, String), i64)>,
 }
 
 impl Checked {
     /// The config's budgets for `tenant`.
-    pub fn budgets_for(&self, tenant: &str) -> Vec<((String, String), f64)> {
+    pub fn budgets_for(&self, tenant: &str) -> Vec<((String, String), i64)> {
         self.budgets
             .iter()
             .filter(|(tenants, _, _)| tenants.is_empty() || tenants.iter().any(|id| id == tenant))

@@ -225,7 +225,7 @@ fn mean_and_deviation(values: &VecDeque<f64>) -> (f64, f64) {
 pub fn judge(
     rule: &Rule,
     observation: &Observation,
-    budget: Option<f64>,
+    budget: Option<i64>,
     memory: &mut AlertMemory,
     window_ms: Option<i64>,
     now_ms: i64,
@@ -353,6 +353,8 @@ pub fn judge(
             let (Some(value), Some(budget)) = (observation.value, budget) else {
                 return Judgement::quiet();
             };
+            // the budget is money in integer minor units; its share is compared
+            let budget = budget as f64;
             let threshold = budget * pct / 100.0;
             Judgement {
                 breached: value >= threshold,
@@ -611,7 +613,7 @@ mod tests {
         let judged = judge(
             &rule,
             &seen(8_999.0, 1),
-            Some(10_000.0),
+            Some(10_000),
             &mut memory,
             None,
             T0,
@@ -620,7 +622,7 @@ mod tests {
         let judged = judge(
             &rule,
             &seen(9_000.0, 1),
-            Some(10_000.0),
+            Some(10_000),
             &mut memory,
             None,
             T0,

@@ -238,7 +238,8 @@ pub async fn delete_rule(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetBody {
-    amount: f64,
+    /// Integer minor units (money) in the metric's unit; a float is refused.
+    amount: i64,
 }
 
 /// `PUT /v1/budgets/{dim}/{value}` with `{"amount": …}` in the metric's unit.
