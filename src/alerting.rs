@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::domain::alert::{
     judge, step, AlertMemory, AlertRecord, AlertState, Condition, Judgement, Observation, Rule,
-    Transition, KEYS_PER_RULE_MAX,
+    Transition,
 };
 use crate::domain::time::{SlidingWindow, WindowName};
 use crate::node::Node;
@@ -646,7 +646,8 @@ fn observe(view: &MetricView, window: WindowName) -> Observation {
 type KeyedView = (Option<String>, MetricView);
 
 /// A metric's views now, in every window: its total, or by each value of a
-/// dim (at most `KEYS_PER_RULE_MAX`).
+/// dim (as many as the breakdown holds: `windows.max_series_per_metric` and
+/// `__other__`).
 async fn views(
     reader: &TenantReader<'_>,
     metric: &str,
@@ -660,7 +661,6 @@ async fn views(
             .breakdown(index, dim, &WindowName::ALL, now_ms)
             .await?
             .into_iter()
-            .take(KEYS_PER_RULE_MAX)
             .map(|(value, view)| (Some(value), view))
             .collect(),
     })
@@ -736,13 +736,17 @@ pub async fn evaluate_tenant(
             let window_ms = crate::config::alerts::window_ms(rule.window);
             let by_key = book.alerts.entry(rule.id.clone()).or_default();
             let absent = matches!(rule.condition, Condition::Absent {});
+            // values left from earlier ticks show as more alerts than values
+            // now (a value gone this tick is found at the next): only then are
+            // the values seen kept track of
+            let tracking = absent || by_key.len() > observations.len();
             let mut seen = std::collections::HashSet::new();
             for (key, observation) in observations {
                 let budget = match (&rule.by, &key) {
                     (Some(dim), Some(value)) => alerts.budget(dim, value),
                     _ => None,
                 };
-                if absent {
+                if tracking {
                     seen.insert(key.clone());
                 }
                 let (memory, last) = match by_key.get_mut(&key) {
@@ -778,6 +782,13 @@ pub async fn evaluate_tenant(
                     }
                     *last = judgement;
                 }
+            } else if tracking {
+                // a value gone from every window that is not pending or
+                // firing has nothing left to judge: its memory goes, so that
+                // values that come and go do not pile up
+                by_key.retain(|key, (memory, _)| {
+                    seen.contains(key) || memory.state != AlertState::Ok
+                });
             }
             let count = by_key
                 .values()

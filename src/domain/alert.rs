@@ -15,9 +15,6 @@ use super::time::WindowName;
 /// Share of a threshold a value must come back past before a firing alert
 /// resolves, so that a value hovering at the threshold does not flap.
 pub const RESOLVE_HYSTERESIS: f64 = 0.1;
-/// Dim values a rule with `by` keeps alerts for; a rule's breakdown beyond
-/// the metric's own series cap is folded into `__other__` before it gets here.
-pub const KEYS_PER_RULE_MAX: usize = 10_000;
 /// Past windows a `zscore` rule may keep.
 pub const ZSCORE_HISTORY_MAX: usize = 2_880;
 /// The fewest past windows a `zscore` baseline is computed from.
