@@ -745,6 +745,10 @@ mod tests {
         start_s: 1_763_769_600,
         end_s: 1_763_856_000,
     };
+    const NEXT_DAY: DayBounds = DayBounds {
+        start_s: DAY.end_s,
+        end_s: DAY.end_s + 86_400,
+    };
 
     #[test]
     fn the_parted_table_keeps_every_id_once() {
@@ -768,10 +772,7 @@ mod tests {
         assert_eq!(exported.len(), 9_999);
         assert!(exported.iter().all(|(key, _)| *key != id_key("id-42")));
         // the ids of the oldest second expire, and only they
-        let next_day = DayBounds {
-            start_s: DAY.end_s,
-            end_s: DAY.end_s + 86_400,
-        };
+        let next_day = NEXT_DAY;
         index.expire(NOW_MS + (86_400 - 59) * 1000, next_day);
         assert_eq!(index.len(), 9_999 - 166);
         assert_eq!(index.ids_free(), 100_000 - (9_999 - 166));
@@ -811,10 +812,7 @@ mod tests {
             Ok(Admission::Duplicate)
         );
         // the next day, 30 minutes on: it counts nowhere, so it is forgotten and late
-        let next_day = DayBounds {
-            start_s: DAY.end_s,
-            end_s: DAY.end_s + 86_400,
-        };
+        let next_day = NEXT_DAY;
         let next_ms = DAY.end_s * 1000 + 1_800_000;
         index.expire(next_ms, next_day);
         assert!(index.is_empty());
@@ -933,10 +931,7 @@ mod tests {
             Ok(Admission::Accepted)
         );
         // the run goes whole once its latest second can count nowhere
-        let next_day = DayBounds {
-            start_s: DAY.end_s,
-            end_s: DAY.end_s + 86_400,
-        };
+        let next_day = NEXT_DAY;
         index.expire(DAY.end_s * 1000 + 1_800_000 + 86_400_000, next_day);
         assert!(index.runs().is_empty());
     }
@@ -1109,10 +1104,7 @@ mod tests {
             Ok(Admission::Duplicate)
         );
         // the run expired since the check: the id is new again, not a duplicate
-        let next_day = DayBounds {
-            start_s: DAY.end_s,
-            end_s: DAY.end_s + 86_400,
-        };
+        let next_day = NEXT_DAY;
         let tomorrow_ms = DAY.end_s * 1000 + 3_600_000;
         index.expire(tomorrow_ms, next_day);
         assert!(index.runs().is_empty());
