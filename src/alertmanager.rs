@@ -58,18 +58,13 @@ fn alert_labels(record: &AlertRecord) -> BTreeMap<String, String> {
     for (name, value) in &record.labels {
         labels.insert(label_name(name), value.clone());
     }
-    // the record's own labels win over a dim of the same name
-    for name in ["tenant", "rule", "severity"] {
-        if let Some(value) = record.labels.get(name) {
-            labels.insert(name.to_string(), value.clone());
-        }
-    }
     labels.insert("alertname".to_string(), record.rule.clone());
     labels
 }
 
 /// A label name Alertmanager takes (`[a-zA-Z_][a-zA-Z0-9_]*`): other
-/// characters become `_`; a dim named like a built-in label gets `dim_`.
+/// characters become `_` (a dim named like a built-in label is `dim_<name>`
+/// already, `alerting::labels`).
 fn label_name(name: &str) -> String {
     let mut clean: String = name
         .chars()
