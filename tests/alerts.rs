@@ -435,6 +435,19 @@ async fn rules_through_the_api_are_checked_persisted_kept_per_tenant_and_deleted
         json!({"type": "above", "value": 0.05})
     );
     assert_eq!(got.body["source"], "api");
+    // bad reads of the records are refused, not guessed
+    for query in [
+        "since=0&limit=0",
+        "since=0&limit=1000000",
+        "since=abc",
+        "since=0&color=red",
+    ] {
+        let reply = node
+            .get(Some("demo-key"), &format!("/v1/alerts?{query}"))
+            .await;
+        assert_eq!(reply.status, 400, "{query}: {}", reply.body);
+    }
+    assert_eq!(node.get(None, "/v1/alerts").await.status, 401);
     // another tenant neither sees nor deletes it
     assert_eq!(
         node.get(Some("acme-key"), "/v1/alerts/pfr").await.status,
