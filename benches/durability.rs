@@ -102,6 +102,7 @@ fn build_recovery_fixture(dir: &std::path::Path, now_ms: i64) -> Config {
                 .collect(),
             metrics,
             runs: Vec::new(),
+            experiments: Vec::new(),
         });
     }
     store

@@ -26,6 +26,7 @@ use crate::auth::KeyRing;
 use crate::clock::{SharedClock, Stopwatch};
 use crate::config::Config;
 use crate::domain::catalogue::Catalogue;
+use crate::experiments::{ExperimentHub, TenantExperiments};
 pub use crate::node::{Node, SnapshotError, SnapshotReport};
 use crate::read::feed::TenantFeed;
 use crate::storage::commit::{Committer, FlushMode};
@@ -98,6 +99,7 @@ fn start_tenants(
             let durability = durability.clone();
             let health = Arc::clone(&health);
             let core = state.core;
+            let watched = state.watched;
             TenantActor::start_in_arbiter(shard, move |ctx| {
                 ctx.set_mailbox_capacity(mailbox_capacity);
                 TenantActor::new(
@@ -109,6 +111,7 @@ fn start_tenants(
                     health,
                     runs,
                 )
+                .watching(watched)
             })
         };
         tenants.insert(
@@ -259,6 +262,22 @@ pub async fn start_with_store(
         }
         AlertHub::new(alerts)
     };
+    // experiment states come back as their last write left them
+    let experiments = {
+        let mut experiments = HashMap::with_capacity(tenants.len());
+        for tenant in tenants.keys() {
+            match TenantExperiments::restore(&*store, tenant, config.storage.record_bytes_max) {
+                Ok(restored) => {
+                    experiments.insert(tenant.clone(), Arc::new(restored));
+                }
+                Err(error) => {
+                    runtime.stop();
+                    return Err(StartError::Recovery(error));
+                }
+            }
+        }
+        ExperimentHub::new(experiments)
+    };
     let keys = KeyRing::from_checked(&checked);
     let addr = checked.listen;
     let snapshot_interval = Duration::from_secs(config.storage.snapshot_interval_s);
@@ -281,6 +300,7 @@ pub async fn start_with_store(
         stopping: watch::channel(false).0,
         feeds,
         alerts,
+        experiments,
         ingest_kib,
         next_snapshot_id: AtomicU64::new(next_snapshot_id),
         snapshot_lock: Mutex::new(()),
@@ -379,6 +399,7 @@ pub async fn start_with_store(
         })
     };
     let alerting = tokio::spawn(crate::alerting::run(Arc::clone(&node)));
+    let experimenting = tokio::spawn(crate::experiments::run(Arc::clone(&node)));
     let alertmanager = {
         let url = node.config.alerting.alertmanager_url.clone();
         (!url.is_empty()).then(|| tokio::spawn(crate::alertmanager::run(Arc::clone(&node), url)))
@@ -440,7 +461,7 @@ pub async fn start_with_store(
         stop_accepting: Some(stop_accepting),
         server: Some(server),
         snapshotter: Some(snapshotter),
-        background: vec![alerting, merger, upkeep, storage_watch]
+        background: vec![alerting, experimenting, merger, upkeep, storage_watch]
             .into_iter()
             .chain(metrics_server)
             .chain(alertmanager)

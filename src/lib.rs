@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod domain;
+pub mod experiments;
 pub mod http;
 pub mod ingest;
 pub mod live;

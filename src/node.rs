@@ -40,6 +40,8 @@ pub struct Node {
     pub feeds: HashMap<String, Arc<TenantFeed>>,
     /// Each tenant's alert rules and states (API.md §7).
     pub alerts: crate::alerting::AlertHub,
+    /// Each tenant's experiments and signals (API.md §8).
+    pub experiments: crate::experiments::ExperimentHub,
     /// Request body bytes being read and validated, in KiB, node-wide.
     pub ingest_kib: Arc<Semaphore>,
     pub(crate) next_snapshot_id: AtomicU64,

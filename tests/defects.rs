@@ -145,7 +145,7 @@ fn start_tenant(store: Arc<GateStore>, queue_max: usize, tz: &str, now_ms: i64) 
     let def = catalogue.metrics()[gmv_index].clone();
     let tenant_id = Arc::clone(&context.id);
     let gmv = MetricActor::start_in_arbiter(&gmv_arbiter.handle(), move |_| {
-        MetricActor::new(tenant_id, gmv_index, &def, settings, now_ms)
+        MetricActor::new(tenant_id, gmv_index, &def, settings, now_ms, &[])
     });
     // the other metrics start on the test's arbiter with their first events
     let metrics = metric_slots(catalogue.metrics().len());

@@ -642,6 +642,7 @@ impl Sim {
             now_ms: self.node.core.now_ms(),
             dedup: self.node.core.export_dedup(),
             runs: self.node.core.dedup().runs(),
+            experiments: Vec::new(),
             metrics: self
                 .catalogue
                 .metrics()

@@ -320,6 +320,7 @@ impl Engine {
             now_ms,
             dedup: self.core.export_dedup(),
             runs: Vec::new(),
+            experiments: Vec::new(),
             metrics: catalogue
                 .metrics()
                 .iter()

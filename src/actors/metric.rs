@@ -1,6 +1,7 @@
 //! MetricActor: owns the window state of one metric of one tenant.
 //! Messages: `ApplyEvents` (accepted events of a batch), `ReadMetric` (windows,
-//! total or broken down by a dim), `ReadSeries` (points for sparklines).
+//! total or broken down by a dim), `ReadSeries` (points for sparklines),
+//! `SetWatched` and `ReadVariants` (the experiments counted per variant).
 //! Must not: decide outcomes (the TenantActor did) or read the clock: every
 //! message carries `now_ms`, and state only moves forward in time.
 
@@ -11,7 +12,8 @@ use actix::prelude::*;
 use crate::domain::catalogue::MetricDef;
 use crate::domain::event::ValidEvent;
 use crate::domain::metric::{
-    MetricExport, MetricState, SeriesPoints, SeriesReading, SeriesSettings,
+    MetricExport, MetricState, SeriesPoints, SeriesReading, SeriesSettings, VariantSetExport,
+    VariantsReading, Watched,
 };
 use crate::domain::time::SlidingWindow;
 use crate::telemetry;
@@ -32,11 +34,14 @@ impl MetricActor {
         def: &MetricDef,
         settings: SeriesSettings,
         now_ms: i64,
+        watched: &[Watched],
     ) -> Self {
+        let mut state = MetricState::new(index, def, settings, now_ms);
+        state.watch(watched, now_ms);
         MetricActor {
             tenant_id,
             name: def.name.clone(),
-            state: MetricState::new(index, def, settings, now_ms),
+            state,
             now_ms,
         }
     }
@@ -65,6 +70,7 @@ impl Actor for MetricActor {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct ApplyEvents {
+    /// The batch's time, as its log record keeps it.
     pub now_ms: i64,
     pub events: Arc<Vec<ValidEvent>>,
 }
@@ -75,7 +81,9 @@ impl Handler<ApplyEvents> for MetricActor {
     fn handle(&mut self, message: ApplyEvents, _: &mut Context<Self>) {
         telemetry::count_actor_message("metric");
         let now_ms = self.advance(message.now_ms);
-        let report = self.state.apply(&message.events, now_ms);
+        let report = self
+            .state
+            .apply_batch(&message.events, message.now_ms, now_ms);
         telemetry::count_folded(&self.tenant_id, &self.name, report.values_folded);
         if report.events_refused > 0 {
             tracing::error!(
@@ -119,16 +127,50 @@ impl Handler<ReadMetric> for MetricActor {
     }
 }
 
-/// The state for a snapshot (sent after every apply it must include).
+/// The state for a snapshot (sent after every apply it must include): the
+/// series, and the per-variant counts of the experiments watched.
 #[derive(Message)]
-#[rtype(result = "MetricExport")]
+#[rtype(result = "(MetricExport, Vec<VariantSetExport>)")]
 pub struct ExportState;
 
 impl Handler<ExportState> for MetricActor {
     type Result = MessageResult<ExportState>;
 
     fn handle(&mut self, _: ExportState, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.state.export())
+        MessageResult((self.state.export(), self.state.export_variants()))
+    }
+}
+
+/// The experiments of the tenant (each with the metrics it guards); sent by
+/// the tenant actor before any batch stamped at or after their start.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetWatched(pub Arc<Vec<Watched>>);
+
+impl Handler<SetWatched> for MetricActor {
+    type Result = ();
+
+    fn handle(&mut self, message: SetWatched, _: &mut Context<Self>) {
+        let now_ms = self.now_ms;
+        self.state.watch(&message.0, now_ms);
+    }
+}
+
+/// One experiment's counts per variant (`None`: this metric does not count it).
+#[derive(Message)]
+#[rtype(result = "Option<VariantsReading>")]
+pub struct ReadVariants {
+    pub now_ms: i64,
+    pub experiment: String,
+    pub in_flight: InFlight,
+}
+
+impl Handler<ReadVariants> for MetricActor {
+    type Result = MessageResult<ReadVariants>;
+
+    fn handle(&mut self, message: ReadVariants, _: &mut Context<Self>) -> Self::Result {
+        let now_ms = self.advance(message.now_ms);
+        MessageResult(self.state.read_variants(&message.experiment, now_ms))
     }
 }
 
@@ -175,8 +217,15 @@ mod tests {
             series_max: 10,
         };
         let now_ms = 1_763_805_600_000;
-        let actor =
-            MetricActor::new("t".into(), 0, &catalogue.metrics()[0], settings, now_ms).start();
+        let actor = MetricActor::new(
+            "t".into(),
+            0,
+            &catalogue.metrics()[0],
+            settings,
+            now_ms,
+            &[],
+        )
+        .start();
         let event = ValidEvent {
             id: "a".into(),
             event_type: "order.completed".into(),

@@ -16,7 +16,7 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::domain::dedup::{MergePlan, Run, RunMeta, RunsChecked, SealedIds};
 use crate::domain::event::ValidEvent;
-use crate::domain::metric::SeriesSettings;
+use crate::domain::metric::{SeriesSettings, Watched};
 use crate::domain::quarantine::QuarantinedEvent;
 use crate::domain::tenant::{CoreError, OutcomeCounts, Plan, RetryDecision, TenantCore};
 pub use crate::domain::tenant::{EventOutcome, QuarantineCandidate, TenantContext};
@@ -25,7 +25,7 @@ use crate::storage::snapshot::{plan_ops, TenantSnapshot};
 use crate::storage::StorageError;
 use crate::telemetry::{self, Outcome};
 
-use super::metric::{ApplyEvents, ExportState, MetricActor};
+use super::metric::{ApplyEvents, ExportState, MetricActor, SetWatched};
 use super::{InFlight, MetricSlots, PublishedRuns, TenantHealth};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -67,6 +67,8 @@ pub struct TenantActor {
     runs: Arc<PublishedRuns>,
     /// `DedupIndex::runs_generation` when the runs were last published.
     runs_published: Option<u64>,
+    /// The experiments counted per variant, as every metric actor was told.
+    watched: Arc<Vec<Watched>>,
 }
 
 /// Counts the outcomes of a completed ticket, where they were decided.
@@ -78,6 +80,24 @@ fn count_outcomes(tenant: &str, counts: &OutcomeCounts) {
     for (reason, events) in &counts.quarantined {
         telemetry::count_outcome(Outcome::Quarantined, Some(*reason), *events);
     }
+}
+
+/// Counts the accepted events that name an experiment the tenant does not
+/// have, or a variant their experiment does not have: counted as usual,
+/// attributed to nothing, and reported here (API.md §8).
+fn count_unattributed(tenant: &str, watched: &[Watched], events: &[ValidEvent]) {
+    let (mut unknown_experiment, mut unknown_variant) = (0u64, 0u64);
+    for event in events {
+        for (experiment, variant) in &event.experiments {
+            match watched.iter().find(|w| w.experiment == *experiment) {
+                None => unknown_experiment += 1,
+                Some(w) if !w.variants.contains(variant) => unknown_variant += 1,
+                Some(_) => {}
+            }
+        }
+    }
+    telemetry::count_unattributed(tenant, "unknown_experiment", unknown_experiment);
+    telemetry::count_unattributed(tenant, "unknown_variant", unknown_variant);
 }
 
 /// Waits for the flush, then applies `plan.events` to every metric they feed
@@ -142,7 +162,14 @@ impl TenantActor {
             health,
             runs,
             runs_published: None,
+            watched: Arc::new(Vec::new()),
         }
+    }
+
+    /// The experiments the recovered metric actors already count.
+    pub fn watching(mut self, watched: Vec<Watched>) -> Self {
+        self.watched = Arc::new(watched);
+        self
     }
 
     /// Publishes the runs for ingest to check (`PublishedRuns`) when they
@@ -178,9 +205,10 @@ impl TenantActor {
             let addr = slot.get_or_init(|| {
                 let (tenant_id, settings) = (Arc::clone(&context.id), self.settings);
                 let capacity = self.mailbox_capacity;
+                let watched = Arc::clone(&self.watched);
                 MetricActor::create(|ctx| {
                     ctx.set_mailbox_capacity(capacity);
-                    MetricActor::new(tenant_id, index, def, settings, now_ms)
+                    MetricActor::new(tenant_id, index, def, settings, now_ms, &watched)
                 })
             });
             fed.push(addr.clone());
@@ -229,6 +257,7 @@ impl TenantActor {
         let core = Rc::clone(&self.core);
         let progress = Rc::clone(&self.progress);
         let health = Arc::clone(&self.health);
+        let watched = Arc::clone(&self.watched);
         Box::pin(async move {
             let carried = make_durable_and_apply(durable, metrics, &plan).await;
             match carried {
@@ -236,6 +265,7 @@ impl TenantActor {
                     let mut core = core.borrow_mut();
                     let counts = core.complete(ticket);
                     count_outcomes(&core.context().id, &counts);
+                    count_unattributed(&core.context().id, &watched, &plan.events);
                 }
                 Err(reason) => {
                     let mut core = core.borrow_mut();
@@ -312,6 +342,46 @@ impl Handler<IngestBatch> for TenantActor {
             }
         }
         self.carry_out(plan, batch.in_flight, outcomes)
+    }
+}
+
+/// The tenant's experiments to count per variant (all of them: the list
+/// replaces the last). An entry whose `started_ms` or `epoch_ms` is 0 is
+/// stamped here, later than every batch this actor has planned; the metric
+/// actors hear of it before any later batch, so each batch counts for an
+/// experiment wholly or not at all, live as in a replay of the log. Returns
+/// the list as stamped.
+#[derive(Message)]
+#[rtype(result = "Arc<Vec<Watched>>")]
+pub struct WatchExperiments {
+    pub now_ms: i64,
+    pub watched: Vec<Watched>,
+}
+
+impl Handler<WatchExperiments> for TenantActor {
+    type Result = MessageResult<WatchExperiments>;
+
+    fn handle(&mut self, message: WatchExperiments, _: &mut Context<Self>) -> Self::Result {
+        let stamp_ms = message.now_ms.max(self.core.borrow().now_ms() + 1);
+        let mut watched = message.watched;
+        for entry in &mut watched {
+            if entry.started_ms == 0 {
+                entry.started_ms = stamp_ms;
+            }
+            if entry.epoch_ms == 0 {
+                entry.epoch_ms = stamp_ms;
+            }
+        }
+        let watched = Arc::new(watched);
+        self.watched = Arc::clone(&watched);
+        for slot in self.metrics.iter() {
+            if let Some(addr) = slot.get() {
+                // ahead of every later batch in the mailbox (do_send does not
+                // wait for room: one message per change of experiments)
+                addr.do_send(SetWatched(Arc::clone(&watched)));
+            }
+        }
+        MessageResult(watched)
     }
 }
 
@@ -527,10 +597,14 @@ impl Handler<TakeSnapshot> for TenantActor {
                     requests.push((name.clone(), addr.send(ExportState)));
                 }
                 let mut metrics = Vec::with_capacity(requests.len());
+                let mut experiments = Vec::new();
                 for (name, request) in requests {
-                    let export = request
+                    let (export, variants) = request
                         .await
                         .map_err(|_| TenantError::ActorGone(tenant.clone()))?;
+                    if !variants.is_empty() {
+                        experiments.push((name.clone(), variants));
+                    }
                     metrics.push((name, export));
                 }
                 Ok((
@@ -541,6 +615,7 @@ impl Handler<TakeSnapshot> for TenantActor {
                         dedup,
                         metrics,
                         runs,
+                        experiments,
                     },
                     sealed,
                 ))

@@ -43,6 +43,26 @@ impl Default for AlertingConfig {
     }
 }
 
+/// `[experiments]`: how often guardrails are judged and how many experiments
+/// a tenant may have (API.md §8, docs/experiments.md).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExperimentsConfig {
+    /// Milliseconds between looks at every running experiment.
+    pub tick_ms: u64,
+    /// Experiments one tenant may have, whatever their state.
+    pub per_tenant_max: usize,
+}
+
+impl Default for ExperimentsConfig {
+    fn default() -> Self {
+        ExperimentsConfig {
+            tick_ms: 1_000,
+            per_tenant_max: 100,
+        }
+    }
+}
+
 /// A rule as written in config or sent to `PUT /v1/alerts/{rule_id}`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]

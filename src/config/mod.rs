@@ -38,7 +38,7 @@ mod windows;
 
 pub use actors::ActorsConfig;
 pub use admin::AdminConfig;
-pub use alerts::{AlertingConfig, BudgetConfig, RuleConfig};
+pub use alerts::{AlertingConfig, BudgetConfig, ExperimentsConfig, RuleConfig};
 pub use ingest::IngestConfig;
 pub use live::LiveConfig;
 pub use metrics::{MetricConfig, MetricKindName};
@@ -64,6 +64,7 @@ pub struct Config {
     pub prometheus: PrometheusConfig,
     pub live: LiveConfig,
     pub alerting: AlertingConfig,
+    pub experiments: ExperimentsConfig,
     pub tenants: Vec<TenantConfig>,
     pub metrics: Vec<MetricConfig>,
     pub alerts: Vec<RuleConfig>,
@@ -335,6 +336,15 @@ impl Config {
         }
         if self.alerting.rules_per_tenant_max == 0 {
             issues.push(issue("alerting.rules_per_tenant_max", "must be at least 1"));
+        }
+        if !(100..=60_000).contains(&self.experiments.tick_ms) {
+            issues.push(issue("experiments.tick_ms", "must be within 100..=60000"));
+        }
+        if !(1..=10_000).contains(&self.experiments.per_tenant_max) {
+            issues.push(issue(
+                "experiments.per_tenant_max",
+                "must be within 1..=10000",
+            ));
         }
         if self.storage.cache_bytes < 1 << 20 {
             issues.push(issue(

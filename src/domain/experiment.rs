@@ -1,15 +1,23 @@
 //! Experiments as API.md §8 states them: their check, every problem named by
 //! field, and their state machine (`running → paused | stopped`, `paused →
 //! running` on resume).
-//! Owns: what an experiment and its guardrails say, and which transitions are
-//! allowed. Must not: count events, judge guardrails (`guardrail` does the
-//! statistics) or store anything.
+//! Owns: what an experiment and its guardrails say, which transitions are
+//! allowed, and one look at an experiment: which guardrail breaches for
+//! which variant, given its counts (`judge_guardrail`, `judge_sample_ratio`).
+//! Must not: count events, do the statistics (`guardrail` does) or store
+//! anything.
 
 use std::collections::BTreeMap;
 
+use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use super::catalogue::{Catalogue, MetricKind};
+use super::guardrail::{
+    normal_upper_tail, sample_ratio, sequential, sequential_p95, srm_look, z_test, Compare,
+    Proportion, SequentialState, Verdict, P95_TAIL, SRM_ALPHA, SRM_LOOKS_MAX,
+};
+use super::metric::Watched;
 
 /// Variants an experiment may have.
 pub const VARIANTS_MAX: usize = 16;
@@ -211,6 +219,248 @@ impl ExperimentState {
             }
         }
     }
+}
+
+impl ExperimentState {
+    pub fn name(self) -> &'static str {
+        match self {
+            ExperimentState::Running => "running",
+            ExperimentState::Paused => "paused",
+            ExperimentState::Stopped => "stopped",
+        }
+    }
+}
+
+impl Action {
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Pause => "pause",
+            Action::Stop => "stop",
+        }
+    }
+}
+
+/// An experiment as the node keeps it (`Space::Experiments`, JSON so that a
+/// later field can default): its spec, where it is, and from when it counts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredExperiment {
+    pub id: String,
+    pub spec: ExperimentSpec,
+    pub state: ExperimentState,
+    /// Batches accepted from here count (stamped by the tenant actor).
+    pub started_ms: i64,
+    /// From here they count into what the guardrails judge (the start, or
+    /// the last resume).
+    pub epoch_ms: i64,
+    /// Sample-ratio looks taken, and whether a mismatch was signalled.
+    #[serde(default)]
+    pub srm_looks: u32,
+    #[serde(default)]
+    pub srm_signalled: bool,
+    /// When it was registered or last changed state (ms since the epoch).
+    pub changed_ms: i64,
+}
+
+impl StoredExperiment {
+    /// What the metric actors count for it: every metric a guardrail names.
+    pub fn watched(&self, catalogue: &Catalogue) -> Watched {
+        let metrics = self
+            .spec
+            .guardrails
+            .iter()
+            .filter_map(|guardrail| catalogue.index_of(&guardrail.metric))
+            .fold(0u64, |mask, index| mask | (1u64 << index));
+        Watched {
+            experiment: self.id.clone(),
+            variants: self.spec.variants.clone(),
+            metrics,
+            started_ms: self.started_ms,
+            epoch_ms: self.epoch_ms,
+        }
+    }
+}
+
+/// One guardrail's counts at a look, per variant in the experiment's order
+/// of variants: since the experiment started or was last resumed.
+#[derive(Debug, Clone, Copy)]
+pub enum GuardrailCounts<'a> {
+    /// Rate metrics: hits (the numerator) of samples (the denominator).
+    Rate(&'a [Proportion]),
+    /// `p95` of a histogram metric: each variant's histogram, if it has values.
+    Latency(&'a [Option<&'a Histogram<u64>>]),
+}
+
+/// A guardrail that breached for a variant: the fields of its signal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Breach {
+    pub guardrail: usize,
+    pub variant: String,
+    /// The treatment's rate (or p95, ms) and control's.
+    pub observed: Option<f64>,
+    pub baseline: Option<f64>,
+    pub threshold: f64,
+    /// The treatment's samples.
+    pub samples: u64,
+    pub p_value: f64,
+}
+
+/// A one-sided z-test that the share above the line exceeds 5 % (the p95
+/// guardrail under `method = "z"`: valid for a single look only).
+fn z_test_p95(above: u64, samples: u64, threshold_ms: f64, confidence: f64) -> Verdict {
+    if samples == 0 {
+        return Verdict {
+            worse: false,
+            observed: None,
+            threshold: threshold_ms,
+            p_value: 1.0,
+        };
+    }
+    let n = samples as f64;
+    let share = (above as f64 + 0.5) / (n + 1.0);
+    let z = (share - P95_TAIL) / (P95_TAIL * (1.0 - P95_TAIL) / n).sqrt();
+    let p_value = normal_upper_tail(z).min(1.0);
+    let p_value = if z > 0.0 { p_value } else { 1.0 };
+    Verdict {
+        worse: p_value < 1.0 - confidence,
+        observed: Some(share),
+        threshold: threshold_ms,
+        p_value,
+    }
+}
+
+/// One look at guardrail `index` of `spec`: the first treatment variant (in
+/// the experiment's order) that the evidence says is worse than control by
+/// more than the threshold, with `min_samples` in both. `tests` carries each
+/// variant's sequential state from look to look (by variant name).
+pub fn judge_guardrail(
+    spec: &ExperimentSpec,
+    index: usize,
+    counts: GuardrailCounts<'_>,
+    tests: &mut BTreeMap<String, SequentialState>,
+) -> Option<Breach> {
+    let guardrail = spec.guardrails.get(index)?;
+    let control = spec.variants.iter().position(|v| *v == spec.control)?;
+    for (variant_index, variant) in spec.variants.iter().enumerate() {
+        if variant_index == control {
+            continue;
+        }
+        let state = tests.entry(variant.clone()).or_default();
+        let (verdict, samples, observed, baseline) = match counts {
+            GuardrailCounts::Rate(proportions) => {
+                let (Some(&control_counts), Some(&treatment)) =
+                    (proportions.get(control), proportions.get(variant_index))
+                else {
+                    continue;
+                };
+                if control_counts.samples < spec.min_samples || treatment.samples < spec.min_samples
+                {
+                    continue;
+                }
+                let compare = match guardrail.compare {
+                    CompareKind::Delta => Compare::Delta {
+                        margin: guardrail.threshold,
+                    },
+                    CompareKind::Ratio => Compare::Ratio {
+                        ratio: guardrail.threshold,
+                    },
+                };
+                let verdict = match spec.method {
+                    Method::Sequential => {
+                        sequential(control_counts, treatment, compare, spec.confidence, state)
+                    }
+                    Method::Z => z_test(control_counts, treatment, compare, spec.confidence),
+                };
+                (
+                    verdict,
+                    treatment.samples,
+                    treatment.rate(),
+                    control_counts.rate(),
+                )
+            }
+            GuardrailCounts::Latency(histograms) => {
+                let (Some(Some(control_histogram)), Some(Some(treatment))) =
+                    (histograms.get(control), histograms.get(variant_index))
+                else {
+                    continue;
+                };
+                if control_histogram.len() < spec.min_samples || treatment.len() < spec.min_samples
+                {
+                    continue;
+                }
+                let control_p95 = control_histogram.value_at_quantile(1.0 - P95_TAIL);
+                // treatment events above control's p95 + the threshold
+                let line = control_p95.saturating_add(guardrail.threshold.ceil() as u64);
+                let above = treatment.len() - treatment.count_between(0, line);
+                let verdict = match spec.method {
+                    Method::Sequential => sequential_p95(
+                        above,
+                        treatment.len(),
+                        guardrail.threshold,
+                        spec.confidence,
+                        state,
+                    ),
+                    Method::Z => {
+                        z_test_p95(above, treatment.len(), guardrail.threshold, spec.confidence)
+                    }
+                };
+                (
+                    verdict,
+                    treatment.len(),
+                    Some(treatment.value_at_quantile(1.0 - P95_TAIL) as f64),
+                    Some(control_p95 as f64),
+                )
+            }
+        };
+        if verdict.worse {
+            return Some(Breach {
+                guardrail: index,
+                variant: variant.clone(),
+                observed,
+                baseline,
+                threshold: guardrail.threshold,
+                samples,
+                p_value: verdict.p_value,
+            });
+        }
+    }
+    None
+}
+
+/// A sample-ratio mismatch found at a look.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mismatch {
+    pub chi_square: f64,
+    pub p_value: f64,
+    pub samples: u64,
+}
+
+/// The sample-ratio test at the looks the samples reached since `looks_done`
+/// (docs/experiments.md: at 1 000 samples and each doubling, Bonferroni over
+/// `SRM_LOOKS_MAX` looks). Returns the look reached, and a mismatch if this
+/// look finds one. `samples` are per variant in the experiment's order.
+pub fn judge_sample_ratio(
+    spec: &ExperimentSpec,
+    samples: &[u64],
+    looks_done: u32,
+) -> (u32, Option<Mismatch>) {
+    let total: u64 = samples.iter().sum();
+    let look = srm_look(total);
+    if look <= looks_done {
+        return (looks_done, None);
+    }
+    let split: Vec<f64> = spec
+        .variants
+        .iter()
+        .map(|variant| spec.split.get(variant).copied().unwrap_or(0.0))
+        .collect();
+    let mismatch = sample_ratio(samples, &split).and_then(|(chi_square, p_value)| {
+        (p_value < SRM_ALPHA / SRM_LOOKS_MAX as f64).then_some(Mismatch {
+            chi_square,
+            p_value,
+            samples: total,
+        })
+    });
+    (look, mismatch)
 }
 
 #[cfg(test)]

@@ -1,18 +1,23 @@
 //! The state of one metric of one tenant: its total series and its breakdowns by
 //! dimension value, capped at `series_max` breakdown series (values past the cap
 //! fold into `__other__`).
-//! Owns: what an accepted event contributes to this metric, and the series.
+//! Owns: what an accepted event contributes to this metric, the series, and
+//! the per-variant counts of the experiments that guard it (`Watched`: exact,
+//! outside the breakdown cap).
 //! Must not: decide whether an event is accepted (the tenant does), or read the
 //! clock. Mean metrics have no state here; they are derived when read.
 
 use std::collections::HashMap;
 
 use chrono_tz::Tz;
+use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use super::catalogue::{MetricDef, MetricKind, SumField};
 use super::event::ValidEvent;
-use super::histogram::{HistogramExport, HistogramReading, HistogramStats, HistogramWindows};
+use super::histogram::{
+    empty_histogram, HistogramExport, HistogramReading, HistogramStats, HistogramWindows,
+};
 use super::time::{SlidingWindow, BUCKET_HISTORY_S};
 use super::window::{CounterExport, CounterReading, CounterWindows, RecordError, Tally};
 
@@ -140,6 +145,186 @@ impl Series {
     }
 }
 
+/// An experiment a metric counts per variant (API.md §8, docs/experiments.md):
+/// the events of batches accepted at or after `started_ms` count since the
+/// start, and those from `epoch_ms` (the start, or the last resume) into what
+/// the guardrails judge. Batch times, not event times: the log keeps them, so
+/// a replay counts exactly what was counted live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Watched {
+    pub experiment: String,
+    pub variants: Vec<String>,
+    /// Bit `i`: the catalogue's metric `i` is guarded (and counted).
+    pub metrics: u64,
+    pub started_ms: i64,
+    pub epoch_ms: i64,
+}
+
+/// A count since some moment: a tally, or a histogram (made with its first
+/// value).
+#[derive(Debug, Clone)]
+enum Cumulative {
+    Counter(Tally),
+    Histogram(Option<Box<Histogram<u64>>>, u64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CumulativeExport {
+    Counter {
+        sum: i128,
+        count: u64,
+    },
+    /// `(value, count)` of the recorded buckets.
+    Histogram(Vec<(u64, u64)>),
+}
+
+impl Cumulative {
+    fn new(kind: &MetricKind, value_max: u64) -> Cumulative {
+        match kind {
+            MetricKind::Histogram => Cumulative::Histogram(None, value_max),
+            _ => Cumulative::Counter(Tally::default()),
+        }
+    }
+
+    fn record(&mut self, contribution: Contribution) {
+        match (self, contribution) {
+            (Cumulative::Counter(tally), Contribution::Counter { sum, count }) => {
+                tally.add(Tally {
+                    sum: sum as i128,
+                    count: count as u64,
+                })
+            }
+            (Cumulative::Histogram(histogram, value_max), Contribution::Histogram(value)) => {
+                let value_max = *value_max;
+                // validation keeps values within the histogram's range
+                let _ = histogram
+                    .get_or_insert_with(|| Box::new(empty_histogram(value_max)))
+                    .record(value);
+            }
+            _ => {}
+        }
+    }
+
+    fn export(&self) -> CumulativeExport {
+        match self {
+            Cumulative::Counter(tally) => CumulativeExport::Counter {
+                sum: tally.sum,
+                count: tally.count,
+            },
+            Cumulative::Histogram(histogram, _) => {
+                CumulativeExport::Histogram(histogram.as_ref().map_or_else(Vec::new, |histogram| {
+                    histogram
+                        .iter_recorded()
+                        .map(|bucket| (bucket.value_iterated_to(), bucket.count_at_value()))
+                        .collect()
+                }))
+            }
+        }
+    }
+
+    /// `None` when the export is of another kind than the metric now is.
+    fn import(export: &CumulativeExport, kind: &MetricKind, value_max: u64) -> Option<Cumulative> {
+        match (kind, export) {
+            (MetricKind::Histogram, CumulativeExport::Histogram(buckets)) => {
+                let mut histogram: Option<Box<Histogram<u64>>> = None;
+                for &(value, count) in buckets.iter().filter(|(value, _)| *value <= value_max) {
+                    let _ = histogram
+                        .get_or_insert_with(|| Box::new(empty_histogram(value_max)))
+                        .record_n(value, count);
+                }
+                Some(Cumulative::Histogram(histogram, value_max))
+            }
+            (MetricKind::Histogram, _) | (_, CumulativeExport::Histogram(_)) => None,
+            (_, CumulativeExport::Counter { sum, count }) => Some(Cumulative::Counter(Tally {
+                sum: *sum,
+                count: *count,
+            })),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct VariantSeries {
+    since: Cumulative,
+    judged: Cumulative,
+    /// Its windows (the experiment view shows `15m`).
+    recent: Series,
+}
+
+#[derive(Debug, Clone)]
+struct VariantSet {
+    watched: Watched,
+    /// In the order of `watched.variants`.
+    variants: Vec<VariantSeries>,
+    /// Events that named the experiment with a variant it does not have.
+    unknown_variant: u64,
+}
+
+impl VariantSet {
+    fn new(
+        watched: Watched,
+        kind: &MetricKind,
+        settings: &SeriesSettings,
+        now_ms: i64,
+    ) -> VariantSet {
+        let variants = watched
+            .variants
+            .iter()
+            .map(|_| VariantSeries {
+                since: Cumulative::new(kind, settings.histogram_value_max),
+                judged: Cumulative::new(kind, settings.histogram_value_max),
+                recent: Series::new(kind, settings, now_ms),
+            })
+            .collect();
+        VariantSet {
+            watched,
+            variants,
+            unknown_variant: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VariantExport {
+    pub since: CumulativeExport,
+    pub judged: CumulativeExport,
+    pub recent: SeriesExport,
+}
+
+/// One experiment's per-variant counts of one metric, as a snapshot stores them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VariantSetExport {
+    pub watched: Watched,
+    pub variants: Vec<VariantExport>,
+    pub unknown_variant: u64,
+}
+
+/// One variant's counts of one metric: since the start, since the epoch (what
+/// the guardrails judge) and over the rolling 15 minutes. For a ratio metric
+/// a tally's `sum` is the numerator (hits) and `count` the denominator
+/// (samples).
+#[derive(Debug, Clone, PartialEq)]
+pub enum VariantCounts {
+    Counter {
+        since: Tally,
+        judged: Tally,
+        min15: Tally,
+    },
+    Histogram {
+        since: HistogramStats,
+        judged: Option<Box<Histogram<u64>>>,
+        min15: HistogramStats,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VariantsReading {
+    pub started_ms: i64,
+    pub epoch_ms: i64,
+    pub variants: Vec<(String, VariantCounts)>,
+    pub unknown_variant: u64,
+}
+
 #[derive(Debug, Clone)]
 struct Breakdown {
     dim: String,
@@ -165,6 +350,8 @@ pub struct MetricState {
     total: Series,
     breakdowns: Vec<Breakdown>,
     breakdown_series: usize,
+    /// The experiments that guard this metric, counted per variant.
+    experiments: Vec<VariantSet>,
 }
 
 impl MetricState {
@@ -184,6 +371,7 @@ impl MetricState {
                 })
                 .collect(),
             breakdown_series: 0,
+            experiments: Vec::new(),
         }
     }
 
@@ -305,6 +493,185 @@ impl MetricState {
             }
         }
         report
+    }
+
+    /// Applies a batch the tenant accepted at `batch_ms` (its log record's
+    /// time): the series as `apply` does, and the per-variant counts of the
+    /// experiments watched since then. Recovery replays through here too, so
+    /// an experiment counts the same events live and after a restart.
+    pub fn apply_batch(
+        &mut self,
+        events: &[ValidEvent],
+        batch_ms: i64,
+        now_ms: i64,
+    ) -> ApplyReport {
+        let report = self.apply(events, now_ms);
+        if self.experiments.is_empty() {
+            return report;
+        }
+        for event in events {
+            if event.experiments.is_empty() {
+                continue;
+            }
+            let Some(contribution) = self.contribution(event) else {
+                continue;
+            };
+            for set in &mut self.experiments {
+                if batch_ms < set.watched.started_ms {
+                    continue;
+                }
+                let Some((_, variant)) = event
+                    .experiments
+                    .iter()
+                    .find(|(experiment, _)| *experiment == set.watched.experiment)
+                else {
+                    continue;
+                };
+                let Some(index) = set.watched.variants.iter().position(|v| v == variant) else {
+                    set.unknown_variant += 1;
+                    continue;
+                };
+                let series = &mut set.variants[index];
+                series.since.record(contribution);
+                if batch_ms >= set.watched.epoch_ms {
+                    series.judged.record(contribution);
+                }
+                // the total took this time, so the variant's windows take it too
+                let _ = series.recent.record(event.ts_ms, contribution, now_ms);
+            }
+        }
+        report
+    }
+
+    /// Sets the experiments this metric counts per variant: those of `watched`
+    /// whose mask names it. An experiment already counted with the same start
+    /// and variants keeps its counts (its judged counts restart when its
+    /// epoch moved: a resume); any other starts from zero.
+    pub fn watch(&mut self, watched: &[Watched], now_ms: i64) {
+        let bit = 1u64 << self.index;
+        let mut kept = Vec::new();
+        for watched in watched.iter().filter(|w| w.metrics & bit != 0) {
+            let same = self.experiments.iter().position(|set| {
+                set.watched.experiment == watched.experiment
+                    && set.watched.started_ms == watched.started_ms
+                    && set.watched.variants == watched.variants
+            });
+            let set = match same {
+                Some(index) => {
+                    let mut set = self.experiments.swap_remove(index);
+                    if set.watched.epoch_ms != watched.epoch_ms {
+                        for series in &mut set.variants {
+                            series.judged =
+                                Cumulative::new(&self.kind, self.settings.histogram_value_max);
+                        }
+                    }
+                    set.watched = watched.clone();
+                    set
+                }
+                None => VariantSet::new(watched.clone(), &self.kind, &self.settings, now_ms),
+            };
+            kept.push(set);
+        }
+        self.experiments = kept;
+    }
+
+    /// The per-variant counts as a snapshot stores them.
+    pub fn export_variants(&self) -> Vec<VariantSetExport> {
+        self.experiments
+            .iter()
+            .map(|set| VariantSetExport {
+                watched: set.watched.clone(),
+                variants: set
+                    .variants
+                    .iter()
+                    .map(|series| VariantExport {
+                        since: series.since.export(),
+                        judged: series.judged.export(),
+                        recent: series.recent.export(),
+                    })
+                    .collect(),
+                unknown_variant: set.unknown_variant,
+            })
+            .collect()
+    }
+
+    /// Puts back per-variant counts from a snapshot (before `watch` says
+    /// which still count); a set of another kind than the metric is dropped.
+    pub fn import_variants(&mut self, exports: &[VariantSetExport]) {
+        for export in exports {
+            if export.variants.len() != export.watched.variants.len() {
+                continue;
+            }
+            let mut variants = Vec::with_capacity(export.variants.len());
+            for variant in &export.variants {
+                let value_max = self.settings.histogram_value_max;
+                let (Some(since), Some(judged), Some(recent)) = (
+                    Cumulative::import(&variant.since, &self.kind, value_max),
+                    Cumulative::import(&variant.judged, &self.kind, value_max),
+                    Series::import(&self.kind, &variant.recent, &self.settings),
+                ) else {
+                    break;
+                };
+                variants.push(VariantSeries {
+                    since,
+                    judged,
+                    recent,
+                });
+            }
+            if variants.len() == export.watched.variants.len() {
+                self.experiments
+                    .retain(|set| set.watched.experiment != export.watched.experiment);
+                self.experiments.push(VariantSet {
+                    watched: export.watched.clone(),
+                    variants,
+                    unknown_variant: export.unknown_variant,
+                });
+            }
+        }
+    }
+
+    /// One experiment's counts per variant (in its order of variants) and the
+    /// events that named a variant it does not have; `None` when this metric
+    /// does not count it.
+    pub fn read_variants(&mut self, experiment: &str, now_ms: i64) -> Option<VariantsReading> {
+        let set = self
+            .experiments
+            .iter_mut()
+            .find(|set| set.watched.experiment == experiment)?;
+        let mut variants = Vec::with_capacity(set.variants.len());
+        for (name, series) in set.watched.variants.iter().zip(&mut set.variants) {
+            let counts = match (&series.since, &series.judged, &mut series.recent) {
+                (
+                    Cumulative::Counter(since),
+                    Cumulative::Counter(judged),
+                    Series::Counter(recent),
+                ) => VariantCounts::Counter {
+                    since: *since,
+                    judged: *judged,
+                    min15: recent.read(now_ms).min15.current,
+                },
+                (
+                    Cumulative::Histogram(since, _),
+                    Cumulative::Histogram(judged, _),
+                    Series::Histogram(recent),
+                ) => VariantCounts::Histogram {
+                    since: since
+                        .as_deref()
+                        .map_or_else(HistogramStats::default, HistogramStats::of),
+                    judged: judged.clone(),
+                    min15: recent.read(now_ms).min15,
+                },
+                // a set is made for its metric's kind, all three alike
+                _ => continue,
+            };
+            variants.push((name.clone(), counts));
+        }
+        Some(VariantsReading {
+            started_ms: set.watched.started_ms,
+            epoch_ms: set.watched.epoch_ms,
+            variants,
+            unknown_variant: set.unknown_variant,
+        })
     }
 
     pub fn read(&mut self, now_ms: i64) -> SeriesReading {

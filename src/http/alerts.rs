@@ -55,8 +55,28 @@ pub async fn list(
             "last_seq": alerts.last_seq(),
         })));
     };
+    let (records, next_since) =
+        records_since(&node, &tenant, Topic::Alerts, since, query.limit).await?;
+    Ok(Json(json!({
+        "tenant": tenant,
+        "records": records,
+        "next_since": next_since,
+    })))
+}
+
+/// A topic's records after `since`, oldest first, at most `limit` (default
+/// and most `live.replay_records_max`), and the seq to ask again with. A
+/// record that cannot be read keeps its place (`{"seq", "error"}`), so that
+/// a client's `since` moves past it.
+pub(super) async fn records_since(
+    node: &Node,
+    tenant: &str,
+    topic: Topic,
+    since: u64,
+    limit: Option<usize>,
+) -> Result<(Vec<Value>, u64), ApiError> {
     let limit_max = node.config.live.replay_records_max;
-    let limit = query.limit.unwrap_or(limit_max);
+    let limit = limit.unwrap_or(limit_max);
     if limit == 0 || limit > limit_max {
         return Err(ApiError::BadRequest(format!(
             "limit must be between 1 and {limit_max}"
@@ -64,20 +84,13 @@ pub async fn list(
     }
     let store = Arc::clone(&node.store);
     let record_bytes_max = node.config.storage.record_bytes_max;
-    let reading = tenant.clone();
+    let reading = tenant.to_string();
     let entries = tokio::task::spawn_blocking(move || {
-        read_since::<String>(
-            &*store,
-            &reading,
-            Topic::Alerts,
-            since,
-            limit,
-            record_bytes_max,
-        )
+        read_since::<String>(&*store, &reading, topic, since, limit, record_bytes_max)
     })
     .await
-    .map_err(|_| unavailable(&node))?
-    .map_err(|_| unavailable(&node))?;
+    .map_err(|_| unavailable(node))?
+    .map_err(|_| unavailable(node))?;
     let mut next_since = since;
     let mut records = Vec::with_capacity(entries.len());
     for (seq, record) in entries {
@@ -91,16 +104,12 @@ pub async fn list(
             None => json!({"seq": seq, "error": "record cannot be read"}),
         });
     }
-    Ok(Json(json!({
-        "tenant": tenant,
-        "records": records,
-        "next_since": next_since,
-    })))
+    Ok((records, next_since))
 }
 
 fn unavailable(node: &Node) -> ApiError {
     ApiError::Unavailable {
-        message: "the alert records could not be read; retry".into(),
+        message: "the records could not be read; retry".into(),
         retry_after_s: node.config.server.retry_after_s,
     }
 }
@@ -113,7 +122,7 @@ pub struct TenantQuery {
 
 /// The tenant a caller may change: its own with a tenant key, the one it
 /// names with an admin key (the same rule as reads).
-fn writing_tenant(
+pub(super) fn writing_tenant(
     node: &Node,
     caller: &Caller,
     query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
@@ -125,7 +134,7 @@ fn writing_tenant(
 }
 
 /// A JSON body, or `400` naming the field that does not parse.
-fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
         let field = error.path().to_string();

@@ -4,6 +4,7 @@
 pub mod alerts;
 pub mod caller;
 pub mod error;
+pub mod experiments;
 pub mod ingest;
 pub mod live;
 pub mod prometheus;
@@ -49,6 +50,15 @@ pub fn router(node: Arc<Node>) -> Router {
                 .delete(alerts::delete_rule),
         )
         .route("/v1/budgets/{dim}/{value}", put(alerts::put_budget))
+        .route("/v1/experiments", get(experiments::list))
+        .route(
+            "/v1/experiments/{id}",
+            get(experiments::get)
+                .put(experiments::put)
+                .delete(experiments::delete),
+        )
+        .route("/v1/experiments/{id}/resume", post(experiments::resume))
+        .route("/v1/signals", get(experiments::signals))
         .route("/v1/quarantine", get(quarantine::list))
         .route("/v1/quarantine/{qid}/retry", post(quarantine::retry))
         .route("/v1/quarantine/{qid}", delete(quarantine::delete))

@@ -165,13 +165,17 @@ pub async fn run(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
         let mut frames = feed.subscribe();
         // each topic subscription with the last seq it was sent
         let mut topics: BTreeMap<String, (Topic, u64)> = BTreeMap::new();
-        // new alert records: the engine moves this after each write (a
-        // tenant without an engine keeps its own sender, so it never moves)
+        // new alert and signal records: the engines move these after each
+        // write (a tenant without an engine keeps its own sender: never moves)
         let (_quiet, quiet) = watch::channel(0u64);
         let mut alerts_written = node
             .alerts
             .tenant(&tenant)
-            .map_or(quiet, |alerts| alerts.written());
+            .map_or_else(|| quiet.clone(), |alerts| alerts.written());
+        let mut signals_written = node
+            .experiments
+            .tenant(&tenant)
+            .map_or(quiet, |experiments| experiments.written());
         let mut heard = Stopwatch::start();
         let tick = Duration::from_millis(node.config.live.tick_ms);
         let mut wake = Box::pin(tokio::time::sleep(tick));
@@ -228,26 +232,15 @@ pub async fn run(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
                     // subscriptions may have changed: plan the next wake-up anew
                     wake = Box::pin(tokio::time::sleep(Duration::from_millis(1)));
                 }
-                // records written since: every alerts subscription gets them
+                // records written since: every subscription to the topic gets them
                 changed = alerts_written.changed(), if topics.values().any(|(topic, _)| *topic == Topic::Alerts) => {
-                    if changed.is_err() {
+                    if changed.is_err() || !push_written(&node, &tenant, Topic::Alerts, &mut socket, limit, &mut topics).await {
                         return;
                     }
-                    let subs: Vec<(String, u64)> = topics
-                        .iter()
-                        .filter(|(_, (topic, _))| *topic == Topic::Alerts)
-                        .map(|(id, (_, last))| (id.clone(), *last))
-                        .collect();
-                    for (id, last) in subs {
-                        let (replies, next) = replay(&node, &tenant, id, Topic::Alerts, last, &mut topics).await;
-                        for reply in &replies {
-                            if !send(&mut socket, limit, reply).await {
-                                return;
-                            }
-                        }
-                        if let Next::CloseTooFarBehind = next {
-                            return close(&mut socket, limit, CLOSE_TOO_FAR_BEHIND, "too far behind; resume with since").await;
-                        }
+                }
+                changed = signals_written.changed(), if topics.values().any(|(topic, _)| *topic == Topic::Signals) => {
+                    if changed.is_err() || !push_written(&node, &tenant, Topic::Signals, &mut socket, limit, &mut topics).await {
+                        return;
                     }
                 }
                 // frames matter only while a subscription is due: the others sleep
@@ -288,6 +281,43 @@ pub async fn run(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
     }
     .await;
     feed.add_watchers(-(subscriptions.len() as isize));
+}
+
+/// Sends every subscription to `topic` the records written after the last
+/// it was sent; false when the session is over (the client is gone, or too
+/// far behind and closed).
+async fn push_written(
+    node: &Node,
+    tenant: &str,
+    topic: Topic,
+    socket: &mut WebSocket,
+    limit: Duration,
+    topics: &mut BTreeMap<String, (Topic, u64)>,
+) -> bool {
+    let subs: Vec<(String, u64)> = topics
+        .iter()
+        .filter(|(_, (subscribed, _))| *subscribed == topic)
+        .map(|(id, (_, last))| (id.clone(), *last))
+        .collect();
+    for (id, last) in subs {
+        let (replies, next) = replay(node, tenant, id, topic, last, topics).await;
+        for reply in &replies {
+            if !send(socket, limit, reply).await {
+                return false;
+            }
+        }
+        if let Next::CloseTooFarBehind = next {
+            close(
+                socket,
+                limit,
+                CLOSE_TOO_FAR_BEHIND,
+                "too far behind; resume with since",
+            )
+            .await;
+            return false;
+        }
+    }
+    true
 }
 
 /// Sends an update to every subscription whose interval has passed and whose

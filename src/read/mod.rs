@@ -21,11 +21,11 @@ use std::sync::Arc;
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
-use crate::actors::metric::{MetricRead, ReadMetric, ReadSeries};
+use crate::actors::metric::{MetricRead, ReadMetric, ReadSeries, ReadVariants};
 use crate::actors::{InFlight, TenantHandle};
 use crate::domain::catalogue::{Catalogue, MetricKind};
 use crate::domain::histogram::{HistogramReading, HistogramStats};
-use crate::domain::metric::{MetricState, SeriesPoints, SeriesReading};
+use crate::domain::metric::{MetricState, SeriesPoints, SeriesReading, VariantsReading};
 use crate::domain::time::{SlidingWindow, WindowName};
 use crate::domain::window::{CounterReading, Tally};
 
@@ -468,6 +468,26 @@ impl<'t> TenantReader<'t> {
         self.catalogue()
             .index_of(name)
             .ok_or_else(|| ReadError::UnknownMetric(name.to_string()))
+    }
+
+    /// One experiment's per-variant counts of metric `index`: `None` when the
+    /// metric has had no events yet or does not count that experiment.
+    pub async fn variants(
+        &self,
+        index: usize,
+        experiment: &str,
+        now_ms: i64,
+    ) -> Result<Option<VariantsReading>, ReadError> {
+        let Some(addr) = self.actor(index) else {
+            return Ok(None);
+        };
+        addr.send(ReadVariants {
+            now_ms,
+            experiment: experiment.to_string(),
+            in_flight: self.in_flight.clone(),
+        })
+        .await
+        .map_err(|_| self.gone())
     }
 
     /// Reads metrics `indices` (total, or by `dim`); every request is sent

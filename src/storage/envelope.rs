@@ -26,6 +26,9 @@ pub enum RecordKind {
     /// A tenant's snapshot part that lists its de-dup runs (`SnapshotPart`
     /// is the shape before runs; recovery still reads it).
     SnapshotPartRuns = 8,
+    /// A part that also holds the experiments' per-variant counts
+    /// (`SnapshotPartRuns` is the shape before them; recovery still reads it).
+    SnapshotPartExperiments = 9,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

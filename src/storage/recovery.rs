@@ -13,7 +13,8 @@ use chrono_tz::Tz;
 use crate::clock::Stopwatch;
 use crate::config::Config;
 use crate::domain::dedup::{DedupIndex, Run};
-use crate::domain::metric::{MetricState, SeriesSettings};
+use crate::domain::experiment::StoredExperiment;
+use crate::domain::metric::{MetricState, SeriesSettings, Watched};
 use crate::domain::quarantine::{QuarantineStore, QuarantinedEvent};
 use crate::domain::tenant::{TenantContext, TenantCore};
 use crate::domain::time::{day_bounds, second_of_ms, BUCKET_HISTORY_S};
@@ -28,6 +29,8 @@ pub struct RecoveredTenant {
     pub core: TenantCore,
     /// Indexed like the catalogue; `None` for metrics without state.
     pub metrics: Vec<Option<MetricState>>,
+    /// The experiments its metrics count per variant.
+    pub watched: Vec<Watched>,
 }
 
 /// What recovery did, for the log and for tests.
@@ -151,6 +154,12 @@ pub fn recover(
             catalogue.metrics().iter().map(|_| None).collect();
         let mut tenant_now_ms = now_ms;
         let mut position = 0;
+        // the experiments as stored: replay counts each batch for those it
+        // counted for live (batch times against their starts)
+        let watched: Vec<Watched> = stored_experiments(store, tenant_id, record_bytes_max)?
+            .iter()
+            .map(|experiment| experiment.watched(catalogue))
+            .collect();
         if let Some(part) = snapshot.iter().find(|part| part.tenant == tenant_id) {
             position = part.position_lsn;
             tenant_now_ms = part.now_ms;
@@ -171,10 +180,22 @@ pub fn recover(
                     continue;
                 };
                 metrics[index] = MetricState::import(index, def, settings, export);
-                if metrics[index].is_none() {
-                    tracing::warn!(tenant = %tenant_id, metric = %def.name, "metric changed kind since the snapshot; it starts empty");
+                match &mut metrics[index] {
+                    None => {
+                        tracing::warn!(tenant = %tenant_id, metric = %def.name, "metric changed kind since the snapshot; it starts empty");
+                    }
+                    Some(state) => {
+                        if let Some((_, variants)) =
+                            part.experiments.iter().find(|(name, _)| *name == def.name)
+                        {
+                            state.import_variants(variants);
+                        }
+                    }
                 }
             }
+        }
+        for state in metrics.iter_mut().flatten() {
+            state.watch(&watched, tenant_now_ms);
         }
         positions.insert(tenant_id.to_string(), position);
         let quarantine = QuarantineStore::new(
@@ -186,6 +207,7 @@ pub fn recover(
             RecoveredTenant {
                 core: TenantCore::new(Arc::clone(context), dedup, quarantine, tenant_now_ms),
                 metrics,
+                watched,
             },
         );
     }
@@ -264,11 +286,13 @@ pub fn recover(
         let settings = series_settings(config, context.tz);
         for (index, def) in context.catalogue.metrics().iter().enumerate() {
             if feeds & (1u64 << index) != 0 && def.kind.has_state() && tenant.metrics[index].is_none() {
-                tenant.metrics[index] = Some(MetricState::new(index, def, settings, batch.now_ms));
+                let mut state = MetricState::new(index, def, settings, batch.now_ms);
+                state.watch(&tenant.watched, batch.now_ms);
+                tenant.metrics[index] = Some(state);
             }
         }
         for metric in tenant.metrics.iter_mut().flatten() {
-            let applied = metric.apply(&events, batch.now_ms);
+            let applied = metric.apply_batch(&events, batch.now_ms, batch.now_ms);
             if applied.events_refused > 0 {
                 scan_error = Some(format!("log record {lsn} broke a window invariant"));
             }
@@ -340,4 +364,33 @@ pub fn recover(
         next_snapshot_id,
         report,
     })
+}
+
+/// The experiments of a tenant as stored (`Space::Experiments`); one that
+/// cannot be read is reported and left out.
+pub fn stored_experiments(
+    store: &dyn Store,
+    tenant: &str,
+    record_bytes_max: usize,
+) -> Result<Vec<StoredExperiment>, StorageError> {
+    let prefix = super::tenant_prefix(tenant);
+    let mut values = Vec::new();
+    store.scan(Space::Experiments, &prefix, &mut |key, value| {
+        if !key.starts_with(&prefix) {
+            return false;
+        }
+        values.push(value.to_vec());
+        true
+    })?;
+    let mut experiments = Vec::with_capacity(values.len());
+    for value in values {
+        let stored = decode::<String>(&value, RecordKind::Experiment, record_bytes_max)
+            .ok()
+            .and_then(|text| serde_json::from_str::<StoredExperiment>(&text).ok());
+        match stored {
+            Some(experiment) => experiments.push(experiment),
+            None => tracing::warn!(%tenant, "an experiment cannot be read; skipped"),
+        }
+    }
+    Ok(experiments)
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::domain::dedup::{Run, RunMeta, SealedIds};
 use crate::domain::event::ValidEvent;
-use crate::domain::metric::MetricExport;
+use crate::domain::metric::{MetricExport, VariantSetExport};
 use crate::domain::tenant::{Plan, QuarantineWrite};
 
 use super::envelope::{decode, encode, encode_within, EnvelopeError, RecordKind};
@@ -105,6 +105,19 @@ pub struct TenantSnapshot {
     pub dedup: Vec<(u128, i64)>,
     pub metrics: Vec<(String, MetricExport)>,
     pub runs: Vec<RunMeta>,
+    /// By metric name: the experiments' per-variant counts.
+    pub experiments: Vec<(String, Vec<VariantSetExport>)>,
+}
+
+/// The part's shape before experiments (`RecordKind::SnapshotPartRuns`).
+#[derive(Deserialize)]
+struct TenantSnapshotWithoutExperiments {
+    tenant: String,
+    position_lsn: u64,
+    now_ms: i64,
+    dedup: Vec<(u128, i64)>,
+    metrics: Vec<(String, MetricExport)>,
+    runs: Vec<RunMeta>,
 }
 
 /// The part's shape before runs (`RecordKind::SnapshotPart`).
@@ -117,9 +130,26 @@ struct TenantSnapshotWithoutRuns {
     metrics: Vec<(String, MetricExport)>,
 }
 
-/// Decodes a part of either shape.
+/// Decodes a part of any of its shapes.
 pub fn decode_part(bytes: &[u8], record_bytes_max: usize) -> Result<TenantSnapshot, EnvelopeError> {
-    match decode::<TenantSnapshot>(bytes, RecordKind::SnapshotPartRuns, record_bytes_max) {
+    match decode::<TenantSnapshot>(bytes, RecordKind::SnapshotPartExperiments, record_bytes_max) {
+        Err(EnvelopeError::Kind { .. }) => {}
+        other => return other,
+    }
+    match decode::<TenantSnapshotWithoutExperiments>(
+        bytes,
+        RecordKind::SnapshotPartRuns,
+        record_bytes_max,
+    ) {
+        Ok(old) => Ok(TenantSnapshot {
+            tenant: old.tenant,
+            position_lsn: old.position_lsn,
+            now_ms: old.now_ms,
+            dedup: old.dedup,
+            metrics: old.metrics,
+            runs: old.runs,
+            experiments: Vec::new(),
+        }),
         Err(EnvelopeError::Kind { .. }) => {
             let old: TenantSnapshotWithoutRuns =
                 decode(bytes, RecordKind::SnapshotPart, record_bytes_max)?;
@@ -130,9 +160,10 @@ pub fn decode_part(bytes: &[u8], record_bytes_max: usize) -> Result<TenantSnapsh
                 dedup: old.dedup,
                 metrics: old.metrics,
                 runs: Vec::new(),
+                experiments: Vec::new(),
             })
         }
-        other => other,
+        Err(error) => Err(error),
     }
 }
 
@@ -203,7 +234,7 @@ pub fn snapshot_ops(
         ops.push(Op::Put {
             space: Space::Snapshot,
             key: part_key(id, &part.tenant),
-            value: encode_within(RecordKind::SnapshotPartRuns, part, record_bytes_max)?,
+            value: encode_within(RecordKind::SnapshotPartExperiments, part, record_bytes_max)?,
         });
     }
     let manifest = SnapshotManifest {
