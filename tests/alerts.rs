@@ -583,49 +583,19 @@ async fn the_real_binary_killed_with_9_keeps_a_firing_alert_without_a_second_rec
     let config = format!(
         "{}\n[[alerts]]\nid = \"many-orders\"\nmetric = \"orders\"\nwindow = \"today\"\n\
          condition = {{ type = \"above\", value = 2 }}\nseverity = \"P1\"\n",
-        common::DEFAULT_TOML
-            .replace(
-                "listen = \"127.0.0.1:7700\"",
-                &format!("listen = \"127.0.0.1:{port}\"")
-            )
-            .replace(
-                "data_dir = \"./data\"",
-                &format!("data_dir = {:?}", dir.path().join("data"))
-            )
-            .replace(
-                "tick_ms = 1000\n# Alert rules",
-                "tick_ms = 100\n# Alert rules"
-            )
+        common::binary_config(port, dir.path()).replace(
+            "tick_ms = 1000\n# Alert rules",
+            "tick_ms = 100\n# Alert rules"
+        )
     );
     assert!(
-        config.contains("tick_ms = 100\n# Alert rules")
-            && config.contains(&format!("127.0.0.1:{port}")),
+        config.contains("tick_ms = 100\n# Alert rules"),
         "the test's config overrides apply"
     );
     let config_path = dir.path().join("tally.toml");
     std::fs::write(&config_path, config).unwrap();
     let log = dir.path().join("log");
-    let spawn = || {
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tally"));
-        for (name, _) in std::env::vars() {
-            if name.starts_with("TALLY_") {
-                command.env_remove(name);
-            }
-        }
-        command
-            .arg("--config")
-            .arg(&config_path)
-            .arg("serve")
-            .stdout(std::process::Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .unwrap()
-    };
+    let spawn = || common::spawn_binary(&config_path, &log);
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
     let records = |client: reqwest::Client, base: String| async move {
@@ -661,12 +631,7 @@ async fn the_real_binary_killed_with_9_keeps_a_firing_alert_without_a_second_rec
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let status = std::process::Command::new("kill")
-        .args(["-9", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let _ = child.wait();
+    common::kill_9(&mut child);
     let mut child = spawn();
     common::wait_until_ready(&client, &mut child, &base, &log).await;
     // many ticks after the restart

@@ -466,6 +466,7 @@ pub fn judge_sample_ratio(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hdrhistogram::Histogram;
 
     fn catalogue() -> Catalogue {
         let config =
@@ -520,6 +521,197 @@ mod tests {
                 "guardrails[2].threshold",
             ]
         );
+    }
+
+    fn one_guardrail(json: &str, method: Method, min_samples: u64) -> ExperimentSpec {
+        let mut spec = contract_example();
+        spec.guardrails = vec![serde_json::from_str(json).unwrap()];
+        spec.method = method;
+        spec.min_samples = min_samples;
+        spec
+    }
+
+    #[test]
+    fn a_rate_guardrail_breaches_for_the_worse_treatment_once_both_have_min_samples() {
+        let spec = one_guardrail(
+            r#"{"metric": "error_rate", "compare": "ratio", "threshold": 2.0, "action": "stop"}"#,
+            Method::Sequential,
+            1_000,
+        );
+        let control = Proportion {
+            samples: 1_000,
+            hits: 20,
+        };
+        let worse = Proportion {
+            samples: 1_000,
+            hits: 100,
+        };
+        let mut tests = BTreeMap::new();
+        let breach = judge_guardrail(
+            &spec,
+            0,
+            GuardrailCounts::Rate(&[control, worse]),
+            &mut tests,
+        )
+        .expect("10 % against 2 % with a ratio of 2");
+        assert_eq!(breach.variant, "B");
+        assert_eq!((breach.observed, breach.baseline), (Some(0.1), Some(0.02)));
+        assert_eq!((breach.threshold, breach.samples), (2.0, 1_000));
+        assert!(breach.p_value < 0.05, "{}", breach.p_value);
+        // fewer than min_samples in control: no judgement
+        let few = Proportion {
+            samples: 999,
+            hits: 20,
+        };
+        let mut tests = BTreeMap::new();
+        assert_eq!(
+            judge_guardrail(&spec, 0, GuardrailCounts::Rate(&[few, worse]), &mut tests),
+            None
+        );
+        // the same rate: nothing
+        assert_eq!(
+            judge_guardrail(
+                &spec,
+                0,
+                GuardrailCounts::Rate(&[control, control]),
+                &mut tests
+            ),
+            None
+        );
+        // an improvement never stops
+        let better = Proportion {
+            samples: 1_000,
+            hits: 0,
+        };
+        assert_eq!(
+            judge_guardrail(
+                &spec,
+                0,
+                GuardrailCounts::Rate(&[worse, better]),
+                &mut tests
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn a_p95_guardrail_breaches_when_the_treatment_is_slower_than_control_by_more_than_the_threshold(
+    ) {
+        let spec = one_guardrail(
+            r#"{"metric": "checkout_latency_ms", "stat": "p95", "compare": "delta", "threshold": 200, "action": "stop"}"#,
+            Method::Sequential,
+            1_000,
+        );
+        let mut control = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).unwrap();
+        let mut slower = control.clone();
+        let mut within = control.clone();
+        for n in 0..2_000u64 {
+            let ms = 100 + n % 500; // p95 about 575 ms
+            control.record(ms).unwrap();
+            slower.record(ms + 400).unwrap();
+            within.record(ms + 100).unwrap();
+        }
+        let mut tests = BTreeMap::new();
+        let breach = judge_guardrail(
+            &spec,
+            0,
+            GuardrailCounts::Latency(&[Some(&control), Some(&slower)]),
+            &mut tests,
+        )
+        .expect("400 ms slower against a 200 ms threshold");
+        assert_eq!(breach.variant, "B");
+        assert_eq!(
+            breach.baseline,
+            Some(control.value_at_quantile(0.95) as f64)
+        );
+        assert_eq!(breach.observed, Some(slower.value_at_quantile(0.95) as f64));
+        let mut tests = BTreeMap::new();
+        assert_eq!(
+            judge_guardrail(
+                &spec,
+                0,
+                GuardrailCounts::Latency(&[Some(&control), Some(&within)]),
+                &mut tests
+            ),
+            None
+        );
+        assert_eq!(
+            judge_guardrail(
+                &spec,
+                0,
+                GuardrailCounts::Latency(&[Some(&control), None]),
+                &mut tests
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn the_sample_ratio_is_judged_once_a_look_and_flags_52_48() {
+        let spec = contract_example();
+        let (looks, mismatch) = judge_sample_ratio(&spec, &[52_000, 48_000], 0);
+        assert_eq!(looks, 7);
+        let mismatch = mismatch.expect("52/48 of 100 000");
+        assert_eq!(mismatch.samples, 100_000);
+        assert!(
+            (mismatch.chi_square - 160.0).abs() < 1e-6,
+            "{}",
+            mismatch.chi_square
+        );
+        assert_eq!(judge_sample_ratio(&spec, &[50_100, 49_900], 0), (7, None));
+        // no new look, no judgement
+        assert_eq!(judge_sample_ratio(&spec, &[52_000, 48_000], 7), (7, None));
+        assert_eq!(judge_sample_ratio(&spec, &[400, 100], 0), (0, None));
+    }
+
+    /// A/A experiments judged after every batch through `judge_guardrail`,
+    /// as the node's tick does: the share stopped by each method.
+    fn a_a_share(method: Method, runs: u64) -> f64 {
+        use super::super::guardrail::tests::Rng;
+        let spec = one_guardrail(
+            r#"{"metric": "error_rate", "compare": "ratio", "threshold": 1.0001, "action": "stop"}"#,
+            method,
+            200,
+        );
+        let mut stopped = 0;
+        for seed in 0..runs {
+            let mut rng = Rng(seed * 6_151 + 3);
+            let mut counts = [Proportion::default(); 2];
+            let mut tests = BTreeMap::new();
+            for _ in 0..50 {
+                for variant in &mut counts {
+                    variant.samples += 200;
+                    variant.hits += rng.hits(200, 0.02);
+                }
+                if judge_guardrail(&spec, 0, GuardrailCounts::Rate(&counts), &mut tests).is_some() {
+                    stopped += 1;
+                    break;
+                }
+            }
+        }
+        stopped as f64 / runs as f64
+    }
+
+    #[test]
+    fn a_thousand_a_a_experiments_judged_as_the_node_does_stop_at_most_5_percent() {
+        let sequential_share = a_a_share(Method::Sequential, 1_000);
+        let z_share = a_a_share(Method::Z, 1_000);
+        println!("A/A through judge_guardrail: sequential {sequential_share}, z {z_share}");
+        assert!(sequential_share <= 0.05, "{sequential_share}");
+        assert!(z_share > sequential_share, "{z_share}");
+    }
+
+    /// The larger run (docs/experiments.md):
+    /// `cargo test --release --lib -- --ignored ten_thousand`.
+    #[test]
+    #[ignore]
+    fn ten_thousand_a_a_experiments_judged_as_the_node_does() {
+        let sequential_share = a_a_share(Method::Sequential, 10_000);
+        let z_share = a_a_share(Method::Z, 10_000);
+        println!(
+            "A/A, 10 000 runs through judge_guardrail: sequential {sequential_share}, z {z_share}"
+        );
+        assert!(sequential_share <= 0.05, "{sequential_share}");
     }
 
     #[test]

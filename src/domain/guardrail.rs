@@ -369,14 +369,14 @@ fn ln_gamma(x: f64) -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// splitmix64, for seeded simulations.
-    struct Rng(u64);
+    /// splitmix64, for seeded simulations (also the experiments' tests).
+    pub(crate) struct Rng(pub(crate) u64);
 
     impl Rng {
-        fn next(&mut self) -> f64 {
+        pub(crate) fn next(&mut self) -> f64 {
             self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
             let mut z = self.0;
             z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -386,7 +386,7 @@ mod tests {
 
         /// Hits among `n` samples at `rate` (a binomial draw: the gaps between
         /// hits are geometric, so a draw costs one number a hit).
-        fn hits(&mut self, n: u64, rate: f64) -> u64 {
+        pub(crate) fn hits(&mut self, n: u64, rate: f64) -> u64 {
             let log_miss = (1.0 - rate).ln();
             let (mut at, mut hits) = (0u64, 0u64);
             loop {

@@ -836,6 +836,148 @@ mod tests {
         assert!(state.read_breakdown("country", NOW_MS).is_none());
     }
 
+    fn request(
+        id: &str,
+        failed: bool,
+        experiments: &[(&str, &str)],
+        catalogue: &Catalogue,
+    ) -> ValidEvent {
+        let event_type = if failed {
+            "request.failed"
+        } else {
+            "request.succeeded"
+        };
+        ValidEvent {
+            id: id.into(),
+            event_type: event_type.into(),
+            ts_ms: NOW_MS,
+            amount: None,
+            value: None,
+            value_integer: None,
+            dims: vec![],
+            experiments: experiments
+                .iter()
+                .map(|(e, v)| (e.to_string(), v.to_string()))
+                .collect(),
+            route: catalogue.route(event_type),
+        }
+    }
+
+    fn error_rate_catalogue() -> Catalogue {
+        Catalogue::new(vec![MetricDef {
+            name: "error_rate".into(),
+            kind: MetricKind::Ratio,
+            types: vec!["request.succeeded".into(), "request.failed".into()],
+            numerator: vec!["request.failed".into()],
+            dims: vec!["device".into()],
+        }])
+    }
+
+    fn judged_and_since(state: &mut MetricState, variant: &str) -> (Tally, Tally) {
+        let reading = state.read_variants("e", NOW_MS + 10_000).unwrap();
+        let (_, counts) = reading
+            .variants
+            .iter()
+            .find(|(name, _)| name == variant)
+            .unwrap();
+        match counts {
+            VariantCounts::Counter { since, judged, .. } => (*judged, *since),
+            VariantCounts::Histogram { .. } => panic!("error_rate is a counter"),
+        }
+    }
+
+    #[test]
+    fn experiments_count_per_variant_from_their_start_and_judge_from_their_epoch() {
+        let catalogue = error_rate_catalogue();
+        // no breakdown series at all: the variants are outside the cap
+        let mut state = MetricState::new(0, &catalogue.metrics()[0], settings(0), NOW_MS);
+        let start_ms = NOW_MS + 1_000;
+        let mut watched = Watched {
+            experiment: "e".into(),
+            variants: vec!["A".into(), "B".into()],
+            metrics: 0b1,
+            started_ms: start_ms,
+            epoch_ms: start_ms,
+        };
+        state.watch(std::slice::from_ref(&watched), NOW_MS);
+        let a = [("e", "A")];
+        // a batch accepted before the start does not count for it
+        state.apply_batch(
+            &[request("0", true, &a, &catalogue)],
+            start_ms - 1,
+            start_ms - 1,
+        );
+        let batch = vec![
+            request("1", true, &a, &catalogue),
+            request("2", false, &a, &catalogue),
+            request("3", false, &a, &catalogue),
+            request("4", true, &[("e", "B")], &catalogue),
+            request("5", true, &[("other", "B"), ("e", "B")], &catalogue),
+            request("6", true, &[("e", "C")], &catalogue),
+            request("7", true, &[], &catalogue),
+            request("8", true, &[("other", "A")], &catalogue),
+        ];
+        state.apply_batch(&batch, start_ms, start_ms);
+        let tally = |sum: i128, count: u64| Tally { sum, count };
+        assert_eq!(
+            judged_and_since(&mut state, "A"),
+            (tally(1, 3), tally(1, 3))
+        );
+        assert_eq!(
+            judged_and_since(&mut state, "B"),
+            (tally(2, 2), tally(2, 2))
+        );
+        assert_eq!(state.read_variants("e", NOW_MS).unwrap().unknown_variant, 1);
+        assert!(state.read_variants("other", NOW_MS).is_none());
+        // every event still counts in the metric itself
+        let SeriesReading::Counter(total) = state.read(start_ms) else {
+            panic!("a counter");
+        };
+        assert_eq!(total.sec30.current, tally(7, 9));
+
+        // a resume moves the epoch: judged counts start again, since stays
+        watched.epoch_ms = start_ms + 2_000;
+        state.watch(std::slice::from_ref(&watched), start_ms + 2_000);
+        state.apply_batch(
+            &[request("9", true, &a, &catalogue)],
+            start_ms + 2_000,
+            start_ms + 2_000,
+        );
+        assert_eq!(
+            judged_and_since(&mut state, "A"),
+            (tally(1, 1), tally(2, 4))
+        );
+
+        // a snapshot and back: the same counts
+        let exported = state.export_variants();
+        let mut restored =
+            MetricState::import(0, &catalogue.metrics()[0], settings(0), &state.export()).unwrap();
+        restored.import_variants(&exported);
+        restored.watch(std::slice::from_ref(&watched), start_ms + 2_000);
+        assert_eq!(
+            restored.read_variants("e", NOW_MS + 10_000),
+            state.read_variants("e", NOW_MS + 10_000)
+        );
+        // restored with an older epoch than the registry's: judged restarts
+        let mut moved = watched.clone();
+        moved.epoch_ms = start_ms + 5_000;
+        restored.watch(std::slice::from_ref(&moved), start_ms + 5_000);
+        assert_eq!(
+            judged_and_since(&mut restored, "A"),
+            (tally(0, 0), tally(2, 4))
+        );
+        // registered again (a new start): counted from zero; gone: forgotten
+        let mut again = watched.clone();
+        again.started_ms = start_ms + 9_000;
+        state.watch(std::slice::from_ref(&again), start_ms + 9_000);
+        assert_eq!(
+            judged_and_since(&mut state, "A"),
+            (tally(0, 0), tally(0, 0))
+        );
+        state.watch(&[], start_ms + 9_000);
+        assert!(state.read_variants("e", NOW_MS).is_none());
+    }
+
     #[test]
     fn series_points_are_aligned_to_the_step() {
         assert_eq!(

@@ -215,3 +215,55 @@ pub async fn wait_until_ready(
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// The real `tally` binary serving `config_path`, its stderr appended to
+/// `log`, with no `TALLY_` override from the test's environment.
+pub fn spawn_binary(config_path: &std::path::Path, log: &std::path::Path) -> std::process::Child {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("TALLY_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .arg("--config")
+        .arg(config_path)
+        .arg("serve")
+        .stdout(std::process::Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .unwrap()
+}
+
+/// `kill -9`, and waits for the process to be gone.
+pub fn kill_9(child: &mut std::process::Child) {
+    let status = std::process::Command::new("kill")
+        .args(["-9", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _ = child.wait();
+}
+
+/// The default config listening on `port` with its data under `dir`.
+pub fn binary_config(port: u16, dir: &std::path::Path) -> String {
+    let config = DEFAULT_TOML
+        .replace(
+            "listen = \"127.0.0.1:7700\"",
+            &format!("listen = \"127.0.0.1:{port}\""),
+        )
+        .replace(
+            "data_dir = \"./data\"",
+            &format!("data_dir = {:?}", dir.join("data")),
+        );
+    assert!(
+        config.contains(&format!("127.0.0.1:{port}")),
+        "the test's config overrides apply"
+    );
+    config
+}
