@@ -577,3 +577,61 @@ async fn the_real_binary_killed_with_9_keeps_a_stopped_experiment_without_a_seco
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `examples/controller.rs` (built by `cargo test` with the tests), beside
+/// this test's own binary: `target/<profile>/examples/controller`.
+fn controller_path() -> std::path::PathBuf {
+    let test_binary = std::env::current_exe().unwrap();
+    let profile_dir = test_binary.parent().unwrap().parent().unwrap();
+    profile_dir.join("examples").join("controller")
+}
+
+/// The example controller against a node: it acts on the stop once, keeps
+/// the seq on disk, and after its own restart acts on nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_controller_acts_on_each_signal_once_across_its_restarts() {
+    let node = start_node(fast_ticks).await;
+    let reply = put_experiment(&node, "demo-key", "checkout-v2", &error_rate_stop()).await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    node.clock.advance_ms(1_000);
+    let mut events = requests("a", "checkout-v2", Some("A"), 1_000, 20);
+    events.extend(requests("b", "checkout-v2", Some("B"), 1_000, 200));
+    post_all(&node, &events).await;
+    assert_eq!(signals_after(&node, 0, 1).await.len(), 1);
+
+    let dir = tempfile::tempdir().unwrap();
+    let since_file = dir.path().join("since");
+    let url = format!("{}/v1/live", node.base.replace("http://", "ws://"));
+    let run = |wait: Duration| {
+        let (path, url, since_file) = (controller_path(), url.clone(), since_file.clone());
+        async move {
+            let mut child = std::process::Command::new(&path)
+                .args([url.as_str(), "demo-key", since_file.to_str().unwrap()])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+            tokio::time::sleep(wait).await;
+            child.kill().unwrap();
+            let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+                .await
+                .unwrap()
+                .unwrap();
+            String::from_utf8(output.stdout).unwrap()
+        }
+    };
+    let first = run(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        first
+            .lines()
+            .filter(|line| line
+                .starts_with("would STOP checkout-v2: variant B breached \"error_rate\""))
+            .count(),
+        1,
+        "{first}"
+    );
+    assert_eq!(std::fs::read_to_string(&since_file).unwrap(), "1\n");
+    let second = run(Duration::from_millis(1_000)).await;
+    assert_eq!(second, "", "a restarted controller resumes after seq 1");
+    node.stop().await;
+}
