@@ -181,7 +181,8 @@ fn experiment_tick(c: &mut Criterion) {
 }
 
 /// Breach → signal → WebSocket client: from the POST of a batch whose
-/// treatment fails every request to the client holding the `stop` signal, on
+/// treatment fails half its requests (control 2 %) to the client holding the
+/// `stop` signal, on
 /// the shipped `experiments.tick_ms` (1 000), each breach at a different
 /// point of a tick. Each breach is a new experiment (the last one deleted),
 /// registered untimed.
@@ -238,10 +239,13 @@ fn signal_latency(c: &mut Criterion) {
                     let offset_ms = sent.wrapping_mul(6_364_136_223_846_793_005) >> 54;
                     tokio::time::sleep(Duration::from_millis(offset_ms % 1_000)).await;
                     let now_ms = clock.now_ms();
-                    let mut events = Vec::with_capacity(400);
-                    for n in 0..200 {
-                        events.push(json!({"id": format!("{id}-a{n}"), "type": "request.succeeded", "ts": now_ms, "experiments": {&id: "A"}}));
-                        events.push(json!({"id": format!("{id}-b{n}"), "type": "request.failed", "ts": now_ms, "experiments": {&id: "B"}}));
+                    // control fails 2 %, treatment 50 %: one batch is evidence enough
+                    let mut events = Vec::with_capacity(2_000);
+                    for n in 0..1_000 {
+                        let (a, b) = (n < 20, n < 500);
+                        let kind = |failed: bool| if failed { "request.failed" } else { "request.succeeded" };
+                        events.push(json!({"id": format!("{id}-a{n}"), "type": kind(a), "ts": now_ms, "experiments": {&id: "A"}}));
+                        events.push(json!({"id": format!("{id}-b{n}"), "type": kind(b), "ts": now_ms, "experiments": {&id: "B"}}));
                     }
                     let started = std::time::Instant::now();
                     post(&client, &base, &events).await;

@@ -407,11 +407,13 @@ pub async fn delete(node: &Node, tenant: &str, id: &str) -> Result<(), Experimen
 }
 
 /// Every guarded metric's per-variant counts of one experiment, by metric
-/// index (`None`: no events for that metric yet).
+/// index (`None`: no events for that metric yet); with `windows`, also the
+/// `15m` counts.
 pub async fn read_counts(
     reader: &TenantReader<'_>,
     stored: &StoredExperiment,
     catalogue: &Catalogue,
+    windows: bool,
     now_ms: i64,
 ) -> Result<BTreeMap<usize, Option<VariantsReading>>, ReadError> {
     let mut counts = BTreeMap::new();
@@ -422,7 +424,7 @@ pub async fn read_counts(
         if counts.contains_key(&index) {
             continue;
         }
-        let reading = reader.variants(index, &stored.id, now_ms).await?;
+        let reading = reader.variants(index, &stored.id, windows, now_ms).await?;
         // counts of an earlier registration of the same id are not these
         let reading = reading.filter(|r| r.started_ms == stored.started_ms);
         counts.insert(index, reading);
@@ -538,7 +540,7 @@ pub async fn evaluate_tenant(
     let now_ms = node.now_ms();
     let mut read = Vec::with_capacity(watching.len());
     for stored in watching {
-        let counts = read_counts(&reader, &stored, &node.catalogue, now_ms).await?;
+        let counts = read_counts(&reader, &stored, &node.catalogue, false, now_ms).await?;
         read.push((stored, counts));
     }
     drop(reader);

@@ -162,6 +162,8 @@ impl Handler<SetWatched> for MetricActor {
 pub struct ReadVariants {
     pub now_ms: i64,
     pub experiment: String,
+    /// Also the `15m` counts (a look does not need them).
+    pub windows: bool,
     pub in_flight: InFlight,
 }
 
@@ -170,7 +172,10 @@ impl Handler<ReadVariants> for MetricActor {
 
     fn handle(&mut self, message: ReadVariants, _: &mut Context<Self>) -> Self::Result {
         let now_ms = self.advance(message.now_ms);
-        MessageResult(self.state.read_variants(&message.experiment, now_ms))
+        MessageResult(
+            self.state
+                .read_variants(&message.experiment, message.windows, now_ms),
+        )
     }
 }
 

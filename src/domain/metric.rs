@@ -632,8 +632,15 @@ impl MetricState {
 
     /// One experiment's counts per variant (in its order of variants) and the
     /// events that named a variant it does not have; `None` when this metric
-    /// does not count it.
-    pub fn read_variants(&mut self, experiment: &str, now_ms: i64) -> Option<VariantsReading> {
+    /// does not count it. Without `windows` the `15m` counts are left empty
+    /// (a look needs only the judged counts; merging a histogram's 900
+    /// seconds is most of a read's cost).
+    pub fn read_variants(
+        &mut self,
+        experiment: &str,
+        windows: bool,
+        now_ms: i64,
+    ) -> Option<VariantsReading> {
         let set = self
             .experiments
             .iter_mut()
@@ -648,7 +655,11 @@ impl MetricState {
                 ) => VariantCounts::Counter {
                     since: *since,
                     judged: *judged,
-                    min15: recent.read(now_ms).min15.current,
+                    min15: if windows {
+                        recent.read(now_ms).min15.current
+                    } else {
+                        Tally::default()
+                    },
                 },
                 (
                     Cumulative::Histogram(since, _),
@@ -659,7 +670,11 @@ impl MetricState {
                         .as_deref()
                         .map_or_else(HistogramStats::default, HistogramStats::of),
                     judged: judged.clone(),
-                    min15: recent.read(now_ms).min15,
+                    min15: if windows {
+                        recent.read(now_ms).min15
+                    } else {
+                        HistogramStats::default()
+                    },
                 },
                 // a set is made for its metric's kind, all three alike
                 _ => continue,
@@ -874,7 +889,7 @@ mod tests {
     }
 
     fn judged_and_since(state: &mut MetricState, variant: &str) -> (Tally, Tally) {
-        let reading = state.read_variants("e", NOW_MS + 10_000).unwrap();
+        let reading = state.read_variants("e", true, NOW_MS + 10_000).unwrap();
         let (_, counts) = reading
             .variants
             .iter()
@@ -927,8 +942,14 @@ mod tests {
             judged_and_since(&mut state, "B"),
             (tally(2, 2), tally(2, 2))
         );
-        assert_eq!(state.read_variants("e", NOW_MS).unwrap().unknown_variant, 1);
-        assert!(state.read_variants("other", NOW_MS).is_none());
+        assert_eq!(
+            state
+                .read_variants("e", true, NOW_MS)
+                .unwrap()
+                .unknown_variant,
+            1
+        );
+        assert!(state.read_variants("other", true, NOW_MS).is_none());
         // every event still counts in the metric itself
         let SeriesReading::Counter(total) = state.read(start_ms) else {
             panic!("a counter");
@@ -955,8 +976,8 @@ mod tests {
         restored.import_variants(&exported);
         restored.watch(std::slice::from_ref(&watched), start_ms + 2_000);
         assert_eq!(
-            restored.read_variants("e", NOW_MS + 10_000),
-            state.read_variants("e", NOW_MS + 10_000)
+            restored.read_variants("e", true, NOW_MS + 10_000),
+            state.read_variants("e", true, NOW_MS + 10_000)
         );
         // restored with an older epoch than the registry's: judged restarts
         let mut moved = watched.clone();
@@ -975,7 +996,7 @@ mod tests {
             (tally(0, 0), tally(0, 0))
         );
         state.watch(&[], start_ms + 9_000);
-        assert!(state.read_variants("e", NOW_MS).is_none());
+        assert!(state.read_variants("e", true, NOW_MS).is_none());
     }
 
     #[test]

@@ -191,7 +191,7 @@ pub async fn get(
         .tenant(&tenant)
         .ok_or_else(|| ApiError::NotFound(format!("unknown tenant {tenant}")))?;
     let reader = TenantReader::begin(handle).map_err(|error| read_error(&node, error))?;
-    let counts = read_counts(&reader, &stored, &node.catalogue, node.now_ms())
+    let counts = read_counts(&reader, &stored, &node.catalogue, true, node.now_ms())
         .await
         .map_err(|error| read_error(&node, error))?;
     drop(reader);

@@ -476,6 +476,7 @@ impl<'t> TenantReader<'t> {
         &self,
         index: usize,
         experiment: &str,
+        windows: bool,
         now_ms: i64,
     ) -> Result<Option<VariantsReading>, ReadError> {
         let Some(addr) = self.actor(index) else {
@@ -484,6 +485,7 @@ impl<'t> TenantReader<'t> {
         addr.send(ReadVariants {
             now_ms,
             experiment: experiment.to_string(),
+            windows,
             in_flight: self.in_flight.clone(),
         })
         .await
