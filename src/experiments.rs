@@ -110,7 +110,6 @@ impl TenantExperiments {
             ..Book::default()
         };
         for stored in stored_experiments(store, tenant, record_bytes_max)? {
-            crate::telemetry::set_experiment_state(tenant, &stored.id, Some(stored.state.name()));
             book.experiments
                 .insert(stored.id.clone(), Live::new(stored));
         }
@@ -201,6 +200,8 @@ pub enum ExperimentError {
         "experiment {0} is stopped; a stopped experiment does not resume (register a new one)"
     )]
     Stopped(String),
+    #[error("experiment {0} is {1}; its spec changes only while it runs (resume it, or delete it and register it again)")]
+    NotRunning(String, &'static str),
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]
@@ -252,9 +253,9 @@ fn signal_op(tenant: &str, signal: &SignalRecord) -> Result<Op, ExperimentError>
 }
 
 /// Registers an experiment (persisted before it answers). The same spec
-/// again changes nothing (`false`); a new one, or a changed spec, starts the
-/// experiment afresh: running, counted from the next batch (`true` when it
-/// is new).
+/// again changes nothing (`false`); a new one, or a changed spec of a running
+/// experiment, starts it afresh: running, counted from the next batch (`true`
+/// when it is new). A paused or stopped experiment's spec does not change.
 pub async fn put_experiment(
     node: &Node,
     tenant: &str,
@@ -264,18 +265,23 @@ pub async fn put_experiment(
     let (handle, experiments) = parts(node, tenant)?;
     let _one_writer = experiments.writing.lock().await;
     let existing = experiments.get(id);
-    if let Some(existing) = &existing {
-        if existing.spec == spec {
-            return Ok((false, existing.clone()));
+    match &existing {
+        Some(existing) if existing.spec == spec => return Ok((false, existing.clone())),
+        Some(existing) if existing.state != ExperimentState::Running => {
+            return Err(ExperimentError::NotRunning(
+                id.to_string(),
+                existing.state.name(),
+            ))
         }
-    } else {
-        let max = node.config.experiments.per_tenant_max;
-        if lock(&experiments.book).experiments.len() >= max {
-            return Err(ExperimentError::TooMany(max));
+        Some(_) => {}
+        None => {
+            let max = node.config.experiments.per_tenant_max;
+            if lock(&experiments.book).experiments.len() >= max {
+                return Err(ExperimentError::TooMany(max));
+            }
         }
     }
     let now_ms = node.now_ms();
-    let before = experiments.watched(&node.catalogue, None);
     let mut stored = StoredExperiment {
         id: id.to_string(),
         spec,
@@ -286,27 +292,67 @@ pub async fn put_experiment(
         srm_signalled: false,
         changed_ms: now_ms,
     };
-    let mut watched = experiments.watched(&node.catalogue, Some(id));
-    watched.push(stored.watched(&node.catalogue));
-    let stamped = watch_experiments(handle, now_ms, watched).await?;
-    if let Some(mine) = stamped.iter().find(|w| w.experiment == id) {
-        stored.started_ms = mine.started_ms;
-        stored.epoch_ms = mine.epoch_ms;
-    }
-    let committed = match stored_op(tenant, &stored) {
-        Ok(op) => node.committer.commit(vec![op]).await.map_err(Into::into),
-        Err(error) => Err(error),
-    };
-    if let Err(error) = committed {
-        // the metric actors forget it again; the others keep their counts
-        watch_experiments(handle, now_ms, before).await?;
-        return Err(error);
-    }
+    let stamped = change_watched(
+        node,
+        handle,
+        experiments,
+        id,
+        stored.watched(&node.catalogue),
+        now_ms,
+        |op| {
+            let (started_ms, epoch_ms) = op;
+            stored.started_ms = started_ms;
+            stored.epoch_ms = epoch_ms;
+            stored_op(tenant, &stored).map(|put| vec![put])
+        },
+    )
+    .await?;
+    stored.started_ms = stamped.started_ms;
+    stored.epoch_ms = stamped.epoch_ms;
     lock(&experiments.book)
         .experiments
         .insert(id.to_string(), Live::new(stored.clone()));
-    crate::telemetry::set_experiment_state(tenant, id, Some(stored.state.name()));
     Ok((existing.is_none(), stored))
+}
+
+/// Changes what experiment `id` is counted from, in two steps so that a
+/// failed write loses no counts: the tenant actor stamps `next` (its zero
+/// moments) and the metric actors count it beside the current entry; then the
+/// writes `ops` makes from the stamped moments are committed; then the
+/// current entry goes (or, if the commit failed, `next` goes).
+async fn change_watched(
+    node: &Node,
+    handle: &TenantHandle,
+    experiments: &TenantExperiments,
+    id: &str,
+    next: Watched,
+    now_ms: i64,
+    ops: impl FnOnce((i64, i64)) -> Result<Vec<Op>, ExperimentError>,
+) -> Result<Watched, ExperimentError> {
+    let before = experiments.watched(&node.catalogue, None);
+    let mut both = before.clone();
+    both.push(next);
+    let stamped = watch_experiments(handle, now_ms, both).await?;
+    let Some(next) = stamped.last().cloned() else {
+        return Err(ExperimentError::TenantGone(handle.context.id.to_string()));
+    };
+    let committed = match ops((next.started_ms, next.epoch_ms)) {
+        Ok(ops) => node.committer.commit(ops).await.map_err(Into::into),
+        Err(error) => Err(error),
+    };
+    let after = match &committed {
+        Ok(()) => {
+            let mut after = experiments.watched(&node.catalogue, Some(id));
+            after.push(next.clone());
+            after
+        }
+        Err(_) => before,
+    };
+    if let Err(error) = watch_experiments(handle, now_ms, after).await {
+        // counted twice until the next change: only memory, never a count
+        tracing::warn!(tenant = %handle.context.id, experiment = %id, %error, "experiment counts not settled");
+    }
+    committed.map(|()| next)
 }
 
 /// `paused → running`, with a `resume` signal; the guardrails judge the
@@ -328,15 +374,6 @@ pub async fn resume(
         Ok(state) => stored.state = state,
     }
     let now_ms = node.now_ms();
-    let before = experiments.watched(&node.catalogue, None);
-    let mut watched = experiments.watched(&node.catalogue, Some(id));
-    let mut mine = stored.watched(&node.catalogue);
-    mine.epoch_ms = 0;
-    watched.push(mine);
-    let stamped = watch_experiments(handle, now_ms, watched).await?;
-    if let Some(mine) = stamped.iter().find(|w| w.experiment == id) {
-        stored.epoch_ms = mine.epoch_ms;
-    }
     stored.changed_ms = now_ms;
     let seq = lock(&experiments.book).next_seq;
     let signal = SignalRecord {
@@ -354,18 +391,26 @@ pub async fn resume(
         state: ExperimentState::Running,
         at_ms: now_ms,
     };
-    let committed = match (stored_op(tenant, &stored), signal_op(tenant, &signal)) {
-        (Ok(put), Ok(append)) => node
-            .committer
-            .commit(vec![put, append])
-            .await
-            .map_err(Into::into),
-        (Err(error), _) | (_, Err(error)) => Err(error),
-    };
-    if let Err(error) = committed {
-        watch_experiments(handle, now_ms, before).await?;
-        return Err(error);
-    }
+    let mut next = stored.watched(&node.catalogue);
+    next.epoch_ms = 0;
+    let stamped = change_watched(
+        node,
+        handle,
+        experiments,
+        id,
+        next,
+        now_ms,
+        |(_, epoch_ms)| {
+            let mut resumed = stored.clone();
+            resumed.epoch_ms = epoch_ms;
+            Ok(vec![
+                stored_op(tenant, &resumed)?,
+                signal_op(tenant, &signal)?,
+            ])
+        },
+    )
+    .await?;
+    stored.epoch_ms = stamped.epoch_ms;
     {
         let mut book = lock(&experiments.book);
         book.next_seq = seq + 1;
@@ -374,35 +419,29 @@ pub async fn resume(
     }
     experiments.written.send_replace(seq);
     crate::telemetry::count_signal(tenant, "resume");
-    crate::telemetry::set_experiment_state(tenant, id, Some(stored.state.name()));
     Ok(stored)
 }
 
-/// Deletes an experiment and its per-variant counts (its signals stay in
-/// the outbox).
+/// Deletes an experiment (the removal durable first), then its per-variant
+/// counts; its signals stay in the outbox.
 pub async fn delete(node: &Node, tenant: &str, id: &str) -> Result<(), ExperimentError> {
     let (handle, experiments) = parts(node, tenant)?;
     let _one_writer = experiments.writing.lock().await;
     if experiments.get(id).is_none() {
         return Err(ExperimentError::NotFound(id.to_string()));
     }
-    let now_ms = node.now_ms();
-    let before = experiments.watched(&node.catalogue, None);
-    let watched = experiments.watched(&node.catalogue, Some(id));
-    watch_experiments(handle, now_ms, watched).await?;
-    let removed = node
-        .committer
+    node.committer
         .commit(vec![Op::Remove {
             space: Space::Experiments,
             key: named_key(tenant, id),
         }])
-        .await;
-    if let Err(error) = removed {
-        watch_experiments(handle, now_ms, before).await?;
-        return Err(error.into());
-    }
+        .await?;
     lock(&experiments.book).experiments.remove(id);
-    crate::telemetry::set_experiment_state(tenant, id, None);
+    let watched = experiments.watched(&node.catalogue, None);
+    if let Err(error) = watch_experiments(handle, node.now_ms(), watched).await {
+        // its counts stay in memory until the next change: never counted
+        tracing::warn!(tenant = %tenant, experiment = %id, %error, "deleted experiment's counts not dropped");
+    }
     Ok(())
 }
 
@@ -417,6 +456,7 @@ pub async fn read_counts(
     now_ms: i64,
 ) -> Result<BTreeMap<usize, Option<VariantsReading>>, ReadError> {
     let mut counts = BTreeMap::new();
+    let watched = stored.watched(catalogue);
     for guardrail in &stored.spec.guardrails {
         let Some(index) = catalogue.index_of(&guardrail.metric) else {
             continue;
@@ -424,9 +464,7 @@ pub async fn read_counts(
         if counts.contains_key(&index) {
             continue;
         }
-        let reading = reader.variants(index, &stored.id, windows, now_ms).await?;
-        // counts of an earlier registration of the same id are not these
-        let reading = reading.filter(|r| r.started_ms == stored.started_ms);
+        let reading = reader.variants(index, &watched, windows, now_ms).await?;
         counts.insert(index, reading);
     }
     Ok(counts)
@@ -545,7 +583,8 @@ pub async fn evaluate_tenant(
     }
     drop(reader);
     let mut signals: Vec<SignalRecord> = Vec::new();
-    let mut changed: Vec<(StoredExperiment, StoredExperiment)> = Vec::new();
+    // the book changes only once these are durable
+    let mut changed: Vec<StoredExperiment> = Vec::new();
     {
         let mut book = lock(&experiments.book);
         let mut next_seq = book.next_seq;
@@ -613,47 +652,33 @@ pub async fn evaluate_tenant(
                 }
             }
             if stored != live.stored {
-                changed.push((live.stored.clone(), stored.clone()));
-                live.stored = stored;
+                changed.push(stored);
             }
         }
-        book.next_seq = next_seq;
     }
     if changed.is_empty() {
         return Ok(0);
     }
-    let first_seq = signals.first().map(|signal| signal.seq);
     let mut ops = Vec::with_capacity(changed.len() + signals.len());
-    let mut encoded = Ok(());
-    for (_, stored) in &changed {
-        match stored_op(tenant_id, stored) {
-            Ok(op) => ops.push(op),
-            Err(error) => encoded = Err(error),
-        }
+    for stored in &changed {
+        ops.push(stored_op(tenant_id, stored)?);
     }
     for signal in &signals {
-        match signal_op(tenant_id, signal) {
-            Ok(op) => ops.push(op),
-            Err(error) => encoded = Err(error),
-        }
+        ops.push(signal_op(tenant_id, signal)?);
     }
-    let committed = match encoded {
-        Ok(()) => node.committer.commit(ops).await.map_err(Into::into),
-        Err(error) => Err(error),
-    };
-    // durable before anyone hears of it; if it cannot be written, the
-    // experiments go back to where they were and the next tick looks again
-    if let Err(error) = committed {
+    // durable before anyone hears of it or reads the new state; if it cannot
+    // be written, nothing moved and the next tick looks again
+    node.committer.commit(ops).await?;
+    {
         let mut book = lock(&experiments.book);
-        if let Some(seq) = first_seq {
-            book.next_seq = seq;
+        if let Some(last) = signals.last() {
+            book.next_seq = last.seq + 1;
         }
-        for (before, _) in changed {
-            if let Some(live) = book.experiments.get_mut(&before.id) {
-                live.stored = before;
+        for stored in changed {
+            if let Some(live) = book.experiments.get_mut(&stored.id) {
+                live.stored = stored;
             }
         }
-        return Err(error);
     }
     if let Some(last) = signals.last() {
         experiments.written.send_replace(last.seq);
@@ -665,9 +690,6 @@ pub async fn evaluate_tenant(
             _ => "srm",
         };
         crate::telemetry::count_signal(tenant_id, action);
-    }
-    for (_, stored) in &changed {
-        crate::telemetry::set_experiment_state(tenant_id, &stored.id, Some(stored.state.name()));
     }
     Ok(signals.len())
 }

@@ -28,7 +28,6 @@ pub const ACTOR_MESSAGES_TOTAL: &str = "tally_actor_messages_total";
 pub const QUARANTINE_EVENTS: &str = "tally_quarantine_events";
 pub const DEDUP_RUNS: &str = "tally_dedup_runs";
 pub const ALERT_FIRING: &str = "tally_alert_firing";
-pub const EXPERIMENT_STATE: &str = "tally_experiment_state";
 pub const EXPERIMENT_SIGNALS_TOTAL: &str = "tally_experiment_signals_total";
 pub const EXPERIMENT_UNATTRIBUTED_TOTAL: &str = "tally_experiment_unattributed_events_total";
 pub const DEDUP_FILTER_BYTES: &str = "tally_dedup_filter_bytes";
@@ -208,11 +207,6 @@ fn describe() {
         Unit::Count,
         "alerts firing, by tenant, rule and severity (with `by`, one per dim value)"
     );
-    describe_gauge!(
-        EXPERIMENT_STATE,
-        Unit::Count,
-        "1 for the state each experiment is in (running, paused, stopped), by tenant and experiment"
-    );
     describe_counter!(
         EXPERIMENT_SIGNALS_TOTAL,
         Unit::Count,
@@ -329,20 +323,6 @@ pub fn set_alert_firing(tenant: &str, rule: &str, severity: &str, firing: usize)
         "severity" => severity.to_string()
     )
     .set(firing as f64);
-}
-
-/// One series per state of an experiment, 1 for the one it is in (the
-/// others 0), so that `tally_experiment_state{state="stopped"} == 1` selects.
-pub fn set_experiment_state(tenant: &str, experiment: &str, state: Option<&str>) {
-    for name in ["running", "paused", "stopped"] {
-        gauge!(
-            EXPERIMENT_STATE,
-            "tenant" => tenant.to_string(),
-            "experiment" => experiment.to_string(),
-            "state" => name
-        )
-        .set(if state == Some(name) { 1.0 } else { 0.0 });
-    }
 }
 
 pub fn count_signal(tenant: &str, action: &'static str) {

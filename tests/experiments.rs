@@ -19,14 +19,17 @@ use common::{start_node, start_node_in, Reply, TestNode, T0_MS};
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn subscribe_signals(base: &str, since: u64) -> Socket {
+async fn subscribe_signals(base: &str, since: u64, experiment: Option<&str>) -> Socket {
     let url = format!("{}/v1/live", base.replace("http://", "ws://"));
     let mut request = url.into_client_request().unwrap();
     request
         .headers_mut()
         .insert("authorization", "Bearer demo-key".parse().unwrap());
     let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-    let subscribe = json!({"op": "subscribe", "id": "s", "topic": "signals", "since": since});
+    let mut subscribe = json!({"op": "subscribe", "id": "s", "topic": "signals", "since": since});
+    if let Some(experiment) = experiment {
+        subscribe["experiment"] = json!(experiment);
+    }
     socket
         .send(Message::Text(subscribe.to_string().into()))
         .await
@@ -133,7 +136,8 @@ async fn a_worse_treatment_is_stopped_once_with_exact_counts_and_no_second_signa
     assert_eq!(again.body["started_at"], reply.body["started_at"]);
     // batches count from the moment the registration was stamped
     node.clock.advance_ms(1_000);
-    let mut socket = subscribe_signals(&node.base, 0).await;
+    let mut socket = subscribe_signals(&node.base, 0, None).await;
+    let mut elsewhere = subscribe_signals(&node.base, 0, Some("another")).await;
 
     // control 2 % errors, treatment 20 %; plus a variant and an experiment
     // the node does not know, counted as usual and attributed to nothing
@@ -218,6 +222,11 @@ async fn a_worse_treatment_is_stopped_once_with_exact_counts_and_no_second_signa
         )
         .await;
     assert_eq!(resumed.status, StatusCode::CONFLICT, "{}", resumed.body);
+    // nor does a changed spec bring it back
+    let mut changed = error_rate_stop();
+    changed["min_samples"] = json!(500);
+    let replaced = put_experiment(&node, "demo-key", "checkout-v2", &changed).await;
+    assert_eq!(replaced.status, StatusCode::CONFLICT, "{}", replaced.body);
     let scrape = node.get(Some("admin-key"), "/metrics").await;
     let text = scrape.body.as_str().unwrap_or_default().to_string();
     assert!(
@@ -244,7 +253,7 @@ async fn a_worse_treatment_is_stopped_once_with_exact_counts_and_no_second_signa
     assert_eq!(after.body["variants"], shown.body["variants"]);
     assert_eq!(signals_after(&node, 0, 0).await.len(), 1);
     // a controller resuming after seq 1 gets nothing more
-    let mut socket = subscribe_signals(&node.base, 1).await;
+    let mut socket = subscribe_signals(&node.base, 1, None).await;
     assert!(next_within(&mut socket, Duration::from_millis(500))
         .await
         .is_none());
@@ -291,10 +300,27 @@ async fn a_paused_experiment_resumes_and_judges_only_the_events_after_the_resume
         .get(Some("demo-key"), "/v1/experiments/search-v3")
         .await;
     assert_eq!(shown.body["state"], "running");
+    let b = &shown.body["variants"]["B"]["error_rate"];
     assert_eq!(
-        shown.body["variants"]["B"]["error_rate"]["since_start"],
+        b["since_start"],
         json!({"samples": 1_000, "hits": 155, "rate": 0.155})
     );
+    assert_eq!(
+        b["judged"],
+        json!({"samples": 500, "hits": 5, "rate": 0.01})
+    );
+    // a crash-like stop: the log replayed against the moved epoch gives the
+    // same counts, and no signal comes again
+    let stopped = node.halt_keeping_data().await;
+    let node = start_node_in(stopped.data, stopped.clock, fast_ticks).await;
+    assert!(node.recovery().records_replayed > 0);
+    let after = node
+        .get(Some("demo-key"), "/v1/experiments/search-v3")
+        .await;
+    assert_eq!(after.body["variants"], shown.body["variants"]);
+    assert_eq!(after.body["state"], "running");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(signals_after(&node, 2, 0).await.len(), 0);
     // a resume of a running experiment changes nothing and signals nothing
     let again = node
         .call(Method::POST, "demo-key", "/v1/experiments/search-v3/resume")

@@ -161,7 +161,7 @@ impl Handler<SetWatched> for MetricActor {
 #[rtype(result = "Option<VariantsReading>")]
 pub struct ReadVariants {
     pub now_ms: i64,
-    pub experiment: String,
+    pub watched: Watched,
     /// Also the `15m` counts (a look does not need them).
     pub windows: bool,
     pub in_flight: InFlight,
@@ -174,7 +174,7 @@ impl Handler<ReadVariants> for MetricActor {
         let now_ms = self.advance(message.now_ms);
         MessageResult(
             self.state
-                .read_variants(&message.experiment, message.windows, now_ms),
+                .read_variants(&message.watched, message.windows, now_ms),
         )
     }
 }

@@ -141,7 +141,12 @@ impl ExperimentSpec {
         if !(self.confidence > 0.5 && self.confidence < 1.0) {
             problem("confidence".into(), "must be above 0.5 and below 1");
         }
-        if self.guardrails.len() > GUARDRAILS_MAX {
+        if self.guardrails.is_empty() {
+            problem(
+                "guardrails".into(),
+                "at least one guardrail: its metrics are what the experiment counts",
+            );
+        } else if self.guardrails.len() > GUARDRAILS_MAX {
             problem("guardrails".into(), "at most 16 guardrails");
         }
         for (index, guardrail) in self.guardrails.iter().enumerate() {

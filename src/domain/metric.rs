@@ -160,142 +160,135 @@ pub struct Watched {
     pub epoch_ms: i64,
 }
 
-/// A count since some moment: a tally, or a histogram (made with its first
-/// value).
-#[derive(Debug, Clone)]
-enum Cumulative {
-    Counter(Tally),
-    Histogram(Option<Box<Histogram<u64>>>, u64),
+impl Watched {
+    /// The counts it needs: since the start (with windows) and since the epoch.
+    fn needs(&self) -> [(CountRole, i64); 2] {
+        [
+            (CountRole::Since, self.started_ms),
+            (CountRole::Judged, self.epoch_ms),
+        ]
+    }
 }
 
+/// What a set of per-variant counts is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CountRole {
+    /// Since the experiment started, with each variant's windows.
+    Since,
+    /// Since the start or the last resume: what the guardrails judge.
+    Judged,
+}
+
+/// A count since some moment: a tally, or a histogram kept sparse (the
+/// lowest value of each HDR bucket that has values, and its count), so that
+/// an experiment's variants cost what their values spread over, not a whole
+/// HDR histogram each.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum CumulativeExport {
-    Counter {
-        sum: i128,
-        count: u64,
-    },
-    /// `(value, count)` of the recorded buckets.
+pub enum Cumulative {
+    Counter { sum: i128, count: u64 },
     Histogram(Vec<(u64, u64)>),
 }
 
 impl Cumulative {
-    fn new(kind: &MetricKind, value_max: u64) -> Cumulative {
+    fn new(kind: &MetricKind) -> Cumulative {
         match kind {
-            MetricKind::Histogram => Cumulative::Histogram(None, value_max),
-            _ => Cumulative::Counter(Tally::default()),
+            MetricKind::Histogram => Cumulative::Histogram(Vec::new()),
+            _ => Cumulative::Counter { sum: 0, count: 0 },
         }
     }
 
-    fn record(&mut self, contribution: Contribution) {
+    /// `shape` gives a value's HDR bucket (histogram metrics have one).
+    fn record(&mut self, contribution: Contribution, shape: Option<&Histogram<u64>>) {
         match (self, contribution) {
-            (Cumulative::Counter(tally), Contribution::Counter { sum, count }) => {
-                tally.add(Tally {
-                    sum: sum as i128,
-                    count: count as u64,
-                })
+            (Cumulative::Counter { sum, count }, Contribution::Counter { sum: s, count: c }) => {
+                *sum += s as i128;
+                *count += c as u64;
             }
-            (Cumulative::Histogram(histogram, value_max), Contribution::Histogram(value)) => {
-                let value_max = *value_max;
-                // validation keeps values within the histogram's range
-                let _ = histogram
-                    .get_or_insert_with(|| Box::new(empty_histogram(value_max)))
-                    .record(value);
+            (Cumulative::Histogram(buckets), Contribution::Histogram(value)) => {
+                let Some(shape) = shape else {
+                    return;
+                };
+                let key = shape.lowest_equivalent(value);
+                match buckets.binary_search_by_key(&key, |&(value, _)| value) {
+                    Ok(index) => buckets[index].1 += 1,
+                    Err(index) => buckets.insert(index, (key, 1)),
+                }
             }
             _ => {}
         }
     }
 
-    fn export(&self) -> CumulativeExport {
-        match self {
-            Cumulative::Counter(tally) => CumulativeExport::Counter {
-                sum: tally.sum,
-                count: tally.count,
-            },
-            Cumulative::Histogram(histogram, _) => {
-                CumulativeExport::Histogram(histogram.as_ref().map_or_else(Vec::new, |histogram| {
-                    histogram
-                        .iter_recorded()
-                        .map(|bucket| (bucket.value_iterated_to(), bucket.count_at_value()))
-                        .collect()
-                }))
-            }
-        }
+    fn fits(&self, kind: &MetricKind) -> bool {
+        matches!(
+            (kind, self),
+            (MetricKind::Histogram, Cumulative::Histogram(_))
+                | (
+                    MetricKind::Sum { .. } | MetricKind::Count | MetricKind::Ratio,
+                    Cumulative::Counter { .. }
+                )
+        )
     }
 
-    /// `None` when the export is of another kind than the metric now is.
-    fn import(export: &CumulativeExport, kind: &MetricKind, value_max: u64) -> Option<Cumulative> {
-        match (kind, export) {
-            (MetricKind::Histogram, CumulativeExport::Histogram(buckets)) => {
-                let mut histogram: Option<Box<Histogram<u64>>> = None;
-                for &(value, count) in buckets.iter().filter(|(value, _)| *value <= value_max) {
-                    let _ = histogram
-                        .get_or_insert_with(|| Box::new(empty_histogram(value_max)))
-                        .record_n(value, count);
-                }
-                Some(Cumulative::Histogram(histogram, value_max))
-            }
-            (MetricKind::Histogram, _) | (_, CumulativeExport::Histogram(_)) => None,
-            (_, CumulativeExport::Counter { sum, count }) => Some(Cumulative::Counter(Tally {
+    fn tally(&self) -> Tally {
+        match self {
+            Cumulative::Counter { sum, count } => Tally {
                 sum: *sum,
                 count: *count,
-            })),
+            },
+            Cumulative::Histogram(_) => Tally::default(),
         }
+    }
+
+    /// The histogram the values make (`None` when there are none).
+    fn histogram(&self, value_max: u64) -> Option<Box<Histogram<u64>>> {
+        let Cumulative::Histogram(buckets) = self else {
+            return None;
+        };
+        if buckets.is_empty() {
+            return None;
+        }
+        let mut histogram = Box::new(empty_histogram(value_max));
+        for &(value, count) in buckets.iter().filter(|(value, _)| *value <= value_max) {
+            let _ = histogram.record_n(value, count);
+        }
+        Some(histogram)
     }
 }
 
-#[derive(Debug, Clone)]
-struct VariantSeries {
-    since: Cumulative,
-    judged: Cumulative,
-    /// Its windows (the experiment view shows `15m`).
-    recent: Series,
-}
-
+/// One experiment's per-variant counts of one metric from one moment.
 #[derive(Debug, Clone)]
 struct VariantSet {
-    watched: Watched,
-    /// In the order of `watched.variants`.
-    variants: Vec<VariantSeries>,
+    experiment: String,
+    variants: Vec<String>,
+    role: CountRole,
+    /// Batches accepted at or after this count.
+    from_ms: i64,
+    /// In the order of `variants`.
+    counts: Vec<Cumulative>,
+    /// `Since` sets only: each variant's windows (the view shows `15m`).
+    windows: Vec<Series>,
     /// Events that named the experiment with a variant it does not have.
     unknown_variant: u64,
 }
 
 impl VariantSet {
-    fn new(
-        watched: Watched,
-        kind: &MetricKind,
-        settings: &SeriesSettings,
-        now_ms: i64,
-    ) -> VariantSet {
-        let variants = watched
-            .variants
-            .iter()
-            .map(|_| VariantSeries {
-                since: Cumulative::new(kind, settings.histogram_value_max),
-                judged: Cumulative::new(kind, settings.histogram_value_max),
-                recent: Series::new(kind, settings, now_ms),
-            })
-            .collect();
-        VariantSet {
-            watched,
-            variants,
-            unknown_variant: 0,
-        }
+    fn is(&self, experiment: &str, variants: &[String], role: CountRole, from_ms: i64) -> bool {
+        self.experiment == experiment
+            && self.role == role
+            && self.from_ms == from_ms
+            && self.variants == variants
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VariantExport {
-    pub since: CumulativeExport,
-    pub judged: CumulativeExport,
-    pub recent: SeriesExport,
-}
-
-/// One experiment's per-variant counts of one metric, as a snapshot stores them.
+/// A set as a snapshot stores it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VariantSetExport {
-    pub watched: Watched,
-    pub variants: Vec<VariantExport>,
+    pub experiment: String,
+    pub variants: Vec<String>,
+    pub role: CountRole,
+    pub from_ms: i64,
+    pub counts: Vec<Cumulative>,
+    pub windows: Vec<SeriesExport>,
     pub unknown_variant: u64,
 }
 
@@ -352,6 +345,9 @@ pub struct MetricState {
     breakdown_series: usize,
     /// The experiments that guard this metric, counted per variant.
     experiments: Vec<VariantSet>,
+    /// An empty histogram of the metric's range, for the HDR bucket of a
+    /// value (histogram metrics with experiments only).
+    shape: Option<Box<Histogram<u64>>>,
 }
 
 impl MetricState {
@@ -372,6 +368,7 @@ impl MetricState {
                 .collect(),
             breakdown_series: 0,
             experiments: Vec::new(),
+            shape: None,
         }
     }
 
@@ -497,8 +494,8 @@ impl MetricState {
 
     /// Applies a batch the tenant accepted at `batch_ms` (its log record's
     /// time): the series as `apply` does, and the per-variant counts of the
-    /// experiments watched since then. Recovery replays through here too, so
-    /// an experiment counts the same events live and after a restart.
+    /// sets counting since then. Recovery replays through here too, so an
+    /// experiment counts the same events live and after a restart.
     pub fn apply_batch(
         &mut self,
         events: &[ValidEvent],
@@ -509,6 +506,7 @@ impl MetricState {
         if self.experiments.is_empty() {
             return report;
         }
+        let shape = self.shape.as_deref();
         for event in events {
             if event.experiments.is_empty() {
                 continue;
@@ -517,62 +515,85 @@ impl MetricState {
                 continue;
             };
             for set in &mut self.experiments {
-                if batch_ms < set.watched.started_ms {
+                if batch_ms < set.from_ms {
                     continue;
                 }
                 let Some((_, variant)) = event
                     .experiments
                     .iter()
-                    .find(|(experiment, _)| *experiment == set.watched.experiment)
+                    .find(|(experiment, _)| *experiment == set.experiment)
                 else {
                     continue;
                 };
-                let Some(index) = set.watched.variants.iter().position(|v| v == variant) else {
+                let Some(index) = set.variants.iter().position(|v| v == variant) else {
                     set.unknown_variant += 1;
                     continue;
                 };
-                let series = &mut set.variants[index];
-                series.since.record(contribution);
-                if batch_ms >= set.watched.epoch_ms {
-                    series.judged.record(contribution);
+                if let Some(count) = set.counts.get_mut(index) {
+                    count.record(contribution, shape);
                 }
-                // the total took this time, so the variant's windows take it too
-                let _ = series.recent.record(event.ts_ms, contribution, now_ms);
+                if let Some(windows) = set.windows.get_mut(index) {
+                    // the total took this time, so the variant's windows take it too
+                    let _ = windows.record(event.ts_ms, contribution, now_ms);
+                }
             }
         }
         report
     }
 
     /// Sets the experiments this metric counts per variant: those of `watched`
-    /// whose mask names it. An experiment already counted with the same start
-    /// and variants keeps its counts (its judged counts restart when its
-    /// epoch moved: a resume); any other starts from zero.
+    /// whose mask names it. A set that one of them still needs (the same
+    /// experiment, variants, role and moment) keeps its counts; a set none
+    /// needs goes; a needed one not there starts from zero. An experiment may
+    /// be listed twice while a change is being made durable (its old and new
+    /// moments both counted, so that an undo loses nothing).
     pub fn watch(&mut self, watched: &[Watched], now_ms: i64) {
         let bit = 1u64 << self.index;
-        let mut kept = Vec::new();
+        let mut kept: Vec<VariantSet> = Vec::new();
         for watched in watched.iter().filter(|w| w.metrics & bit != 0) {
-            let same = self.experiments.iter().position(|set| {
-                set.watched.experiment == watched.experiment
-                    && set.watched.started_ms == watched.started_ms
-                    && set.watched.variants == watched.variants
-            });
-            let set = match same {
-                Some(index) => {
-                    let mut set = self.experiments.swap_remove(index);
-                    if set.watched.epoch_ms != watched.epoch_ms {
-                        for series in &mut set.variants {
-                            series.judged =
-                                Cumulative::new(&self.kind, self.settings.histogram_value_max);
-                        }
-                    }
-                    set.watched = watched.clone();
-                    set
+            for (role, from_ms) in watched.needs() {
+                let (experiment, variants) = (&watched.experiment, &watched.variants);
+                if kept
+                    .iter()
+                    .any(|set| set.is(experiment, variants, role, from_ms))
+                {
+                    continue;
                 }
-                None => VariantSet::new(watched.clone(), &self.kind, &self.settings, now_ms),
-            };
-            kept.push(set);
+                let set = match self
+                    .experiments
+                    .iter()
+                    .position(|set| set.is(experiment, variants, role, from_ms))
+                {
+                    Some(index) => self.experiments.swap_remove(index),
+                    None => VariantSet {
+                        experiment: experiment.clone(),
+                        variants: variants.clone(),
+                        role,
+                        from_ms,
+                        counts: variants
+                            .iter()
+                            .map(|_| Cumulative::new(&self.kind))
+                            .collect(),
+                        windows: match role {
+                            CountRole::Since => variants
+                                .iter()
+                                .map(|_| Series::new(&self.kind, &self.settings, now_ms))
+                                .collect(),
+                            CountRole::Judged => Vec::new(),
+                        },
+                        unknown_variant: 0,
+                    },
+                };
+                kept.push(set);
+            }
         }
         self.experiments = kept;
+        if self.kind == MetricKind::Histogram
+            && !self.experiments.is_empty()
+            && self.shape.is_none()
+        {
+            self.shape = Some(Box::new(empty_histogram(self.settings.histogram_value_max)));
+        }
     }
 
     /// The per-variant counts as a snapshot stores them.
@@ -580,16 +601,12 @@ impl MetricState {
         self.experiments
             .iter()
             .map(|set| VariantSetExport {
-                watched: set.watched.clone(),
-                variants: set
-                    .variants
-                    .iter()
-                    .map(|series| VariantExport {
-                        since: series.since.export(),
-                        judged: series.judged.export(),
-                        recent: series.recent.export(),
-                    })
-                    .collect(),
+                experiment: set.experiment.clone(),
+                variants: set.variants.clone(),
+                role: set.role,
+                from_ms: set.from_ms,
+                counts: set.counts.clone(),
+                windows: set.windows.iter().map(Series::export).collect(),
                 unknown_variant: set.unknown_variant,
             })
             .collect()
@@ -599,93 +616,100 @@ impl MetricState {
     /// which still count); a set of another kind than the metric is dropped.
     pub fn import_variants(&mut self, exports: &[VariantSetExport]) {
         for export in exports {
-            if export.variants.len() != export.watched.variants.len() {
+            let shaped = export.counts.len() == export.variants.len()
+                && export.counts.iter().all(|count| count.fits(&self.kind))
+                && match export.role {
+                    CountRole::Since => export.windows.len() == export.variants.len(),
+                    CountRole::Judged => export.windows.is_empty(),
+                };
+            if !shaped {
                 continue;
             }
-            let mut variants = Vec::with_capacity(export.variants.len());
-            for variant in &export.variants {
-                let value_max = self.settings.histogram_value_max;
-                let (Some(since), Some(judged), Some(recent)) = (
-                    Cumulative::import(&variant.since, &self.kind, value_max),
-                    Cumulative::import(&variant.judged, &self.kind, value_max),
-                    Series::import(&self.kind, &variant.recent, &self.settings),
-                ) else {
-                    break;
-                };
-                variants.push(VariantSeries {
-                    since,
-                    judged,
-                    recent,
-                });
+            let mut windows = Vec::with_capacity(export.windows.len());
+            for series in &export.windows {
+                match Series::import(&self.kind, series, &self.settings) {
+                    Some(series) => windows.push(series),
+                    None => break,
+                }
             }
-            if variants.len() == export.watched.variants.len() {
-                self.experiments
-                    .retain(|set| set.watched.experiment != export.watched.experiment);
-                self.experiments.push(VariantSet {
-                    watched: export.watched.clone(),
-                    variants,
-                    unknown_variant: export.unknown_variant,
-                });
+            if windows.len() != export.windows.len() {
+                continue;
             }
+            self.experiments.push(VariantSet {
+                experiment: export.experiment.clone(),
+                variants: export.variants.clone(),
+                role: export.role,
+                from_ms: export.from_ms,
+                counts: export.counts.clone(),
+                windows,
+                unknown_variant: export.unknown_variant,
+            });
         }
     }
 
-    /// One experiment's counts per variant (in its order of variants) and the
-    /// events that named a variant it does not have; `None` when this metric
-    /// does not count it. Without `windows` the `15m` counts are left empty
-    /// (a look needs only the judged counts; merging a histogram's 900
-    /// seconds is most of a read's cost).
+    /// One experiment's counts per variant (in its order of variants) from
+    /// `started_ms` and `epoch_ms`, and the events that named a variant it
+    /// does not have; `None` when this metric does not count it. Without
+    /// `windows` the `15m` counts are left empty (a look needs only the
+    /// judged counts; merging a histogram's 900 seconds is most of a read).
     pub fn read_variants(
         &mut self,
-        experiment: &str,
+        watched: &Watched,
         windows: bool,
         now_ms: i64,
     ) -> Option<VariantsReading> {
-        let set = self
+        let (experiment, variants) = (&watched.experiment, &watched.variants);
+        let since_index = self
             .experiments
-            .iter_mut()
-            .find(|set| set.watched.experiment == experiment)?;
-        let mut variants = Vec::with_capacity(set.variants.len());
-        for (name, series) in set.watched.variants.iter().zip(&mut set.variants) {
-            let counts = match (&series.since, &series.judged, &mut series.recent) {
-                (
-                    Cumulative::Counter(since),
-                    Cumulative::Counter(judged),
-                    Series::Counter(recent),
-                ) => VariantCounts::Counter {
-                    since: *since,
-                    judged: *judged,
+            .iter()
+            .position(|set| set.is(experiment, variants, CountRole::Since, watched.started_ms))?;
+        let judged = self
+            .experiments
+            .iter()
+            .find(|set| set.is(experiment, variants, CountRole::Judged, watched.epoch_ms))?
+            .counts
+            .clone();
+        let value_max = self.settings.histogram_value_max;
+        let since_set = &mut self.experiments[since_index];
+        let mut readings = Vec::with_capacity(variants.len());
+        for (index, name) in variants.iter().enumerate() {
+            let (Some(since), Some(judged), Some(series)) = (
+                since_set.counts.get(index),
+                judged.get(index),
+                since_set.windows.get_mut(index),
+            ) else {
+                continue;
+            };
+            let counts = match series {
+                Series::Counter(recent) => VariantCounts::Counter {
+                    since: since.tally(),
+                    judged: judged.tally(),
                     min15: if windows {
                         recent.read(now_ms).min15.current
                     } else {
                         Tally::default()
                     },
                 },
-                (
-                    Cumulative::Histogram(since, _),
-                    Cumulative::Histogram(judged, _),
-                    Series::Histogram(recent),
-                ) => VariantCounts::Histogram {
+                Series::Histogram(recent) => VariantCounts::Histogram {
                     since: since
+                        .histogram(value_max)
                         .as_deref()
                         .map_or_else(HistogramStats::default, HistogramStats::of),
-                    judged: judged.clone(),
+                    judged: judged.histogram(value_max),
                     min15: if windows {
                         recent.read(now_ms).min15
                     } else {
                         HistogramStats::default()
                     },
                 },
-                // a set is made for its metric's kind, all three alike
-                _ => continue,
             };
-            variants.push((name.clone(), counts));
+            readings.push((name.clone(), counts));
         }
         Some(VariantsReading {
-            started_ms: set.watched.started_ms,
-            epoch_ms: set.watched.epoch_ms,
-            variants,
-            unknown_variant: set.unknown_variant,
+            started_ms: watched.started_ms,
+            epoch_ms: watched.epoch_ms,
+            variants: readings,
+            unknown_variant: since_set.unknown_variant,
         })
     }
 
@@ -888,8 +912,12 @@ mod tests {
         }])
     }
 
-    fn judged_and_since(state: &mut MetricState, variant: &str) -> (Tally, Tally) {
-        let reading = state.read_variants("e", true, NOW_MS + 10_000).unwrap();
+    fn judged_and_since(
+        state: &mut MetricState,
+        watched: &Watched,
+        variant: &str,
+    ) -> (Tally, Tally) {
+        let reading = state.read_variants(watched, true, NOW_MS + 10_000).unwrap();
         let (_, counts) = reading
             .variants
             .iter()
@@ -907,7 +935,7 @@ mod tests {
         // no breakdown series at all: the variants are outside the cap
         let mut state = MetricState::new(0, &catalogue.metrics()[0], settings(0), NOW_MS);
         let start_ms = NOW_MS + 1_000;
-        let mut watched = Watched {
+        let watched = Watched {
             experiment: "e".into(),
             variants: vec!["A".into(), "B".into()],
             metrics: 0b1,
@@ -935,68 +963,150 @@ mod tests {
         state.apply_batch(&batch, start_ms, start_ms);
         let tally = |sum: i128, count: u64| Tally { sum, count };
         assert_eq!(
-            judged_and_since(&mut state, "A"),
+            judged_and_since(&mut state, &watched, "A"),
             (tally(1, 3), tally(1, 3))
         );
         assert_eq!(
-            judged_and_since(&mut state, "B"),
+            judged_and_since(&mut state, &watched, "B"),
             (tally(2, 2), tally(2, 2))
         );
         assert_eq!(
             state
-                .read_variants("e", true, NOW_MS)
+                .read_variants(&watched, true, NOW_MS)
                 .unwrap()
                 .unknown_variant,
             1
         );
-        assert!(state.read_variants("other", true, NOW_MS).is_none());
+        let mut other = watched.clone();
+        other.experiment = "other".into();
+        assert!(state.read_variants(&other, true, NOW_MS).is_none());
         // every event still counts in the metric itself
         let SeriesReading::Counter(total) = state.read(start_ms) else {
             panic!("a counter");
         };
         assert_eq!(total.sec30.current, tally(7, 9));
 
-        // a resume moves the epoch: judged counts start again, since stays
-        watched.epoch_ms = start_ms + 2_000;
-        state.watch(std::slice::from_ref(&watched), start_ms + 2_000);
+        // a resume, while it is being made durable: both epochs count
+        let mut resumed = watched.clone();
+        resumed.epoch_ms = start_ms + 2_000;
+        state.watch(&[watched.clone(), resumed.clone()], start_ms + 2_000);
         state.apply_batch(
             &[request("9", true, &a, &catalogue)],
             start_ms + 2_000,
             start_ms + 2_000,
         );
         assert_eq!(
-            judged_and_since(&mut state, "A"),
+            judged_and_since(&mut state, &resumed, "A"),
             (tally(1, 1), tally(2, 4))
         );
+        assert_eq!(
+            judged_and_since(&mut state, &watched, "A"),
+            (tally(2, 4), tally(2, 4))
+        );
+        // its write failed: back to the old epoch, nothing lost
+        let mut undone = state.clone();
+        undone.watch(std::slice::from_ref(&watched), start_ms + 2_000);
+        assert_eq!(
+            judged_and_since(&mut undone, &watched, "A"),
+            (tally(2, 4), tally(2, 4))
+        );
+        assert!(undone.read_variants(&resumed, true, NOW_MS).is_none());
+        // its write held: the new epoch alone
+        state.watch(std::slice::from_ref(&resumed), start_ms + 2_000);
+        assert_eq!(
+            judged_and_since(&mut state, &resumed, "A"),
+            (tally(1, 1), tally(2, 4))
+        );
+        assert!(state.read_variants(&watched, true, NOW_MS).is_none());
 
         // a snapshot and back: the same counts
         let exported = state.export_variants();
         let mut restored =
             MetricState::import(0, &catalogue.metrics()[0], settings(0), &state.export()).unwrap();
         restored.import_variants(&exported);
-        restored.watch(std::slice::from_ref(&watched), start_ms + 2_000);
+        restored.watch(std::slice::from_ref(&resumed), start_ms + 2_000);
         assert_eq!(
-            restored.read_variants("e", true, NOW_MS + 10_000),
-            state.read_variants("e", true, NOW_MS + 10_000)
+            restored.read_variants(&resumed, true, NOW_MS + 10_000),
+            state.read_variants(&resumed, true, NOW_MS + 10_000)
         );
-        // restored with an older epoch than the registry's: judged restarts
-        let mut moved = watched.clone();
-        moved.epoch_ms = start_ms + 5_000;
-        restored.watch(std::slice::from_ref(&moved), start_ms + 5_000);
+        // the store says a later resume than the snapshot knew: judged from zero
+        let mut later = resumed.clone();
+        later.epoch_ms = start_ms + 5_000;
+        restored.watch(std::slice::from_ref(&later), start_ms + 5_000);
         assert_eq!(
-            judged_and_since(&mut restored, "A"),
+            judged_and_since(&mut restored, &later, "A"),
             (tally(0, 0), tally(2, 4))
         );
         // registered again (a new start): counted from zero; gone: forgotten
         let mut again = watched.clone();
         again.started_ms = start_ms + 9_000;
+        again.epoch_ms = start_ms + 9_000;
         state.watch(std::slice::from_ref(&again), start_ms + 9_000);
         assert_eq!(
-            judged_and_since(&mut state, "A"),
+            judged_and_since(&mut state, &again, "A"),
             (tally(0, 0), tally(0, 0))
         );
         state.watch(&[], start_ms + 9_000);
-        assert!(state.read_variants("e", true, NOW_MS).is_none());
+        assert!(state.read_variants(&again, true, NOW_MS).is_none());
+    }
+
+    #[test]
+    fn a_histograms_variants_keep_their_values_through_a_snapshot() {
+        let catalogue = Catalogue::new(vec![MetricDef {
+            name: "latency".into(),
+            kind: MetricKind::Histogram,
+            types: vec!["checkout.completed".into()],
+            numerator: vec![],
+            dims: vec![],
+        }]);
+        let mut state = MetricState::new(0, &catalogue.metrics()[0], settings(10), NOW_MS);
+        let watched = Watched {
+            experiment: "e".into(),
+            variants: vec!["A".into(), "B".into()],
+            metrics: 0b1,
+            started_ms: NOW_MS,
+            epoch_ms: NOW_MS,
+        };
+        state.watch(std::slice::from_ref(&watched), NOW_MS);
+        let mut model = empty_histogram(3_600_000);
+        let events: Vec<ValidEvent> = [1u64, 250, 999, 1_234, 3_600_000, 3_599_999]
+            .iter()
+            .enumerate()
+            .map(|(n, &value)| {
+                model.record(value).unwrap();
+                ValidEvent {
+                    id: format!("c{n}"),
+                    event_type: "checkout.completed".into(),
+                    ts_ms: NOW_MS,
+                    amount: None,
+                    value: Some(value as f64),
+                    value_integer: Some(value as i64),
+                    dims: vec![],
+                    experiments: vec![("e".into(), "B".into())],
+                    route: catalogue.route("checkout.completed"),
+                }
+            })
+            .collect();
+        state.apply_batch(&events, NOW_MS, NOW_MS);
+        let exported = state.export_variants();
+        let mut restored =
+            MetricState::import(0, &catalogue.metrics()[0], settings(10), &state.export()).unwrap();
+        restored.import_variants(&exported);
+        restored.watch(std::slice::from_ref(&watched), NOW_MS);
+        for reading in [
+            state.read_variants(&watched, true, NOW_MS).unwrap(),
+            restored.read_variants(&watched, true, NOW_MS).unwrap(),
+        ] {
+            let VariantCounts::Histogram { since, judged, .. } = &reading.variants[1].1 else {
+                panic!("a histogram");
+            };
+            // the top of the range too: bucket keys are lowest equivalents
+            assert_eq!(*since, HistogramStats::of(&model));
+            assert_eq!(
+                HistogramStats::of(judged.as_ref().unwrap()),
+                HistogramStats::of(&model)
+            );
+        }
     }
 
     #[test]

@@ -28,9 +28,9 @@ use super::query::read_error;
 fn experiment_error(node: &Node, error: ExperimentError) -> ApiError {
     match error {
         ExperimentError::NotFound(_) => ApiError::NotFound(error.to_string()),
-        ExperimentError::TooMany(_) | ExperimentError::Stopped(_) => {
-            ApiError::Conflict(error.to_string())
-        }
+        ExperimentError::TooMany(_)
+        | ExperimentError::Stopped(_)
+        | ExperimentError::NotRunning(..) => ApiError::Conflict(error.to_string()),
         ExperimentError::Read(error) => read_error(node, error),
         ExperimentError::Storage(_)
         | ExperimentError::Encode(_)
@@ -90,13 +90,27 @@ fn experiment_json(
                     .map(|(_, counts)| counts)
             });
             let shown = match found {
-                Some(VariantCounts::Counter { since, min15, .. }) => {
-                    json!({"since_start": rate_json(*since), "15m": rate_json(*min15)})
-                }
-                Some(VariantCounts::Histogram { since, min15, .. }) => {
-                    json!({"since_start": latency_json(*since), "15m": latency_json(*min15)})
-                }
-                None => json!({"since_start": null, "15m": null}),
+                Some(VariantCounts::Counter {
+                    since,
+                    judged,
+                    min15,
+                }) => json!({
+                    "since_start": rate_json(*since),
+                    "judged": rate_json(*judged),
+                    "15m": rate_json(*min15),
+                }),
+                Some(VariantCounts::Histogram {
+                    since,
+                    judged,
+                    min15,
+                }) => json!({
+                    "since_start": latency_json(*since),
+                    "judged": latency_json(
+                        judged.as_deref().map_or_else(HistogramStats::default, HistogramStats::of)
+                    ),
+                    "15m": latency_json(*min15),
+                }),
+                None => json!({"since_start": null, "judged": null, "15m": null}),
             };
             metrics.insert(name, shown);
         }

@@ -1,9 +1,13 @@
 //! `GET /metrics` (API.md §9): the exporter's node telemetry, then the current
 //! window values of every tenant (unless `prometheus.tenant_values = false`),
 //! at most `prometheus.tenant_series_max` samples, in the Prometheus text format.
+//! Tenant values include each experiment's state (`tally_experiment_state`):
+//! its id is a label from the API, a checked name, at most
+//! `experiments.per_tenant_max` a tenant, and gone from the next scrape once
+//! deleted.
 //! Must not: let a scrape stall ingestion (tenant reads take a read permit like
-//! any read; a busy tenant is left out of that scrape) or expose label values
-//! that do not come from config.
+//! any read; a busy tenant is left out of that scrape) or expose other label
+//! values that do not come from config.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -22,7 +26,7 @@ use super::error::ApiError;
 
 /// The families of tenant window samples (name, type, help), in the order they
 /// are written. Quantiles are a summary: only summaries may carry `quantile`.
-const FAMILIES: [(&str, &str, &str); 8] = [
+const FAMILIES: [(&str, &str, &str); 9] = [
     (
         "tally_window_value",
         "gauge",
@@ -63,7 +67,15 @@ const FAMILIES: [(&str, &str, &str); 8] = [
         "gauge",
         "mean metrics: the count the mean divides by",
     ),
+    (
+        "tally_experiment_state",
+        "gauge",
+        "1 for the state each experiment is in (running, paused, stopped), 0 for the others",
+    ),
 ];
+
+/// `FAMILIES` index of `tally_experiment_state`.
+const EXPERIMENT_STATE: usize = 8;
 
 /// Samples collected per family, then written family by family (the text
 /// format wants each family's samples together).
@@ -165,6 +177,21 @@ async fn tenant_samples(node: &Node) -> Samples {
                     window.name()
                 );
                 window_samples(&mut samples, &labels, *window, window_view);
+            }
+        }
+        let experiments = node
+            .experiments
+            .tenant(tenant_id)
+            .map(|experiments| experiments.list())
+            .unwrap_or_default();
+        for experiment in experiments {
+            for state in ["running", "paused", "stopped"] {
+                let labels = format!(
+                    "tenant=\"{tenant_id}\",experiment=\"{}\",state=\"{state}\"",
+                    experiment.id
+                );
+                let value = i128::from(experiment.state.name() == state);
+                samples.push_int(EXPERIMENT_STATE, &labels, value);
             }
         }
     }

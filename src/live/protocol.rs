@@ -41,6 +41,9 @@ pub struct Subscribe {
     pub topic: Option<String>,
     #[serde(default)]
     pub since: Option<u64>,
+    /// `signals` only: the one experiment to follow.
+    #[serde(default)]
+    pub experiment: Option<String>,
 }
 
 /// Only the `op` of a message, to tell an unknown op from a bad message.

@@ -164,7 +164,7 @@ pub async fn run(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
     async {
         let mut frames = feed.subscribe();
         // each topic subscription with the last seq it was sent
-        let mut topics: BTreeMap<String, (Topic, u64)> = BTreeMap::new();
+        let mut topics: BTreeMap<String, TopicSubscription> = BTreeMap::new();
         // new alert and signal records: the engines move these after each
         // write (a tenant without an engine keeps its own sender: never moves)
         let (_quiet, quiet) = watch::channel(0u64);
@@ -233,12 +233,12 @@ pub async fn run(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
                     wake = Box::pin(tokio::time::sleep(Duration::from_millis(1)));
                 }
                 // records written since: every subscription to the topic gets them
-                changed = alerts_written.changed(), if topics.values().any(|(topic, _)| *topic == Topic::Alerts) => {
+                changed = alerts_written.changed(), if topics.values().any(|sub| sub.topic == Topic::Alerts) => {
                     if changed.is_err() || !push_written(&node, &tenant, Topic::Alerts, &mut socket, limit, &mut topics).await {
                         return;
                     }
                 }
-                changed = signals_written.changed(), if topics.values().any(|(topic, _)| *topic == Topic::Signals) => {
+                changed = signals_written.changed(), if topics.values().any(|sub| sub.topic == Topic::Signals) => {
                     if changed.is_err() || !push_written(&node, &tenant, Topic::Signals, &mut socket, limit, &mut topics).await {
                         return;
                     }
@@ -292,15 +292,15 @@ async fn push_written(
     topic: Topic,
     socket: &mut WebSocket,
     limit: Duration,
-    topics: &mut BTreeMap<String, (Topic, u64)>,
+    topics: &mut BTreeMap<String, TopicSubscription>,
 ) -> bool {
-    let subs: Vec<(String, u64)> = topics
+    let subs: Vec<(String, TopicSubscription)> = topics
         .iter()
-        .filter(|(_, (subscribed, _))| *subscribed == topic)
-        .map(|(id, (_, last))| (id.clone(), *last))
+        .filter(|(_, sub)| sub.topic == topic)
+        .map(|(id, sub)| (id.clone(), sub.clone()))
         .collect();
-    for (id, last) in subs {
-        let (replies, next) = replay(node, tenant, id, topic, last, topics).await;
+    for (id, sub) in subs {
+        let (replies, next) = replay(node, tenant, id, sub, topics).await;
         for reply in &replies {
             if !send(socket, limit, reply).await {
                 return false;
@@ -373,7 +373,7 @@ async fn handle(
     text: &str,
     frames: &tokio::sync::watch::Receiver<Arc<Frame>>,
     subscriptions: &mut BTreeMap<String, MetricSubscription>,
-    topics: &mut BTreeMap<String, (Topic, u64)>,
+    topics: &mut BTreeMap<String, TopicSubscription>,
 ) -> (Vec<ServerMessage>, Next) {
     let message = match parse_client_message(text) {
         Ok(message) => message,
@@ -427,7 +427,7 @@ async fn subscribe(
     request: Subscribe,
     frames: &tokio::sync::watch::Receiver<Arc<Frame>>,
     subscriptions: &mut BTreeMap<String, MetricSubscription>,
-    topics: &mut BTreeMap<String, (Topic, u64)>,
+    topics: &mut BTreeMap<String, TopicSubscription>,
 ) -> (Vec<ServerMessage>, Next) {
     let limits = &node.config.live;
     let id = request.id;
@@ -455,7 +455,18 @@ async fn subscribe(
             "signals" => Topic::Signals,
             _ => return refuse(ErrorCode::UnknownTopic, "topic must be alerts or signals"),
         };
-        return replay(node, tenant, id, topic, request.since.unwrap_or(0), topics).await;
+        if topic == Topic::Alerts && request.experiment.is_some() {
+            return refuse(
+                ErrorCode::BadMessage,
+                "experiment filters the signals topic only",
+            );
+        }
+        let sub = TopicSubscription {
+            topic,
+            last: request.since.unwrap_or(0),
+            experiment: request.experiment,
+        };
+        return replay(node, tenant, id, sub, topics).await;
     }
     let metrics = match request.metrics {
         None => None,
@@ -537,15 +548,26 @@ async fn subscribe(
     )
 }
 
-/// The records of a topic after `since`, at most `live.replay_records_max`.
+/// A subscription to a topic of records: the last seq it was sent (or
+/// passed over), and for `signals` the one experiment it follows, if any.
+#[derive(Debug, Clone)]
+struct TopicSubscription {
+    topic: Topic,
+    last: u64,
+    experiment: Option<String>,
+}
+
+/// The records of a topic after `sub.last`, at most `live.replay_records_max`
+/// read; records of another experiment than the subscription follows are
+/// passed over (its `last` moves past them).
 async fn replay(
     node: &Node,
     tenant: &str,
     id: String,
-    topic: Topic,
-    since: u64,
-    topics: &mut BTreeMap<String, (Topic, u64)>,
+    sub: TopicSubscription,
+    topics: &mut BTreeMap<String, TopicSubscription>,
 ) -> (Vec<ServerMessage>, Next) {
+    let (topic, since) = (sub.topic, sub.last);
     let store = Arc::clone(&node.store);
     let (tenant_id, replay_max, record_max) = (
         tenant.to_string(),
@@ -573,7 +595,8 @@ async fn replay(
     let behind = records.len() > replay_max;
     records.truncate(replay_max);
     let last = records.last().map_or(since, |(seq, _)| *seq).max(since);
-    topics.insert(id.clone(), (topic, last));
+    let experiment = sub.experiment.clone();
+    topics.insert(id.clone(), TopicSubscription { last, ..sub });
     let mut replies = Vec::with_capacity(records.len() + 1);
     for (seq, record) in records {
         let Some(mut record) = record
@@ -586,6 +609,11 @@ async fn replay(
             ));
             continue;
         };
+        if let Some(experiment) = &experiment {
+            if record.get("experiment").and_then(Value::as_str) != Some(experiment.as_str()) {
+                continue;
+            }
+        }
         // the envelope's own keys win over a record's
         for key in ["type", "sub", "seq"] {
             record.remove(key);

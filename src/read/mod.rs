@@ -25,7 +25,7 @@ use crate::actors::metric::{MetricRead, ReadMetric, ReadSeries, ReadVariants};
 use crate::actors::{InFlight, TenantHandle};
 use crate::domain::catalogue::{Catalogue, MetricKind};
 use crate::domain::histogram::{HistogramReading, HistogramStats};
-use crate::domain::metric::{MetricState, SeriesPoints, SeriesReading, VariantsReading};
+use crate::domain::metric::{MetricState, SeriesPoints, SeriesReading, VariantsReading, Watched};
 use crate::domain::time::{SlidingWindow, WindowName};
 use crate::domain::window::{CounterReading, Tally};
 
@@ -475,7 +475,7 @@ impl<'t> TenantReader<'t> {
     pub async fn variants(
         &self,
         index: usize,
-        experiment: &str,
+        watched: &Watched,
         windows: bool,
         now_ms: i64,
     ) -> Result<Option<VariantsReading>, ReadError> {
@@ -484,7 +484,7 @@ impl<'t> TenantReader<'t> {
         };
         addr.send(ReadVariants {
             now_ms,
-            experiment: experiment.to_string(),
+            watched: watched.clone(),
             windows,
             in_flight: self.in_flight.clone(),
         })
