@@ -167,6 +167,18 @@ async fn a_worse_treatment_is_stopped_once_with_exact_counts_and_no_second_signa
     assert!(next_within(&mut socket, Duration::from_millis(800))
         .await
         .is_none());
+    // a subscription that follows another experiment hears nothing of it
+    assert!(next_within(&mut elsewhere, Duration::from_millis(100))
+        .await
+        .is_none());
+    let mut this_one = subscribe_signals(&node.base, 0, Some("checkout-v2")).await;
+    let replayed = next_within(&mut this_one, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        (replayed["seq"].clone(), replayed["action"].clone()),
+        (json!(1), json!("stop"))
+    );
 
     let listed = signals_after(&node, 0, 1).await;
     assert_eq!(listed.len(), 1);
