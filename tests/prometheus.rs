@@ -61,7 +61,7 @@ async fn promtool_accepts_a_scrape_of_a_loaded_node() {
         .take_snapshot()
         .await
         .unwrap();
-    let (status, text) = scrape(&node, None).await;
+    let (status, text) = scrape(&node, Some("admin-key")).await;
     assert_eq!(status, StatusCode::OK);
 
     let file = tempfile::NamedTempFile::new().unwrap();
@@ -127,14 +127,79 @@ async fn promtool_accepts_a_scrape_of_a_loaded_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bearer_token_protects_the_route() {
     let node = start_node(|config| config.prometheus.bearer_token = "scrape-secret".into()).await;
+    node.post("demo-key", &[order("o-1", 1250, T0_MS)]).await;
     assert_eq!(scrape(&node, None).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(
-        scrape(&node, Some("demo-key")).await.0,
+        scrape(&node, Some("not-a-key")).await.0,
         StatusCode::UNAUTHORIZED
     );
     let (status, text) = scrape(&node, Some("scrape-secret")).await;
     assert_eq!(status, StatusCode::OK);
-    assert!(text.contains("tally_window_value{"));
+    assert!(text.contains("tally_window_value{tenant=\"demo\""));
+    assert!(text.contains("tally_window_value{tenant=\"acme\""));
+    // a tenant key still reads its own values (API.md §9)
+    let (status, text) = scrape(&node, Some("demo-key")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(text.contains("tally_window_value{tenant=\"demo\",metric=\"gmv\",window=\"30s\"} 1250"));
+    node.stop().await;
+}
+
+/// Tenant data on /metrics only for a key that may read it: nothing of any
+/// tenant without a key, a tenant key its own tenant's only, an admin key
+/// every tenant's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_shows_each_caller_only_the_tenants_it_may_read() {
+    let node = start_node(|_| {}).await;
+    node.post("demo-key", &[order("o-1", 1250, T0_MS)]).await;
+    let acme_order = json!({"id": "a-1", "type": "order.completed", "ts": T0_MS, "amount": 99, "currency": "EUR"});
+    assert_eq!(
+        node.post("acme-key", &[acme_order]).await.body["accepted"],
+        1
+    );
+    // a quarantined event gives each tenant a tenant-labelled telemetry sample
+    node.post(
+        "demo-key",
+        &[json!({"id": "q-1", "type": "order.completed", "amount": 5, "currency": "JPY"})],
+    )
+    .await;
+    node.post(
+        "acme-key",
+        &[json!({"id": "q-2", "type": "order.completed", "amount": 5, "currency": "JPY"})],
+    )
+    .await;
+
+    let (status, anonymous) = scrape(&node, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let tenant_lines: Vec<&str> = anonymous
+        .lines()
+        .filter(|line| line.contains("tenant=\""))
+        .collect();
+    assert_eq!(
+        tenant_lines,
+        Vec::<&str>::new(),
+        "no tenant's samples without a key"
+    );
+    assert!(anonymous.contains("\ntally_events_total{outcome=\"accepted\"} "));
+
+    let (_, demo) = scrape(&node, Some("demo-key")).await;
+    assert!(demo.contains("tally_window_value{tenant=\"demo\",metric=\"gmv\",window=\"30s\"} 1250"));
+    assert!(
+        demo.contains("tally_quarantine_events{tenant=\"demo\"} 1"),
+        "{demo}"
+    );
+    assert!(!demo.contains("acme"), "demo's scrape names acme:\n{demo}");
+    // node-wide figures sum every tenant's traffic: not for a tenant key
+    assert!(!demo.contains("\ntally_events_total{"));
+
+    let (_, admin) = scrape(&node, Some("admin-key")).await;
+    assert!(admin.contains("tally_window_value{tenant=\"acme\",metric=\"gmv\",window=\"30s\"} 99"));
+    assert!(
+        admin.contains("tally_window_value{tenant=\"demo\",metric=\"gmv\",window=\"30s\"} 1250")
+    );
+    assert_eq!(
+        scrape(&node, Some("not-a-key")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
     node.stop().await;
 }
 
@@ -142,7 +207,7 @@ async fn a_bearer_token_protects_the_route() {
 async fn tenant_samples_stop_at_the_cap_and_the_rest_is_counted() {
     let node = start_node(|config| config.prometheus.tenant_series_max = 5).await;
     node.post("demo-key", &[order("o-1", 1250, T0_MS)]).await;
-    let (_, text) = scrape(&node, None).await;
+    let (_, text) = scrape(&node, Some("admin-key")).await;
     let tenant_samples = text
         .lines()
         .filter(|line| line.starts_with("tally_window_"))
@@ -158,7 +223,7 @@ async fn tenant_samples_stop_at_the_cap_and_the_rest_is_counted() {
     // and without tenant values none are exposed at all
     node.stop().await;
     let node = start_node(|config| config.prometheus.tenant_values = false).await;
-    let (_, text) = scrape(&node, None).await;
+    let (_, text) = scrape(&node, Some("admin-key")).await;
     assert!(!text.contains("tally_window_value{"));
     node.stop().await;
 }
@@ -168,7 +233,10 @@ async fn metrics_can_have_their_own_listener() {
     let node = start_node(|config| config.prometheus.listen = "127.0.0.1:0".into()).await;
     assert_eq!(scrape(&node, None).await.0, StatusCode::NOT_FOUND);
     let addr = node.running.as_ref().unwrap().metrics_addr.unwrap();
-    let text = reqwest::get(format!("http://{addr}/metrics"))
+    let text = reqwest::Client::new()
+        .get(format!("http://{addr}/metrics"))
+        .bearer_auth("admin-key")
+        .send()
         .await
         .unwrap()
         .text()
@@ -210,13 +278,15 @@ async fn a_real_prometheus_scrapes_the_exact_values() {
     let mut node = Command::new(env!("CARGO_BIN_EXE_tally"))
         .current_dir(dir.path())
         .env("TALLY_SERVER__LISTEN", format!("127.0.0.1:{node_port}"))
+        // Prometheus scrapes with the scrape token (tenant values need a key)
+        .env("TALLY_PROMETHEUS__BEARER_TOKEN", "scrape-secret")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let prometheus_port = free_port();
     let scrape_config = format!(
-        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tally\n    static_configs:\n      - targets: ['127.0.0.1:{node_port}']\n"
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tally\n    authorization:\n      type: Bearer\n      credentials: scrape-secret\n    static_configs:\n      - targets: ['127.0.0.1:{node_port}']\n"
     );
     std::fs::write(dir.path().join("prometheus.yml"), scrape_config).unwrap();
     let mut prometheus = Command::new(tool("prometheus"))

@@ -1,6 +1,8 @@
 //! `GET /metrics` (API.md §9): the exporter's node telemetry, then the current
 //! window values of every tenant (unless `prometheus.tenant_values = false`),
-//! at most `prometheus.tenant_series_max` samples, in the Prometheus text format.
+//! at most `prometheus.tenant_series_max` samples, in the Prometheus text format;
+//! each caller sees what it may read (`ScrapeView`): tenant data only with a
+//! key that may read that tenant.
 //! Tenant values include each experiment's state (`tally_experiment_state`):
 //! its id is a label from the API, a checked name, at most
 //! `experiments.per_tenant_max` a tenant, and gone from the next scrape once
@@ -16,7 +18,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use crate::auth::Caller;
+use crate::auth::{Caller, Principal};
 use crate::domain::time::WindowName;
 use crate::node::Node;
 use crate::read::{TenantReader, WindowView};
@@ -107,20 +109,78 @@ impl Samples {
     }
 }
 
-/// Who may scrape: anyone when `prometheus.bearer_token` is empty, else
-/// only the caller that presents it.
-fn may_scrape(node: &Node, caller: &Caller) -> bool {
-    !node.keys.scrape_needs_key() || *caller == Caller::Scrape
+/// What a scrape shows (API.md §9, docs/api.md "Prometheus").
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ScrapeView {
+    /// No key, and `prometheus.bearer_token` empty: node telemetry without any
+    /// sample that carries a tenant label, and no tenant values.
+    Node,
+    /// A tenant key: that tenant's samples only (its telemetry and values).
+    Tenant(String),
+    /// The scrape token or an admin key: everything.
+    All,
+}
+
+/// Who may scrape what: a key always says; without one, node telemetry
+/// only, and only while `prometheus.bearer_token` is empty.
+fn scrape_view(node: &Node, caller: &Caller) -> Result<ScrapeView, ApiError> {
+    match caller {
+        Caller::Scrape | Caller::Key(Principal::Admin) => Ok(ScrapeView::All),
+        Caller::Key(Principal::Tenant(tenant)) => Ok(ScrapeView::Tenant(tenant.clone())),
+        Caller::Anonymous if !node.keys.scrape_needs_key() => Ok(ScrapeView::Node),
+        Caller::Anonymous | Caller::Invalid => Err(ApiError::Unauthorized),
+    }
+}
+
+/// The tenant a sample line is labelled with, if any (tenant ids are
+/// `[a-z0-9_-]`, so the label value needs no unescaping).
+fn sample_tenant(line: &str) -> Option<&str> {
+    if line.starts_with('#') {
+        return None;
+    }
+    let labels = &line[line.find('{')? + 1..];
+    let start = if labels.starts_with("tenant=\"") {
+        0
+    } else {
+        labels.find(",tenant=\"")? + 1
+    };
+    let value = &labels[start + "tenant=\"".len()..];
+    value.find('"').map(|end| &value[..end])
+}
+
+/// The exporter's telemetry as `view` may see it: every line for `All`;
+/// for `Node` the samples without a tenant label; for a tenant, its own
+/// labelled samples (node-wide figures sum every tenant's traffic).
+fn telemetry_for(rendered: String, view: &ScrapeView) -> String {
+    match view {
+        ScrapeView::All => rendered,
+        ScrapeView::Node => rendered
+            .lines()
+            .filter(|line| sample_tenant(line).is_none())
+            .flat_map(|line| [line, "\n"])
+            .collect(),
+        ScrapeView::Tenant(tenant) => rendered
+            .lines()
+            .filter(|line| line.starts_with('#') || sample_tenant(line) == Some(tenant.as_str()))
+            .flat_map(|line| [line, "\n"])
+            .collect(),
+    }
 }
 
 pub async fn get_metrics(State(node): State<Arc<Node>>, caller: Caller) -> Response {
-    if !may_scrape(&node, &caller) {
-        return ApiError::Unauthorized.into_response();
-    }
+    let view = match scrape_view(&node, &caller) {
+        Ok(view) => view,
+        Err(error) => return error.into_response(),
+    };
     telemetry::collect_process_metrics();
     let mut text = String::new();
-    if node.config.prometheus.tenant_values {
-        let samples = tenant_samples(&node).await;
+    let tenants: Vec<&String> = match &view {
+        ScrapeView::Node => Vec::new(),
+        ScrapeView::Tenant(tenant) => node.tenants.keys().filter(|id| *id == tenant).collect(),
+        ScrapeView::All => node.tenants.keys().collect(),
+    };
+    if node.config.prometheus.tenant_values && !tenants.is_empty() {
+        let samples = tenant_samples(&node, tenants).await;
         if samples.dropped > 0 {
             telemetry::count_tenant_series_dropped(samples.dropped as u64);
         }
@@ -137,7 +197,7 @@ pub async fn get_metrics(State(node): State<Arc<Node>>, caller: Caller) -> Respo
         }
     }
     // the tenant families after the exporter's, each family whole
-    let mut rendered = node.prometheus.render();
+    let mut rendered = telemetry_for(node.prometheus.render(), &view);
     rendered.push_str(&text);
     let mut response = (StatusCode::OK, rendered).into_response();
     response.headers_mut().insert(
@@ -147,14 +207,13 @@ pub async fn get_metrics(State(node): State<Arc<Node>>, caller: Caller) -> Respo
     response
 }
 
-async fn tenant_samples(node: &Node) -> Samples {
+async fn tenant_samples(node: &Node, mut tenant_ids: Vec<&String>) -> Samples {
     let mut samples = Samples {
         by_family: vec![Vec::new(); FAMILIES.len()],
         written: 0,
         dropped: 0,
         max: node.config.prometheus.tenant_series_max,
     };
-    let mut tenant_ids: Vec<&String> = node.tenants.keys().collect();
     tenant_ids.sort();
     let now_ms = node.now_ms();
     for tenant_id in tenant_ids {
@@ -254,5 +313,51 @@ fn window_samples(samples: &mut Samples, labels: &str, window: WindowName, view:
                 samples.push_int(3, labels, prev.count as i128);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RENDERED: &str = "# HELP tally_events_total events\n\
+        # TYPE tally_events_total counter\n\
+        tally_events_total{outcome=\"accepted\"} 7\n\
+        tally_quarantine_events{tenant=\"demo\"} 2\n\
+        tally_alert_firing{rule=\"r\",tenant=\"acme\",severity=\"P1\"} 1\n\
+        tally_series_folded_total{dim_tenant=\"demo\",metric=\"m\"} 3\n\
+        process_open_fds 12\n";
+
+    #[test]
+    fn a_sample_line_names_its_tenant() {
+        assert_eq!(sample_tenant("a{tenant=\"demo\"} 1"), Some("demo"));
+        assert_eq!(
+            sample_tenant("a{rule=\"r\",tenant=\"acme\"} 1"),
+            Some("acme")
+        );
+        assert_eq!(sample_tenant("a{dim_tenant=\"demo\"} 1"), None);
+        assert_eq!(sample_tenant("a 1"), None);
+        assert_eq!(sample_tenant("# HELP a{tenant=\"demo\"}"), None);
+    }
+
+    #[test]
+    fn each_view_sees_only_what_it_may_read() {
+        let node = telemetry_for(RENDERED.to_string(), &ScrapeView::Node);
+        assert!(!node.contains("{tenant=") && !node.contains(",tenant="));
+        // a dim named tenant is not the tenant label
+        assert!(node.contains("dim_tenant=\"demo\""));
+        assert!(node.contains("tally_events_total{outcome=\"accepted\"} 7\n"));
+        assert!(node.contains("process_open_fds 12\n"));
+        let demo = telemetry_for(RENDERED.to_string(), &ScrapeView::Tenant("demo".into()));
+        assert_eq!(
+            demo.lines()
+                .filter(|line| !line.starts_with('#'))
+                .collect::<Vec<_>>(),
+            ["tally_quarantine_events{tenant=\"demo\"} 2"]
+        );
+        assert_eq!(
+            telemetry_for(RENDERED.to_string(), &ScrapeView::All),
+            RENDERED
+        );
     }
 }
