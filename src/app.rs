@@ -27,6 +27,7 @@ use crate::clock::{SharedClock, Stopwatch};
 use crate::config::Config;
 use crate::domain::catalogue::Catalogue;
 use crate::experiments::{ExperimentHub, TenantExperiments};
+use crate::http::serve::{serve, ServeLimits};
 pub use crate::node::{Node, SnapshotError, SnapshotReport};
 use crate::read::feed::TenantFeed;
 use crate::storage::commit::{Committer, FlushMode};
@@ -139,7 +140,7 @@ pub struct RunningNode {
     pub metrics_addr: Option<SocketAddr>,
     pub recovery: RecoveryReport,
     stop_accepting: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<std::io::Result<()>>>,
+    server: Option<JoinHandle<()>>,
     snapshotter: Option<JoinHandle<()>>,
     /// Upkeep and the separate /metrics listener: stopped first.
     background: Vec<JoinHandle<()>>,
@@ -339,13 +340,14 @@ pub async fn start_with_store(
         .map_err(|source| StartError::Listen { addr, source })?;
     let (stop_accepting, stopped) = oneshot::channel::<()>();
     let router = crate::http::router(Arc::clone(&node));
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let limits = ServeLimits {
+        header_read_timeout: Duration::from_millis(node.config.server.header_read_timeout_ms),
+        connections_max: node.config.server.connections_max,
+        retry_after_s: node.config.server.retry_after_s,
+    };
+    let server = tokio::spawn(serve(listener, router, limits, async move {
+        let _ = stopped.await;
+    }));
     let snapshotter = {
         let node = Arc::clone(&node);
         let mut stopping = node.stopping.subscribe();
@@ -441,13 +443,9 @@ pub async fn start_with_store(
         metrics_addr = listener.local_addr().ok();
         let router = crate::http::metrics_router(Arc::clone(&node));
         let mut stopping = node.stopping.subscribe();
-        Some(tokio::spawn(async move {
-            let _ = axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stopping.wait_for(|stopping| *stopping).await;
-                })
-                .await;
-        }))
+        Some(tokio::spawn(serve(listener, router, limits, async move {
+            let _ = stopping.wait_for(|stopping| *stopping).await;
+        })))
     } else {
         None
     };
@@ -519,8 +517,7 @@ impl RunningNode {
         }
         if let Some(server) = self.server.take() {
             match tokio::time::timeout(grace, server).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(error))) => tracing::error!(%error, "http server failed"),
+                Ok(Ok(())) => {}
                 Ok(Err(error)) => tracing::error!(%error, "http server task failed"),
                 Err(_) => tracing::warn!(
                     grace_ms = grace.as_millis() as u64,

@@ -74,7 +74,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// Raises the soft limit of open files to the hard one: connections and live
+/// sessions are files, and a soft limit of 1024 (a common default) would
+/// refuse them at accept long before `server.connections_max`.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // `None` is "unlimited": nothing to raise to, or nothing to raise
+    if let (Some(current), Some(maximum)) = (limit.current, limit.maximum) {
+        if current >= maximum {
+            return;
+        }
+        let raised = Rlimit {
+            current: Some(maximum),
+            maximum: Some(maximum),
+        };
+        if let Err(error) = setrlimit(Resource::Nofile, raised) {
+            eprintln!("tally: the open files limit stays at {current}: {error}");
+        }
+    }
+}
+
 fn serve(config: Config, demo: bool) -> ExitCode {
+    raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -89,6 +89,8 @@ pub enum Shed {
     Unavailable,
     /// The data directory is below `storage.disk_free_bytes_min` (507).
     DiskShort,
+    /// The node has `server.connections_max` connections open (503).
+    Connections,
 }
 
 impl Shed {
@@ -97,6 +99,7 @@ impl Shed {
             Shed::BatchesInFlight => "batches_in_flight",
             Shed::ReadsInFlight => "reads_in_flight",
             Shed::RequestBytes => "request_bytes",
+            Shed::Connections => "connections",
             Shed::DedupFull => "dedup_full",
             Shed::Unavailable => "unavailable",
             Shed::DiskShort => "disk_short",

@@ -155,13 +155,14 @@ async fn a_gmv_drop_fires_survives_a_crash_without_a_second_firing_and_resumes_e
     assert_eq!(alerts["alerts"][0]["state"], "firing");
     assert_eq!(alerts["alerts"][0]["since"], T0_MS + 60_000);
     assert_eq!(alerts["rules"][0]["id"], "gmv-drop");
-    // and on the scrape, once the tick after the firing has set it
+    // and on the tenant's scrape, once the tick after the firing has set it
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let line = r#"tally_alert_firing{tenant="demo",rule="gmv-drop",severity="P1"} 1"#;
     loop {
         let scrape = node
             .client
             .get(format!("{}/metrics", node.base))
+            .bearer_auth("demo-key")
             .send()
             .await
             .unwrap()

@@ -430,6 +430,7 @@ async fn live_sessions_show_in_the_node_telemetry() {
     let text = node
         .client
         .get(format!("{}/metrics", node.base))
+        .bearer_auth("admin-key")
         .send()
         .await
         .unwrap()

@@ -434,6 +434,15 @@ impl Config {
         if self.prometheus.upkeep_interval_s == 0 {
             issues.push(issue("prometheus.upkeep_interval_s", "must be at least 1"));
         }
+        if !(100..=600_000).contains(&self.server.header_read_timeout_ms) {
+            issues.push(issue(
+                "server.header_read_timeout_ms",
+                "must be within 100..=600000",
+            ));
+        }
+        if self.server.connections_max == 0 {
+            issues.push(issue("server.connections_max", "must be at least 1"));
+        }
         if self.server.body_read_timeout_ms == 0 {
             issues.push(issue("server.body_read_timeout_ms", "must be at least 1"));
         }

@@ -11,6 +11,10 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     pub ingest_bytes_inflight_max: usize,
     pub body_read_timeout_ms: u64,
+    /// How long a client may take to send a request's line and headers.
+    pub header_read_timeout_ms: u64,
+    /// Open HTTP connections at once, node-wide (live sockets have their own caps).
+    pub connections_max: usize,
     pub shutdown_grace_ms: u64,
     pub retry_after_s: u32,
 }
@@ -22,6 +26,8 @@ impl Default for ServerConfig {
             max_body_bytes: 8 * 1024 * 1024,
             ingest_bytes_inflight_max: 256 * 1024 * 1024,
             body_read_timeout_ms: 30_000,
+            header_read_timeout_ms: 10_000,
+            connections_max: 16_384,
             shutdown_grace_ms: 10_000,
             retry_after_s: 1,
         }

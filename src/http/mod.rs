@@ -10,6 +10,7 @@ pub mod live;
 pub mod prometheus;
 pub mod quarantine;
 pub mod query;
+pub mod serve;
 
 use std::sync::Arc;
 
