@@ -289,6 +289,7 @@ pub async fn start_with_store(
         .keys()
         .map(|tenant| (tenant.clone(), TenantFeed::new()))
         .collect();
+    let live_sessions = Arc::new(Semaphore::new(config.live.sessions_max));
     let node = Arc::new(Node {
         config: Arc::new(config),
         catalogue,
@@ -303,6 +304,7 @@ pub async fn start_with_store(
         alerts,
         experiments,
         ingest_kib,
+        live_sessions,
         next_snapshot_id: AtomicU64::new(next_snapshot_id),
         snapshot_lock: Mutex::new(()),
         merging: Mutex::new(0),

@@ -44,6 +44,8 @@ pub struct Node {
     pub experiments: crate::experiments::ExperimentHub,
     /// Request body bytes being read and validated, in KiB, node-wide.
     pub ingest_kib: Arc<Semaphore>,
+    /// Places for live sessions, node-wide (`live.sessions_max`).
+    pub live_sessions: Arc<Semaphore>,
     pub(crate) next_snapshot_id: AtomicU64,
     /// One snapshot at a time (the periodic one and the final one); a merge
     /// commits under it too.

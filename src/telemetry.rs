@@ -91,6 +91,8 @@ pub enum Shed {
     DiskShort,
     /// The node has `server.connections_max` connections open (503).
     Connections,
+    /// The node has `live.sessions_max` live sessions (503).
+    LiveSessions,
 }
 
 impl Shed {
@@ -100,6 +102,7 @@ impl Shed {
             Shed::ReadsInFlight => "reads_in_flight",
             Shed::RequestBytes => "request_bytes",
             Shed::Connections => "connections",
+            Shed::LiveSessions => "live_sessions",
             Shed::DedupFull => "dedup_full",
             Shed::Unavailable => "unavailable",
             Shed::DiskShort => "disk_short",

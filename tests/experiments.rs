@@ -45,7 +45,12 @@ async fn next_within(socket: &mut Socket, wait: Duration) -> Option<Value> {
             .await
             .ok()??;
         match message.unwrap() {
-            Message::Text(text) => return Some(serde_json::from_str(&text).unwrap()),
+            Message::Text(text) => {
+                let value: Value = serde_json::from_str(&text).unwrap();
+                if value["type"] != "heartbeat" {
+                    return Some(value);
+                }
+            }
             Message::Ping(_) | Message::Pong(_) => continue,
             other => panic!("unexpected {other:?}"),
         }

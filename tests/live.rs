@@ -41,7 +41,7 @@ async fn send(socket: &mut Socket, value: Value) {
         .unwrap();
 }
 
-/// The next JSON message (pings are skipped); fails after 20 s.
+/// The next JSON message (pings and heartbeats are skipped); fails after 20 s.
 async fn next(socket: &mut Socket) -> Value {
     // one deadline for the message, however many pings come first
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -52,11 +52,113 @@ async fn next(socket: &mut Socket) -> Value {
             .expect("the connection is open")
             .unwrap();
         match message {
-            Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+            Message::Text(text) => {
+                let value: Value = serde_json::from_str(&text).unwrap();
+                if value["type"] != "heartbeat" {
+                    return value;
+                }
+            }
             Message::Ping(_) | Message::Pong(_) => continue,
             other => panic!("unexpected {other:?}"),
         }
     }
+}
+
+/// The next frame as it comes (within 5 s), pings skipped.
+async fn raw_next(socket: &mut Socket) -> Message {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(5), socket.next())
+            .await
+            .expect("a frame within 5 s")
+            .expect("the connection is open")
+            .unwrap();
+        if !matches!(message, Message::Ping(_) | Message::Pong(_)) {
+            return message;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_session_gets_heartbeats() {
+    let node = start_node(|config| config.live.heartbeat_interval_ms = 200).await;
+    let mut socket = connect(&node, Some("demo-key")).await.unwrap();
+    let started = std::time::Instant::now();
+    for _ in 0..3 {
+        let Message::Text(text) = raw_next(&mut socket).await else {
+            panic!("a text frame");
+        };
+        let beat: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(beat["type"], "heartbeat", "{beat}");
+        assert_eq!(beat["interval_ms"], 200);
+        assert_eq!(beat["at"], T0_MS);
+    }
+    // three beats, the first one interval after the start
+    assert!(started.elapsed() >= Duration::from_millis(550));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_does_not_authenticate_in_time_is_closed() {
+    let node = start_node(|config| config.live.auth_timeout_ms = 300).await;
+    let mut socket = connect(&node, None).await.unwrap();
+    let started = std::time::Instant::now();
+    let Message::Close(Some(frame)) = raw_next(&mut socket).await else {
+        panic!("a close");
+    };
+    assert_eq!(u16::from(frame.code), 4401);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_sending_too_many_messages_is_told_and_closed() {
+    let node = start_node(|config| config.live.messages_per_second_max = 5).await;
+    let mut socket = connect(&node, Some("demo-key")).await.unwrap();
+    for n in 0..6 {
+        send(
+            &mut socket,
+            json!({"op": "unsubscribe", "id": format!("x{n}")}),
+        )
+        .await;
+    }
+    let mut codes = Vec::new();
+    let close = loop {
+        match raw_next(&mut socket).await {
+            Message::Text(text) => {
+                let value: Value = serde_json::from_str(&text).unwrap();
+                codes.push(value["code"].as_str().unwrap_or_default().to_string());
+            }
+            Message::Close(frame) => break frame,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    // five answered (no such subscription), the sixth refused
+    assert_eq!(codes[..5], vec!["unknown_subscription".to_string(); 5]);
+    assert_eq!(codes[5], "too_many_messages");
+    assert_eq!(u16::from(close.unwrap().code), 4430);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_past_the_node_wide_cap_get_503_before_upgrading() {
+    let node = start_node(|config| config.live.sessions_max = 2).await;
+    let first = connect(&node, Some("demo-key")).await.unwrap();
+    let _second = connect(&node, Some("acme-key")).await.unwrap();
+    match connect(&node, Some("demo-key")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503);
+            assert_eq!(response.headers()["retry-after"], "1");
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+    // a session that ends gives its place back
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while connect(&node, Some("demo-key")).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "no place came free");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    node.stop().await;
 }
 
 /// `GET /v1/metrics` restricted to some metrics and windows, shaped as a push.

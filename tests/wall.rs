@@ -243,3 +243,42 @@ async fn the_wall_shows_the_ingested_gmv_and_goes_stale_when_the_server_stops() 
     assert!(banner.starts_with("Not live"), "{banner}");
     driver.screenshot(&target.join("wall-stale.png")).await;
 }
+
+/// The real binary frozen with SIGSTOP: its sockets stay open (as with a
+/// half-open connection), no message comes, and the wall must say "stale"
+/// once three heartbeats are missed, even on a quiet tenant; after SIGCONT it
+/// is live again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wall_goes_stale_when_heartbeats_stop_on_an_open_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let config = common::binary_config(port, dir.path()).replace(
+        "heartbeat_interval_ms = 5000",
+        "heartbeat_interval_ms = 300",
+    );
+    assert!(config.contains("heartbeat_interval_ms = 300"));
+    let config_path = dir.path().join("tally.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let log = dir.path().join("log");
+    let mut child = common::spawn_binary(&config_path, &log);
+    let base = format!("http://127.0.0.1:{port}");
+    common::wait_until_ready(&reqwest::Client::new(), &mut child, &base, &log).await;
+    let driver = Driver::start().await;
+    driver.open(&format!("{base}/wall#token=demo-key")).await;
+    driver.wait_for_text("#status", "live").await;
+    let signal = |name: &str| {
+        let status = Command::new("kill")
+            .args([name, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    driver.wait_for_text("#status", "stale").await;
+    let banner = driver.text("[data-testid=stale]").await;
+    assert!(banner.starts_with("Not live"), "{banner}");
+    signal("-CONT");
+    driver.wait_for_text("#status", "live").await;
+    let _ = child.kill();
+    let _ = child.wait();
+}

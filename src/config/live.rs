@@ -15,6 +15,14 @@ pub struct LiveConfig {
     pub idle_timeout_s: u64,
     pub replay_records_max: usize,
     pub send_timeout_ms: u64,
+    /// Live sessions open at once, node-wide.
+    pub sessions_max: usize,
+    /// How long an unauthenticated socket has to send its `auth` message.
+    pub auth_timeout_ms: u64,
+    /// Messages a client may send a second, per session.
+    pub messages_per_second_max: u32,
+    /// Milliseconds between the server's `heartbeat` messages to a session.
+    pub heartbeat_interval_ms: u64,
 }
 
 impl Default for LiveConfig {
@@ -28,6 +36,10 @@ impl Default for LiveConfig {
             idle_timeout_s: 45,
             replay_records_max: 1000,
             send_timeout_ms: 5000,
+            sessions_max: 20_000,
+            auth_timeout_ms: 5_000,
+            messages_per_second_max: 20,
+            heartbeat_interval_ms: 5_000,
         }
     }
 }

@@ -419,6 +419,21 @@ impl Config {
         if !(10..=1000).contains(&self.live.tick_ms) {
             issues.push(issue("live.tick_ms", "must be within 10..=1000"));
         }
+        if self.live.sessions_max == 0 {
+            issues.push(issue("live.sessions_max", "must be at least 1"));
+        }
+        if !(100..=60_000).contains(&self.live.auth_timeout_ms) {
+            issues.push(issue("live.auth_timeout_ms", "must be within 100..=60000"));
+        }
+        if self.live.messages_per_second_max == 0 {
+            issues.push(issue("live.messages_per_second_max", "must be at least 1"));
+        }
+        if !(100..=60_000).contains(&self.live.heartbeat_interval_ms) {
+            issues.push(issue(
+                "live.heartbeat_interval_ms",
+                "must be within 100..=60000",
+            ));
+        }
         if self.live.send_timeout_ms == 0 {
             issues.push(issue("live.send_timeout_ms", "must be at least 1"));
         }

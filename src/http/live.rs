@@ -45,6 +45,18 @@ pub async fn get_live(
         }
         None => None,
     };
+    // a place among the node's sessions before upgrading: past the cap the
+    // client gets an HTTP answer it can act on, not a socket closed at once
+    let Ok(place) = Arc::clone(&node.live_sessions).try_acquire_owned() else {
+        crate::telemetry::count_shed(crate::telemetry::Shed::LiveSessions);
+        return Err(ApiError::Unavailable {
+            message: format!(
+                "the node has live.sessions_max ({}) live sessions; retry",
+                node.config.live.sessions_max
+            ),
+            retry_after_s: node.config.server.retry_after_s,
+        });
+    };
     let message_bytes_max = node.config.live.message_bytes_max;
     Ok(upgrade
         .max_message_size(message_bytes_max)
@@ -53,6 +65,9 @@ pub async fn get_live(
         // sessions in memory (tungstenite's default read buffer is 128 KiB)
         .read_buffer_size(8 * 1024)
         .write_buffer_size(8 * 1024)
-        .on_upgrade(move |socket| crate::live::session::run(node, socket, tenant))
+        .on_upgrade(move |socket| async move {
+            crate::live::session::run(node, socket, tenant).await;
+            drop(place);
+        })
         .into_response())
 }

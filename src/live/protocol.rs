@@ -92,6 +92,7 @@ pub enum ErrorCode {
     TooFarBehind,
     UnreadableRecord,
     TooManySessions,
+    TooManyMessages,
 }
 
 /// What the server sends; `type` names the variant.
@@ -128,6 +129,12 @@ pub enum ServerMessage {
     Error {
         code: ErrorCode,
         message: String,
+    },
+    /// Sent every `live.heartbeat_interval_ms`: the node and the path to it
+    /// are alive, even when nothing changes.
+    Heartbeat {
+        at: i64,
+        interval_ms: u64,
     },
 }
 

@@ -30,6 +30,7 @@ pub const CLOSE_IDLE: u16 = 1001;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 pub const CLOSE_TOO_BIG: u16 = 1009;
 pub const CLOSE_TOO_FAR_BEHIND: u16 = 4408;
+pub const CLOSE_TOO_MANY_MESSAGES: u16 = 4430;
 
 async fn close(socket: &mut WebSocket, limit: Duration, code: u16, reason: &'static str) {
     let frame = Message::Close(Some(CloseFrame {
@@ -52,7 +53,7 @@ async fn send(socket: &mut WebSocket, limit: Duration, message: &ServerMessage) 
 
 /// Waits for `{"op":"auth","token":…,"tenant"?:…}` as the first message.
 async fn first_message_auth(node: &Node, socket: &mut WebSocket) -> Option<String> {
-    let wait = Duration::from_secs(node.config.live.idle_timeout_s);
+    let wait = Duration::from_millis(node.config.live.auth_timeout_ms);
     let Ok(Some(Ok(Message::Text(text)))) = tokio::time::timeout(wait, socket.recv()).await else {
         return None;
     };
@@ -183,6 +184,14 @@ pub async fn run(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
         let mut due = true;
         let mut ping = tokio::time::interval(Duration::from_secs(node.config.live.ping_interval_s));
         ping.tick().await;
+        let heartbeat_ms = node.config.live.heartbeat_interval_ms;
+        let mut heartbeat = tokio::time::interval(Duration::from_millis(heartbeat_ms));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // the first beat one interval after the start (an interval's first
+        // tick is at once)
+        heartbeat.tick().await;
+        // messages from the client in the current second
+        let (mut second, mut heard_this_second) = (Stopwatch::start(), 0u32);
         let idle_ms = node.config.live.idle_timeout_s * 1000;
         let mut stopping = node.stopping.subscribe();
         if *stopping.borrow() {
@@ -210,6 +219,18 @@ pub async fn run(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
                         None => return,
                     };
                     heard = Stopwatch::start();
+                    if second.elapsed_ms() >= 1000 {
+                        (second, heard_this_second) = (Stopwatch::start(), 0);
+                    }
+                    heard_this_second += 1;
+                    if heard_this_second > node.config.live.messages_per_second_max {
+                        let message = format!(
+                            "more than live.messages_per_second_max ({}) messages in a second",
+                            node.config.live.messages_per_second_max
+                        );
+                        send(&mut socket, limit, &ServerMessage::error(ErrorCode::TooManyMessages, message)).await;
+                        return close(&mut socket, limit, CLOSE_TOO_MANY_MESSAGES, "too many messages").await;
+                    }
                     let (replies, next) = match message {
                         Message::Text(text) => {
                             handle(&node, &tenant, &text, &frames, &mut subscriptions, &mut topics).await
@@ -266,6 +287,12 @@ pub async fn run(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
                             due = is_due;
                         }
                         None => return,
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    let beat = ServerMessage::Heartbeat { at: node.now_ms(), interval_ms: heartbeat_ms };
+                    if !send(&mut socket, limit, &beat).await {
+                        return;
                     }
                 }
                 _ = ping.tick() => {
