@@ -26,6 +26,7 @@ use crate::auth::KeyRing;
 use crate::clock::{SharedClock, Stopwatch};
 use crate::config::Config;
 use crate::domain::catalogue::Catalogue;
+use crate::domain::rate::TokenBucket;
 use crate::experiments::{ExperimentHub, TenantExperiments};
 use crate::http::serve::{serve, ServeLimits};
 pub use crate::node::{Node, SnapshotError, SnapshotReport};
@@ -126,6 +127,11 @@ fn start_tenants(
                 query_permits: Arc::new(Semaphore::new(queries_max)),
                 health,
                 runs,
+                rate: Arc::new(std::sync::Mutex::new(TokenBucket::new(
+                    config.ingest.tenant_events_per_second_max,
+                    config.ingest.tenant_events_per_second_max,
+                    now_ms,
+                ))),
             },
         );
     }

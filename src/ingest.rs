@@ -41,6 +41,14 @@ pub enum IngestError {
     TenantMismatch(Vec<Rejection>),
     #[error("tenant {0} has too many ingest batches in flight; retry later")]
     Overloaded(String),
+    /// Past `ingest.tenant_events_per_second_max`: `wait_ms` until the
+    /// request's events fit, or `None` when they never fit in one burst.
+    #[error("tenant {tenant} sends more than ingest.tenant_events_per_second_max ({per_second}) events a second; nothing was applied")]
+    RateLimited {
+        tenant: String,
+        per_second: u64,
+        wait_ms: Option<u64>,
+    },
     #[error("tenant {tenant} is not serving: {reason}")]
     NotServing { tenant: String, reason: String },
     #[error(transparent)]
@@ -55,6 +63,17 @@ pub enum IngestError {
 struct TenantBatch {
     events: Vec<(u32, ValidEvent)>,
     quarantined: Vec<QuarantineCandidate>,
+}
+
+/// The tenant's token bucket; a poisoned lock is used as it is (no code
+/// between lock and unlock panics).
+fn lock_bucket(
+    tenant: &crate::actors::TenantHandle,
+) -> std::sync::MutexGuard<'_, crate::domain::rate::TokenBucket> {
+    tenant
+        .rate
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Ingests `items` (one raw JSON event each) for `principal`; events that
@@ -180,6 +199,25 @@ pub async fn ingest(
                 return Err(IngestError::Overloaded(tenant_id.to_string()));
             }
         }
+    }
+    // then the events of each tenant against its rate; a refusal gives back
+    // what the request took from the tenants before it
+    let mut taken: Vec<(&str, u64)> = Vec::with_capacity(batches.len());
+    for (tenant_id, batch) in &batches {
+        let events = (batch.events.len() + batch.quarantined.len()) as u64;
+        let took = lock_bucket(&node.tenants[*tenant_id]).take(events, now_ms);
+        if let Err(wait_ms) = took {
+            for (earlier, events) in taken {
+                lock_bucket(&node.tenants[earlier]).give_back(events);
+            }
+            telemetry::count_shed(telemetry::Shed::RateLimited);
+            return Err(IngestError::RateLimited {
+                tenant: tenant_id.to_string(),
+                per_second: node.config.ingest.tenant_events_per_second_max,
+                wait_ms,
+            });
+        }
+        taken.push((tenant_id, events));
     }
     let mut requests = Vec::with_capacity(batches.len());
     for ((tenant_id, batch), in_flight) in batches.into_iter().zip(permits) {

@@ -93,6 +93,8 @@ pub enum Shed {
     Connections,
     /// The node has `live.sessions_max` live sessions (503).
     LiveSessions,
+    /// The tenant's `ingest.tenant_events_per_second_max` (429).
+    RateLimited,
 }
 
 impl Shed {
@@ -103,6 +105,7 @@ impl Shed {
             Shed::RequestBytes => "request_bytes",
             Shed::Connections => "connections",
             Shed::LiveSessions => "live_sessions",
+            Shed::RateLimited => "rate_limited",
             Shed::DedupFull => "dedup_full",
             Shed::Unavailable => "unavailable",
             Shed::DiskShort => "disk_short",

@@ -1,7 +1,9 @@
-//! Connection-level protection (docs/api.md, "Limits"): a client that stalls
-//! in its headers is disconnected after `server.header_read_timeout_ms`
-//! (slowloris), and connections past `server.connections_max` get 503 with
-//! `Retry-After` while the others are served. Raw TCP clients.
+//! Protection against hostile or broken clients (docs/api.md, "Connections"):
+//! a client that stalls in its headers is disconnected after
+//! `server.header_read_timeout_ms` (slowloris); connections past
+//! `server.connections_max` get 503 with `Retry-After` while the others are
+//! served (raw TCP clients); a tenant past its event rate gets 429 and
+//! nothing applied; deeply nested JSON is quarantined with its reason.
 
 mod common;
 
@@ -94,5 +96,96 @@ async fn connections_past_the_cap_get_503_with_retry_after() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(held);
+    node.stop().await;
+}
+
+fn orders(prefix: &str, count: usize) -> Vec<serde_json::Value> {
+    (0..count)
+        .map(|n| common::order(&format!("{prefix}-{n}"), 100, common::T0_MS))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_past_its_event_rate_gets_429_with_retry_after_and_nothing_applied() {
+    let node = start_node(|config| config.ingest.tenant_events_per_second_max = 100).await;
+    assert_eq!(
+        node.post("demo-key", &orders("a", 60)).await.status,
+        StatusCode::OK
+    );
+    let refused = node.post("demo-key", &orders("b", 60)).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        refused.body
+    );
+    assert_eq!(refused.retry_after.as_deref(), Some("1"));
+    assert_eq!(refused.body["error"], "overloaded");
+    assert!(refused.body["message"]
+        .as_str()
+        .unwrap()
+        .contains("tenant_events_per_second_max (100)"));
+    // another tenant is not held back by this one
+    let acme: Vec<serde_json::Value> = (0..60)
+        .map(|n| serde_json::json!({"id": format!("x-{n}"), "type": "order.completed", "ts": common::T0_MS, "amount": 5, "currency": "EUR"}))
+        .collect();
+    assert_eq!(node.post("acme-key", &acme).await.status, StatusCode::OK);
+    // a second later the refused events fit, and were never applied before
+    node.clock.advance_ms(1_000);
+    let again = node.post("demo-key", &orders("b", 60)).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.body["accepted"], 60, "{}", again.body);
+    let metrics = node.metrics("demo-key").await;
+    assert_eq!(
+        metrics["metrics"]["orders"]["windows"]["today"]["value"],
+        120
+    );
+    // more than one second's worth never fits: 413
+    node.clock.advance_ms(10_000);
+    let too_big = node.post("demo-key", &orders("c", 101)).await;
+    assert_eq!(
+        too_big.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        too_big.body
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Nesting 100 000 deep (serde_json stops at 128 levels where it recurses;
+/// the body splitter does not recurse): each such event gets its reason and
+/// the node goes on.
+async fn deeply_nested_json_is_quarantined_and_the_node_carries_on() {
+    let node = start_node(|_| {}).await;
+    let depth = 100_000;
+    let nested = format!(
+        r#"{{"id":"deep","type":"order.completed","amount":1,"currency":"USD","dims":{}1{}}}"#,
+        "[".repeat(depth),
+        "]".repeat(depth)
+    );
+    let reply = node
+        .post_raw(Some("demo-key"), "application/x-ndjson", nested)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(
+        reply.body["errors"][0]["outcome"], "quarantined",
+        "{}",
+        reply.body
+    );
+    assert_eq!(reply.body["errors"][0]["reason"], "invalid_dims");
+    // a whole event nested deeply inside a JSON array body
+    let body = format!("[{}{{}}{}]", "[".repeat(depth), "]".repeat(depth));
+    let reply = node
+        .post_raw(Some("demo-key"), "application/json", body)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(
+        reply.body["errors"][0]["outcome"], "quarantined",
+        "{}",
+        reply.body
+    );
+    assert_eq!(reply.body["errors"][0]["reason"], "not_an_object");
+    assert_eq!(node.get(None, "/healthz").await.status, StatusCode::OK);
     node.stop().await;
 }

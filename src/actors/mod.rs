@@ -129,6 +129,8 @@ pub struct TenantHandle {
     /// Why the tenant stopped serving, once it has.
     pub health: Arc<TenantHealth>,
     pub runs: Arc<PublishedRuns>,
+    /// Events it may send now (`ingest.tenant_events_per_second_max`).
+    pub rate: Arc<std::sync::Mutex<crate::domain::rate::TokenBucket>>,
 }
 
 impl TenantHandle {

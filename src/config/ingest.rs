@@ -13,6 +13,8 @@ pub struct IngestConfig {
     /// Memory one tenant's table of recent ids may take (`dedup_ids_max`).
     pub dedup_table_bytes_max: usize,
     pub tenant_batches_inflight_max: usize,
+    /// Events one tenant may send a second on average (its burst: as many).
+    pub tenant_events_per_second_max: u64,
     pub dims_per_event_max: usize,
     pub dim_key_bytes_max: usize,
     pub dim_value_bytes_max: usize,
@@ -39,6 +41,7 @@ impl Default for IngestConfig {
             dedup_horizon_s: 86_400,
             dedup_table_bytes_max: 256 << 20,
             tenant_batches_inflight_max: 64,
+            tenant_events_per_second_max: 2_000_000,
             dims_per_event_max: 16,
             dim_key_bytes_max: 32,
             dim_value_bytes_max: 128,

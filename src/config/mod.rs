@@ -455,6 +455,12 @@ impl Config {
                 "must be within 100..=600000",
             ));
         }
+        if self.ingest.tenant_events_per_second_max == 0 {
+            issues.push(issue(
+                "ingest.tenant_events_per_second_max",
+                "must be at least 1",
+            ));
+        }
         if self.server.connections_max == 0 {
             issues.push(issue("server.connections_max", "must be at least 1"));
         }

@@ -11,6 +11,7 @@ pub mod guardrail;
 pub mod histogram;
 pub mod metric;
 pub mod quarantine;
+pub mod rate;
 pub mod tenant;
 pub mod time;
 pub mod window;

@@ -223,6 +223,19 @@ fn ingest_error(error: IngestError, retry_after_s: u32) -> ApiError {
             message: error.to_string(),
             retry_after_s,
         },
+        IngestError::RateLimited {
+            wait_ms: Some(wait_ms),
+            ..
+        } => ApiError::Overloaded {
+            message: error.to_string(),
+            // whole seconds, at least the node's usual advice
+            retry_after_s: u32::try_from(wait_ms.div_ceil(1000))
+                .unwrap_or(u32::MAX)
+                .max(retry_after_s),
+        },
+        IngestError::RateLimited { wait_ms: None, .. } => ApiError::PayloadTooLarge(format!(
+            "{error}: one request holds more events than a second allows"
+        )),
         IngestError::Tenant(error) => ApiError::from_tenant(error, retry_after_s),
         IngestError::DiskShort { .. } => ApiError::InsufficientStorage {
             message: error.to_string(),
