@@ -296,6 +296,7 @@ pub async fn start_with_store(
         .map(|tenant| (tenant.clone(), TenantFeed::new()))
         .collect();
     let live_sessions = Arc::new(Semaphore::new(config.live.sessions_max));
+    let (audit, audit_queue) = crate::audit::AuditLog::new(&config.audit);
     let node = Arc::new(Node {
         config: Arc::new(config),
         catalogue,
@@ -311,6 +312,7 @@ pub async fn start_with_store(
         experiments,
         ingest_kib,
         live_sessions,
+        audit,
         next_snapshot_id: AtomicU64::new(next_snapshot_id),
         snapshot_lock: Mutex::new(()),
         merging: Mutex::new(0),
@@ -410,6 +412,7 @@ pub async fn start_with_store(
     };
     let alerting = tokio::spawn(crate::alerting::run(Arc::clone(&node)));
     let experimenting = tokio::spawn(crate::experiments::run(Arc::clone(&node)));
+    let auditing = tokio::spawn(crate::audit::run(Arc::clone(&node), audit_queue));
     let alertmanager = {
         let url = node.config.alerting.alertmanager_url.clone();
         (!url.is_empty()).then(|| tokio::spawn(crate::alertmanager::run(Arc::clone(&node), url)))
@@ -467,12 +470,19 @@ pub async fn start_with_store(
         stop_accepting: Some(stop_accepting),
         server: Some(server),
         snapshotter: Some(snapshotter),
-        background: vec![alerting, experimenting, merger, upkeep, storage_watch]
-            .into_iter()
-            .chain(metrics_server)
-            .chain(alertmanager)
-            .chain(feed_tasks)
-            .collect(),
+        background: vec![
+            alerting,
+            experimenting,
+            auditing,
+            merger,
+            upkeep,
+            storage_watch,
+        ]
+        .into_iter()
+        .chain(metrics_server)
+        .chain(alertmanager)
+        .chain(feed_tasks)
+        .collect(),
         runtime: Some(runtime),
         commit_thread: Some(commit_thread),
     })

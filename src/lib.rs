@@ -4,6 +4,7 @@ pub mod actors;
 pub mod alerting;
 pub mod alertmanager;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod config;

@@ -44,6 +44,8 @@ pub struct Node {
     pub experiments: crate::experiments::ExperimentHub,
     /// Request body bytes being read and validated, in KiB, node-wide.
     pub ingest_kib: Arc<Semaphore>,
+    /// The audit trail's queue (`audit`).
+    pub audit: crate::audit::AuditLog,
     /// Places for live sessions, node-wide (`live.sessions_max`).
     pub live_sessions: Arc<Semaphore>,
     pub(crate) next_snapshot_id: AtomicU64,

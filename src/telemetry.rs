@@ -28,6 +28,10 @@ pub const ACTOR_MESSAGES_TOTAL: &str = "tally_actor_messages_total";
 pub const QUARANTINE_EVENTS: &str = "tally_quarantine_events";
 pub const DEDUP_RUNS: &str = "tally_dedup_runs";
 pub const ALERT_FIRING: &str = "tally_alert_firing";
+pub const AUDIT_LARGE_READS_TOTAL: &str = "tally_audit_large_reads_total";
+pub const AUTH_FAILURES_TOTAL: &str = "tally_auth_failures_total";
+pub const AUTH_FAILURE_BURSTS_TOTAL: &str = "tally_auth_failure_bursts_total";
+pub const AUDIT_DROPPED_TOTAL: &str = "tally_audit_dropped_total";
 pub const EXPERIMENT_SIGNALS_TOTAL: &str = "tally_experiment_signals_total";
 pub const EXPERIMENT_UNATTRIBUTED_TOTAL: &str = "tally_experiment_unattributed_events_total";
 pub const DEDUP_FILTER_BYTES: &str = "tally_dedup_filter_bytes";
@@ -217,6 +221,26 @@ fn describe() {
         "alerts firing, by tenant, rule and severity (with `by`, one per dim value)"
     );
     describe_counter!(
+        AUDIT_LARGE_READS_TOTAL,
+        Unit::Count,
+        "reads returning at least audit.large_read_rows rows, by tenant"
+    );
+    describe_counter!(
+        AUTH_FAILURES_TOTAL,
+        Unit::Count,
+        "requests answered 401 or 403, by status"
+    );
+    describe_counter!(
+        AUTH_FAILURE_BURSTS_TOTAL,
+        Unit::Count,
+        "addresses that got more than audit.auth_failures_per_minute_max 401/403 answers in a minute"
+    );
+    describe_counter!(
+        AUDIT_DROPPED_TOTAL,
+        Unit::Count,
+        "audit records not written because the disk was short"
+    );
+    describe_counter!(
         EXPERIMENT_SIGNALS_TOTAL,
         Unit::Count,
         "experiment signals written, by tenant and action (pause, stop, srm)"
@@ -332,6 +356,22 @@ pub fn set_alert_firing(tenant: &str, rule: &str, severity: &str, firing: usize)
         "severity" => severity.to_string()
     )
     .set(firing as f64);
+}
+
+pub fn count_large_read(tenant: &str) {
+    counter!(AUDIT_LARGE_READS_TOTAL, "tenant" => tenant.to_string()).increment(1);
+}
+
+pub fn count_auth_failure(status: u16) {
+    counter!(AUTH_FAILURES_TOTAL, "status" => status.to_string()).increment(1);
+}
+
+pub fn count_auth_failure_burst() {
+    counter!(AUTH_FAILURE_BURSTS_TOTAL).increment(1);
+}
+
+pub fn count_audit_dropped(records: u64) {
+    counter!(AUDIT_DROPPED_TOTAL).increment(records);
 }
 
 pub fn count_signal(tenant: &str, action: &'static str) {

@@ -26,6 +26,7 @@ use crate::domain::tenant::TenantContext;
 mod actors;
 mod admin;
 pub mod alerts;
+pub mod audit;
 mod ingest;
 mod live;
 mod metrics;
@@ -39,6 +40,7 @@ mod windows;
 pub use actors::ActorsConfig;
 pub use admin::AdminConfig;
 pub use alerts::{AlertingConfig, BudgetConfig, ExperimentsConfig, RuleConfig};
+pub use audit::AuditConfig;
 pub use ingest::IngestConfig;
 pub use live::LiveConfig;
 pub use metrics::{MetricConfig, MetricKindName};
@@ -65,6 +67,7 @@ pub struct Config {
     pub live: LiveConfig,
     pub alerting: AlertingConfig,
     pub experiments: ExperimentsConfig,
+    pub audit: AuditConfig,
     pub tenants: Vec<TenantConfig>,
     pub metrics: Vec<MetricConfig>,
     pub alerts: Vec<RuleConfig>,
@@ -336,6 +339,18 @@ impl Config {
         }
         if self.alerting.rules_per_tenant_max == 0 {
             issues.push(issue("alerting.rules_per_tenant_max", "must be at least 1"));
+        }
+        if self.audit.queue_max == 0 {
+            issues.push(issue("audit.queue_max", "must be at least 1"));
+        }
+        if self.audit.retention_s < 60 {
+            issues.push(issue("audit.retention_s", "must be at least 60"));
+        }
+        if self.audit.records_max == 0 {
+            issues.push(issue("audit.records_max", "must be at least 1"));
+        }
+        if self.audit.list_limit_max == 0 {
+            issues.push(issue("audit.list_limit_max", "must be at least 1"));
         }
         if !(100..=60_000).contains(&self.experiments.tick_ms) {
             issues.push(issue("experiments.tick_ms", "must be within 100..=60000"));

@@ -15,6 +15,7 @@ use crate::config::RuleConfig;
 use crate::node::Node;
 use crate::storage::outbox::{read_since, Topic};
 
+use super::audit::Counted;
 use super::error::ApiError;
 use super::query::begin_read;
 
@@ -33,7 +34,7 @@ pub async fn list(
     State(node): State<Arc<Node>>,
     caller: Caller,
     query: Result<Query<AlertsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Counted, ApiError> {
     let (query, reader) = begin_read(&node, &caller, query, |q| q.tenant.as_deref())?;
     let tenant = reader.tenant().context.id.to_string();
     drop(reader);
@@ -47,21 +48,28 @@ pub async fn list(
             .iter()
             .map(|rule| serde_json::to_value(rule).unwrap_or(Value::Null))
             .collect();
-        return Ok(Json(json!({
-            "tenant": tenant,
-            "alerts": alerts.statuses(&tenant),
-            "rules": rules,
-            // where a client subscribing to the alerts topic after this starts
-            "last_seq": alerts.last_seq(),
-        })));
+        let statuses = alerts.statuses(&tenant);
+        return Ok(Counted(
+            statuses.len(),
+            Json(json!({
+                "tenant": tenant,
+                "alerts": statuses,
+                "rules": rules,
+                // where a client subscribing to the alerts topic after this starts
+                "last_seq": alerts.last_seq(),
+            })),
+        ));
     };
     let (records, next_since) =
         records_since(&node, &tenant, Topic::Alerts, since, query.limit).await?;
-    Ok(Json(json!({
-        "tenant": tenant,
-        "records": records,
-        "next_since": next_since,
-    })))
+    Ok(Counted(
+        records.len(),
+        Json(json!({
+            "tenant": tenant,
+            "records": records,
+            "next_since": next_since,
+        })),
+    ))
 }
 
 /// A topic's records after `since`, oldest first, at most `limit` (default

@@ -22,6 +22,7 @@ use crate::read::TenantReader;
 use crate::storage::outbox::Topic;
 
 use super::alerts::{json_body, records_since, writing_tenant, TenantQuery};
+use super::audit::Counted;
 use super::error::ApiError;
 use super::query::read_error;
 
@@ -298,7 +299,7 @@ pub async fn signals(
     State(node): State<Arc<Node>>,
     caller: Caller,
     query: Result<Query<SignalsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Counted, ApiError> {
     let principal = caller.principal()?;
     let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let tenant = node
@@ -308,9 +309,12 @@ pub async fn signals(
         .to_string();
     let (records, next_since) =
         records_since(&node, &tenant, Topic::Signals, query.since, query.limit).await?;
-    Ok(Json(json!({
-        "tenant": tenant,
-        "signals": records,
-        "next_since": next_since,
-    })))
+    Ok(Counted(
+        records.len(),
+        Json(json!({
+            "tenant": tenant,
+            "signals": records,
+            "next_since": next_since,
+        })),
+    ))
 }

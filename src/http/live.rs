@@ -24,9 +24,15 @@ pub struct LiveQuery {
 pub async fn get_live(
     State(node): State<Arc<Node>>,
     caller: Caller,
+    headers: axum::http::HeaderMap,
     query: Result<Query<LiveQuery>, axum::extract::rejection::QueryRejection>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
+    // the key's id for the audit records of the session's subscriptions
+    let key = Some(crate::audit::key_id(
+        &caller,
+        super::caller::bearer_token(&headers),
+    ));
     // the key first: a bad query from a stranger is still 401
     let principal = match &caller {
         Caller::Anonymous => None,
@@ -66,7 +72,7 @@ pub async fn get_live(
         .read_buffer_size(8 * 1024)
         .write_buffer_size(8 * 1024)
         .on_upgrade(move |socket| async move {
-            crate::live::session::run(node, socket, tenant).await;
+            crate::live::session::run(node, socket, tenant.zip(key)).await;
             drop(place);
         })
         .into_response())

@@ -2,6 +2,7 @@
 //! `error`, who is calling in `caller` (who may do what is `crate::auth`'s).
 
 pub mod alerts;
+pub mod audit;
 pub mod caller;
 pub mod error;
 pub mod experiments;
@@ -60,9 +61,15 @@ pub fn router(node: Arc<Node>) -> Router {
         )
         .route("/v1/experiments/{id}/resume", post(experiments::resume))
         .route("/v1/signals", get(experiments::signals))
+        .route("/v1/audit", get(audit::list))
         .route("/v1/quarantine", get(quarantine::list))
         .route("/v1/quarantine/{qid}/retry", post(quarantine::retry))
         .route("/v1/quarantine/{qid}", delete(quarantine::delete))
+        // after routing, so that records name the route's pattern
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&node),
+            audit::record_requests,
+        ))
         .fallback(not_found)
         .with_state(node)
 }
@@ -71,6 +78,10 @@ pub fn router(node: Arc<Node>) -> Router {
 pub fn metrics_router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/metrics", get(prometheus::get_metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&node),
+            audit::record_requests,
+        ))
         .fallback(not_found)
         .with_state(node)
 }

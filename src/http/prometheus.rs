@@ -179,8 +179,10 @@ pub async fn get_metrics(State(node): State<Arc<Node>>, caller: Caller) -> Respo
         ScrapeView::Tenant(tenant) => node.tenants.keys().filter(|id| *id == tenant).collect(),
         ScrapeView::All => node.tenants.keys().collect(),
     };
+    let mut rows = 0;
     if node.config.prometheus.tenant_values && !tenants.is_empty() {
         let samples = tenant_samples(&node, tenants).await;
+        rows = samples.written;
         if samples.dropped > 0 {
             telemetry::count_tenant_series_dropped(samples.dropped as u64);
         }
@@ -200,6 +202,9 @@ pub async fn get_metrics(State(node): State<Arc<Node>>, caller: Caller) -> Respo
     let mut rendered = telemetry_for(node.prometheus.render(), &view);
     rendered.push_str(&text);
     let mut response = (StatusCode::OK, rendered).into_response();
+    response
+        .extensions_mut()
+        .insert(crate::audit::AuditRows(rows as u64));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -12,6 +12,7 @@ use crate::actors::tenant::{DeleteQuarantined, EventOutcome, ListQuarantine, Ret
 use crate::auth::Caller;
 use crate::node::Node;
 
+use super::audit::Counted;
 use super::error::ApiError;
 use super::query::begin_read;
 
@@ -45,7 +46,7 @@ pub async fn list(
     State(node): State<Arc<Node>>,
     caller: Caller,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Counted, ApiError> {
     let (query, reader) = begin_read(&node, &caller, query, |q| q.tenant.as_deref())?;
     let (tenant, in_flight) = (reader.tenant(), reader.in_flight());
     let limit_max = node.config.quarantine.list_limit_max;
@@ -80,8 +81,9 @@ pub async fn list(
             })
         })
         .collect();
-    Ok(Json(
-        json!({"tenant": &*tenant.context.id, "events": events, "next_after": next_after}),
+    Ok(Counted(
+        events.len(),
+        Json(json!({"tenant": &*tenant.context.id, "events": events, "next_after": next_after})),
     ))
 }
 

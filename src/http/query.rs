@@ -16,6 +16,7 @@ use crate::domain::time::{SlidingWindow, WindowName};
 use crate::node::Node;
 use crate::read::{HistogramStat, ReadError, TenantReader};
 
+use super::audit::Counted;
 use super::error::ApiError;
 
 type QueryResult<Q> = Result<Query<Q>, axum::extract::rejection::QueryRejection>;
@@ -66,7 +67,7 @@ pub async fn get_all(
     State(node): State<Arc<Node>>,
     caller: Caller,
     query: QueryResult<AllMetricsQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Counted, ApiError> {
     let (_, reader) = begin_read(&node, &caller, query, |q| q.tenant.as_deref())?;
     let now_ms = node.now_ms();
     let views = reader
@@ -77,8 +78,9 @@ pub async fn get_all(
     for (name, view) in views {
         metrics.insert(name, json!(view));
     }
-    Ok(Json(
-        json!({"tenant": &*reader.tenant().context.id, "at": now_ms, "metrics": metrics}),
+    Ok(Counted(
+        metrics.len(),
+        Json(json!({"tenant": &*reader.tenant().context.id, "at": now_ms, "metrics": metrics})),
     ))
 }
 
@@ -101,7 +103,7 @@ pub async fn get_one(
     Path(name): Path<String>,
     caller: Caller,
     query: QueryResult<OneMetricQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Counted, ApiError> {
     let (query, reader) = begin_read(&node, &caller, query, |q| q.tenant.as_deref())?;
     let index = reader
         .metric_index(&name)
@@ -117,10 +119,13 @@ pub async fn get_one(
             .metric(index, &windows, now_ms)
             .await
             .map_err(|error| read_error(&node, error))?;
-        return Ok(Json(json!({
-            "tenant": tenant, "at": now_ms, "name": name,
-            "kind": view.kind, "windows": json!(view)["windows"],
-        })));
+        return Ok(Counted(
+            1,
+            Json(json!({
+                "tenant": tenant, "at": now_ms, "name": name,
+                "kind": view.kind, "windows": json!(view)["windows"],
+            })),
+        ));
     };
     let kind = reader.tenant().context.catalogue.metrics()[index]
         .kind
@@ -133,10 +138,13 @@ pub async fn get_one(
     for (value, view) in views {
         values.insert(value, json!({"windows": json!(view)["windows"]}));
     }
-    Ok(Json(json!({
-        "tenant": tenant, "at": now_ms, "name": name,
-        "kind": kind, "by": dim, "values": values,
-    })))
+    Ok(Counted(
+        values.len(),
+        Json(json!({
+            "tenant": tenant, "at": now_ms, "name": name,
+            "kind": kind, "by": dim, "values": values,
+        })),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -165,7 +173,7 @@ pub async fn get_series(
     Path(name): Path<String>,
     caller: Caller,
     query: QueryResult<SeriesQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Counted, ApiError> {
     let (query, reader) = begin_read(&node, &caller, query, |q| q.tenant.as_deref())?;
     let index = reader
         .metric_index(&name)
@@ -216,10 +224,13 @@ pub async fn get_series(
         .iter()
         .map(|(at_ms, value)| json!([at_ms, value]))
         .collect();
-    Ok(Json(json!({
-        "tenant": &*reader.tenant().context.id, "at": now_ms, "name": name,
-        "kind": kind.name(), "window": window.name(), "step_s": step_s, "points": points,
-    })))
+    Ok(Counted(
+        points.len(),
+        Json(json!({
+            "tenant": &*reader.tenant().context.id, "at": now_ms, "name": name,
+            "kind": kind.name(), "window": window.name(), "step_s": step_s, "points": points,
+        })),
+    ))
 }
 
 #[cfg(test)]

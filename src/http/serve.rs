@@ -11,12 +11,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
+use tower_service::Service;
 
 /// The limits of the loop (`[server]`).
 #[derive(Debug, Clone, Copy)]
@@ -66,8 +67,8 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
             () = &mut stop => break,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(error) => {
                 // out of file descriptors, mostly: wait for some to close
                 tracing::warn!(%error, "accept failed");
@@ -81,7 +82,15 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        // every request knows its peer (the audit trail records it)
+        let routes = router.clone();
+        let service = hyper::service::service_fn(
+            move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                // a router is ready at once; each call takes its own clone
+                routes.clone().call(request)
+            },
+        );
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();

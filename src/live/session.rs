@@ -51,8 +51,9 @@ async fn send(socket: &mut WebSocket, limit: Duration, message: &ServerMessage) 
     )
 }
 
-/// Waits for `{"op":"auth","token":…,"tenant"?:…}` as the first message.
-async fn first_message_auth(node: &Node, socket: &mut WebSocket) -> Option<String> {
+/// Waits for `{"op":"auth","token":…,"tenant"?:…}` as the first message:
+/// the tenant, and the key's id for the audit records.
+async fn first_message_auth(node: &Node, socket: &mut WebSocket) -> Option<(String, String)> {
     let wait = Duration::from_millis(node.config.live.auth_timeout_ms);
     let Ok(Some(Ok(Message::Text(text)))) = tokio::time::timeout(wait, socket.recv()).await else {
         return None;
@@ -62,7 +63,10 @@ async fn first_message_auth(node: &Node, socket: &mut WebSocket) -> Option<Strin
     };
     let caller = node.keys.caller(Some(&token));
     let tenant = node.reading_tenant(caller.principal().ok()?, tenant.as_deref());
-    tenant.ok().map(|tenant| tenant.context.id.to_string())
+    let key = crate::audit::key_id(&caller, Some(&token));
+    tenant
+        .ok()
+        .map(|tenant| (tenant.context.id.to_string(), key))
 }
 
 /// A metric subscription: what it selects and what it last sent.
@@ -132,12 +136,14 @@ enum Next {
 }
 
 /// Runs a session; `tenant` is known when the upgrade carried a key.
-pub async fn run(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>) {
+/// A session of `authenticated` (its tenant and key id, when the upgrade's
+/// header said), or of whoever authenticates with the first message.
+pub async fn run(node: Arc<Node>, mut socket: WebSocket, authenticated: Option<(String, String)>) {
     let limit = Duration::from_millis(node.config.live.send_timeout_ms);
-    let tenant = match tenant {
-        Some(tenant) => tenant,
+    let (tenant, key) = match authenticated {
+        Some(authenticated) => authenticated,
         None => match first_message_auth(&node, &mut socket).await {
-            Some(tenant) => tenant,
+            Some(authenticated) => authenticated,
             None => return close(&mut socket, limit, CLOSE_UNAUTHORIZED, "unauthorized").await,
         },
     };
@@ -233,7 +239,7 @@ pub async fn run(node: Arc<Node>, mut socket: WebSocket, tenant: Option<String>)
                     }
                     let (replies, next) = match message {
                         Message::Text(text) => {
-                            handle(&node, &tenant, &text, &frames, &mut subscriptions, &mut topics).await
+                            handle(&node, (&tenant, &key), &text, &frames, &mut subscriptions, &mut topics).await
                         }
                         Message::Binary(_) => (
                             vec![ServerMessage::error(ErrorCode::BadMessage, "binary messages are not supported")],
@@ -396,7 +402,7 @@ async fn send_due(
 /// One client message; returns the messages to send back and what follows.
 async fn handle(
     node: &Node,
-    tenant: &str,
+    (tenant, key): (&str, &str),
     text: &str,
     frames: &tokio::sync::watch::Receiver<Arc<Frame>>,
     subscriptions: &mut BTreeMap<String, MetricSubscription>,
@@ -432,12 +438,44 @@ async fn handle(
             (vec![ServerMessage::Unsubscribed { sub: id }], Next::Stay)
         }
         ClientMessage::Subscribe(request) => {
-            let before = subscriptions.len();
+            let before = subscriptions.len() + topics.len();
+            let metrics_before = subscriptions.len();
+            let target = match (&request.topic, &request.metrics) {
+                (Some(topic), _) => format!("topic {topic} since {}", request.since.unwrap_or(0)),
+                (None, Some(metrics)) => format!("metrics {}", metrics.join(",")),
+                (None, None) => "metrics *".to_string(),
+            };
             let replies = subscribe(node, tenant, request, frames, subscriptions, topics).await;
-            if subscriptions.len() > before {
+            if subscriptions.len() > metrics_before {
                 if let Some(feed) = node.feeds.get(tenant) {
                     feed.add_watchers(1);
                 }
+            }
+            // a subscription made is a read of the tenant's data
+            if subscriptions.len() + topics.len() > before {
+                let rows = replies
+                    .0
+                    .iter()
+                    .map(|reply| match reply {
+                        ServerMessage::Snapshot { metrics, .. } => metrics.len(),
+                        ServerMessage::Alert { .. } | ServerMessage::Signal { .. } => 1,
+                        _ => 0,
+                    })
+                    .sum::<usize>();
+                node.audit
+                    .record(crate::audit::AuditRecord {
+                        seq: 0,
+                        at_ms: node.now_ms(),
+                        key: key.to_string(),
+                        tenant: tenant.to_string(),
+                        action: "ws subscribe".into(),
+                        target,
+                        status: 200,
+                        rows: rows as u64,
+                        large: false,
+                        address: None,
+                    })
+                    .await;
             }
             replies
         }

@@ -34,6 +34,8 @@ pub enum Space {
     Outbox,
     /// Small facts about the store itself (the log floor).
     Meta,
+    /// The audit trail, keyed by seq (big-endian u64; `audit`).
+    Audit,
 }
 
 impl Space {
@@ -46,6 +48,7 @@ impl Space {
             Space::Experiments => "experiments",
             Space::Outbox => "outbox",
             Space::Meta => "meta",
+            Space::Audit => "audit",
         }
     }
 }
@@ -90,7 +93,7 @@ pub type SharedStore = Arc<dyn Store>;
 /// sled 0.34.7, one tree per space.
 pub struct SledStore {
     db: sled::Db,
-    trees: [sled::Tree; 7],
+    trees: [sled::Tree; 8],
 }
 
 fn io(error: sled::Error) -> StorageError {
@@ -118,6 +121,7 @@ impl SledStore {
             db.open_tree(Space::Experiments.tree_name()).map_err(io)?,
             db.open_tree(Space::Outbox.tree_name()).map_err(io)?,
             db.open_tree(Space::Meta.tree_name()).map_err(io)?,
+            db.open_tree(Space::Audit.tree_name()).map_err(io)?,
         ];
         Ok(SledStore { db, trees })
     }
@@ -131,6 +135,7 @@ impl SledStore {
             Space::Experiments => &self.trees[4],
             Space::Outbox => &self.trees[5],
             Space::Meta => &self.trees[6],
+            Space::Audit => &self.trees[7],
         }
     }
 }
