@@ -286,6 +286,14 @@ pub async fn start_with_store(
         ExperimentHub::new(experiments)
     };
     let keys = KeyRing::from_checked(&checked);
+    // keys added and revoked through the API, over the config's
+    let tenant_ids: Vec<String> = tenants.keys().cloned().collect();
+    if let Err(error) =
+        crate::keys::restore(&*store, &keys, &tenant_ids, config.storage.record_bytes_max)
+    {
+        runtime.stop();
+        return Err(StartError::Recovery(error));
+    }
     let addr = checked.listen;
     let snapshot_interval = Duration::from_secs(config.storage.snapshot_interval_s);
     let ingest_kib = Arc::new(Semaphore::new(
@@ -312,6 +320,8 @@ pub async fn start_with_store(
         experiments,
         ingest_kib,
         live_sessions,
+        keys_writing: tokio::sync::Mutex::new(()),
+        keys_changed: watch::channel(0).0,
         audit,
         next_snapshot_id: AtomicU64::new(next_snapshot_id),
         snapshot_lock: Mutex::new(()),

@@ -52,7 +52,10 @@ pub struct AuditRows(pub u64);
 
 /// The id of a key as records show it.
 pub fn key_id(caller: &Caller, token: Option<&str>) -> String {
-    let digest = |token: &str| hex::encode(&Sha256::digest(token.as_bytes())[..6]);
+    let digest = |token: &str| {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        crate::auth::digest_id(&digest)
+    };
     match (caller, token) {
         (Caller::Key(Principal::Admin), Some(token)) => format!("admin:{}", digest(token)),
         (Caller::Key(Principal::Tenant(_)), Some(token)) => format!("tenant:{}", digest(token)),
@@ -327,7 +330,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open_with_cache(dir.path(), 1 << 20).unwrap();
         let ops: Vec<Op> = (1..=10)
-            .map(|seq| record(seq, seq as i64 * 1_000, if seq % 2 == 0 { "a" } else { "b" }))
+            .map(|seq| {
+                record(
+                    seq,
+                    seq as i64 * 1_000,
+                    if seq % 2 == 0 { "a" } else { "b" },
+                )
+            })
             .collect();
         store.apply(&ops).unwrap();
         assert_eq!(seqs(&store, Some("a")), [2, 4, 6, 8, 10]);

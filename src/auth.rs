@@ -49,27 +49,50 @@ pub enum AuthError {
     UnknownTenant(String),
 }
 
-/// Every configured key as its SHA-256 digest.
-#[derive(Debug, Clone, Default)]
+/// A tenant key as the ring holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantKey {
+    pub digest: [u8; 32],
+    pub tenant: String,
+    /// The first 12 hex digits of the digest: how records and the API name it.
+    pub id: String,
+    /// From config (the seed) or added through the API.
+    pub from_config: bool,
+}
+
+/// The id of a key digest (docs/audit.md).
+pub fn digest_id(digest: &[u8; 32]) -> String {
+    hex::encode(&digest[..6])
+}
+
+/// Every key as its SHA-256 digest: the admin keys and the scrape token from
+/// config, and the tenant keys, which change at run time (added and revoked
+/// through the API; `keys.rs` persists them). Readers take the current list
+/// (an `Arc`) and compare against every entry.
+#[derive(Debug, Default)]
 pub struct KeyRing {
-    entries: Vec<([u8; 32], Principal)>,
+    admin: Vec<[u8; 32]>,
+    tenants: std::sync::RwLock<std::sync::Arc<Vec<TenantKey>>>,
     scrape: Option<[u8; 32]>,
 }
 
 impl KeyRing {
     /// The keys of a checked config.
     pub fn from_checked(checked: &Checked) -> KeyRing {
-        let mut entries = Vec::new();
-        for digest in &checked.admin_keys {
-            entries.push((*digest, Principal::Admin));
-        }
+        let mut tenants = Vec::new();
         for tenant in &checked.tenants {
             for digest in &tenant.key_digests {
-                entries.push((*digest, Principal::Tenant(tenant.id.clone())));
+                tenants.push(TenantKey {
+                    digest: *digest,
+                    tenant: tenant.id.clone(),
+                    id: digest_id(digest),
+                    from_config: true,
+                });
             }
         }
         KeyRing {
-            entries,
+            admin: checked.admin_keys.clone(),
+            tenants: std::sync::RwLock::new(std::sync::Arc::new(tenants)),
             scrape: checked.scrape_key,
         }
     }
@@ -79,13 +102,36 @@ impl KeyRing {
         self.scrape.is_some()
     }
 
+    /// The tenant keys now.
+    pub fn tenant_keys(&self) -> std::sync::Arc<Vec<TenantKey>> {
+        std::sync::Arc::clone(
+            &self
+                .tenants
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
+    }
+
+    /// Replaces the tenant keys (the API's changes, made durable first).
+    pub fn set_tenant_keys(&self, keys: Vec<TenantKey>) {
+        *self
+            .tenants
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = std::sync::Arc::new(keys);
+    }
+
     /// Compares the token's digest with every key, without stopping at a match.
     pub fn resolve(&self, token: &str) -> Option<Principal> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let mut found = None;
-        for (candidate, principal) in &self.entries {
+        for candidate in &self.admin {
             if bool::from(candidate.ct_eq(&digest)) {
-                found = Some(principal.clone());
+                found = Some(Principal::Admin);
+            }
+        }
+        for key in self.tenant_keys().iter() {
+            if bool::from(key.digest.ct_eq(&digest)) {
+                found = Some(Principal::Tenant(key.tenant.clone()));
             }
         }
         found

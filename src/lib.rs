@@ -13,6 +13,7 @@ pub mod domain;
 pub mod experiments;
 pub mod http;
 pub mod ingest;
+pub mod keys;
 pub mod live;
 pub mod node;
 pub mod read;

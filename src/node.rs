@@ -44,6 +44,10 @@ pub struct Node {
     pub experiments: crate::experiments::ExperimentHub,
     /// Request body bytes being read and validated, in KiB, node-wide.
     pub ingest_kib: Arc<Semaphore>,
+    /// One change of the tenant keys at a time (`keys`).
+    pub keys_writing: tokio::sync::Mutex<()>,
+    /// Moves after a key is revoked: live sessions check theirs.
+    pub keys_changed: watch::Sender<u64>,
     /// The audit trail's queue (`audit`).
     pub audit: crate::audit::AuditLog,
     /// Places for live sessions, node-wide (`live.sessions_max`).

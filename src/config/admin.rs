@@ -1,9 +1,20 @@
-//! `[admin]`: the admin keys.
+//! `[admin]`: the admin keys, and the bound on keys added at run time.
 
 use serde::Deserialize;
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub api_keys: Vec<String>,
+    /// Keys one tenant may have (config and API together).
+    pub keys_per_tenant_max: usize,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            api_keys: Vec::new(),
+            keys_per_tenant_max: 100,
+        }
+    }
 }

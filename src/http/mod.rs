@@ -7,6 +7,7 @@ pub mod caller;
 pub mod error;
 pub mod experiments;
 pub mod ingest;
+pub mod keys;
 pub mod live;
 pub mod prometheus;
 pub mod quarantine;
@@ -62,6 +63,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/experiments/{id}/resume", post(experiments::resume))
         .route("/v1/signals", get(experiments::signals))
         .route("/v1/audit", get(audit::list))
+        .route("/v1/tenants/{id}/keys", get(keys::list).post(keys::add))
+        .route("/v1/tenants/{id}/keys/{key_id}", delete(keys::revoke))
         .route("/v1/quarantine", get(quarantine::list))
         .route("/v1/quarantine/{qid}/retry", post(quarantine::retry))
         .route("/v1/quarantine/{qid}", delete(quarantine::delete))

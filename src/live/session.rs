@@ -69,6 +69,19 @@ async fn first_message_auth(node: &Node, socket: &mut WebSocket) -> Option<(Stri
         .map(|tenant| (tenant.context.id.to_string(), key))
 }
 
+/// True when `key` (an id as `audit::key_id` makes it) was a tenant key and
+/// is no longer one.
+fn key_revoked(node: &Node, key: &str) -> bool {
+    let Some(id) = key.strip_prefix("tenant:") else {
+        return false;
+    };
+    !node
+        .keys
+        .tenant_keys()
+        .iter()
+        .any(|tenant_key| tenant_key.id == id)
+}
+
 /// A metric subscription: what it selects and what it last sent.
 struct MetricSubscription {
     metrics: Option<Vec<String>>,
@@ -199,6 +212,9 @@ pub async fn run(node: Arc<Node>, mut socket: WebSocket, authenticated: Option<(
         // messages from the client in the current second
         let (mut second, mut heard_this_second) = (Stopwatch::start(), 0u32);
         let idle_ms = node.config.live.idle_timeout_s * 1000;
+        let mut keys_changed = node.keys_changed.subscribe();
+        // a key revoked between the upgrade and here is seen at the first turn
+        keys_changed.mark_changed();
         let mut stopping = node.stopping.subscribe();
         if *stopping.borrow() {
             return close(&mut socket, limit, CLOSE_GOING_AWAY, "server stopping").await;
@@ -293,6 +309,12 @@ pub async fn run(node: Arc<Node>, mut socket: WebSocket, authenticated: Option<(
                             due = is_due;
                         }
                         None => return,
+                    }
+                }
+                // a revoked key's sessions end at once
+                changed = keys_changed.changed() => {
+                    if changed.is_err() || key_revoked(&node, &key) {
+                        return close(&mut socket, limit, CLOSE_UNAUTHORIZED, "key revoked").await;
                     }
                 }
                 _ = heartbeat.tick() => {
