@@ -189,3 +189,142 @@ async fn deeply_nested_json_is_quarantined_and_the_node_carries_on() {
     assert_eq!(node.get(None, "/healthz").await.status, StatusCode::OK);
     node.stop().await;
 }
+
+/// Every route of tenant data, asked by demo's key for acme's (and for a
+/// tenant that does not exist): 403 alike, so that a key learns nothing of
+/// other tenants, not even that they exist; resources of acme named from
+/// demo's side are not found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_keeps_a_tenant_key_to_its_tenant() {
+    use reqwest::Method;
+    let node = start_node(|_| {}).await;
+    // acme has a quarantined event (qid 1), a rule and an experiment
+    let bad =
+        serde_json::json!({"id": "q", "type": "order.completed", "amount": 1, "currency": "JPY"});
+    assert_eq!(node.post("acme-key", &[bad]).await.body["quarantined"], 1);
+    let rule = serde_json::json!({"metric": "orders", "window": "15m", "condition": {"type": "above", "value": 5}});
+    let put = node
+        .send(
+            node.client
+                .put(format!("{}/v1/alerts/acme-rule", node.base))
+                .bearer_auth("acme-key")
+                .json(&rule),
+        )
+        .await;
+    assert_eq!(put.status, StatusCode::CREATED, "{}", put.body);
+    let experiment = serde_json::json!({"variants": ["A", "B"], "control": "A", "split": {"A": 0.5, "B": 0.5},
+        "guardrails": [{"metric": "error_rate", "compare": "ratio", "threshold": 2.0, "action": "stop"}]});
+    let put = node
+        .send(
+            node.client
+                .put(format!("{}/v1/experiments/acme-exp", node.base))
+                .bearer_auth("acme-key")
+                .json(&experiment),
+        )
+        .await;
+    assert_eq!(put.status, StatusCode::CREATED, "{}", put.body);
+
+    let routes: [(Method, &str); 18] = [
+        (Method::GET, "/v1/tenant"),
+        (Method::GET, "/v1/metrics"),
+        (Method::GET, "/v1/metrics/gmv"),
+        (Method::GET, "/v1/metrics/gmv/series"),
+        (Method::GET, "/v1/quarantine"),
+        (Method::POST, "/v1/quarantine/1/retry"),
+        (Method::DELETE, "/v1/quarantine/1"),
+        (Method::GET, "/v1/alerts"),
+        (Method::GET, "/v1/alerts/acme-rule"),
+        (Method::PUT, "/v1/alerts/acme-rule"),
+        (Method::DELETE, "/v1/alerts/acme-rule"),
+        (Method::PUT, "/v1/budgets/campaign/c1"),
+        (Method::GET, "/v1/experiments"),
+        (Method::GET, "/v1/experiments/acme-exp"),
+        (Method::POST, "/v1/experiments/acme-exp/resume"),
+        (Method::DELETE, "/v1/experiments/acme-exp"),
+        (Method::GET, "/v1/signals"),
+        (Method::GET, "/v1/audit"),
+    ];
+    for (method, path) in &routes {
+        for other in ["acme", "no-such-tenant"] {
+            let request = node
+                .client
+                .request(
+                    method.clone(),
+                    format!("{}{path}?tenant={other}", node.base),
+                )
+                .bearer_auth("demo-key")
+                .json(&serde_json::json!({}));
+            let reply = node.send(request).await;
+            assert_eq!(
+                reply.status,
+                StatusCode::FORBIDDEN,
+                "{method} {path} for {other}: {}",
+                reply.body
+            );
+            assert!(!reply.body.to_string().contains("acme-"), "{}", reply.body);
+        }
+    }
+    // acme's things named from demo's own side: not found
+    for (method, path) in [
+        (Method::GET, "/v1/alerts/acme-rule"),
+        (Method::DELETE, "/v1/alerts/acme-rule"),
+        (Method::GET, "/v1/experiments/acme-exp"),
+        (Method::DELETE, "/v1/experiments/acme-exp"),
+        (Method::POST, "/v1/quarantine/1/retry"),
+        (Method::DELETE, "/v1/quarantine/1"),
+    ] {
+        let reply = node.call(method.clone(), "demo-key", path).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::NOT_FOUND,
+            "{method} {path}: {}",
+            reply.body
+        );
+    }
+    // keys are an admin's; the live socket and the scrape keep to the key too
+    assert_eq!(
+        node.get(Some("demo-key"), "/v1/tenants/acme/keys")
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    let url = format!(
+        "{}/v1/live?tenant=acme",
+        node.base.replace("http://", "ws://")
+    );
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+            .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer demo-key".parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403)
+        }
+        other => panic!("expected 403, got {other:?}"),
+    }
+    let scrape = node.get(Some("demo-key"), "/metrics").await;
+    assert!(!scrape.body.as_str().unwrap_or_default().contains("acme"));
+    // and acme's things are all still there
+    assert_eq!(
+        node.get(Some("acme-key"), "/v1/alerts/acme-rule")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        node.get(Some("acme-key"), "/v1/experiments/acme-exp")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        node.get(Some("acme-key"), "/v1/quarantine").await.body["events"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    node.stop().await;
+}
