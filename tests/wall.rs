@@ -282,3 +282,39 @@ async fn the_wall_goes_stale_when_heartbeats_stop_on_an_open_connection() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Money on the wall by the tenant's ISO 4217 minor digits, served by the
+/// node: yen without decimals, Bahraini dinars with three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wall_shows_yen_without_decimals_and_dinars_with_three() {
+    let node = start_node(|config| {
+        config.tenants[0].currency = "JPY".into();
+        config.tenants[1].currency = "BHD".into();
+    })
+    .await;
+    let yen = json!({"id": "y-1", "type": "order.completed", "ts": T0_MS, "amount": 4200, "currency": "JPY"});
+    let dinars = json!({"id": "d-1", "type": "order.completed", "ts": T0_MS, "amount": 4200, "currency": "BHD"});
+    assert_eq!(node.post("demo-key", &[yen]).await.body["accepted"], 1);
+    assert_eq!(node.post("acme-key", &[dinars]).await.body["accepted"], 1);
+    let tenant = node.get(Some("acme-key"), "/v1/tenant").await;
+    assert_eq!(tenant.body["currency_minor_digits"], 3);
+    let driver = Driver::start().await;
+    driver
+        .open(&format!("{}/wall#token=demo-key", node.base))
+        .await;
+    driver.wait_for_text("#status", "live").await;
+    driver
+        .wait_for_text("[data-testid=gmv-today]", "¥4,200")
+        .await;
+    // another page between, so that the wall loads again (a new fragment
+    // alone does not reload it)
+    driver.open(&format!("{}/healthz", node.base)).await;
+    driver
+        .open(&format!("{}/wall#token=acme-key", node.base))
+        .await;
+    driver.wait_for_text("#status", "live").await;
+    driver
+        .wait_for_text("[data-testid=gmv-today]", "BHD 4.200")
+        .await;
+    node.stop().await;
+}

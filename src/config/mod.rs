@@ -525,13 +525,17 @@ impl Config {
                     &mut key_digests,
                 );
             }
-            if !(tenant.currency.len() == 3
-                && tenant.currency.bytes().all(|b| b.is_ascii_uppercase()))
-            {
-                issues.push(issue(
+            match crate::domain::event::currency_minor_digits(&tenant.currency) {
+                Some(_) => {}
+                None if iso_currency::Currency::from_code(&tenant.currency).is_some() => issues
+                    .push(issue(
+                        format!("{at}.currency"),
+                        "has no minor unit in ISO 4217 (a metal or a fund); amounts need one",
+                    )),
+                None => issues.push(issue(
                     format!("{at}.currency"),
                     "must be an ISO 4217 code such as USD",
-                ));
+                )),
             }
             match tenant.timezone.parse::<chrono_tz::Tz>() {
                 Ok(tz) => tenants.push(TenantSettings {
@@ -780,6 +784,30 @@ mod tests {
         let errors =
             Config::parse("", vec![("TALLY_SERVER__LISTN".into(), "x".into())]).unwrap_err();
         assert!(errors[0].message.contains("unknown field `listn`"));
+    }
+
+    #[test]
+    fn tenant_currencies_are_iso_4217_with_a_minor_unit() {
+        let problems = |code: &str| {
+            let text =
+                format!("[[tenants]]\nid = \"t\"\napi_keys = [\"k\"]\ncurrency = \"{code}\"\n");
+            // parse checks too: its errors are the problems
+            Config::parse(&text, Vec::new())
+                .err()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|issue| (issue.path, issue.message))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(problems("JPY"), vec![]);
+        assert_eq!(problems("BHD"), vec![]);
+        let abc = problems("ABC");
+        assert_eq!(abc.len(), 1);
+        assert_eq!(abc[0].0, "tenants[0].currency");
+        assert!(abc[0].1.contains("ISO 4217"));
+        let gold = problems("XAU");
+        assert_eq!(gold.len(), 1);
+        assert!(gold[0].1.contains("no minor unit"), "{gold:?}");
     }
 
     #[test]

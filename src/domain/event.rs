@@ -176,6 +176,13 @@ impl<'de: 'a, 'a> Deserialize<'de> for Scalar<'a> {
     }
 }
 
+/// The minor digits of an ISO 4217 currency (JPY 0, USD 2, BHD 3): how many
+/// of an amount's integer minor units make the decimals. `None` for a code
+/// ISO 4217 does not have, or one without a minor unit (XAU).
+pub fn currency_minor_digits(code: &str) -> Option<u16> {
+    iso_currency::Currency::from_code(code)?.exponent()
+}
+
 /// A JSON value that should be an object of string values (`dims`, `experiments`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum StrMap<'a> {
@@ -439,8 +446,7 @@ pub fn validate_event(
         }
         Some(_) => return Err(Reason::AmountNotInteger),
     };
-    let is_currency_code =
-        |code: &str| code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase());
+    let is_currency_code = |code: &str| iso_currency::Currency::from_code(code).is_some();
     match (&raw.currency, amount) {
         (None, Some(_)) => return Err(Reason::MissingCurrency),
         (None, None) => {}
@@ -503,6 +509,16 @@ pub fn validate_event(
 mod tests {
     use super::super::catalogue::{MetricDef, MetricKind, SumField};
     use super::*;
+
+    #[test]
+    fn minor_digits_come_from_iso_4217() {
+        assert_eq!(currency_minor_digits("JPY"), Some(0));
+        assert_eq!(currency_minor_digits("USD"), Some(2));
+        assert_eq!(currency_minor_digits("BHD"), Some(3));
+        // gold has no minor unit; ABC is no currency
+        assert_eq!(currency_minor_digits("XAU"), None);
+        assert_eq!(currency_minor_digits("ABC"), None);
+    }
 
     const NOW_MS: i64 = 1_763_805_600_000;
 

@@ -53,6 +53,8 @@ pub async fn get_tenant(
     Ok(Json(json!({
         "tenant": &*context.id,
         "currency": context.currency,
+        // ISO 4217's: what a display divides integer minor units by
+        "currency_minor_digits": crate::domain::event::currency_minor_digits(&context.currency),
         "timezone": context.tz.name(),
     })))
 }
