@@ -27,6 +27,7 @@ mod actors;
 mod admin;
 pub mod alerts;
 pub mod audit;
+pub mod export;
 mod ingest;
 mod live;
 mod metrics;
@@ -41,6 +42,7 @@ pub use actors::ActorsConfig;
 pub use admin::AdminConfig;
 pub use alerts::{AlertingConfig, BudgetConfig, ExperimentsConfig, RuleConfig};
 pub use audit::AuditConfig;
+pub use export::ExportConfig;
 pub use ingest::IngestConfig;
 pub use live::LiveConfig;
 pub use metrics::{MetricConfig, MetricKindName};
@@ -68,6 +70,7 @@ pub struct Config {
     pub alerting: AlertingConfig,
     pub experiments: ExperimentsConfig,
     pub audit: AuditConfig,
+    pub export: ExportConfig,
     pub tenants: Vec<TenantConfig>,
     pub metrics: Vec<MetricConfig>,
     pub alerts: Vec<RuleConfig>,
@@ -339,6 +342,9 @@ impl Config {
         }
         if self.alerting.rules_per_tenant_max == 0 {
             issues.push(issue("alerting.rules_per_tenant_max", "must be at least 1"));
+        }
+        if self.export.rows_max == 0 {
+            issues.push(issue("export.rows_max", "must be at least 1"));
         }
         if self.audit.queue_max == 0 {
             issues.push(issue("audit.queue_max", "must be at least 1"));

@@ -28,6 +28,9 @@ pub enum ApiError {
     Invalid(Vec<(String, String)>),
     #[error("{0}")]
     Conflict(String),
+    /// A CSV export past `export.rows_max`.
+    #[error("{0}")]
+    ExportTooLarge(String),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("content type must be application/json or application/x-ndjson")]
@@ -52,6 +55,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::ExportTooLarge(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -70,6 +74,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::Invalid(_) => "invalid",
             ApiError::Conflict(_) => "conflict",
+            ApiError::ExportTooLarge(_) => "export_too_large",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::RequestTimeout(_) => "request_timeout",

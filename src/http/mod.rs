@@ -4,6 +4,7 @@
 pub mod alerts;
 pub mod audit;
 pub mod caller;
+pub mod csv;
 pub mod error;
 pub mod experiments;
 pub mod ingest;

@@ -11,12 +11,16 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::auth::Caller;
-use crate::domain::catalogue::MetricKind;
+use crate::domain::catalogue::{MetricKind, SumField};
 use crate::domain::time::{SlidingWindow, WindowName};
 use crate::node::Node;
 use crate::read::{HistogramStat, ReadError, TenantReader};
 
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+
 use super::audit::Counted;
+use super::csv;
 use super::error::ApiError;
 
 type QueryResult<Q> = Result<Query<Q>, axum::extract::rejection::QueryRejection>;
@@ -92,6 +96,8 @@ pub struct OneMetricQuery {
     tenant: Option<String>,
     window: Option<String>,
     by: Option<String>,
+    /// `csv` or `json` (else the `Accept` header says).
+    format: Option<String>,
 }
 
 fn parse_window(text: &str) -> Result<WindowName, ApiError> {
@@ -104,12 +110,19 @@ pub async fn get_one(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,
     caller: Caller,
+    headers: HeaderMap,
     query: QueryResult<OneMetricQuery>,
-) -> Result<Counted, ApiError> {
+) -> Result<Response, ApiError> {
     let (query, reader) = begin_read(&node, &caller, query, |q| q.tenant.as_deref())?;
     let index = reader
         .metric_index(&name)
         .map_err(|error| read_error(&node, error))?;
+    let as_csv = csv::wants_csv(&headers, query.format.as_deref())?;
+    if as_csv && query.by.is_none() {
+        return Err(ApiError::BadRequest(
+            "a CSV export of a metric is by a dim (by=…) or its series (/series)".into(),
+        ));
+    }
     let windows = match &query.window {
         Some(text) => vec![parse_window(text)?],
         None => WindowName::ALL.to_vec(),
@@ -127,7 +140,8 @@ pub async fn get_one(
                 "tenant": tenant, "at": now_ms, "name": name,
                 "kind": view.kind, "windows": json!(view)["windows"],
             })),
-        ));
+        )
+        .into_response());
     };
     let kind = reader.tenant().context.catalogue.metrics()[index]
         .kind
@@ -136,6 +150,10 @@ pub async fn get_one(
         .breakdown(index, &dim, &windows, now_ms)
         .await
         .map_err(|error| read_error(&node, error))?;
+    if as_csv {
+        let money = money_of(&reader, index);
+        return csv::breakdown(&dim, views, money, node.config.export.rows_max);
+    }
     let mut values = Map::new();
     for (value, view) in views {
         values.insert(value, json!({"windows": json!(view)["windows"]}));
@@ -146,7 +164,8 @@ pub async fn get_one(
             "tenant": tenant, "at": now_ms, "name": name,
             "kind": kind, "by": dim, "values": values,
         })),
-    ))
+    )
+    .into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,6 +175,21 @@ pub struct SeriesQuery {
     window: Option<String>,
     step: Option<String>,
     stat: Option<String>,
+    /// `csv` or `json` (else the `Accept` header says).
+    format: Option<String>,
+}
+
+/// The currency and its minor digits when metric `index` is money (a sum of
+/// `amount`).
+fn money_of(reader: &TenantReader<'_>, index: usize) -> csv::Money {
+    let context = &reader.tenant().context;
+    match context.catalogue.metrics()[index].kind {
+        MetricKind::Sum {
+            field: SumField::Amount,
+        } => crate::domain::event::currency_minor_digits(&context.currency)
+            .map(|digits| (context.currency.clone(), digits)),
+        _ => None,
+    }
 }
 
 /// `10s`, `1m` or a plain number of seconds.
@@ -174,9 +208,11 @@ pub async fn get_series(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,
     caller: Caller,
+    headers: HeaderMap,
     query: QueryResult<SeriesQuery>,
-) -> Result<Counted, ApiError> {
+) -> Result<Response, ApiError> {
     let (query, reader) = begin_read(&node, &caller, query, |q| q.tenant.as_deref())?;
+    let as_csv = csv::wants_csv(&headers, query.format.as_deref())?;
     let index = reader
         .metric_index(&name)
         .map_err(|error| read_error(&node, error))?;
@@ -222,9 +258,14 @@ pub async fn get_series(
         .series(index, window, step_s, stat, now_ms)
         .await
         .map_err(|error| read_error(&node, error))?;
+    if as_csv {
+        let money = money_of(&reader, index);
+        let tz = reader.tenant().context.tz;
+        return csv::series(points, tz, money, node.config.export.rows_max);
+    }
     let points: Vec<Value> = points
         .iter()
-        .map(|(at_ms, value)| json!([at_ms, value]))
+        .map(|(at_ms, value, _)| json!([at_ms, value]))
         .collect();
     Ok(Counted(
         points.len(),
@@ -232,7 +273,8 @@ pub async fn get_series(
             "tenant": &*reader.tenant().context.id, "at": now_ms, "name": name,
             "kind": kind.name(), "window": window.name(), "step_s": step_s, "points": points,
         })),
-    ))
+    )
+    .into_response())
 }
 
 #[cfg(test)]

@@ -618,7 +618,7 @@ impl<'t> TenantReader<'t> {
         step_s: i64,
         stat: HistogramStat,
         now_ms: i64,
-    ) -> Result<Vec<(i64, PointValue)>, ReadError> {
+    ) -> Result<Vec<(i64, PointValue, u64)>, ReadError> {
         let catalogue = self.catalogue();
         // the metric's points, or its parts' (a mean), in order
         let mut requests = Vec::new();
@@ -650,7 +650,7 @@ impl<'t> TenantReader<'t> {
                         Some(value) => PointValue::Int(value as i128),
                         None => PointValue::Float(None),
                     };
-                    (second * 1000, value)
+                    (second * 1000, value, stats.count)
                 })
                 .collect(),
             (
@@ -671,7 +671,9 @@ impl<'t> TenantReader<'t> {
                             counter_value(count_kind, *count),
                             *scale,
                         );
-                        (second * 1000, PointValue::Float(value))
+                        // the events the mean divides by
+                        let divided = u64::try_from(counter_value(count_kind, *count)).unwrap_or(0);
+                        (second * 1000, PointValue::Float(value), divided)
                     })
                     .collect()
             }
@@ -684,7 +686,7 @@ impl<'t> TenantReader<'t> {
                         }
                         _ => PointValue::Int(counter_value(kind, *tally)),
                     };
-                    (second * 1000, value)
+                    (second * 1000, value, tally.count)
                 })
                 .collect(),
             _ => return Err(self.gone()),
