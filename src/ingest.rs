@@ -76,6 +76,28 @@ fn lock_bucket(
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A tenant's batch is acknowledged: the freshness of its accepted events
+/// (event time → now), and its feed learns that there is something new to show.
+fn acknowledged(node: &Node, tenant: &str, times: &[(u32, i64)], outcomes: &[(u32, EventOutcome)]) {
+    let now_ms = node.now_ms();
+    // `times` is in the order of the request's events (by index)
+    let mut lags = Vec::with_capacity(outcomes.len());
+    for (index, outcome) in outcomes {
+        if let EventOutcome::Accepted = outcome {
+            if let Ok(at) = times.binary_search_by_key(index, |(at, _)| *at) {
+                lags.push(now_ms - times[at].1);
+            }
+        }
+    }
+    if lags.is_empty() {
+        return;
+    }
+    telemetry::record_freshness(tenant, lags.into_iter());
+    if let Some(feed) = node.feeds.get(tenant) {
+        feed.acknowledged(now_ms);
+    }
+}
+
 /// Ingests `items` (one raw JSON event each) for `principal`; events that
 /// name no tenant go to `default_tenant` (a tenant key's own tenant, or the
 /// one an admin named).
@@ -220,7 +242,17 @@ pub async fn ingest(
         taken.push((tenant_id, events));
     }
     let mut requests = Vec::with_capacity(batches.len());
+    // each accepted event's time, for its freshness once acknowledged
+    let mut times: Vec<(&str, Vec<(u32, i64)>)> = Vec::with_capacity(batches.len());
     for ((tenant_id, batch), in_flight) in batches.into_iter().zip(permits) {
+        times.push((
+            tenant_id,
+            batch
+                .events
+                .iter()
+                .map(|(index, event)| (*index, event.ts_ms))
+                .collect(),
+        ));
         let tenant = &node.tenants[tenant_id];
         // the runs' filters are asked here, on this request's task, so that a
         // busy tenant's lookups spread over every core; the actor asks only
@@ -243,10 +275,13 @@ pub async fn ingest(
     }
     let mut outcomes: Vec<(u32, EventOutcome)> = Vec::with_capacity(items.len());
     let mut failure = None;
-    for request in requests {
+    for (request, (tenant_id, times)) in requests.into_iter().zip(times) {
         match request.await {
             // each tenant's actor counted its outcomes when it decided them
-            Ok(Ok(tenant_outcomes)) => outcomes.extend(tenant_outcomes),
+            Ok(Ok(tenant_outcomes)) => {
+                acknowledged(node, tenant_id, &times, &tenant_outcomes);
+                outcomes.extend(tenant_outcomes);
+            }
             Ok(Err(error)) => {
                 telemetry::count_shed(match error {
                     TenantError::Core(CoreError::DedupFull { .. }) => telemetry::Shed::DedupFull,

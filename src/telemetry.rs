@@ -28,6 +28,8 @@ pub const ACTOR_MESSAGES_TOTAL: &str = "tally_actor_messages_total";
 pub const QUARANTINE_EVENTS: &str = "tally_quarantine_events";
 pub const DEDUP_RUNS: &str = "tally_dedup_runs";
 pub const ALERT_FIRING: &str = "tally_alert_firing";
+pub const EVENT_FRESHNESS_SECONDS: &str = "tally_event_freshness_seconds";
+pub const LIVE_VISIBLE_SECONDS: &str = "tally_live_visible_seconds";
 pub const AUDIT_LARGE_READS_TOTAL: &str = "tally_audit_large_reads_total";
 pub const AUTH_FAILURES_TOTAL: &str = "tally_auth_failures_total";
 pub const AUTH_FAILURE_BURSTS_TOTAL: &str = "tally_auth_failure_bursts_total";
@@ -50,6 +52,10 @@ pub const LIVE_UPDATES_CONFLATED_TOTAL: &str = "tally_live_updates_conflated_tot
 /// Latency buckets in seconds (100 µs to 10 s).
 const SECONDS_BUCKETS: [f64; 14] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0,
+];
+/// Freshness buckets: event time → acknowledged, acknowledged → on the feed.
+const FRESHNESS_BUCKETS: [f64; 14] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
 ];
 /// Size buckets (events per request, write sets per flush).
 const COUNT_BUCKETS: [f64; 10] = [
@@ -126,6 +132,19 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
+                // full names are matched before suffixes
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(EVENT_FRESHNESS_SECONDS.into()),
+                        &FRESHNESS_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(LIVE_VISIBLE_SECONDS.into()),
+                        &FRESHNESS_BUCKETS,
+                    )
+                })
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Full(INGEST_REQUEST_EVENTS.into()),
@@ -219,6 +238,16 @@ fn describe() {
         ALERT_FIRING,
         Unit::Count,
         "alerts firing, by tenant, rule and severity (with `by`, one per dim value)"
+    );
+    describe_histogram!(
+        EVENT_FRESHNESS_SECONDS,
+        Unit::Seconds,
+        "from an accepted event's time (ts, or its receipt) to its acknowledgement (durable and counted), by tenant"
+    );
+    describe_histogram!(
+        LIVE_VISIBLE_SECONDS,
+        Unit::Seconds,
+        "from an acknowledgement to the first live frame that holds it, by tenant (while someone watches)"
     );
     describe_counter!(
         AUDIT_LARGE_READS_TOTAL,
@@ -356,6 +385,36 @@ pub fn set_alert_firing(tenant: &str, rule: &str, severity: &str, firing: usize)
         "severity" => severity.to_string()
     )
     .set(firing as f64);
+}
+
+/// Records the lags of a batch's accepted events (milliseconds) in the
+/// freshness histogram: bucketed here first, then one `record_many` per
+/// bucket at the mean of its lags, so that 1 000 events cost 14 records and
+/// the buckets and the sum stay exact.
+pub fn record_freshness(tenant: &str, lags_ms: impl Iterator<Item = i64>) {
+    let mut buckets = [(0usize, 0f64); FRESHNESS_BUCKETS.len() + 1];
+    for lag_ms in lags_ms {
+        let seconds = lag_ms.max(0) as f64 / 1000.0;
+        let index = FRESHNESS_BUCKETS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(FRESHNESS_BUCKETS.len());
+        buckets[index].0 += 1;
+        buckets[index].1 += seconds;
+    }
+    if buckets.iter().all(|(count, _)| *count == 0) {
+        return;
+    }
+    let histogram = histogram!(EVENT_FRESHNESS_SECONDS, "tenant" => tenant.to_string());
+    for (count, sum) in buckets {
+        if count > 0 {
+            histogram.record_many(sum / count as f64, count);
+        }
+    }
+}
+
+pub fn record_live_visible(tenant: &str, seconds: f64) {
+    histogram!(LIVE_VISIBLE_SECONDS, "tenant" => tenant.to_string()).record(seconds);
 }
 
 pub fn count_large_read(tenant: &str) {

@@ -348,3 +348,61 @@ async fn a_real_prometheus_scrapes_the_exact_values() {
     let _ = prometheus.wait();
     let _ = node.wait();
 }
+
+/// The value of one sample line in a scrape, if there.
+fn sample_value(text: &str, line_start: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(line_start))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// Freshness on /metrics: event time → acknowledged, per tenant, exact in
+/// its buckets and sum; acknowledged → on a watched live feed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freshness_is_measured_from_event_time_and_to_the_live_feed() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let node = start_node(|_| {}).await;
+    let sum = r#"tally_event_freshness_seconds_sum{tenant="acme"} "#;
+    let within_2_5 = r#"tally_event_freshness_seconds_bucket{tenant="acme",le="2.5"} "#;
+    let within_1 = r#"tally_event_freshness_seconds_bucket{tenant="acme",le="1"} "#;
+    let (_, before) = scrape(&node, Some("admin-key")).await;
+    let before = |line| sample_value(&before, line).unwrap_or(0.0);
+    let (sum_before, le_2_5_before, le_1_before) =
+        (before(sum), before(within_2_5), before(within_1));
+    // a watcher of acme's feed, so that frames are read
+    let url = format!("{}/v1/live", node.base.replace("http://", "ws://"));
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer acme-key".parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let subscribe = json!({"op": "subscribe", "id": "s", "metrics": ["gmv"], "interval_ms": 100});
+    socket
+        .send(tokio_tungstenite::tungstenite::Message::Text(
+            subscribe.to_string().into(),
+        ))
+        .await
+        .unwrap();
+    // ten events two seconds old when acknowledged (the clock is manual)
+    let events: Vec<Value> = (0..10)
+        .map(|n| json!({"id": format!("f-{n}"), "type": "order.completed", "ts": T0_MS - 2_000, "amount": 5, "currency": "EUR"}))
+        .collect();
+    assert_eq!(node.post("acme-key", &events).await.body["accepted"], 10);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, text) = scrape(&node, Some("admin-key")).await;
+        let after = |line| sample_value(&text, line).unwrap_or(0.0);
+        let visible = sample_value(&text, r#"tally_live_visible_seconds_count{tenant="acme"} "#)
+            .unwrap_or(0.0);
+        if after(sum) - sum_before >= 20.0 && visible >= 1.0 {
+            assert_eq!(after(sum) - sum_before, 20.0);
+            assert_eq!(after(within_2_5) - le_2_5_before, 10.0);
+            assert_eq!(after(within_1) - le_1_before, 0.0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no freshness in:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    node.stop().await;
+}

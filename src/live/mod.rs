@@ -60,8 +60,21 @@ pub async fn run_feed(
         let Some(tenant) = node.tenant(&tenant_id) else {
             return;
         };
-        if let Ok(frame) = read_frame(tenant, node.now_ms()).await {
-            feed.publish(frame);
+        let unseen_ack_ms = feed.take_unseen_ack();
+        match read_frame(tenant, node.now_ms()).await {
+            Ok(frame) => {
+                feed.publish(frame);
+                if let Some(ack_ms) = unseen_ack_ms {
+                    let waited_ms = (node.now_ms() - ack_ms).max(0);
+                    crate::telemetry::record_live_visible(&tenant_id, waited_ms as f64 / 1000.0);
+                }
+            }
+            // not shown yet: the next frame shows it
+            Err(_) => {
+                if let Some(ack_ms) = unseen_ack_ms {
+                    feed.acknowledged(ack_ms);
+                }
+            }
         }
     }
 }

@@ -7,7 +7,7 @@
 //! Must not: keep more than one frame per tenant.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -32,6 +32,8 @@ pub struct TenantFeed {
     /// Woken when the first subscription arrives, so an unwatched feed sleeps
     /// (10 000 idle tenants cost no ticks).
     first_watcher: tokio::sync::Notify,
+    /// The earliest acknowledgement (ms) not yet in a frame; 0: none.
+    unseen_ack_ms: AtomicI64,
 }
 
 impl TenantFeed {
@@ -42,7 +44,23 @@ impl TenantFeed {
             sessions: AtomicUsize::new(0),
             watchers: AtomicUsize::new(0),
             first_watcher: tokio::sync::Notify::new(),
+            unseen_ack_ms: AtomicI64::new(0),
         })
+    }
+
+    /// A batch was acknowledged at `at_ms`: the next frame read shows it.
+    pub fn acknowledged(&self, at_ms: i64) {
+        let at_ms = at_ms.max(1);
+        let _ = self
+            .unseen_ack_ms
+            .compare_exchange(0, at_ms, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// Takes the earliest acknowledgement not yet shown (before a frame is
+    /// read: what is acknowledged from here waits for the next).
+    pub fn take_unseen_ack(&self) -> Option<i64> {
+        let at_ms = self.unseen_ack_ms.swap(0, Ordering::SeqCst);
+        (at_ms > 0).then_some(at_ms)
     }
 
     /// Takes a session place, or `None` past `sessions_max`.
