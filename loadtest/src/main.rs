@@ -169,6 +169,9 @@ async fn run_one(
                     others.join(", ")
                 }
             );
+            for line in tally.freshness().await? {
+                println!("[tally] freshness of tenant 0, {line}");
+            }
             let mut windows = vec!["15m"];
             // today is exact only when the run did not cross the tenants'
             // (UTC) midnight

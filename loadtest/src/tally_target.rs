@@ -510,6 +510,70 @@ impl TallyTarget {
         Ok((resident, accepted, others))
     }
 
+    /// The first tenant's freshness histograms from `/metrics` (scraped with
+    /// its key: tenant samples need one): per histogram, its count, mean and
+    /// the bucket bounds its p50 and p99 fall in.
+    pub async fn freshness(&self) -> Result<Vec<String>, String> {
+        let tenant = Scenario::tenant_id(0);
+        let text = self
+            .http
+            .get(format!("http://{}/metrics", self.base))
+            .bearer_auth(Scenario::tenant_key(0))
+            .send()
+            .await
+            .map_err(|e| format!("GET /metrics: {e}"))?
+            .text()
+            .await
+            .map_err(|e| format!("GET /metrics: {e}"))?;
+        let mut lines = Vec::new();
+        for (name, what) in [
+            (
+                tally::telemetry::EVENT_FRESHNESS_SECONDS,
+                "event time → acknowledged",
+            ),
+            (
+                tally::telemetry::LIVE_VISIBLE_SECONDS,
+                "acknowledged → on the live feed",
+            ),
+        ] {
+            let labels = format!("{{tenant=\"{tenant}\"");
+            let value = |suffix: &str| -> f64 {
+                text.lines()
+                    .find_map(|line| line.strip_prefix(&format!("{name}_{suffix}{labels}}} ")))
+                    .and_then(|value| value.parse().ok())
+                    .unwrap_or(0.0)
+            };
+            let (count, sum) = (value("count"), value("sum"));
+            if count == 0.0 {
+                lines.push(format!("{what}: no samples"));
+                continue;
+            }
+            // cumulative buckets, in order: the first bound holding a quantile
+            let mut buckets: Vec<(f64, f64)> = text
+                .lines()
+                .filter_map(|line| {
+                    let rest = line.strip_prefix(&format!("{name}_bucket{labels},le=\""))?;
+                    let (bound, value) = rest.split_once("\"} ")?;
+                    Some((bound.parse().unwrap_or(f64::INFINITY), value.parse().ok()?))
+                })
+                .collect();
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let within = |quantile: f64| {
+                buckets
+                    .iter()
+                    .find(|(_, cumulative)| *cumulative >= quantile * count)
+                    .map_or(f64::INFINITY, |(bound, _)| *bound)
+            };
+            lines.push(format!(
+                "{what}: {count:.0} samples, mean {:.1} ms, p50 ≤ {} s, p99 ≤ {} s",
+                sum / count * 1000.0,
+                within(0.5),
+                within(0.99)
+            ));
+        }
+        Ok(lines)
+    }
+
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
