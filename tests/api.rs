@@ -775,6 +775,11 @@ async fn quarantined_events_can_be_retried_and_dropped() {
         .collect();
     assert_eq!(qids, vec![3]);
     assert_eq!(listed.body["events"][0]["reason"], "missing_currency");
+    // what to do about it, beside it
+    assert_eq!(
+        listed.body["events"][0]["remedy"],
+        "an amount needs its ISO 4217 currency: add it and resend"
+    );
     assert_eq!(
         node.get(Some("demo-key"), "/v1/quarantine?limit=0")
             .await

@@ -106,6 +106,38 @@ impl Reason {
             Reason::UnknownTenant => "unknown_tenant",
         }
     }
+
+    /// What the producer (or the analyst) should do about an event held for
+    /// this reason; the quarantine listing shows it beside each event.
+    pub fn remedy(self) -> &'static str {
+        match self {
+            Reason::MalformedJson => "the producer sends invalid JSON: fix its serializer, then resend the event (a retry cannot repair it)",
+            Reason::NotAnObject => "each event must be a JSON object: fix the producer, then resend",
+            Reason::InvalidEvent => "a field has the wrong type: compare the event with API.md §3 and resend it fixed",
+            Reason::MissingId => "give every event an id (the producer's idempotency key) and resend",
+            Reason::InvalidId => "ids are 1 to 128 bytes without control characters: fix the id and resend",
+            Reason::MissingType => "give the event a type from the catalogue and resend",
+            Reason::InvalidType => "the type must be 1 to 64 of [a-z0-9._-]: fix it and resend",
+            Reason::InvalidTs => "ts is milliseconds since the epoch (an integer) or RFC 3339: fix it and resend",
+            Reason::FutureTimestamp => "the producer's clock runs ahead of ingest.max_clock_skew_ms: fix its clock; retry once its time has come",
+            Reason::MissingAmount => "this type feeds a money metric: send amount in integer minor units",
+            Reason::AmountNotInteger => "amount is integer minor units (cents), not a decimal: multiply by the currency's minor unit and resend",
+            Reason::AmountOutOfRange => "the amount is beyond the node's range: check the producer's units",
+            Reason::MissingCurrency => "an amount needs its ISO 4217 currency: add it and resend",
+            Reason::InvalidCurrency => "currency must be an ISO 4217 code such as USD: fix it and resend",
+            Reason::CurrencyMismatch => "the tenant counts one currency (GET /v1/tenant): convert the amount, or send it to the tenant of that currency",
+            Reason::MissingValue => "this type feeds a histogram or integer metric: send value",
+            Reason::InvalidValue => "value must be a finite number within the histogram's range: fix it and resend",
+            Reason::ValueNotInteger => "this metric sums value as an integer: send a whole number",
+            Reason::ValueOutOfRange => "the value is beyond the node's range: check the producer's units",
+            Reason::InvalidDims => "dims are string values of declared size, without control characters: fix them and resend",
+            Reason::InvalidExperiments => "experiments map experiment ids to variant names (strings): fix and resend",
+            Reason::InvalidTenant => "tenant must be a tenant id string: fix it and resend",
+            Reason::TenantMismatch => "a tenant key writes its own tenant only: send with that tenant's key",
+            Reason::MissingTenant => "an admin key must name the tenant of each event (tenant, or ?tenant=)",
+            Reason::UnknownTenant => "no such tenant: fix the tenant id, or ask an admin to add the tenant",
+        }
+    }
 }
 
 impl fmt::Display for Reason {

@@ -74,6 +74,7 @@ pub async fn list(
             json!({
                 "qid": entry.qid,
                 "reason": entry.reason.as_str(),
+                "remedy": entry.reason.remedy(),
                 "received_at": entry.received_ms,
                 "id": entry.id,
                 "raw": String::from_utf8_lossy(&entry.raw),
