@@ -7,51 +7,17 @@ mod common;
 
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
 
-use common::{order, start_node, start_node_in, TestNode, T0_MS};
+use common::{
+    next_within, order, start_node, start_node_in, subscribe_live, Socket, TestNode, T0_MS,
+};
 use tally::config::{Config, RuleConfig};
 use tally::domain::alert::Condition;
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 async fn subscribe_alerts(node: &TestNode, since: u64) -> Socket {
-    let url = format!("{}/v1/live", node.base.replace("http://", "ws://"));
-    let mut request = url.into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert("authorization", "Bearer demo-key".parse().unwrap());
-    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     let subscribe = json!({"op": "subscribe", "id": "a", "topic": "alerts", "since": since});
-    socket
-        .send(Message::Text(subscribe.to_string().into()))
-        .await
-        .unwrap();
-    socket
-}
-
-/// The next JSON message within `wait` (pings skipped), or `None`.
-async fn next_within(socket: &mut Socket, wait: Duration) -> Option<Value> {
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        let message = tokio::time::timeout_at(deadline, socket.next())
-            .await
-            .ok()??;
-        match message.unwrap() {
-            Message::Text(text) => {
-                let value: Value = serde_json::from_str(&text).unwrap();
-                if value["type"] != "heartbeat" {
-                    return Some(value);
-                }
-            }
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    subscribe_live(&node.base, "demo-key", &subscribe).await
 }
 
 async fn next(socket: &mut Socket) -> Value {

@@ -8,53 +8,19 @@ mod common;
 
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
 
-use common::{start_node, start_node_in, Reply, TestNode, T0_MS};
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use common::{
+    next_within, start_node, start_node_in, subscribe_live, Reply, Socket, TestNode, T0_MS,
+};
 
 async fn subscribe_signals(base: &str, since: u64, experiment: Option<&str>) -> Socket {
-    let url = format!("{}/v1/live", base.replace("http://", "ws://"));
-    let mut request = url.into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert("authorization", "Bearer demo-key".parse().unwrap());
-    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     let mut subscribe = json!({"op": "subscribe", "id": "s", "topic": "signals", "since": since});
     if let Some(experiment) = experiment {
         subscribe["experiment"] = json!(experiment);
     }
-    socket
-        .send(Message::Text(subscribe.to_string().into()))
-        .await
-        .unwrap();
-    socket
-}
-
-/// The next JSON message within `wait` (pings skipped), or `None`.
-async fn next_within(socket: &mut Socket, wait: Duration) -> Option<Value> {
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        let message = tokio::time::timeout_at(deadline, socket.next())
-            .await
-            .ok()??;
-        match message.unwrap() {
-            Message::Text(text) => {
-                let value: Value = serde_json::from_str(&text).unwrap();
-                if value["type"] != "heartbeat" {
-                    return Some(value);
-                }
-            }
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    subscribe_live(base, "demo-key", &subscribe).await
 }
 
 fn fast_ticks(config: &mut tally::config::Config) {
