@@ -92,8 +92,8 @@ fn acknowledged(node: &Node, tenant: &str, times: &[(u32, i64)], outcomes: &[(u3
     if lags.is_empty() {
         return;
     }
-    telemetry::record_freshness(tenant, lags.into_iter());
     if let Some(feed) = node.feeds.get(tenant) {
+        feed.event_freshness.record_ms(lags.into_iter());
         feed.acknowledged(now_ms);
     }
 }

@@ -132,19 +132,6 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
-                // full names are matched before suffixes
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full(EVENT_FRESHNESS_SECONDS.into()),
-                        &FRESHNESS_BUCKETS,
-                    )
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full(LIVE_VISIBLE_SECONDS.into()),
-                        &FRESHNESS_BUCKETS,
-                    )
-                })
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Full(INGEST_REQUEST_EVENTS.into()),
@@ -238,16 +225,6 @@ fn describe() {
         ALERT_FIRING,
         Unit::Count,
         "alerts firing, by tenant, rule and severity (with `by`, one per dim value)"
-    );
-    describe_histogram!(
-        EVENT_FRESHNESS_SECONDS,
-        Unit::Seconds,
-        "from an accepted event's time (ts, or its receipt) to its acknowledgement (durable and counted), by tenant"
-    );
-    describe_histogram!(
-        LIVE_VISIBLE_SECONDS,
-        Unit::Seconds,
-        "from an acknowledgement to the first live frame that holds it, by tenant (while someone watches)"
     );
     describe_counter!(
         AUDIT_LARGE_READS_TOTAL,
@@ -387,34 +364,59 @@ pub fn set_alert_firing(tenant: &str, rule: &str, severity: &str, firing: usize)
     .set(firing as f64);
 }
 
-/// Records the lags of a batch's accepted events (milliseconds) in the
-/// freshness histogram: bucketed here first, then one `record_many` per
-/// bucket at the mean of its lags, so that 1 000 events cost 14 records and
-/// the buckets and the sum stay exact.
-pub fn record_freshness(tenant: &str, lags_ms: impl Iterator<Item = i64>) {
-    let mut buckets = [(0usize, 0f64); FRESHNESS_BUCKETS.len() + 1];
-    for lag_ms in lags_ms {
-        let seconds = lag_ms.max(0) as f64 / 1000.0;
-        let index = FRESHNESS_BUCKETS
-            .iter()
-            .position(|bound| seconds <= *bound)
-            .unwrap_or(FRESHNESS_BUCKETS.len());
-        buckets[index].0 += 1;
-        buckets[index].1 += seconds;
-    }
-    if buckets.iter().all(|(count, _)| *count == 0) {
-        return;
-    }
-    let histogram = histogram!(EVENT_FRESHNESS_SECONDS, "tenant" => tenant.to_string());
-    for (count, sum) in buckets {
-        if count > 0 {
-            histogram.record_many(sum / count as f64, count);
-        }
-    }
+/// A histogram of seconds kept in atomics: a batch is bucketed first and
+/// added with one `fetch_add` per bucket it touched, so that counting a
+/// million events a second costs a few atomics a batch (the exporter's own
+/// histograms keep every sample until an upkeep). Rendered with the tenant
+/// values on `/metrics` (`http/prometheus.rs`).
+#[derive(Debug, Default)]
+pub struct SecondsHistogram {
+    /// Per bucket of `FRESHNESS_BUCKETS`, then the overflow.
+    counts: [std::sync::atomic::AtomicU64; FRESHNESS_BUCKETS.len() + 1],
+    sum_micros: std::sync::atomic::AtomicU64,
 }
 
-pub fn record_live_visible(tenant: &str, seconds: f64) {
-    histogram!(LIVE_VISIBLE_SECONDS, "tenant" => tenant.to_string()).record(seconds);
+impl SecondsHistogram {
+    /// Adds lags in milliseconds.
+    pub fn record_ms(&self, lags_ms: impl Iterator<Item = i64>) {
+        use std::sync::atomic::Ordering;
+        let mut counts = [0u64; FRESHNESS_BUCKETS.len() + 1];
+        let mut sum_micros = 0u64;
+        for lag_ms in lags_ms {
+            let lag_ms = lag_ms.max(0) as u64;
+            let seconds = lag_ms as f64 / 1000.0;
+            let index = FRESHNESS_BUCKETS
+                .iter()
+                .position(|bound| seconds <= *bound)
+                .unwrap_or(FRESHNESS_BUCKETS.len());
+            counts[index] += 1;
+            sum_micros = sum_micros.saturating_add(lag_ms.saturating_mul(1000));
+        }
+        for (bucket, count) in self.counts.iter().zip(counts) {
+            if count > 0 {
+                bucket.fetch_add(count, Ordering::Relaxed);
+            }
+        }
+        self.sum_micros.fetch_add(sum_micros, Ordering::Relaxed);
+    }
+
+    /// `(upper bound, cumulative count)` per bucket (the last is `+Inf`), the
+    /// sum in seconds and the count.
+    pub fn read(&self) -> (Vec<(f64, u64)>, f64, u64) {
+        use std::sync::atomic::Ordering;
+        let mut cumulative = 0;
+        let mut buckets = Vec::with_capacity(self.counts.len());
+        for (index, count) in self.counts.iter().enumerate() {
+            cumulative += count.load(Ordering::Relaxed);
+            let bound = FRESHNESS_BUCKETS
+                .get(index)
+                .copied()
+                .unwrap_or(f64::INFINITY);
+            buckets.push((bound, cumulative));
+        }
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        (buckets, sum, cumulative)
+    }
 }
 
 pub fn count_large_read(tenant: &str) {

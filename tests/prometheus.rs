@@ -384,6 +384,11 @@ async fn freshness_is_measured_from_event_time_and_to_the_live_feed() {
         ))
         .await
         .unwrap();
+    // watched once the snapshot came
+    let snapshot = common::next_within(&mut socket, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(snapshot["type"], "snapshot");
     // ten events two seconds old when acknowledged (the clock is manual)
     let events: Vec<Value> = (0..10)
         .map(|n| json!({"id": format!("f-{n}"), "type": "order.completed", "ts": T0_MS - 2_000, "amount": 5, "currency": "EUR"}))

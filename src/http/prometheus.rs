@@ -28,7 +28,7 @@ use super::error::ApiError;
 
 /// The families of tenant window samples (name, type, help), in the order they
 /// are written. Quantiles are a summary: only summaries may carry `quantile`.
-const FAMILIES: [(&str, &str, &str); 9] = [
+const FAMILIES: [(&str, &str, &str); 11] = [
     (
         "tally_window_value",
         "gauge",
@@ -74,10 +74,23 @@ const FAMILIES: [(&str, &str, &str); 9] = [
         "gauge",
         "1 for the state each experiment is in (running, paused, stopped), 0 for the others",
     ),
+    (
+        crate::telemetry::EVENT_FRESHNESS_SECONDS,
+        "histogram",
+        "from an accepted event's time (ts, or its receipt) to its acknowledgement (durable and counted), by tenant",
+    ),
+    (
+        crate::telemetry::LIVE_VISIBLE_SECONDS,
+        "histogram",
+        "from an acknowledgement to the first live frame that holds it, by tenant (while someone watches)",
+    ),
 ];
 
 /// `FAMILIES` index of `tally_experiment_state`.
 const EXPERIMENT_STATE: usize = 8;
+/// `FAMILIES` indices of the freshness histograms.
+const EVENT_FRESHNESS: usize = 9;
+const LIVE_VISIBLE: usize = 10;
 
 /// Samples collected per family, then written family by family (the text
 /// format wants each family's samples together).
@@ -96,6 +109,17 @@ impl Samples {
         }
         self.written += 1;
         self.by_family[family].push(format!("{}{{{labels}}} {value}", FAMILIES[family].0));
+    }
+
+    /// A whole sample line of a family (a histogram's `_bucket`, `_sum` and
+    /// `_count` lines).
+    fn push_line(&mut self, family: usize, line: String) {
+        if self.written >= self.max {
+            self.dropped += 1;
+            return;
+        }
+        self.written += 1;
+        self.by_family[family].push(line);
     }
 
     fn push_int(&mut self, family: usize, labels: &str, value: i128) {
@@ -241,6 +265,34 @@ async fn tenant_samples(node: &Node, mut tenant_ids: Vec<&String>) -> Samples {
                     window.name()
                 );
                 window_samples(&mut samples, &labels, *window, window_view);
+            }
+        }
+        if let Some(feed) = node.feeds.get(tenant_id) {
+            for (family, histogram) in [
+                (EVENT_FRESHNESS, &feed.event_freshness),
+                (LIVE_VISIBLE, &feed.live_visible),
+            ] {
+                let name = FAMILIES[family].0;
+                let (buckets, sum, count) = histogram.read();
+                for (bound, cumulative) in buckets {
+                    let le = if bound.is_finite() {
+                        bound.to_string()
+                    } else {
+                        "+Inf".to_string()
+                    };
+                    samples.push_line(
+                        family,
+                        format!("{name}_bucket{{tenant=\"{tenant_id}\",le=\"{le}\"}} {cumulative}"),
+                    );
+                }
+                samples.push_line(
+                    family,
+                    format!("{name}_sum{{tenant=\"{tenant_id}\"}} {sum}"),
+                );
+                samples.push_line(
+                    family,
+                    format!("{name}_count{{tenant=\"{tenant_id}\"}} {count}"),
+                );
             }
         }
         let experiments = node

@@ -47,6 +47,8 @@ pub async fn run_feed(
                 _ = feed.watched() => {}
                 _ = stopping.wait_for(|stopping| *stopping) => return,
             }
+            // nobody looked meanwhile: nothing waited to be seen
+            feed.take_unseen_ack();
             ticks.reset_immediately();
         }
         tokio::select! {
@@ -66,7 +68,7 @@ pub async fn run_feed(
                 feed.publish(frame);
                 if let Some(ack_ms) = unseen_ack_ms {
                     let waited_ms = (node.now_ms() - ack_ms).max(0);
-                    crate::telemetry::record_live_visible(&tenant_id, waited_ms as f64 / 1000.0);
+                    feed.live_visible.record_ms(std::iter::once(waited_ms));
                 }
             }
             // not shown yet: the next frame shows it

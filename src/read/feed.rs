@@ -34,6 +34,10 @@ pub struct TenantFeed {
     first_watcher: tokio::sync::Notify,
     /// The earliest acknowledgement (ms) not yet in a frame; 0: none.
     unseen_ack_ms: AtomicI64,
+    /// Event time → acknowledgement (`tally_event_freshness_seconds`).
+    pub event_freshness: crate::telemetry::SecondsHistogram,
+    /// Acknowledgement → first frame that holds it (`tally_live_visible_seconds`).
+    pub live_visible: crate::telemetry::SecondsHistogram,
 }
 
 impl TenantFeed {
@@ -45,11 +49,18 @@ impl TenantFeed {
             watchers: AtomicUsize::new(0),
             first_watcher: tokio::sync::Notify::new(),
             unseen_ack_ms: AtomicI64::new(0),
+            event_freshness: Default::default(),
+            live_visible: Default::default(),
         })
     }
 
-    /// A batch was acknowledged at `at_ms`: the next frame read shows it.
+    /// A batch was acknowledged at `at_ms`: the next frame read shows it
+    /// (only while someone watches: a frame read long after, when a watcher
+    /// comes, would count the time nobody looked).
     pub fn acknowledged(&self, at_ms: i64) {
+        if !self.is_watched() {
+            return;
+        }
         let at_ms = at_ms.max(1);
         let _ = self
             .unseen_ack_ms
