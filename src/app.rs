@@ -304,6 +304,7 @@ pub async fn start_with_store(
         .map(|tenant| (tenant.clone(), TenantFeed::new()))
         .collect();
     let live_sessions = Arc::new(Semaphore::new(config.live.sessions_max));
+    let live_unauthenticated = Arc::new(Semaphore::new(config.live.unauthenticated_max));
     let (audit, audit_queue) = crate::audit::AuditLog::new(&config.audit);
     let node = Arc::new(Node {
         config: Arc::new(config),
@@ -320,6 +321,7 @@ pub async fn start_with_store(
         experiments,
         ingest_kib,
         live_sessions,
+        live_unauthenticated,
         keys_writing: tokio::sync::Mutex::new(()),
         keys_changed: watch::channel(0).0,
         audit,
@@ -362,6 +364,7 @@ pub async fn start_with_store(
     let router = crate::http::router(Arc::clone(&node));
     let limits = ServeLimits {
         header_read_timeout: Duration::from_millis(node.config.server.header_read_timeout_ms),
+        write_timeout: Duration::from_millis(node.config.server.write_timeout_ms),
         connections_max: node.config.server.connections_max,
         retry_after_s: node.config.server.retry_after_s,
     };

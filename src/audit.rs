@@ -270,25 +270,33 @@ fn prune_records(
     records_max: u64,
 ) -> Result<(), StorageError> {
     let keep_from = last.saturating_sub(records_max.saturating_sub(1));
-    let mut removals = Vec::new();
-    store.scan(Space::Audit, &seq_key(0), &mut |key, value| {
-        let Some(seq) = key_seq(key) else {
-            return true;
-        };
-        let old = serde_json::from_slice::<AuditRecord>(value)
-            .map(|record| record.at_ms < cutoff_ms)
-            .unwrap_or(true);
-        if seq < keep_from || old {
-            removals.push(Op::Remove {
-                space: Space::Audit,
-                key: key.to_vec(),
-            });
-            removals.len() < 100_000
-        } else {
-            false
+    // in rounds of 100 000, until nothing more goes: retention holds however
+    // many records a minute brings
+    loop {
+        let mut removals = Vec::new();
+        store.scan(Space::Audit, &seq_key(0), &mut |key, value| {
+            let Some(seq) = key_seq(key) else {
+                return true;
+            };
+            let old = serde_json::from_slice::<AuditRecord>(value)
+                .map(|record| record.at_ms < cutoff_ms)
+                .unwrap_or(true);
+            if seq < keep_from || old {
+                removals.push(Op::Remove {
+                    space: Space::Audit,
+                    key: key.to_vec(),
+                });
+                removals.len() < 100_000
+            } else {
+                false
+            }
+        })?;
+        let full = removals.len() == 100_000;
+        store.apply(&removals)?;
+        if !full {
+            return Ok(());
         }
-    })?;
-    store.apply(&removals)
+    }
 }
 
 #[cfg(test)]

@@ -296,7 +296,14 @@ pub async fn ingest(
         }
     }
     match failure {
-        Some(error) => Err(error),
+        Some(error) => {
+            // nothing was applied for a refused batch's client to retry: its
+            // events do not count against the tenant's rate
+            for (tenant_id, events) in taken {
+                lock_bucket(&node.tenants[tenant_id]).give_back(events);
+            }
+            Err(error)
+        }
         None => Ok(IngestReport {
             outcomes,
             rejections,

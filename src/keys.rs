@@ -69,7 +69,9 @@ pub fn restore(
         else {
             continue;
         };
-        keys.retain(|key| key.digest != digest);
+        // a key is its tenant's: a revocation from one tenant leaves the same
+        // secret given to another since
+        keys.retain(|key| !(key.digest == digest && key.tenant == change.tenant));
         if !change.revoked && tenants.contains(&change.tenant) {
             keys.push(TenantKey {
                 digest,

@@ -50,6 +50,8 @@ pub struct Node {
     pub keys_changed: watch::Sender<u64>,
     /// The audit trail's queue (`audit`).
     pub audit: crate::audit::AuditLog,
+    /// Places for live sockets still to authenticate (`live.unauthenticated_max`).
+    pub live_unauthenticated: Arc<Semaphore>,
     /// Places for live sessions, node-wide (`live.sessions_max`).
     pub live_sessions: Arc<Semaphore>,
     pub(crate) next_snapshot_id: AtomicU64,

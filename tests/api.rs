@@ -1015,7 +1015,7 @@ async fn the_tenant_endpoint_names_only_the_key_tenant() {
     let own = node.get(Some("acme-key"), "/v1/tenant").await;
     assert_eq!(
         own.body,
-        json!({"tenant": "acme", "currency": "EUR", "timezone": "Europe/Berlin"})
+        json!({"tenant": "acme", "currency": "EUR", "currency_minor_digits": 2, "timezone": "Europe/Berlin"})
     );
     assert_eq!(
         node.get(None, "/v1/tenant").await.status,

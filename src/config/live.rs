@@ -17,6 +17,8 @@ pub struct LiveConfig {
     pub send_timeout_ms: u64,
     /// Live sessions open at once, node-wide.
     pub sessions_max: usize,
+    /// Live sockets still to send their auth message, at once, node-wide.
+    pub unauthenticated_max: usize,
     /// How long an unauthenticated socket has to send its `auth` message.
     pub auth_timeout_ms: u64,
     /// Messages a client may send a second, per session.
@@ -37,6 +39,7 @@ impl Default for LiveConfig {
             replay_records_max: 1000,
             send_timeout_ms: 5000,
             sessions_max: 20_000,
+            unauthenticated_max: 1_000,
             auth_timeout_ms: 5_000,
             messages_per_second_max: 20,
             heartbeat_interval_ms: 5_000,

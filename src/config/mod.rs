@@ -443,6 +443,9 @@ impl Config {
         if self.live.sessions_max == 0 {
             issues.push(issue("live.sessions_max", "must be at least 1"));
         }
+        if self.live.unauthenticated_max == 0 {
+            issues.push(issue("live.unauthenticated_max", "must be at least 1"));
+        }
         if !(100..=60_000).contains(&self.live.auth_timeout_ms) {
             issues.push(issue("live.auth_timeout_ms", "must be within 100..=60000"));
         }
@@ -480,6 +483,12 @@ impl Config {
             issues.push(issue(
                 "ingest.tenant_events_per_second_max",
                 "must be at least 1",
+            ));
+        }
+        if !(100..=600_000).contains(&self.server.write_timeout_ms) {
+            issues.push(issue(
+                "server.write_timeout_ms",
+                "must be within 100..=600000",
             ));
         }
         if self.server.connections_max == 0 {

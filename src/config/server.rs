@@ -13,6 +13,8 @@ pub struct ServerConfig {
     pub body_read_timeout_ms: u64,
     /// How long a client may take to send a request's line and headers.
     pub header_read_timeout_ms: u64,
+    /// How long one write to a client may wait for it to read.
+    pub write_timeout_ms: u64,
     /// Open HTTP connections at once, node-wide (live sockets have their own caps).
     pub connections_max: usize,
     pub shutdown_grace_ms: u64,
@@ -27,6 +29,7 @@ impl Default for ServerConfig {
             ingest_bytes_inflight_max: 256 * 1024 * 1024,
             body_read_timeout_ms: 30_000,
             header_read_timeout_ms: 10_000,
+            write_timeout_ms: 30_000,
             connections_max: 16_384,
             shutdown_grace_ms: 10_000,
             retry_after_s: 1,

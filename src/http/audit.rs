@@ -40,12 +40,15 @@ fn unaudited(route: &str) -> bool {
     )
 }
 
-/// The `tenant` a query names, if any.
-fn named_tenant(query: Option<&str>) -> Option<String> {
-    query?.split('&').find_map(|pair| {
-        let (name, value) = pair.split_once('=')?;
-        (name == "tenant").then(|| value.to_string())
-    })
+/// The tenant a request names, decoded as the routes decode it: in its path
+/// (`/v1/tenants/{id}/…`) or its `tenant` parameter.
+fn named_tenant(route: &str, uri: &axum::http::Uri) -> Option<String> {
+    if route.starts_with("/v1/tenants/{id}") {
+        return uri.path().split('/').nth(3).map(str::to_string);
+    }
+    let Query(query) =
+        Query::<std::collections::HashMap<String, String>>::try_from_uri(uri).ok()?;
+    query.get("tenant").cloned()
 }
 
 pub async fn record_requests(
@@ -67,7 +70,7 @@ pub async fn record_requests(
         .get::<ConnectInfo<SocketAddr>>()
         .map(|info| info.0.ip());
     let token = bearer_token(request.headers()).map(str::to_string);
-    let named = named_tenant(request.uri().query());
+    let named = named_tenant(&route, request.uri());
     let response = next.run(request).await;
     let status = response.status().as_u16();
     let now_ms = node.now_ms();
@@ -83,6 +86,8 @@ pub async fn record_requests(
     };
     let tenant = match &caller {
         Caller::Key(Principal::Tenant(own)) => own.clone(),
+        // a scrape reads every tenant it may, whatever its query says
+        Caller::Key(Principal::Admin) | Caller::Scrape if route == "/metrics" => "*".into(),
         Caller::Key(Principal::Admin) | Caller::Scrape => named.unwrap_or_else(|| "*".into()),
         // no tenant data without a key: nothing to record
         Caller::Anonymous | Caller::Invalid => return response,
@@ -91,6 +96,17 @@ pub async fn record_requests(
         .extensions()
         .get::<AuditRows>()
         .map_or(0, |rows| rows.0);
+    // an export is recorded as one (API.md §10)
+    let exported = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("text/csv"));
+    let action = if exported {
+        format!("{action} (csv export)")
+    } else {
+        action
+    };
     node.audit
         .record(AuditRecord {
             seq: 0,

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
@@ -23,6 +23,7 @@ pub struct LiveQuery {
 
 pub async fn get_live(
     State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     caller: Caller,
     headers: axum::http::HeaderMap,
     query: Result<Query<LiveQuery>, axum::extract::rejection::QueryRejection>,
@@ -51,15 +52,27 @@ pub async fn get_live(
         }
         None => None,
     };
-    // a place among the node's sessions before upgrading: past the cap the
-    // client gets an HTTP answer it can act on, not a socket closed at once
-    let Ok(place) = Arc::clone(&node.live_sessions).try_acquire_owned() else {
+    // a place before upgrading: past the cap the client gets an HTTP answer
+    // it can act on, not a socket closed at once. A socket that has still to
+    // authenticate takes a place among those (`live.unauthenticated_max`),
+    // and one among the sessions only once it has.
+    let (places, max, name) = if tenant.is_some() {
+        (
+            &node.live_sessions,
+            node.config.live.sessions_max,
+            "live.sessions_max",
+        )
+    } else {
+        (
+            &node.live_unauthenticated,
+            node.config.live.unauthenticated_max,
+            "live.unauthenticated_max",
+        )
+    };
+    let Ok(place) = Arc::clone(places).try_acquire_owned() else {
         crate::telemetry::count_shed(crate::telemetry::Shed::LiveSessions);
         return Err(ApiError::Unavailable {
-            message: format!(
-                "the node has live.sessions_max ({}) live sessions; retry",
-                node.config.live.sessions_max
-            ),
+            message: format!("the node has {name} ({max}) live sockets; retry"),
             retry_after_s: node.config.server.retry_after_s,
         });
     };
@@ -72,8 +85,7 @@ pub async fn get_live(
         .read_buffer_size(8 * 1024)
         .write_buffer_size(8 * 1024)
         .on_upgrade(move |socket| async move {
-            crate::live::session::run(node, socket, tenant.zip(key)).await;
-            drop(place);
+            crate::live::session::run(node, socket, tenant.zip(key), Some(peer.ip()), place).await;
         })
         .into_response())
 }

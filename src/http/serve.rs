@@ -1,7 +1,8 @@
 //! The HTTP server loop: every connection through hyper's HTTP/1 builder, so
 //! that a client slower than `server.header_read_timeout_ms` to send its
 //! request line and headers is disconnected (slowloris; `axum::serve` sets no
-//! timer, so it never times out), at most `server.connections_max` connections
+//! timer, so it never times out), one that stops reading is disconnected after
+//! `server.write_timeout_ms`, at most `server.connections_max` connections
 //! at once (past it: 503 with `Retry-After`, then close), and a graceful stop.
 //! Owns: accepting, the connection cap, per-connection shutdown.
 //! Must not: know routes (the router does) or hold a live socket's place (an
@@ -23,6 +24,8 @@ use tower_service::Service;
 #[derive(Debug, Clone, Copy)]
 pub struct ServeLimits {
     pub header_read_timeout: Duration,
+    /// How long one write to a client may wait for it to read.
+    pub write_timeout: Duration,
     pub connections_max: usize,
     pub retry_after_s: u32,
 }
@@ -82,6 +85,11 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        // a client that stops reading its answer (a large export, a scrape)
+        // gives its connection back after the write deadline
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(limits.write_timeout));
+        let stream = Box::pin(stream);
         // every request knows its peer (the audit trail records it)
         let routes = router.clone();
         let service = hyper::service::service_fn(

@@ -69,9 +69,9 @@ async fn first_message_auth(node: &Node, socket: &mut WebSocket) -> Option<(Stri
         .map(|tenant| (tenant.context.id.to_string(), key))
 }
 
-/// True when `key` (an id as `audit::key_id` makes it) was a tenant key and
-/// is no longer one.
-fn key_revoked(node: &Node, key: &str) -> bool {
+/// True when `key` (an id as `audit::key_id` makes it) was a key of
+/// `tenant` and is no longer one.
+fn key_revoked(node: &Node, tenant: &str, key: &str) -> bool {
     let Some(id) = key.strip_prefix("tenant:") else {
         return false;
     };
@@ -79,7 +79,7 @@ fn key_revoked(node: &Node, key: &str) -> bool {
         .keys
         .tenant_keys()
         .iter()
-        .any(|tenant_key| tenant_key.id == id)
+        .any(|tenant_key| tenant_key.id == id && tenant_key.tenant == tenant)
 }
 
 /// A metric subscription: what it selects and what it last sent.
@@ -150,14 +150,39 @@ enum Next {
 
 /// Runs a session; `tenant` is known when the upgrade carried a key.
 /// A session of `authenticated` (its tenant and key id, when the upgrade's
-/// header said), or of whoever authenticates with the first message.
-pub async fn run(node: Arc<Node>, mut socket: WebSocket, authenticated: Option<(String, String)>) {
+/// header said), or of whoever authenticates with the first message. `place`
+/// is its place among the sessions, or, still to authenticate, among the
+/// unauthenticated sockets (traded for a session's place once it has).
+pub async fn run(
+    node: Arc<Node>,
+    mut socket: WebSocket,
+    authenticated: Option<(String, String)>,
+    peer: Option<std::net::IpAddr>,
+    place: tokio::sync::OwnedSemaphorePermit,
+) {
     let limit = Duration::from_millis(node.config.live.send_timeout_ms);
-    let (tenant, key) = match authenticated {
-        Some(authenticated) => authenticated,
+    let (tenant, key, _place) = match authenticated {
+        Some((tenant, key)) => (tenant, key, place),
         None => match first_message_auth(&node, &mut socket).await {
-            Some(authenticated) => authenticated,
-            None => return close(&mut socket, limit, CLOSE_UNAUTHORIZED, "unauthorized").await,
+            Some((tenant, key)) => {
+                drop(place);
+                let Ok(place) = Arc::clone(&node.live_sessions).try_acquire_owned() else {
+                    crate::telemetry::count_shed(crate::telemetry::Shed::LiveSessions);
+                    return close(
+                        &mut socket,
+                        limit,
+                        CLOSE_TOO_MANY_SESSIONS,
+                        "too many sessions",
+                    )
+                    .await;
+                };
+                (tenant, key, place)
+            }
+            None => {
+                // a wrong key sent in the message counts toward its address's burst
+                node.audit.auth_failure(peer, 401, node.now_ms()).await;
+                return close(&mut socket, limit, CLOSE_UNAUTHORIZED, "unauthorized").await;
+            }
         },
     };
     let Some(feed) = node.feeds.get(&tenant).cloned() else {
@@ -255,7 +280,7 @@ pub async fn run(node: Arc<Node>, mut socket: WebSocket, authenticated: Option<(
                     }
                     let (replies, next) = match message {
                         Message::Text(text) => {
-                            handle(&node, (&tenant, &key), &text, &frames, &mut subscriptions, &mut topics).await
+                            handle(&node, (&tenant, &key, peer), &text, &frames, &mut subscriptions, &mut topics).await
                         }
                         Message::Binary(_) => (
                             vec![ServerMessage::error(ErrorCode::BadMessage, "binary messages are not supported")],
@@ -313,7 +338,7 @@ pub async fn run(node: Arc<Node>, mut socket: WebSocket, authenticated: Option<(
                 }
                 // a revoked key's sessions end at once
                 changed = keys_changed.changed() => {
-                    if changed.is_err() || key_revoked(&node, &key) {
+                    if changed.is_err() || key_revoked(&node, &tenant, &key) {
                         return close(&mut socket, limit, CLOSE_UNAUTHORIZED, "key revoked").await;
                     }
                 }
@@ -424,7 +449,7 @@ async fn send_due(
 /// One client message; returns the messages to send back and what follows.
 async fn handle(
     node: &Node,
-    (tenant, key): (&str, &str),
+    (tenant, key, peer): (&str, &str, Option<std::net::IpAddr>),
     text: &str,
     frames: &tokio::sync::watch::Receiver<Arc<Frame>>,
     subscriptions: &mut BTreeMap<String, MetricSubscription>,
@@ -495,7 +520,7 @@ async fn handle(
                         status: 200,
                         rows: rows as u64,
                         large: false,
-                        address: None,
+                        address: peer.map(|ip| ip.to_string()),
                     })
                     .await;
             }
