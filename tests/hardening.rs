@@ -328,3 +328,56 @@ async fn every_route_keeps_a_tenant_key_to_its_tenant() {
     );
     node.stop().await;
 }
+
+/// A client that stops reading a large answer is disconnected after
+/// `server.write_timeout_ms`, and its connection's place comes back: 300 000
+/// CSV rows (about 12 MB, more than the kernel's buffers hold) to a client
+/// with a 4 KiB receive buffer that reads nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected_after_the_write_deadline() {
+    let node = start_node(|config| {
+        config.server.write_timeout_ms = 500;
+        config.server.connections_max = 2;
+        config.windows.max_series_per_metric = 100_000;
+        config.export.rows_max = 300_000;
+    })
+    .await;
+    for batch in 0..100 {
+        let events: Vec<serde_json::Value> = (0..1_000)
+            .map(|n| {
+                let id = batch * 1_000 + n;
+                serde_json::json!({"id": format!("o{id}"), "type": "order.completed", "ts": common::T0_MS,
+                    "amount": 1, "currency": "USD", "dims": {"device": format!("d{id:06}")}})
+            })
+            .collect();
+        assert_eq!(node.post("demo-key", &events).await.body["accepted"], 1_000);
+    }
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4_096).unwrap();
+    let mut stalled = socket.connect(addr(&node).parse().unwrap()).await.unwrap();
+    stalled
+        .write_all(
+            b"GET /v1/metrics/gmv?by=device&format=csv HTTP/1.1\r\nHost: tally\r\nAuthorization: Bearer demo-key\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    // reads nothing for a while: the node gives up on it
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (received, closed) = read_to_close(&mut stalled, Duration::from_secs(10)).await;
+    assert!(closed, "the connection stays open");
+    assert!(
+        received.len() < 12_000_000,
+        "the whole answer arrived: {} bytes",
+        received.len()
+    );
+    // its place came back: two more connections are served
+    for _ in 0..2 {
+        let mut next = TcpStream::connect(addr(&node)).await.unwrap();
+        next.write_all(b"GET /healthz HTTP/1.1\r\nHost: tally\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let (answer, _) = read_to_close(&mut next, Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    }
+    node.stop().await;
+}
