@@ -285,6 +285,17 @@ pub async fn start_with_store(
         }
         ExperimentHub::new(experiments)
     };
+    let lookups = match crate::lookups::restore(
+        &*store,
+        &tenants.keys().cloned().collect::<Vec<_>>(),
+        config.storage.record_bytes_max,
+    ) {
+        Ok(lookups) => lookups,
+        Err(error) => {
+            runtime.stop();
+            return Err(StartError::Recovery(error));
+        }
+    };
     let keys = KeyRing::from_checked(&checked);
     // keys added and revoked through the API, over the config's
     let tenant_ids: Vec<String> = tenants.keys().cloned().collect();
@@ -322,6 +333,8 @@ pub async fn start_with_store(
         ingest_kib,
         live_sessions,
         live_unauthenticated,
+        enrichments: Arc::new(checked.enrichments.clone()),
+        lookups,
         keys_writing: tokio::sync::Mutex::new(()),
         keys_changed: watch::channel(0).0,
         audit,

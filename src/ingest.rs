@@ -169,9 +169,22 @@ pub async fn ingest(
             continue;
         };
         let batch = batches.entry(tenant_id.as_str()).or_default();
-        match parsed
-            .and_then(|raw| validate_event(&raw, &tenant.context.validation(), now_ms, now_ms))
-        {
+        let validated = parsed
+            .and_then(|raw| validate_event(&raw, &tenant.context.validation(), now_ms, now_ms));
+        // enrichment before counting: what it adds is logged with the event
+        let validated = match validated {
+            Ok(mut event) if !node.enrichments.is_empty() => {
+                let tables = node
+                    .lookups
+                    .get(tenant_id.as_str())
+                    .map(|lookups| lookups.tables())
+                    .unwrap_or_default();
+                crate::domain::enrich::enrich(&mut event, &node.enrichments, &tables)
+                    .map(|()| event)
+            }
+            other => other,
+        };
+        match validated {
             Ok(event) => batch.events.push((index, event)),
             Err(reason) => batch.quarantined.push(QuarantineCandidate {
                 index,

@@ -15,6 +15,7 @@ pub mod http;
 pub mod ingest;
 pub mod keys;
 pub mod live;
+pub mod lookups;
 pub mod node;
 pub mod read;
 pub mod storage;

@@ -48,6 +48,10 @@ pub struct Node {
     pub keys_writing: tokio::sync::Mutex<()>,
     /// Moves after a key is revoked: live sessions check theirs.
     pub keys_changed: watch::Sender<u64>,
+    /// The enrichments every event goes through (`[[enrichments]]`).
+    pub enrichments: Arc<Vec<crate::domain::enrich::Enrichment>>,
+    /// Each tenant's lookup tables (`lookups`).
+    pub lookups: HashMap<String, Arc<crate::lookups::TenantLookups>>,
     /// The audit trail's queue (`audit`).
     pub audit: crate::audit::AuditLog,
     /// Places for live sockets still to authenticate (`live.unauthenticated_max`).

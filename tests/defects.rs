@@ -230,6 +230,7 @@ impl Tenant {
                 in_flight: self.in_flight(),
                 qid,
                 now_ms: T0_MS,
+                enrich: None,
             })
             .await
             .unwrap()

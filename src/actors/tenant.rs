@@ -15,6 +15,7 @@ use actix::prelude::*;
 use tokio::sync::{oneshot, Notify};
 
 use crate::domain::dedup::{MergePlan, Run, RunMeta, RunsChecked, SealedIds};
+use crate::domain::enrich::{Enrichment, Tables};
 use crate::domain::event::ValidEvent;
 use crate::domain::metric::{SeriesSettings, Watched};
 use crate::domain::quarantine::QuarantinedEvent;
@@ -435,16 +436,27 @@ pub struct RetryQuarantined {
     pub in_flight: InFlight,
     pub qid: u64,
     pub now_ms: i64,
+    /// The enrichments and the tenant's tables now, for the event to go
+    /// through as ingest's do.
+    pub enrich: Option<(Arc<Vec<Enrichment>>, Arc<Tables>)>,
 }
 
 impl Handler<RetryQuarantined> for TenantActor {
     type Result = ResponseFuture<Result<Option<EventOutcome>, TenantError>>;
 
     fn handle(&mut self, message: RetryQuarantined, _: &mut Context<Self>) -> Self::Result {
-        let decided = self
-            .core
-            .borrow_mut()
-            .retry_quarantined(message.qid, message.now_ms);
+        let decided = self.core.borrow_mut().retry_quarantined_with(
+            message.qid,
+            message.now_ms,
+            message
+                .enrich
+                .as_ref()
+                .map_or(&[][..], |(e, _)| e.as_slice()),
+            message
+                .enrich
+                .as_ref()
+                .map_or(&Tables::default(), |(_, t)| t),
+        );
         match decided {
             Ok(RetryDecision::NotFound) => Box::pin(async { Ok(None) }),
             Ok(RetryDecision::Stays(outcome)) => Box::pin(async move { Ok(Some(outcome)) }),

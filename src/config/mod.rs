@@ -27,6 +27,7 @@ mod actors;
 mod admin;
 pub mod alerts;
 pub mod audit;
+pub mod enrich;
 pub mod export;
 mod ingest;
 mod live;
@@ -42,6 +43,7 @@ pub use actors::ActorsConfig;
 pub use admin::AdminConfig;
 pub use alerts::{AlertingConfig, BudgetConfig, ExperimentsConfig, RuleConfig};
 pub use audit::AuditConfig;
+pub use enrich::{EnrichmentConfig, LookupsConfig};
 pub use export::ExportConfig;
 pub use ingest::IngestConfig;
 pub use live::LiveConfig;
@@ -71,10 +73,12 @@ pub struct Config {
     pub experiments: ExperimentsConfig,
     pub audit: AuditConfig,
     pub export: ExportConfig,
+    pub lookups: LookupsConfig,
     pub tenants: Vec<TenantConfig>,
     pub metrics: Vec<MetricConfig>,
     pub alerts: Vec<RuleConfig>,
     pub budgets: Vec<BudgetConfig>,
+    pub enrichments: Vec<EnrichmentConfig>,
 }
 
 /// The SHA-256 digest of an API key.
@@ -97,6 +101,8 @@ pub struct Checked {
     pub alert_rules: Vec<(Vec<String>, crate::domain::alert::Rule)>,
     /// `[[budgets]]`: (tenants, (dim, value), amount).
     pub budgets: Vec<(Vec<String>, (String, String), i64)>,
+    /// The enrichments every tenant's events go through, in order.
+    pub enrichments: Vec<crate::domain::enrich::Enrichment>,
 }
 
 impl Checked {
@@ -579,6 +585,10 @@ impl Config {
             None => Vec::new(),
         };
         let budgets = alerts::check_budgets(&self.budgets, &tenant_ids, &mut issues);
+        let enrichments = enrich::check(&self.enrichments, &mut issues);
+        if self.lookups.rows_per_table_max == 0 {
+            issues.push(issue("lookups.rows_per_table_max", "must be at least 1"));
+        }
         for tenant in &self.tenants {
             let rules = alert_rules
                 .iter()
@@ -605,6 +615,7 @@ impl Config {
                 event_limits: self.event_limits(),
                 alert_rules,
                 budgets,
+                enrichments,
             }),
             _ => Err(issues),
         }

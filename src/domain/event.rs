@@ -46,10 +46,13 @@ pub enum Reason {
     TenantMismatch,
     MissingTenant,
     UnknownTenant,
+    /// A quarantining enrichment's table lacks the event's key (added last:
+    /// stored entries keep their reasons' numbers).
+    EnrichmentMiss,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 26] = [
         Reason::MalformedJson,
         Reason::NotAnObject,
         Reason::InvalidEvent,
@@ -75,6 +78,7 @@ impl Reason {
         Reason::TenantMismatch,
         Reason::MissingTenant,
         Reason::UnknownTenant,
+        Reason::EnrichmentMiss,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -104,6 +108,7 @@ impl Reason {
             Reason::TenantMismatch => "tenant_mismatch",
             Reason::MissingTenant => "missing_tenant",
             Reason::UnknownTenant => "unknown_tenant",
+            Reason::EnrichmentMiss => "enrichment_miss",
         }
     }
 
@@ -136,6 +141,7 @@ impl Reason {
             Reason::TenantMismatch => "a tenant key writes its own tenant only: send with that tenant's key",
             Reason::MissingTenant => "an admin key must name the tenant of each event (tenant, or ?tenant=)",
             Reason::UnknownTenant => "no such tenant: fix the tenant id, or ask an admin to add the tenant",
+            Reason::EnrichmentMiss => "the lookup table lacks the event's key (see `missing`): add the row with PUT or PATCH /v1/lookups/{table}, then POST /v1/quarantine/retry?reason=enrichment_miss",
         }
     }
 }
@@ -300,6 +306,22 @@ pub enum TenantField<'e> {
 }
 
 impl<'a> RawEvent<'a> {
+    /// The dims that are strings with string values, as they were sent.
+    pub fn dims_text(&self) -> Vec<(String, String)> {
+        match &self.dims {
+            Some(StrMap::Entries(entries)) => entries
+                .iter()
+                .filter_map(|(key, value)| match (key, value) {
+                    (Scalar::Str(key), Scalar::Str(value)) => {
+                        Some((key.to_string(), value.to_string()))
+                    }
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     pub fn tenant(&self) -> TenantField<'_> {
         match &self.tenant {
             None => TenantField::Absent,

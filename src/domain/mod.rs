@@ -5,6 +5,7 @@
 pub mod alert;
 pub mod catalogue;
 pub mod dedup;
+pub mod enrich;
 pub mod event;
 pub mod experiment;
 pub mod guardrail;

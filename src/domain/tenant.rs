@@ -31,6 +31,7 @@ use super::catalogue::Catalogue;
 use super::dedup::{
     id_key, Admission, DedupError, DedupIndex, MergePlan, Prechecked, Run, RunsChecked, SealedIds,
 };
+use super::enrich::{enrich, Enrichment, Tables};
 use super::event::{
     parse_event, validate_event, EventLimits, Reason, TenantField, ValidEvent, ValidationContext,
 };
@@ -409,6 +410,18 @@ impl TenantCore {
     /// Validates a quarantined event again under the current config; when it
     /// passes, plans its log record and the removal of the entry.
     pub fn retry_quarantined(&mut self, qid: u64, now_ms: i64) -> Result<RetryDecision, CoreError> {
+        self.retry_quarantined_with(qid, now_ms, &[], &Tables::default())
+    }
+
+    /// A retry that enriches the event as ingest does, with the tables as
+    /// they are now (a table that gained the missing key lets it through).
+    pub fn retry_quarantined_with(
+        &mut self,
+        qid: u64,
+        now_ms: i64,
+        enrichments: &[Enrichment],
+        tables: &Tables,
+    ) -> Result<RetryDecision, CoreError> {
         self.serving()?;
         let now_ms = self.advance(now_ms);
         let Some(entry) = self.quarantine.get(qid).cloned() else {
@@ -429,7 +442,10 @@ impl TenantCore {
                     return Err(Reason::TenantMismatch);
                 }
             }
-            validate_event(&raw, &self.context.validation(), entry.received_ms, now_ms)
+            let mut event =
+                validate_event(&raw, &self.context.validation(), entry.received_ms, now_ms)?;
+            enrich(&mut event, enrichments, tables)?;
+            Ok(event)
         });
         let event = match validated {
             Ok(event) => event,

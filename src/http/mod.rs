@@ -10,6 +10,7 @@ pub mod experiments;
 pub mod ingest;
 pub mod keys;
 pub mod live;
+pub mod lookups;
 pub mod prometheus;
 pub mod quarantine;
 pub mod query;
@@ -67,6 +68,11 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/tenants/{id}/keys", get(keys::list).post(keys::add))
         .route("/v1/tenants/{id}/keys/{key_id}", delete(keys::revoke))
         .route("/v1/quarantine", get(quarantine::list))
+        .route("/v1/quarantine/retry", post(quarantine::retry_all))
+        .route(
+            "/v1/lookups/{table}",
+            get(lookups::get).put(lookups::put).patch(lookups::patch),
+        )
         .route("/v1/quarantine/{qid}/retry", post(quarantine::retry))
         .route("/v1/quarantine/{qid}", delete(quarantine::delete))
         // after routing, so that records name the route's pattern

@@ -37,6 +37,18 @@ fn unavailable(node: &Node) -> ApiError {
     }
 }
 
+/// The enrichments and `tenant`'s tables as they are now, for a retry.
+fn enrich_now(
+    node: &Node,
+    tenant: &str,
+) -> Option<(
+    Arc<Vec<crate::domain::enrich::Enrichment>>,
+    Arc<crate::domain::enrich::Tables>,
+)> {
+    let tables = node.lookups.get(tenant)?.tables();
+    Some((Arc::clone(&node.enrichments), tables))
+}
+
 fn parse_qid(text: &str) -> Result<u64, ApiError> {
     text.parse()
         .map_err(|_| ApiError::NotFound(format!("no quarantined event {text}")))
@@ -75,6 +87,8 @@ pub async fn list(
                 "qid": entry.qid,
                 "reason": entry.reason.as_str(),
                 "remedy": entry.reason.remedy(),
+                // for a lookup miss: which table lacks which key, now
+                "missing": missing_of(&node, &tenant.context.id, entry),
                 "received_at": entry.received_ms,
                 "id": entry.id,
                 "raw": String::from_utf8_lossy(&entry.raw),
@@ -85,6 +99,106 @@ pub async fn list(
     Ok(Counted(
         events.len(),
         Json(json!({"tenant": &*tenant.context.id, "events": events, "next_after": next_after})),
+    ))
+}
+
+/// For an event held for `enrichment_miss`: the table and key its lookup
+/// still misses (`null` once the table has it, or for other reasons).
+fn missing_of(
+    node: &Node,
+    tenant: &str,
+    entry: &crate::domain::quarantine::QuarantinedEvent,
+) -> Value {
+    if entry.reason != crate::domain::event::Reason::EnrichmentMiss {
+        return Value::Null;
+    }
+    let Some(lookups) = node.lookups.get(tenant) else {
+        return Value::Null;
+    };
+    let Ok(raw) = crate::domain::event::parse_event(&entry.raw) else {
+        return Value::Null;
+    };
+    let dims: Vec<(String, String)> = raw.dims_text();
+    match crate::domain::enrich::missing(&dims, &node.enrichments, &lookups.tables()) {
+        Some((table, key)) => json!({"table": table, "key": key}),
+        None => Value::Null,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BulkRetryQuery {
+    tenant: Option<String>,
+    reason: String,
+}
+
+/// `POST /v1/quarantine/retry?reason=R`: retries every event of the tenant
+/// held for `R`, oldest first; each one applied at most once (de-dup sees to
+/// it, so running it again applies nothing more). Returns the outcomes.
+pub async fn retry_all(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+    query: Result<Query<BulkRetryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Counted, ApiError> {
+    let (query, reader) = begin_read(&node, &caller, query, |q| q.tenant.as_deref())?;
+    let tenant = reader.tenant();
+    let Some(reason) = crate::domain::event::Reason::ALL
+        .iter()
+        .copied()
+        .find(|reason| reason.as_str() == query.reason)
+    else {
+        return Err(ApiError::BadRequest(format!(
+            "unknown reason {}",
+            query.reason
+        )));
+    };
+    let page = node.config.quarantine.list_limit_max;
+    let mut after = 0;
+    let mut qids = Vec::new();
+    loop {
+        let entries = tenant
+            .actor
+            .send(ListQuarantine {
+                in_flight: reader.in_flight(),
+                after,
+                limit: page,
+            })
+            .await
+            .map_err(|_| unavailable(&node))?;
+        let Some(last) = entries.last() else { break };
+        after = last.qid;
+        qids.extend(entries.iter().filter(|e| e.reason == reason).map(|e| e.qid));
+        if entries.len() < page {
+            break;
+        }
+    }
+    let (mut accepted, mut duplicate, mut late, mut still) = (0u64, 0u64, 0u64, 0u64);
+    for qid in &qids {
+        let outcome = tenant
+            .actor
+            .send(RetryQuarantined {
+                in_flight: reader.in_flight(),
+                qid: *qid,
+                now_ms: node.now_ms(),
+                enrich: enrich_now(&node, &tenant.context.id),
+            })
+            .await
+            .map_err(|_| unavailable(&node))?
+            .map_err(|error| ApiError::from_tenant(error, node.config.server.retry_after_s))?;
+        match outcome {
+            Some(EventOutcome::Accepted) => accepted += 1,
+            Some(EventOutcome::Duplicate) => duplicate += 1,
+            Some(EventOutcome::Late) => late += 1,
+            Some(EventOutcome::Quarantined { .. }) => still += 1,
+            None => {}
+        }
+    }
+    Ok(Counted(
+        qids.len(),
+        Json(json!({
+            "tenant": &*tenant.context.id, "reason": reason.as_str(), "retried": qids.len(),
+            "accepted": accepted, "duplicates": duplicate, "late": late, "quarantined": still,
+        })),
     ))
 }
 
@@ -104,6 +218,7 @@ pub async fn retry(
             in_flight,
             qid,
             now_ms,
+            enrich: enrich_now(&node, &tenant.context.id),
         })
         .await
         .map_err(|_| unavailable(&node))?
