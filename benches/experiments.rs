@@ -6,7 +6,8 @@
 //!   `experiments.per_tenant_max`), three guardrails each, through the real
 //!   read path of an in-process node (`experiments::evaluate_tenant`);
 //! - `signal_latency`: breach → signal on a real WebSocket client, on the
-//!   shipped `experiments.tick_ms`.
+//!   shipped `experiments.tick_ms`;
+//! - `enrichment`: what a lookup adds to an event on the ingest path.
 
 mod common;
 
@@ -277,5 +278,55 @@ fn signal_latency(c: &mut Criterion) {
     runtime.block_on(running.shutdown());
 }
 
-criterion_group!(benches, variant_counting, experiment_tick, signal_latency);
+/// What an enrichment adds on the ingest path: `domain::enrich::enrich` on
+/// 1 000 events against a table of 100 000 stores (the shipped
+/// `lookups.rows_per_table_max`), every event a hit.
+fn enrichment(c: &mut Criterion) {
+    use tally::domain::enrich::{enrich, Enrichment, OnMiss, Table, Tables};
+    let config = common::default_config();
+    let catalogue = config.catalogue().unwrap();
+    let stores: Table = (0..100_000)
+        .map(|n| (format!("s-{n}"), vec![format!("region-{}", n % 50)]))
+        .collect();
+    let tables: Tables = [("stores".to_string(), Arc::new(stores))].into();
+    let enrichments = [Enrichment {
+        table: "stores".into(),
+        key: "store".into(),
+        adds: vec!["region".into()],
+        on_miss: OnMiss::Quarantine,
+    }];
+    let events: Vec<ValidEvent> = (0..1_000)
+        .map(|n| ValidEvent {
+            id: format!("o-{n}"),
+            event_type: "order.completed".into(),
+            ts_ms: T0_MS,
+            amount: Some(100),
+            value: None,
+            value_integer: None,
+            dims: vec![("store".into(), format!("s-{}", n * 97 % 100_000))],
+            experiments: vec![],
+            route: catalogue.route("order.completed"),
+        })
+        .collect();
+    c.bench_function("enrich_1000_events_100000_rows", |b| {
+        b.iter(|| {
+            let mut batch = events.clone();
+            for event in &mut batch {
+                enrich(event, &enrichments, &tables).unwrap();
+            }
+            black_box(batch)
+        })
+    });
+    c.bench_function("clone_1000_events_alone", |b| {
+        b.iter(|| black_box(events.clone()))
+    });
+}
+
+criterion_group!(
+    benches,
+    variant_counting,
+    experiment_tick,
+    signal_latency,
+    enrichment
+);
 criterion_main!(benches);

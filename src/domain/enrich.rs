@@ -43,21 +43,25 @@ pub fn enrich(
     tables: &Tables,
 ) -> Result<(), Reason> {
     for enrichment in enrichments {
-        let Some(key) = event.dim(&enrichment.key).map(str::to_string) else {
+        let Some(key) = event.dim(&enrichment.key) else {
             continue;
         };
-        let row = tables
+        // borrowed from the table, not the event: the event can change below
+        let row: Option<&Vec<String>> = tables
             .get(&enrichment.table)
-            .and_then(|table| table.get(&key));
-        let values: Vec<String> = match (row, enrichment.on_miss) {
-            (Some(values), _) => values.clone(),
-            (None, OnMiss::Unknown) => vec![UNKNOWN_DIM_VALUE.to_string(); enrichment.adds.len()],
-            (None, OnMiss::Quarantine) => return Err(Reason::EnrichmentMiss),
-        };
-        for (dim, value) in enrichment.adds.iter().zip(values) {
+            .and_then(|table| table.get(key));
+        if row.is_none() && enrichment.on_miss == OnMiss::Quarantine {
+            return Err(Reason::EnrichmentMiss);
+        }
+        for (index, dim) in enrichment.adds.iter().enumerate() {
+            let value = row
+                .and_then(|values| values.get(index))
+                .map_or_else(|| UNKNOWN_DIM_VALUE.to_string(), String::clone);
             // an added dim replaces what the event said of it
-            event.dims.retain(|(name, _)| name != dim);
-            event.dims.push((dim.clone(), value));
+            match event.dims.iter_mut().find(|(name, _)| name == dim) {
+                Some(slot) => slot.1 = value,
+                None => event.dims.push((dim.clone(), value)),
+            }
         }
     }
     Ok(())
