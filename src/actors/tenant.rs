@@ -377,8 +377,10 @@ impl Handler<WatchExperiments> for TenantActor {
         self.watched = Arc::clone(&watched);
         for slot in self.metrics.iter() {
             if let Some(addr) = slot.get() {
-                // ahead of every later batch in the mailbox (do_send does not
-                // wait for room: one message per change of experiments)
+                // a control message, not data: one per change of experiments
+                // (changes are serialized by the engine's writing lock), so
+                // do_send's ignoring of the mailbox bound adds at most one;
+                // and it must be queued ahead of every later batch
                 addr.do_send(SetWatched(Arc::clone(&watched)));
             }
         }

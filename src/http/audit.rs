@@ -60,15 +60,27 @@ pub async fn record_requests(
         || request.uri().path().to_string(),
         |m| m.as_str().to_string(),
     );
+    let address = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0.ip());
+    // ingest, health and the wall: only their refusals count (bursts); none
+    // of the record's parts is made for them
+    if unaudited(&route) {
+        let response = next.run(request).await;
+        let status = response.status().as_u16();
+        if status == 401 || status == 403 {
+            node.audit
+                .auth_failure(address, status, node.now_ms())
+                .await;
+        }
+        return response;
+    }
     let action = format!("{} {route}", request.method());
     let target = request
         .uri()
         .path_and_query()
         .map_or_else(String::new, |p| p.as_str().to_string());
-    let address = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|info| info.0.ip());
     let token = bearer_token(request.headers()).map(str::to_string);
     let named = named_tenant(&route, request.uri());
     let response = next.run(request).await;
@@ -76,9 +88,6 @@ pub async fn record_requests(
     let now_ms = node.now_ms();
     if status == 401 || status == 403 {
         node.audit.auth_failure(address, status, now_ms).await;
-    }
-    if unaudited(&route) {
-        return response;
     }
     let caller = match token.as_deref() {
         Some("") => Caller::Invalid,
