@@ -9,6 +9,9 @@
 //! - `compare`: the same scenario against Tally and Redis side by side: both
 //!   closed loop at their most, then both at one fixed rate (half the slower's
 //!   most) for latency; prints the ratios.
+//! - `enrich`: a scenario with an enrichment, closed loop, in turns with the
+//!   node looking the dims up and with the producer sending them itself;
+//!   prints each turn and the ratio of the medians.
 //! - `idle`: many configured tenants and no traffic: time to ready, resident
 //!   memory and cpu, at first start and after a restart.
 //! - `soak`: one scenario minute after minute, a table per minute, then the
@@ -79,6 +82,15 @@ enum Command {
     Compare {
         #[command(flatten)]
         common: Common,
+    },
+    /// A scenario with an `[enrichment]`, in turns: the node enriches, the
+    /// producer enriches; medians and their ratio.
+    Enrich {
+        #[command(flatten)]
+        common: Common,
+        /// Turns of each.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// One scenario for some minutes, a table per minute, then end checks.
     Soak {
@@ -289,6 +301,50 @@ async fn compare(common: &Common) -> Result<(), String> {
     Ok(())
 }
 
+async fn enrich(common: &Common, rounds: usize) -> Result<(), String> {
+    let (scenario, metrics) = load(common)?;
+    if scenario.enrichment.is_none() {
+        return Err("the scenario has no [enrichment]".into());
+    }
+    let mut most = scenario.clone();
+    most.rate_events_per_s = 0;
+    most.ws_clients = 0;
+    let mut by_node = Vec::new();
+    let mut by_producer = Vec::new();
+    for round in 1..=rounds.max(1) {
+        for producer in [false, true] {
+            if let Some(enrichment) = most.enrichment.as_mut() {
+                enrichment.by_producer = producer;
+            }
+            let who = if producer { "producer" } else { "node" };
+            println!("== turn {round}: the {who} enriches ==");
+            let report = run_one(common, &most, &metrics, TargetKind::Tally).await?;
+            if producer {
+                by_producer.push(report.events_per_s());
+            } else {
+                by_node.push(report.events_per_s());
+            }
+        }
+    }
+    let median = |values: &mut Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let node = median(&mut by_node);
+    let producer = median(&mut by_producer);
+    println!();
+    println!("| | events/s, closed loop (median of {}) |", by_node.len());
+    println!("| --- | --- |");
+    println!("| the node enriches (lookup on ingest) | {node:.0} |");
+    println!("| the producer sends the dims (no enrichment) | {producer:.0} |");
+    println!();
+    println!(
+        "ratio (node enriches / producer enriches): {:.3}",
+        node / producer
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let result = match Cli::parse().command {
@@ -299,6 +355,7 @@ async fn main() -> ExitCode {
             Err(error) => Err(error),
         },
         Command::Compare { common } => compare(&common).await,
+        Command::Enrich { common, rounds } => enrich(&common, rounds).await,
         Command::Soak {
             scenario,
             minutes,

@@ -46,6 +46,25 @@ pub struct Scenario {
     pub cardinality: BTreeMap<String, u32>,
     /// The event mix: types with weights, their fields and dims.
     pub mix: Vec<EventKind>,
+    /// A lookup the node does on ingest (`[[enrichments]]`), if any.
+    #[serde(default)]
+    pub enrichment: Option<ScenarioEnrichment>,
+}
+
+/// One enrichment: events carrying the `key` dim get the `adds` dims, value
+/// `{add}-{k % cardinality(add)}` for key value `{key}-{k}`. The node looks
+/// them up in a table the target loads before the run; with
+/// `by_producer`, the producer sends them itself and the node has no
+/// enrichment (the peer that `tally-loadtest enrich` measures against).
+/// Either way the events counted, and so the expected windows, are the same.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScenarioEnrichment {
+    pub table: String,
+    pub key: String,
+    pub adds: Vec<String>,
+    #[serde(skip)]
+    pub by_producer: bool,
 }
 
 /// Longest run: the end check reads the `15m` window (with a minute to spare).
@@ -121,6 +140,21 @@ impl Scenario {
                 return Err(format!("{}: a dim is listed twice", kind.event_type));
             }
         }
+        if let Some(enrichment) = &self.enrichment {
+            for dim in std::iter::once(&enrichment.key).chain(&enrichment.adds) {
+                if self.cardinality.get(dim).is_none_or(|n| *n == 0) {
+                    return Err(format!("enrichment dim {dim} has no cardinality"));
+                }
+            }
+            for kind in &self.mix {
+                if let Some(dim) = enrichment.adds.iter().find(|add| kind.dims.contains(add)) {
+                    return Err(format!(
+                        "{}: {dim} is added by the enrichment, not sent",
+                        kind.event_type
+                    ));
+                }
+            }
+        }
         if self.mix.is_empty() || self.mix.iter().all(|kind| kind.weight == 0) {
             return Err("the mix needs at least one type with a weight".into());
         }
@@ -193,7 +227,9 @@ pub struct Event {
     pub ts_ms: i64,
     pub amount: Option<i64>,
     pub value: Option<i64>,
+    /// The event's dims; the last `added` of them are the enrichment's.
     pub dims: Vec<(usize, u32)>,
+    pub added: usize,
 }
 
 /// A batch for one tenant. Ids are `{stream}-{serial}`: unique in the run.
@@ -213,6 +249,8 @@ pub struct EventStream {
     batches: u64,
     weights_total: u64,
     kind_dims: Vec<Vec<(usize, u32)>>,
+    /// The enrichment's key dim and its added dims with their cardinalities.
+    enrichment: Option<(usize, Vec<(usize, u32)>)>,
 }
 
 impl EventStream {
@@ -232,6 +270,19 @@ impl EventStream {
                     .collect()
             })
             .collect();
+        let position = |dim: &String| names.iter().position(|name| name == dim).unwrap_or(0);
+        let enrichment = scenario.enrichment.as_ref().map(|enrichment| {
+            let adds = enrichment
+                .adds
+                .iter()
+                .map(|add| {
+                    // check() made sure every added dim has a cardinality
+                    let cardinality = scenario.cardinality.get(add).copied().unwrap_or(1);
+                    (position(add), cardinality)
+                })
+                .collect();
+            (position(&enrichment.key), adds)
+        });
         EventStream {
             stream,
             rng: Rng::new(scenario.seed ^ (stream as u64).wrapping_mul(0x2545_f491_4f6c_dd1d)),
@@ -239,6 +290,7 @@ impl EventStream {
             batches: 0,
             weights_total: scenario.mix.iter().map(|kind| kind.weight as u64).sum(),
             kind_dims,
+            enrichment,
         }
     }
 
@@ -261,12 +313,21 @@ impl EventStream {
             let spec = &scenario.mix[kind];
             let amount = spec.amount.map(|[low, high]| self.rng.between(low, high));
             let value = spec.value.map(|[low, high]| self.rng.between(low, high));
-            let dims = self.kind_dims[kind]
+            let mut dims: Vec<(usize, u32)> = self.kind_dims[kind]
                 .iter()
                 .map(|(dim, cardinality)| {
                     (*dim, (self.rng.next_u64() % *cardinality as u64) as u32)
                 })
                 .collect();
+            let mut added = 0;
+            if let Some((key, adds)) = &self.enrichment {
+                if let Some(&(_, k)) = dims.iter().find(|(dim, _)| dim == key) {
+                    for (add, cardinality) in adds {
+                        dims.push((*add, k % cardinality));
+                        added += 1;
+                    }
+                }
+            }
             self.serial += 1;
             events.push(Event {
                 serial: self.serial,
@@ -275,6 +336,7 @@ impl EventStream {
                 amount,
                 value,
                 dims,
+                added,
             });
         }
         Batch {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tally::config::MetricConfig;
 
-use crate::scenario::{expectations, Batch, Model, Scenario};
+use crate::scenario::{expectations, Batch, Model, Scenario, ScenarioEnrichment};
 
 pub struct TallyTarget {
     child: tokio::process::Child,
@@ -23,7 +23,50 @@ pub struct TallyTarget {
     kinds: Vec<String>,
     kind_fields: Vec<(bool, bool)>,
     dim_names: Vec<String>,
+    /// The node adds the enrichment's dims: bodies leave them out.
+    node_enriches: bool,
     _dir: tempfile::TempDir,
+}
+
+/// Loads every tenant's lookup table: a row per value of the key dim, with
+/// the values the event stream derives for the added dims.
+async fn load_table(
+    http: &reqwest::Client,
+    base: &str,
+    scenario: &Scenario,
+    enrichment: &ScenarioEnrichment,
+) -> Result<(), String> {
+    // check() made sure the key and every added dim have a cardinality
+    let keys = scenario
+        .cardinality
+        .get(&enrichment.key)
+        .copied()
+        .unwrap_or(0);
+    let mut rows = String::new();
+    for k in 0..keys {
+        let _ = write!(rows, "{{\"key\":\"{}-{k}\"", enrichment.key);
+        for add in &enrichment.adds {
+            let cardinality = scenario.cardinality.get(add).copied().unwrap_or(1);
+            let _ = write!(rows, ",\"{add}\":\"{add}-{}\"", k % cardinality);
+        }
+        rows.push_str("}\n");
+    }
+    for tenant in 0..scenario.tenants {
+        let response = http
+            .put(format!("http://{base}/v1/lookups/{}", enrichment.table))
+            .bearer_auth(Scenario::tenant_key(tenant))
+            .header("content-type", "application/x-ndjson")
+            .body(rows.clone())
+            .send()
+            .await
+            .map_err(|e| format!("loading the lookup table: {e}"))?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let text = response.text().await.unwrap_or_default();
+            return Err(format!("loading the lookup table: {status} {text}"));
+        }
+    }
+    Ok(())
 }
 
 /// Attempts at one batch before the run fails (429/503 wait `Retry-After`).
@@ -44,6 +87,18 @@ impl TallyTarget {
                 "\n[[tenants]]\nid = \"{}\"\napi_keys = [\"{}\"]\ncurrency = \"USD\"\ntimezone = \"UTC\"\n",
                 Scenario::tenant_id(tenant),
                 Scenario::tenant_key(tenant)
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        let node_enrichment = scenario
+            .enrichment
+            .as_ref()
+            .filter(|enrichment| !enrichment.by_producer);
+        if let Some(enrichment) = node_enrichment {
+            write!(
+                text,
+                "\n[[enrichments]]\ntable = \"{}\"\nkey = \"{}\"\nadds = {:?}\n",
+                enrichment.table, enrichment.key, enrichment.adds
             )
             .map_err(|e| e.to_string())?;
         }
@@ -104,6 +159,9 @@ impl TallyTarget {
         if !ready {
             return Err("the node did not become ready in 30 s".into());
         }
+        if let Some(enrichment) = node_enrichment {
+            load_table(&http, &base, scenario, enrichment).await?;
+        }
         let kind_fields = scenario
             .mix
             .iter()
@@ -123,6 +181,7 @@ impl TallyTarget {
                 .collect(),
             kind_fields,
             dim_names: scenario.dim_names(),
+            node_enriches: node_enrichment.is_some(),
             _dir: dir,
         })
     }
@@ -222,9 +281,14 @@ impl TallyTarget {
             if has_value {
                 let _ = write!(body, ",\"value\":{}", event.value.unwrap_or(0));
             }
-            if !event.dims.is_empty() {
+            let sent = if self.node_enriches {
+                &event.dims[..event.dims.len() - event.added]
+            } else {
+                &event.dims[..]
+            };
+            if !sent.is_empty() {
                 body.push_str(",\"dims\":{");
-                for (n, (dim, value)) in event.dims.iter().enumerate() {
+                for (n, (dim, value)) in sent.iter().enumerate() {
                     let name = &self.dim_names[*dim];
                     let comma = if n == 0 { "" } else { "," };
                     let _ = write!(body, "{comma}\"{name}\":\"{name}-{value}\"");
