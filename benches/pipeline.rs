@@ -173,7 +173,7 @@ fn actor_ingest(c: &mut Criterion) {
             ))
             .unwrap();
         let node = Arc::clone(&running.node);
-        let tenant = &node.tenants["demo"];
+        let tenant = node.tenant("demo").unwrap();
         group.bench_with_input(
             BenchmarkId::new("batch_of_1000", format!("{countries}_countries")),
             &countries,

@@ -421,7 +421,7 @@ pub async fn put_rule(node: &Node, tenant: &str, rule: Rule) -> Result<bool, Rul
             .map(|by_key| ending(&rule.id, by_key))
             .unwrap_or_default();
         let (record_writes, last) =
-            record_ops(tenant, alerts, old.as_slice(), ended, node.now_ms())
+            record_ops(tenant, &alerts, old.as_slice(), ended, node.now_ms())
                 .map_err(|e| RuleError::Encode(e.to_string()))?;
         ops.extend(record_writes);
         ops.push(Op::Remove {
@@ -472,7 +472,7 @@ pub async fn delete_rule(node: &Node, tenant: &str, rule_id: &str) -> Result<(),
     };
     let first_seq = lock(&alerts.state).next_seq;
     let (mut ops, last_seq) =
-        record_ops(tenant, alerts, std::slice::from_ref(&rule), ended, now_ms)
+        record_ops(tenant, &alerts, std::slice::from_ref(&rule), ended, now_ms)
             .map_err(|e| RuleError::Encode(e.to_string()))?;
     ops.push(Op::Remove {
         space: Space::Rules,
@@ -613,16 +613,37 @@ fn labels(
 /// The node's alerts, by tenant.
 #[derive(Default)]
 pub struct AlertHub {
-    tenants: HashMap<String, Arc<TenantAlerts>>,
+    tenants: dashmap::DashMap<String, Arc<TenantAlerts>>,
 }
 
 impl AlertHub {
-    pub fn new(tenants: HashMap<String, Arc<TenantAlerts>>) -> AlertHub {
+    pub fn new(tenants: dashmap::DashMap<String, Arc<TenantAlerts>>) -> AlertHub {
         AlertHub { tenants }
     }
 
-    pub fn tenant(&self, id: &str) -> Option<&Arc<TenantAlerts>> {
-        self.tenants.get(id)
+    pub fn tenant(&self, id: &str) -> Option<Arc<TenantAlerts>> {
+        self.tenants.get(id).map(|entry| Arc::clone(entry.value()))
+    }
+
+    /// A tenant added at run time.
+    pub fn insert(&self, id: &str, tenant: Arc<TenantAlerts>) {
+        self.tenants.insert(id.to_string(), tenant);
+    }
+
+    /// A tenant removed at run time.
+    pub fn remove(&self, id: &str) {
+        self.tenants.remove(id);
+    }
+
+    /// Every tenant's, by id (a copy: the map is not held across awaits).
+    pub fn list(&self) -> Vec<(String, Arc<TenantAlerts>)> {
+        let mut tenants: Vec<(String, Arc<TenantAlerts>)> = self
+            .tenants
+            .iter()
+            .map(|entry| (entry.key().clone(), Arc::clone(entry.value())))
+            .collect();
+        tenants.sort_by(|a, b| a.0.cmp(&b.0));
+        tenants
     }
 }
 
@@ -649,7 +670,7 @@ type KeyedView = (Option<String>, MetricView);
 /// dim (as many as the breakdown holds: `windows.max_series_per_metric` and
 /// `__other__`).
 async fn views(
-    reader: &TenantReader<'_>,
+    reader: &TenantReader,
     metric: &str,
     by: Option<&str>,
     now_ms: i64,
@@ -680,7 +701,7 @@ pub async fn evaluate_tenant(
         return Ok(0);
     }
     let _one_writer = alerts.writing.lock().await;
-    let reader = TenantReader::begin(handle)?;
+    let reader = TenantReader::begin(&handle)?;
     let now_ms = node.now_ms();
     let rules = alerts.rules();
     // each metric (and breakdown) is read once a tick, whatever its rules
@@ -860,7 +881,7 @@ async fn save_all(node: &Node) {
     if node.committer.is_failed() {
         return;
     }
-    for (tenant_id, alerts) in &node.alerts.tenants {
+    for (tenant_id, alerts) in &node.alerts.list() {
         if let Err(error) = save_memories(node, tenant_id, alerts).await {
             tracing::warn!(tenant = %tenant_id, %error, "alert memories not stored");
         }
@@ -907,7 +928,7 @@ pub async fn run(node: Arc<Node>) {
             }
             Wake::Tick => {}
         }
-        for (tenant_id, alerts) in &node.alerts.tenants {
+        for (tenant_id, alerts) in &node.alerts.list() {
             match evaluate_tenant(&node, tenant_id, alerts).await {
                 Ok(_) => {}
                 // a busy tenant is judged at the next tick

@@ -141,6 +141,39 @@ struct TenantCursor {
     firing: BTreeMap<(String, Option<String>), (i64, AlertRecord)>,
 }
 
+/// Where a tenant's sending stands: the last seq sent (stored), and what was
+/// still firing then (its records say so).
+async fn open_cursor(node: &Node, tenant: &str) -> TenantCursor {
+    let key = cursor_key(tenant);
+    let store = Arc::clone(&node.store);
+    let sent_seq = tokio::task::spawn_blocking(move || read_value(&*store, Space::Meta, &key))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten()
+        .and_then(|value| <[u8; 8]>::try_from(value.as_slice()).ok())
+        .map_or(0, u64::from_be_bytes);
+    let mut cursor = TenantCursor {
+        sent_seq,
+        firing: BTreeMap::new(),
+    };
+    let mut since = 0;
+    while since < cursor.sent_seq {
+        let page = records_after(node, tenant, since).await.unwrap_or_default();
+        let Some((last, _)) = page.last() else { break };
+        since = *last;
+        for (seq, record) in page {
+            if seq > cursor.sent_seq {
+                break;
+            }
+            if let Some(record) = record {
+                note(&mut cursor, record);
+            }
+        }
+    }
+    cursor
+}
+
 /// Sends every tenant's alerts to Alertmanager until the node stops.
 pub async fn run(node: Arc<Node>, url: String) {
     let endpoint = format!("{}/api/v2/alerts", url.trim_end_matches('/'));
@@ -155,42 +188,9 @@ pub async fn run(node: Arc<Node>, url: String) {
     };
     let mut stopping = node.stopping.subscribe();
     let mut cursors: BTreeMap<String, TenantCursor> = BTreeMap::new();
-    for tenant in node.tenants.keys() {
-        let key = cursor_key(tenant);
-        let store = Arc::clone(&node.store);
-        let sent_seq = tokio::task::spawn_blocking(move || read_value(&*store, Space::Meta, &key))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .flatten()
-            .and_then(|value| <[u8; 8]>::try_from(value.as_slice()).ok())
-            .map_or(0, u64::from_be_bytes);
-        cursors.insert(
-            tenant.clone(),
-            TenantCursor {
-                sent_seq,
-                firing: BTreeMap::new(),
-            },
-        );
-    }
-    // what fired before the cursor is still firing: the records say so
-    for (tenant, cursor) in cursors.iter_mut() {
-        let mut since = 0;
-        while since < cursor.sent_seq {
-            let page = records_after(&node, tenant, since)
-                .await
-                .unwrap_or_default();
-            let Some((last, _)) = page.last() else { break };
-            since = *last;
-            for (seq, record) in page {
-                if seq > cursor.sent_seq {
-                    break;
-                }
-                if let Some(record) = record {
-                    note(cursor, record);
-                }
-            }
-        }
+    for tenant in node.tenant_ids() {
+        let cursor = open_cursor(&node, &tenant).await;
+        cursors.insert(tenant, cursor);
     }
     let mut backoff = Duration::from_secs(1);
     let mut next_resend_ms = node.now_ms() + resend_ms;
@@ -199,6 +199,15 @@ pub async fn run(node: Arc<Node>, url: String) {
         tokio::select! {
             _ = tokio::time::sleep(tick) => {}
             _ = stopping.wait_for(|stopping| *stopping) => return,
+        }
+        // tenants added and removed at run time
+        let tenants = node.tenant_ids();
+        cursors.retain(|tenant, _| tenants.contains(tenant));
+        for tenant in tenants {
+            if let std::collections::btree_map::Entry::Vacant(entry) = cursors.entry(tenant) {
+                let cursor = open_cursor(&node, entry.key()).await;
+                entry.insert(cursor);
+            }
         }
         let now_ms = node.now_ms();
         let resend = now_ms >= next_resend_ms;

@@ -6,33 +6,27 @@
 //! Owns: the order of start-up and shutdown and the tasks it starts; the
 //! shared state itself is `node::Node`.
 
-use std::collections::HashMap;
+use dashmap::DashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::prelude::*;
 use tokio::sync::{oneshot, watch, Mutex, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::actors::metric::MetricActor;
-use crate::actors::tenant::{Durability, TenantActor};
-use crate::actors::{
-    metric_slots, ActorRuntime, FatalSender, PublishedRuns, TenantHandle, TenantHealth,
-};
+use crate::actors::tenant::Durability;
+use crate::actors::{ActorRuntime, FatalSender, TenantHandle, TenantStarter};
 use crate::alerting::{AlertHub, TenantAlerts};
 use crate::auth::KeyRing;
 use crate::clock::{SharedClock, Stopwatch};
 use crate::config::Config;
-use crate::domain::catalogue::Catalogue;
-use crate::domain::rate::TokenBucket;
 use crate::experiments::{ExperimentHub, TenantExperiments};
 use crate::http::serve::{serve, ServeLimits};
 pub use crate::node::{Node, SnapshotError, SnapshotReport};
 use crate::read::feed::TenantFeed;
 use crate::storage::commit::{Committer, FlushMode};
-use crate::storage::recovery::{recover, series_settings, Recovered, RecoveryReport};
+use crate::storage::recovery::{recover, Recovered, RecoveryReport};
 use crate::storage::{SharedStore, SledStore, StorageError};
 
 #[derive(Debug, thiserror::Error)]
@@ -54,86 +48,15 @@ pub enum StartError {
 
 fn start_tenants(
     config: &Config,
-    catalogue: &Arc<Catalogue>,
-    runtime: &ActorRuntime,
+    starter: &TenantStarter,
     mut recovered: Recovered,
-    durability: &Durability,
-    fatal: &FatalSender,
-) -> HashMap<String, TenantHandle> {
-    let batches_max = config.ingest.tenant_batches_inflight_max;
-    let queries_max = config.actors.tenant_queries_inflight_max;
-    // Each batch or read in flight puts at most one message in each mailbox and
-    // holds its place in the budget until that message is handled (`InFlight`
-    // travels with it), so a mailbox this size never fills and `send` never
-    // waits or reorders, even when clients disconnect mid-request. Snapshots
-    // add one message at a time.
-    let mailbox_capacity = batches_max + queries_max + 2;
-    let mut tenants = HashMap::new();
+) -> DashMap<String, Arc<TenantHandle>> {
+    let tenants = DashMap::new();
     for tenant in &config.tenants {
         let Some(state) = recovered.tenants.remove(&tenant.id) else {
             continue;
         };
-        let shard = runtime.shard_for(&tenant.id);
-        let context = Arc::clone(state.core.context());
-        let now_ms = state.core.now_ms();
-        // actors only for metrics with recovered state; the others start with
-        // their first events
-        let metrics = metric_slots(catalogue.metrics().len());
-        for (index, metric_state) in state.metrics.into_iter().enumerate() {
-            let Some(metric_state) = metric_state else {
-                continue;
-            };
-            let tenant_id = Arc::clone(&context.id);
-            let name = catalogue.metrics()[index].name.clone();
-            let addr = MetricActor::start_in_arbiter(shard, move |ctx| {
-                ctx.set_mailbox_capacity(mailbox_capacity);
-                MetricActor::from_state(tenant_id, name, metric_state, now_ms)
-            });
-            // each slot is filled once, here, before the tenant actor exists
-            let _ = metrics[index].set(addr);
-        }
-        let settings = series_settings(config, context.tz);
-        let health = Arc::new(TenantHealth::new(&tenant.id, Arc::clone(fatal)));
-        let runs = Arc::new(PublishedRuns::default());
-        let actor = {
-            let runs = Arc::clone(&runs);
-            let metrics = Arc::clone(&metrics);
-            let durability = durability.clone();
-            let health = Arc::clone(&health);
-            let core = state.core;
-            let watched = state.watched;
-            TenantActor::start_in_arbiter(shard, move |ctx| {
-                ctx.set_mailbox_capacity(mailbox_capacity);
-                TenantActor::new(
-                    core,
-                    metrics,
-                    settings,
-                    mailbox_capacity,
-                    durability,
-                    health,
-                    runs,
-                )
-                .watching(watched)
-            })
-        };
-        tenants.insert(
-            tenant.id.clone(),
-            TenantHandle {
-                context,
-                actor,
-                metrics,
-                settings,
-                batch_permits: Arc::new(Semaphore::new(batches_max)),
-                query_permits: Arc::new(Semaphore::new(queries_max)),
-                health,
-                runs,
-                rate: Arc::new(std::sync::Mutex::new(TokenBucket::new(
-                    config.ingest.tenant_events_per_second_max,
-                    config.ingest.tenant_events_per_second_max,
-                    now_ms,
-                ))),
-            },
-        );
+        tenants.insert(tenant.id.clone(), Arc::new(starter.start(state)));
     }
     tenants
 }
@@ -178,6 +101,19 @@ pub async fn start_with_store(
     clock: SharedClock,
     store: SharedStore,
 ) -> Result<RunningNode, StartError> {
+    // tenants added and removed through the API, over the config's (the seed)
+    let seed_tenants: Vec<String> = config.tenants.iter().map(|t| t.id.clone()).collect();
+    let mut config = config;
+    {
+        let store = Arc::clone(&store);
+        let record_bytes_max = config.storage.record_bytes_max;
+        let stored =
+            tokio::task::spawn_blocking(move || crate::tenants::stored(&*store, record_bytes_max))
+                .await
+                .map_err(|error| StartError::Thread(std::io::Error::other(error.to_string())))?
+                .map_err(StartError::Recovery)?;
+        crate::tenants::overlay(&mut config, &stored);
+    }
     // the one parse of everything the config holds as text
     let checked = config.check().map_err(|issues| {
         StartError::Config(
@@ -215,7 +151,9 @@ pub async fn start_with_store(
     let next_snapshot_id = recovered.next_snapshot_id;
 
     // Every write set waiting is bounded by the batches and reads in flight.
-    let queue_max = config.tenants.len().max(1)
+    // tenants added at run time count too (tokio's bounded queue takes no
+    // memory for room it does not use)
+    let queue_max = config.tenants.len().max(config.admin.tenants_max).max(1)
         * (config.ingest.tenant_batches_inflight_max + config.actors.tenant_queries_inflight_max)
         + 16;
     let mode = if config.storage.group_commit {
@@ -236,19 +174,20 @@ pub async fn start_with_store(
     let runtime = ActorRuntime::start(config.shard_count()).map_err(StartError::Thread)?;
     // storage failures and tenants that stop serving both end the node
     let fatal: FatalSender = Arc::new(watch::channel(None).0);
-    let tenants = start_tenants(
-        &config,
-        &catalogue,
+    let starter = TenantStarter::new(
         &runtime,
-        recovered,
-        &durability,
-        &fatal,
+        &config,
+        catalogue.metrics().len(),
+        durability.clone(),
+        Arc::clone(&fatal),
     );
+    let tenants = start_tenants(&config, &starter, recovered);
+    let tenant_ids: Vec<String> = config.tenants.iter().map(|t| t.id.clone()).collect();
     // alert states come back from the records they wrote
     let alerts = {
-        let mut alerts = HashMap::with_capacity(tenants.len());
+        let alerts = DashMap::with_capacity(tenants.len());
         let now_ms = clock.now_ms();
-        for tenant in tenants.keys() {
+        for tenant in &tenant_ids {
             let restored = TenantAlerts::restore(
                 &*store,
                 tenant,
@@ -271,8 +210,8 @@ pub async fn start_with_store(
     };
     // experiment states come back as their last write left them
     let experiments = {
-        let mut experiments = HashMap::with_capacity(tenants.len());
-        for tenant in tenants.keys() {
+        let experiments = DashMap::with_capacity(tenants.len());
+        for tenant in &tenant_ids {
             match TenantExperiments::restore(&*store, tenant, config.storage.record_bytes_max) {
                 Ok(restored) => {
                     experiments.insert(tenant.clone(), Arc::new(restored));
@@ -285,20 +224,16 @@ pub async fn start_with_store(
         }
         ExperimentHub::new(experiments)
     };
-    let lookups = match crate::lookups::restore(
-        &*store,
-        &tenants.keys().cloned().collect::<Vec<_>>(),
-        config.storage.record_bytes_max,
-    ) {
-        Ok(lookups) => lookups,
-        Err(error) => {
-            runtime.stop();
-            return Err(StartError::Recovery(error));
-        }
-    };
+    let lookups =
+        match crate::lookups::restore(&*store, &tenant_ids, config.storage.record_bytes_max) {
+            Ok(lookups) => lookups.into_iter().collect::<DashMap<_, _>>(),
+            Err(error) => {
+                runtime.stop();
+                return Err(StartError::Recovery(error));
+            }
+        };
     let keys = KeyRing::from_checked(&checked);
     // keys added and revoked through the API, over the config's
-    let tenant_ids: Vec<String> = tenants.keys().cloned().collect();
     if let Err(error) =
         crate::keys::restore(&*store, &keys, &tenant_ids, config.storage.record_bytes_max)
     {
@@ -310,8 +245,8 @@ pub async fn start_with_store(
     let ingest_kib = Arc::new(Semaphore::new(
         config.server.ingest_bytes_inflight_max / 1024,
     ));
-    let feeds: HashMap<String, Arc<TenantFeed>> = tenants
-        .keys()
+    let feeds: DashMap<String, Arc<TenantFeed>> = tenant_ids
+        .iter()
         .map(|tenant| (tenant.clone(), TenantFeed::new()))
         .collect();
     let live_sessions = Arc::new(Semaphore::new(config.live.sessions_max));
@@ -323,6 +258,9 @@ pub async fn start_with_store(
         clock,
         keys,
         tenants,
+        starter,
+        tenants_writing: Mutex::new(()),
+        seed_tenants,
         store,
         committer,
         prometheus,
@@ -460,11 +398,11 @@ pub async fn start_with_store(
     let feed_tasks: Vec<JoinHandle<()>> = node
         .feeds
         .iter()
-        .map(|(tenant, feed)| {
+        .map(|entry| {
             tokio::spawn(crate::live::run_feed(
                 Arc::clone(&node),
-                tenant.clone(),
-                Arc::clone(feed),
+                entry.key().clone(),
+                Arc::clone(entry.value()),
                 node.stopping.subscribe(),
             ))
         })
@@ -487,6 +425,7 @@ pub async fn start_with_store(
         None
     };
     node.set_ready(true);
+    crate::telemetry::set_tenants(node.tenants.len());
     tracing::info!(%local_addr, shards = runtime.shard_count(), tenants = node.tenants.len(), "tally is serving");
     Ok(RunningNode {
         node,

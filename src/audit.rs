@@ -29,7 +29,7 @@ pub struct AuditRecord {
     pub seq: u64,
     #[serde(rename = "at")]
     pub at_ms: i64,
-    /// Which key: `admin:`/`tenant:` and the first 12 hex digits of its
+    /// Which key: `admin:`/`tenant:` and the first 16 hex digits of its
     /// SHA-256 (never the secret), `scrape`, or `anonymous`.
     pub key: String,
     /// The tenant read, or `*` for every tenant.

@@ -54,7 +54,7 @@ pub enum AuthError {
 pub struct TenantKey {
     pub digest: [u8; 32],
     pub tenant: String,
-    /// The first 12 hex digits of the digest: how records and the API name it.
+    /// The first 16 hex digits of the digest (API.md §2): how records and the API name it.
     pub id: String,
     /// From config (the seed) or added through the API.
     pub from_config: bool,
@@ -62,7 +62,7 @@ pub struct TenantKey {
 
 /// The id of a key digest (docs/audit.md).
 pub fn digest_id(digest: &[u8; 32]) -> String {
-    hex::encode(&digest[..6])
+    hex::encode(&digest[..8])
 }
 
 /// Every key as its SHA-256 digest: the admin keys and the scrape token from

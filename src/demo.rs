@@ -104,7 +104,7 @@ pub fn alert_rules() -> Vec<crate::config::RuleConfig> {
 /// Posts a few events every 200 ms until the node stops: about 7 orders and
 /// 5 payments a second (1 % failing), checkouts, and the cycle's incidents.
 pub async fn run(node: Arc<Node>) {
-    let Some(tenant) = node.tenants.get(DEMO_TENANT) else {
+    let Some(tenant) = node.tenant(DEMO_TENANT) else {
         tracing::warn!("--demo: there is no tenant named demo; no traffic");
         return;
     };

@@ -9,7 +9,7 @@
 //! Must not: decide a breach (`domain::experiment` does) or read counts other
 //! than through `read`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use hdrhistogram::Histogram;
@@ -177,16 +177,37 @@ impl TenantExperiments {
 /// The node's experiments, by tenant.
 #[derive(Default)]
 pub struct ExperimentHub {
-    tenants: HashMap<String, Arc<TenantExperiments>>,
+    tenants: dashmap::DashMap<String, Arc<TenantExperiments>>,
 }
 
 impl ExperimentHub {
-    pub fn new(tenants: HashMap<String, Arc<TenantExperiments>>) -> ExperimentHub {
+    pub fn new(tenants: dashmap::DashMap<String, Arc<TenantExperiments>>) -> ExperimentHub {
         ExperimentHub { tenants }
     }
 
-    pub fn tenant(&self, id: &str) -> Option<&Arc<TenantExperiments>> {
-        self.tenants.get(id)
+    pub fn tenant(&self, id: &str) -> Option<Arc<TenantExperiments>> {
+        self.tenants.get(id).map(|entry| Arc::clone(entry.value()))
+    }
+
+    /// A tenant added at run time.
+    pub fn insert(&self, id: &str, tenant: Arc<TenantExperiments>) {
+        self.tenants.insert(id.to_string(), tenant);
+    }
+
+    /// A tenant removed at run time.
+    pub fn remove(&self, id: &str) {
+        self.tenants.remove(id);
+    }
+
+    /// Every tenant's, by id (a copy: the map is not held across awaits).
+    pub fn list(&self) -> Vec<(String, Arc<TenantExperiments>)> {
+        let mut tenants: Vec<(String, Arc<TenantExperiments>)> = self
+            .tenants
+            .iter()
+            .map(|entry| (entry.key().clone(), Arc::clone(entry.value())))
+            .collect();
+        tenants.sort_by(|a, b| a.0.cmp(&b.0));
+        tenants
     }
 }
 
@@ -212,10 +233,10 @@ pub enum ExperimentError {
     TenantGone(String),
 }
 
-fn parts<'n>(
-    node: &'n Node,
+fn parts(
+    node: &Node,
     tenant: &str,
-) -> Result<(&'n TenantHandle, &'n Arc<TenantExperiments>), ExperimentError> {
+) -> Result<(Arc<TenantHandle>, Arc<TenantExperiments>), ExperimentError> {
     match (node.tenant(tenant), node.experiments.tenant(tenant)) {
         (Some(handle), Some(experiments)) => Ok((handle, experiments)),
         _ => Err(ExperimentError::NotFound(format!("tenant {tenant}"))),
@@ -294,8 +315,8 @@ pub async fn put_experiment(
     };
     let stamped = change_watched(
         node,
-        handle,
-        experiments,
+        &handle,
+        &experiments,
         id,
         stored.watched(&node.catalogue),
         now_ms,
@@ -395,8 +416,8 @@ pub async fn resume(
     next.epoch_ms = 0;
     let stamped = change_watched(
         node,
-        handle,
-        experiments,
+        &handle,
+        &experiments,
         id,
         next,
         now_ms,
@@ -438,7 +459,7 @@ pub async fn delete(node: &Node, tenant: &str, id: &str) -> Result<(), Experimen
         .await?;
     lock(&experiments.book).experiments.remove(id);
     let watched = experiments.watched(&node.catalogue, None);
-    if let Err(error) = watch_experiments(handle, node.now_ms(), watched).await {
+    if let Err(error) = watch_experiments(&handle, node.now_ms(), watched).await {
         // its counts stay in memory until the next change: never counted
         tracing::warn!(tenant = %tenant, experiment = %id, %error, "deleted experiment's counts not dropped");
     }
@@ -449,7 +470,7 @@ pub async fn delete(node: &Node, tenant: &str, id: &str) -> Result<(), Experimen
 /// index (`None`: no events for that metric yet); with `windows`, also the
 /// `15m` counts.
 pub async fn read_counts(
-    reader: &TenantReader<'_>,
+    reader: &TenantReader,
     stored: &StoredExperiment,
     catalogue: &Catalogue,
     windows: bool,
@@ -574,7 +595,7 @@ pub async fn evaluate_tenant(
         return Ok(0);
     }
     let _one_writer = experiments.writing.lock().await;
-    let reader = TenantReader::begin(handle)?;
+    let reader = TenantReader::begin(&handle)?;
     let now_ms = node.now_ms();
     let mut read = Vec::with_capacity(watching.len());
     for stored in watching {
@@ -710,7 +731,7 @@ pub async fn run(node: Arc<Node>) {
         if node.committer.is_failed() {
             return;
         }
-        for (tenant_id, experiments) in &node.experiments.tenants {
+        for (tenant_id, experiments) in &node.experiments.list() {
             match evaluate_tenant(&node, tenant_id, experiments).await {
                 Ok(_) => {}
                 // a busy tenant is looked at the next tick

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::actors::tenant::{EventOutcome, IngestBatch, QuarantineCandidate, TenantError};
-use crate::actors::InFlight;
+use crate::actors::{InFlight, TenantHandle};
 use crate::auth::Principal;
 use crate::domain::dedup::RunsChecked;
 use crate::domain::event::{parse_event, validate_event, Reason, TenantField, ValidEvent};
@@ -59,16 +59,24 @@ pub enum IngestError {
     DiskShort { free_bytes: u64, min_bytes: u64 },
 }
 
-#[derive(Default)]
+/// Each accepted event's time, by its index in the request.
+type EventTimes = Vec<(u32, i64)>;
+
+/// A tenant's part of a request, with the handle it was routed by (one read
+/// of the registry per tenant and request: a tenant removed meanwhile still
+/// gets this request, as if it had come a moment earlier).
 struct TenantBatch {
+    tenant: Arc<TenantHandle>,
     events: Vec<(u32, ValidEvent)>,
     quarantined: Vec<QuarantineCandidate>,
+    /// Its lookup tables as they were when the request first needed them.
+    tables: Option<Arc<crate::domain::enrich::Tables>>,
 }
 
 /// The tenant's token bucket; a poisoned lock is used as it is (no code
 /// between lock and unlock panics).
 fn lock_bucket(
-    tenant: &crate::actors::TenantHandle,
+    tenant: &TenantHandle,
 ) -> std::sync::MutexGuard<'_, crate::domain::rate::TokenBucket> {
     tenant
         .rate
@@ -108,16 +116,19 @@ pub async fn ingest(
     items: &[&[u8]],
     now_ms: i64,
 ) -> Result<IngestReport, IngestError> {
-    let mut batches: BTreeMap<&str, TenantBatch> = BTreeMap::new();
+    let mut batches: BTreeMap<Arc<str>, TenantBatch> = BTreeMap::new();
     let mut rejections = Vec::new();
     let mut mismatches = Vec::new();
     for (index, item) in items.iter().enumerate() {
         let index = index as u32;
         let parsed = parse_event(item);
+        // an id past the limit is no id: echoing or keeping it would let one
+        // event hold megabytes beside its raw bytes (which the quarantine cuts)
         let id = parsed
             .as_ref()
             .ok()
             .and_then(|raw| raw.id_text())
+            .filter(|id| id.len() <= crate::domain::event::ID_BYTES_MAX)
             .map(str::to_string);
         let tenant_id: &str = match (principal, &parsed) {
             (Principal::Tenant(own), Ok(raw)) => match raw.tenant() {
@@ -134,11 +145,7 @@ pub async fn ingest(
             (Principal::Tenant(own), Err(_)) => own,
             (Principal::Admin, Ok(raw)) => {
                 let named = match raw.tenant() {
-                    TenantField::Named(named) => node
-                        .tenants
-                        .get_key_value(named)
-                        .map(|(key, _)| key.as_str())
-                        .ok_or(Reason::UnknownTenant),
+                    TenantField::Named(named) => Ok(named),
                     TenantField::Absent => default_tenant.ok_or(Reason::MissingTenant),
                     TenantField::Invalid => Err(Reason::InvalidTenant),
                 };
@@ -160,27 +167,44 @@ pub async fn ingest(
                 continue;
             }
         };
-        let Some((tenant_id, tenant)) = node.tenants.get_key_value(tenant_id) else {
-            rejections.push(Rejection {
-                index,
-                id,
-                reason: Reason::UnknownTenant,
-            });
-            continue;
+        if !batches.contains_key(tenant_id) {
+            let Some(tenant) = node.tenant(tenant_id) else {
+                rejections.push(Rejection {
+                    index,
+                    id,
+                    reason: Reason::UnknownTenant,
+                });
+                continue;
+            };
+            batches.insert(
+                Arc::clone(&tenant.context.id),
+                TenantBatch {
+                    tenant,
+                    events: Vec::new(),
+                    quarantined: Vec::new(),
+                    tables: None,
+                },
+            );
+        }
+        let Some(batch) = batches.get_mut(tenant_id) else {
+            continue; // inserted just above
         };
-        let batch = batches.entry(tenant_id.as_str()).or_default();
-        let validated = parsed
-            .and_then(|raw| validate_event(&raw, &tenant.context.validation(), now_ms, now_ms));
+        let validated = match &parsed {
+            Ok(raw) => validate_event(raw, &batch.tenant.context.validation(), now_ms, now_ms),
+            Err(reason) => Err(*reason),
+        };
         // enrichment before counting: what it adds is logged with the event
         let validated = match validated {
             Ok(mut event) if !node.enrichments.is_empty() => {
-                let tables = node
-                    .lookups
-                    .get(tenant_id.as_str())
-                    .map(|lookups| lookups.tables())
-                    .unwrap_or_default();
-                crate::domain::enrich::enrich(&mut event, &node.enrichments, &tables)
-                    .map(|()| event)
+                // the tables as they are when the request first needs them:
+                // one read of the lock per tenant and request, not per event
+                let tables = batch.tables.get_or_insert_with(|| {
+                    node.lookups
+                        .get(tenant_id)
+                        .map(|lookups| lookups.tables())
+                        .unwrap_or_default()
+                });
+                crate::domain::enrich::enrich(&mut event, &node.enrichments, tables).map(|()| event)
             }
             other => other,
         };
@@ -218,8 +242,8 @@ pub async fn ingest(
     // A place in every tenant's budget first, so that a shed request applies
     // nothing; a tenant that stopped serving refuses the request with its reason.
     let mut permits = Vec::with_capacity(batches.len());
-    for tenant_id in batches.keys() {
-        let tenant = &node.tenants[*tenant_id];
+    for (tenant_id, batch) in &batches {
+        let tenant = &batch.tenant;
         if let Some(reason) = tenant.failure() {
             telemetry::count_shed(telemetry::Shed::Unavailable);
             return Err(IngestError::NotServing {
@@ -237,13 +261,13 @@ pub async fn ingest(
     }
     // then the events of each tenant against its rate; a refusal gives back
     // what the request took from the tenants before it
-    let mut taken: Vec<(&str, u64)> = Vec::with_capacity(batches.len());
+    let mut taken: Vec<(Arc<TenantHandle>, u64)> = Vec::with_capacity(batches.len());
     for (tenant_id, batch) in &batches {
         let events = (batch.events.len() + batch.quarantined.len()) as u64;
-        let took = lock_bucket(&node.tenants[*tenant_id]).take(events, now_ms);
+        let took = lock_bucket(&batch.tenant).take(events, now_ms);
         if let Err(wait_ms) = took {
             for (earlier, events) in taken {
-                lock_bucket(&node.tenants[earlier]).give_back(events);
+                lock_bucket(&earlier).give_back(events);
             }
             telemetry::count_shed(telemetry::Shed::RateLimited);
             return Err(IngestError::RateLimited {
@@ -252,21 +276,21 @@ pub async fn ingest(
                 wait_ms,
             });
         }
-        taken.push((tenant_id, events));
+        taken.push((Arc::clone(&batch.tenant), events));
     }
     let mut requests = Vec::with_capacity(batches.len());
     // each accepted event's time, for its freshness once acknowledged
-    let mut times: Vec<(&str, Vec<(u32, i64)>)> = Vec::with_capacity(batches.len());
-    for ((tenant_id, batch), in_flight) in batches.into_iter().zip(permits) {
+    let mut times: Vec<(Arc<TenantHandle>, EventTimes)> = Vec::with_capacity(batches.len());
+    for ((_, batch), in_flight) in batches.into_iter().zip(permits) {
+        let tenant = batch.tenant;
         times.push((
-            tenant_id,
+            Arc::clone(&tenant),
             batch
                 .events
                 .iter()
                 .map(|(index, event)| (*index, event.ts_ms))
                 .collect(),
         ));
-        let tenant = &node.tenants[tenant_id];
         // the runs' filters are asked here, on this request's task, so that a
         // busy tenant's lookups spread over every core; the actor asks only
         // runs published since. A run that cannot be read is left to the actor,
@@ -288,11 +312,11 @@ pub async fn ingest(
     }
     let mut outcomes: Vec<(u32, EventOutcome)> = Vec::with_capacity(items.len());
     let mut failure = None;
-    for (request, (tenant_id, times)) in requests.into_iter().zip(times) {
+    for (request, (tenant, times)) in requests.into_iter().zip(times) {
         match request.await {
             // each tenant's actor counted its outcomes when it decided them
             Ok(Ok(tenant_outcomes)) => {
-                acknowledged(node, tenant_id, &times, &tenant_outcomes);
+                acknowledged(node, &tenant.context.id, &times, &tenant_outcomes);
                 outcomes.extend(tenant_outcomes);
             }
             Ok(Err(error)) => {
@@ -312,8 +336,8 @@ pub async fn ingest(
         Some(error) => {
             // nothing was applied for a refused batch's client to retry: its
             // events do not count against the tenant's rate
-            for (tenant_id, events) in taken {
-                lock_bucket(&node.tenants[tenant_id]).give_back(events);
+            for (tenant, events) in taken {
+                lock_bucket(&tenant).give_back(events);
             }
             Err(error)
         }

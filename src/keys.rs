@@ -55,14 +55,20 @@ pub fn restore(
         true
     })?;
     let mut keys: Vec<TenantKey> = ring.tenant_keys().to_vec();
+    let mut read = Vec::with_capacity(changes.len());
     for value in changes {
         let change = decode::<String>(&value, RecordKind::Rule, record_bytes_max)
             .ok()
             .and_then(|text| serde_json::from_str::<KeyChange>(&text).ok());
-        let Some(change) = change else {
-            tracing::warn!("a stored key change cannot be read; skipped");
-            continue;
-        };
+        match change {
+            Some(change) => read.push(change),
+            None => tracing::warn!("a stored key change cannot be read; skipped"),
+        }
+    }
+    // in the order they were made (a key's add and revoke share one record,
+    // but the same secret may be revoked from one tenant and given to another)
+    read.sort_by_key(|change| change.at_ms);
+    for change in read {
         let Some(digest) = hex::decode(&change.digest)
             .ok()
             .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
@@ -95,7 +101,7 @@ pub enum KeyError {
     TooMany(String, usize),
     #[error("that key is in use")]
     InUse,
-    #[error("a key must be 16 to 256 bytes of printable ascii")]
+    #[error("a key must be 16 to 256 bytes of printable ascii, without spaces")]
     BadKey,
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -112,17 +118,35 @@ fn new_secret() -> Result<String, KeyError> {
     Ok(format!("tly_{}", hex::encode(bytes)))
 }
 
-async fn store_change(node: &Node, id: &str, change: &KeyChange) -> Result<(), KeyError> {
-    let text = serde_json::to_string(change).map_err(|e| KeyError::Random(e.to_string()))?;
+/// The stored change of a key: what `restore` lays over the config's keys.
+pub(crate) fn change_op(
+    tenant: &str,
+    digest: &[u8; 32],
+    revoked: bool,
+    at_ms: i64,
+) -> Result<Op, KeyError> {
+    let change = KeyChange {
+        tenant: tenant.to_string(),
+        digest: hex::encode(digest),
+        revoked,
+        at_ms,
+    };
+    let text = serde_json::to_string(&change).map_err(|e| KeyError::Random(e.to_string()))?;
     let value = encode(RecordKind::Rule, &text)
         .map_err(|e| StorageError::Io(format!("key change: {e}")))?;
-    node.committer
-        .commit(vec![Op::Put {
-            space: Space::Meta,
-            key: change_key(&change.tenant, id),
-            value,
-        }])
-        .await?;
+    Ok(Op::Put {
+        space: Space::Meta,
+        key: change_key(tenant, &digest_id(digest)),
+        value,
+    })
+}
+
+/// A key given by a caller: 16 to 256 bytes of printable ASCII, no space.
+pub(crate) fn check_plain(plain: &str) -> Result<(), KeyError> {
+    let printable = plain.bytes().all(|b| b.is_ascii_graphic());
+    if !(16..=256).contains(&plain.len()) || !printable {
+        return Err(KeyError::BadKey);
+    }
     Ok(())
 }
 
@@ -138,10 +162,7 @@ pub async fn add(
     }
     let secret = match plain {
         Some(plain) => {
-            let printable = plain.bytes().all(|b| b.is_ascii_graphic());
-            if !(16..=256).contains(&plain.len()) || !printable {
-                return Err(KeyError::BadKey);
-            }
+            check_plain(&plain)?;
             plain
         }
         None => new_secret()?,
@@ -159,13 +180,9 @@ pub async fn add(
         return Err(KeyError::InUse);
     }
     let id = digest_id(&digest);
-    let change = KeyChange {
-        tenant: tenant.to_string(),
-        digest: hex::encode(digest),
-        revoked: false,
-        at_ms: node.now_ms(),
-    };
-    store_change(node, &id, &change).await?;
+    node.committer
+        .commit(vec![change_op(tenant, &digest, false, node.now_ms())?])
+        .await?;
     let mut keys = keys.to_vec();
     keys.push(TenantKey {
         digest,
@@ -188,13 +205,9 @@ pub async fn revoke(node: &Node, tenant: &str, id: &str) -> Result<(), KeyError>
     let Some(key) = keys.iter().find(|key| key.tenant == tenant && key.id == id) else {
         return Err(KeyError::UnknownKey(tenant.to_string(), id.to_string()));
     };
-    let change = KeyChange {
-        tenant: tenant.to_string(),
-        digest: hex::encode(key.digest),
-        revoked: true,
-        at_ms: node.now_ms(),
-    };
-    store_change(node, id, &change).await?;
+    node.committer
+        .commit(vec![change_op(tenant, &key.digest, true, node.now_ms())?])
+        .await?;
     let remaining: Vec<TenantKey> = keys
         .iter()
         .filter(|key| !(key.tenant == tenant && key.id == id))

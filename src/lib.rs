@@ -20,3 +20,4 @@ pub mod node;
 pub mod read;
 pub mod storage;
 pub mod telemetry;
+pub mod tenants;

@@ -6,10 +6,10 @@
 //! Must not: import a surface (http, live) or start anything; `app` builds it
 //! and starts the tasks around it.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use dashmap::DashMap;
 use tokio::sync::{watch, Mutex, Semaphore};
 
 use crate::actors::tenant::{InstallMerged, InstallRuns, PlanMerge, TakeSnapshot};
@@ -29,7 +29,16 @@ pub struct Node {
     pub catalogue: Arc<Catalogue>,
     pub clock: SharedClock,
     pub keys: KeyRing,
-    pub tenants: HashMap<String, TenantHandle>,
+    /// The tenants serving now: config's, then those added and removed at
+    /// run time (`tenants`). Read on every request, written rarely; a
+    /// handle is cloned out, never borrowed across an await.
+    pub tenants: DashMap<String, Arc<TenantHandle>>,
+    /// Starts a tenant's actors (at start and when one is added).
+    pub(crate) starter: crate::actors::TenantStarter,
+    /// One change of the tenants at a time (`tenants`).
+    pub tenants_writing: Mutex<()>,
+    /// The tenants config lists (the seed), as opposed to those the API added.
+    pub seed_tenants: Vec<String>,
     pub store: SharedStore,
     pub committer: Committer,
     /// Renders the node telemetry for /metrics.
@@ -37,7 +46,7 @@ pub struct Node {
     /// Turns true when the node stops: live sessions close (1001).
     pub stopping: watch::Sender<bool>,
     /// Each tenant's live feed (API.md §5).
-    pub feeds: HashMap<String, Arc<TenantFeed>>,
+    pub feeds: DashMap<String, Arc<TenantFeed>>,
     /// Each tenant's alert rules and states (API.md §7).
     pub alerts: crate::alerting::AlertHub,
     /// Each tenant's experiments and signals (API.md §8).
@@ -51,7 +60,7 @@ pub struct Node {
     /// The enrichments every event goes through (`[[enrichments]]`).
     pub enrichments: Arc<Vec<crate::domain::enrich::Enrichment>>,
     /// Each tenant's lookup tables (`lookups`).
-    pub lookups: HashMap<String, Arc<crate::lookups::TenantLookups>>,
+    pub lookups: DashMap<String, Arc<crate::lookups::TenantLookups>>,
     /// The audit trail's queue (`audit`).
     pub audit: crate::audit::AuditLog,
     /// Places for live sockets still to authenticate (`live.unauthenticated_max`).
@@ -86,10 +95,10 @@ impl Node {
         if self.committer.is_failed() {
             return Some("storage failed; the node restarts".into());
         }
-        let mut failed: Vec<(&String, String)> = self
+        let mut failed: Vec<(String, String)> = self
             .tenants
             .iter()
-            .filter_map(|(id, tenant)| Some((id, tenant.failure()?)))
+            .filter_map(|entry| Some((entry.key().clone(), entry.value().failure()?)))
             .collect();
         failed.sort();
         failed
@@ -125,9 +134,31 @@ impl Node {
         }
     }
 
-    /// A configured tenant.
-    pub fn tenant(&self, id: &str) -> Option<&TenantHandle> {
-        self.tenants.get(id)
+    /// A tenant serving now.
+    pub fn tenant(&self, id: &str) -> Option<Arc<TenantHandle>> {
+        self.tenants.get(id).map(|entry| Arc::clone(entry.value()))
+    }
+
+    /// Every tenant serving now, by id (a copy: the registry is not held).
+    pub fn tenant_list(&self) -> Vec<(String, Arc<TenantHandle>)> {
+        let mut tenants: Vec<(String, Arc<TenantHandle>)> = self
+            .tenants
+            .iter()
+            .map(|entry| (entry.key().clone(), Arc::clone(entry.value())))
+            .collect();
+        tenants.sort_by(|a, b| a.0.cmp(&b.0));
+        tenants
+    }
+
+    /// The ids of the tenants serving now, sorted.
+    pub fn tenant_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .tenants
+            .iter()
+            .map(|entry| entry.key().clone())
+            .collect();
+        ids.sort();
+        ids
     }
 
     /// The tenant a caller reads, by every surface's one rule: a tenant key
@@ -137,7 +168,7 @@ impl Node {
         &self,
         principal: &Principal,
         named: Option<&str>,
-    ) -> Result<&TenantHandle, AuthError> {
+    ) -> Result<Arc<TenantHandle>, AuthError> {
         let id = tenant_for_read(principal, named)?;
         self.tenant(id)
             .ok_or_else(|| AuthError::UnknownTenant(id.to_string()))
@@ -152,8 +183,9 @@ impl Node {
             return Err(SnapshotError::DiskShort { free_bytes });
         }
         let stopwatch = Stopwatch::start();
-        let mut taken = Vec::with_capacity(self.tenants.len());
-        for tenant in self.tenants.values() {
+        let tenants = self.tenant_list();
+        let mut taken = Vec::with_capacity(tenants.len());
+        for (_, tenant) in &tenants {
             let part = tenant
                 .actor
                 .send(TakeSnapshot)
@@ -211,7 +243,7 @@ impl Node {
         // runs no kept snapshot lists: expired, or from an unfinished snapshot
         let store = Arc::clone(&self.store);
         let data_dir = self.config.storage.data_dir.clone();
-        let tenants: Vec<String> = self.tenants.keys().cloned().collect();
+        let tenants: Vec<String> = self.tenant_ids();
         let deleted = tokio::task::spawn_blocking(move || {
             delete_unlisted_runs(&*store, &data_dir, &tenants, record_bytes_max)
         })
@@ -252,9 +284,9 @@ impl Node {
         let mut cursor = self.merging.lock().await;
         let start = *cursor;
         *cursor = cursor.wrapping_add(1);
-        let count = self.tenants.len();
-        for (tenant, handle) in self
-            .tenants
+        let tenants = self.tenant_list();
+        let count = tenants.len();
+        for (tenant, handle) in tenants
             .iter()
             .cycle()
             .skip(start % count.max(1))

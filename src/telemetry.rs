@@ -45,6 +45,8 @@ pub const METRIC_APPLY_ERRORS_TOTAL: &str = "tally_metric_apply_errors_total";
 pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "process_resident_memory_bytes";
 pub const TENANT_SERIES_DROPPED_TOTAL: &str = "tally_tenant_series_dropped_total";
 pub const LIVE_SESSIONS: &str = "tally_live_sessions";
+/// Tenants serving now (config and API; `admin.tenants_max` bounds it).
+pub const TENANTS: &str = "tally_tenants";
 pub const LIVE_SUBSCRIPTIONS: &str = "tally_live_subscriptions";
 pub const LIVE_UPDATES_SENT_TOTAL: &str = "tally_live_updates_sent_total";
 pub const LIVE_UPDATES_CONFLATED_TOTAL: &str = "tally_live_updates_conflated_total";
@@ -206,6 +208,7 @@ fn describe() {
         "taking and writing one snapshot"
     );
     describe_gauge!(SNAPSHOT_BYTES, Unit::Bytes, "size of the last snapshot");
+    describe_gauge!(TENANTS, Unit::Count, "tenants serving now");
     describe_gauge!(
         RECOVERY_SECONDS,
         Unit::Seconds,
@@ -339,6 +342,10 @@ pub fn record_ingest(seconds: f64, events: usize) {
 pub fn record_flush(seconds: f64, write_sets: usize) {
     histogram!(WAL_FLUSH_SECONDS).record(seconds);
     histogram!(WAL_WRITE_SETS_PER_FLUSH).record(write_sets as f64);
+}
+
+pub fn set_tenants(count: usize) {
+    gauge!(TENANTS).set(count as f64);
 }
 
 pub fn record_snapshot(seconds: f64, bytes: usize) {

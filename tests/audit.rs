@@ -20,7 +20,7 @@ use common::{order, start_node, start_node_in, TestNode, T0_MS};
 fn key_id(kind: &str, key: &str) -> String {
     format!(
         "{kind}:{}",
-        hex::encode(&Sha256::digest(key.as_bytes())[..6])
+        hex::encode(&Sha256::digest(key.as_bytes())[..8])
     )
 }
 

@@ -27,7 +27,7 @@ async fn add_key(node: &TestNode, key: &str, tenant: &str, body: Option<Value>) 
 }
 
 fn id_of(key: &str) -> String {
-    hex::encode(&Sha256::digest(key.as_bytes())[..6])
+    hex::encode(&Sha256::digest(key.as_bytes())[..8])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,7 +37,7 @@ async fn keys_are_added_and_revoked_at_run_time_and_kept_across_a_restart() {
     assert_eq!(added.status, StatusCode::CREATED, "{}", added.body);
     let secret = added.body["key"].as_str().unwrap().to_string();
     assert!(secret.starts_with("tly_") && secret.len() == 52, "{secret}");
-    assert_eq!(added.body["id"], id_of(&secret));
+    assert_eq!(added.body["key_id"], id_of(&secret));
     assert_eq!(
         node.get(Some(&secret), "/v1/metrics").await.status,
         StatusCode::OK
@@ -54,7 +54,7 @@ async fn keys_are_added_and_revoked_at_run_time_and_kept_across_a_restart() {
         .iter()
         .map(|k| {
             (
-                k["id"].as_str().unwrap().into(),
+                k["key_id"].as_str().unwrap().into(),
                 k["source"].as_str().unwrap().into(),
             )
         })

@@ -10,7 +10,7 @@ pub mod tenant;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
-use actix::{Addr, Arbiter, ArbiterHandle, System};
+use actix::{Actor, Addr, Arbiter, ArbiterHandle, System};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use metric::MetricActor;
@@ -201,6 +201,116 @@ impl ActorRuntime {
         self.system.stop();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+    }
+}
+
+/// Starts a tenant's actors on the shard its id hashes to: at start over the
+/// recovered state, and when a tenant is added at run time (over a fresh one).
+#[derive(Clone)]
+pub struct TenantStarter {
+    arbiters: Vec<ArbiterHandle>,
+    metric_count: usize,
+    durability: tenant::Durability,
+    fatal: FatalSender,
+    batches_max: usize,
+    queries_max: usize,
+    events_per_second_max: u64,
+    /// Series settings without the time zone, which is the tenant's.
+    settings: SeriesSettings,
+}
+
+impl TenantStarter {
+    pub fn new(
+        runtime: &ActorRuntime,
+        config: &crate::config::Config,
+        metric_count: usize,
+        durability: tenant::Durability,
+        fatal: FatalSender,
+    ) -> TenantStarter {
+        TenantStarter {
+            arbiters: runtime.arbiters.clone(),
+            metric_count,
+            durability,
+            fatal,
+            batches_max: config.ingest.tenant_batches_inflight_max,
+            queries_max: config.actors.tenant_queries_inflight_max,
+            events_per_second_max: config.ingest.tenant_events_per_second_max,
+            settings: crate::storage::recovery::series_settings(config, chrono_tz::UTC),
+        }
+    }
+
+    /// Starts the actors of `state`'s tenant; its metric actors only for
+    /// metrics with state (the others start with their first events).
+    pub fn start(&self, state: crate::storage::recovery::RecoveredTenant) -> TenantHandle {
+        // Each batch or read in flight puts at most one message in each mailbox
+        // and holds its place in the budget until that message is handled
+        // (`InFlight` travels with it), so a mailbox this size never fills and
+        // `send` never waits or reorders, even when clients disconnect
+        // mid-request. Snapshots add one message at a time.
+        let mailbox_capacity = self.batches_max + self.queries_max + 2;
+        let context = Arc::clone(state.core.context());
+        let hash = xxhash_rust::xxh3::xxh3_64(context.id.as_bytes());
+        // at least one arbiter: ActorRuntime::start makes `shards.max(1)`
+        let shard = &self.arbiters[(hash % self.arbiters.len() as u64) as usize];
+        let now_ms = state.core.now_ms();
+        let metrics = metric_slots(self.metric_count);
+        for (index, metric_state) in state.metrics.into_iter().enumerate() {
+            let Some(metric_state) = metric_state else {
+                continue;
+            };
+            let tenant_id = Arc::clone(&context.id);
+            let name = context.catalogue.metrics()[index].name.clone();
+            let addr = MetricActor::start_in_arbiter(shard, move |ctx| {
+                ctx.set_mailbox_capacity(mailbox_capacity);
+                MetricActor::from_state(tenant_id, name, metric_state, now_ms)
+            });
+            // each slot is filled once, here, before the tenant actor exists
+            let _ = metrics[index].set(addr);
+        }
+        let settings = SeriesSettings {
+            tz: context.tz,
+            ..self.settings
+        };
+        let health = Arc::new(TenantHealth::new(&context.id, Arc::clone(&self.fatal)));
+        let runs = Arc::new(PublishedRuns::default());
+        let actor = {
+            let runs = Arc::clone(&runs);
+            let metrics = Arc::clone(&metrics);
+            let durability = self.durability.clone();
+            let health = Arc::clone(&health);
+            let core = state.core;
+            let watched = state.watched;
+            TenantActor::start_in_arbiter(shard, move |ctx| {
+                ctx.set_mailbox_capacity(mailbox_capacity);
+                TenantActor::new(
+                    core,
+                    metrics,
+                    settings,
+                    mailbox_capacity,
+                    durability,
+                    health,
+                    runs,
+                )
+                .watching(watched)
+            })
+        };
+        TenantHandle {
+            context,
+            actor,
+            metrics,
+            settings,
+            batch_permits: Arc::new(Semaphore::new(self.batches_max)),
+            query_permits: Arc::new(Semaphore::new(self.queries_max)),
+            health,
+            runs,
+            rate: Arc::new(std::sync::Mutex::new(
+                crate::domain::rate::TokenBucket::new(
+                    self.events_per_second_max,
+                    self.events_per_second_max,
+                    now_ms,
+                ),
+            )),
         }
     }
 }

@@ -1,4 +1,5 @@
-//! `[admin]`: the admin keys, and the bound on keys added at run time.
+//! `[admin]`: the admin keys, and the bounds on tenants and keys added at
+//! run time.
 
 use serde::Deserialize;
 
@@ -8,6 +9,8 @@ pub struct AdminConfig {
     pub api_keys: Vec<String>,
     /// Keys one tenant may have (config and API together).
     pub keys_per_tenant_max: usize,
+    /// Tenants the node serves (config and API together).
+    pub tenants_max: usize,
 }
 
 impl Default for AdminConfig {
@@ -15,6 +18,7 @@ impl Default for AdminConfig {
         AdminConfig {
             api_keys: Vec::new(),
             keys_per_tenant_max: 100,
+            tenants_max: 10_000,
         }
     }
 }

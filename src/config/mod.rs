@@ -52,7 +52,7 @@ pub use prometheus::PrometheusConfig;
 pub use quarantine::QuarantineConfig;
 pub use server::ServerConfig;
 pub use storage::StorageConfig;
-pub use tenants::{TenantConfig, TenantSettings};
+pub use tenants::{check_fields as check_tenant_fields, TenantConfig, TenantSettings};
 pub use windows::WindowsConfig;
 
 pub const ENV_PREFIX: &str = "TALLY_";
@@ -174,7 +174,7 @@ pub fn key_digest(configured: &str) -> Result<KeyDigest, String> {
     Ok(Sha256::digest(configured.as_bytes()).into())
 }
 
-fn is_identifier(text: &str, bytes_max: usize) -> bool {
+pub(crate) fn is_identifier(text: &str, bytes_max: usize) -> bool {
     !text.is_empty()
         && text.len() <= bytes_max
         && text
@@ -503,7 +503,22 @@ impl Config {
         if self.server.body_read_timeout_ms == 0 {
             issues.push(issue("server.body_read_timeout_ms", "must be at least 1"));
         }
-        let mut digests = HashSet::new();
+        if self.admin.keys_per_tenant_max == 0 {
+            issues.push(issue("admin.keys_per_tenant_max", "must be at least 1"));
+        }
+        if self.admin.tenants_max == 0 {
+            issues.push(issue("admin.tenants_max", "must be at least 1"));
+        } else if self.tenants.len() > self.admin.tenants_max {
+            issues.push(issue(
+                "tenants",
+                format!(
+                    "{} tenants; admin.tenants_max is {}",
+                    self.tenants.len(),
+                    self.admin.tenants_max
+                ),
+            ));
+        }
+        // the scrape token's digest is already in `digests`: one key, one caller
         let mut check_key =
             |issues: &mut Vec<ConfigIssue>, path: String, key: &str, kept: &mut Vec<KeyDigest>| {
                 match key_digest(key) {
@@ -538,6 +553,15 @@ impl Config {
                 ));
             }
             let mut key_digests = Vec::new();
+            if tenant.api_keys.len() > self.admin.keys_per_tenant_max {
+                issues.push(issue(
+                    format!("{at}.api_keys"),
+                    format!(
+                        "more keys than admin.keys_per_tenant_max ({})",
+                        self.admin.keys_per_tenant_max
+                    ),
+                ));
+            }
             for (i, key) in tenant.api_keys.iter().enumerate() {
                 check_key(
                     &mut issues,
@@ -546,29 +570,15 @@ impl Config {
                     &mut key_digests,
                 );
             }
-            match crate::domain::event::currency_minor_digits(&tenant.currency) {
-                Some(_) => {}
-                None if iso_currency::Currency::from_code(&tenant.currency).is_some() => issues
-                    .push(issue(
-                        format!("{at}.currency"),
-                        "has no minor unit in ISO 4217 (a metal or a fund); amounts need one",
-                    )),
-                None => issues.push(issue(
-                    format!("{at}.currency"),
-                    "must be an ISO 4217 code such as USD",
-                )),
-            }
-            match tenant.timezone.parse::<chrono_tz::Tz>() {
-                Ok(tz) => tenants.push(TenantSettings {
+            if let Some(tz) =
+                tenants::check_fields(&at, &tenant.currency, &tenant.timezone, &mut issues)
+            {
+                tenants.push(TenantSettings {
                     id: tenant.id.clone(),
                     currency: tenant.currency.clone(),
                     tz,
                     key_digests,
-                }),
-                Err(_) => issues.push(issue(
-                    format!("{at}.timezone"),
-                    "must be an IANA time zone such as Europe/Berlin",
-                )),
+                });
             }
         }
         let catalogue = match self.catalogue() {

@@ -154,3 +154,61 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// Every error answer is `{"error": code, "message": text}` (docs/api.md §3),
+/// also those axum makes itself before a handler runs: `405` (with its
+/// `Allow`), a path segment that is not UTF-8, a rejected extractor. Their
+/// text becomes the message; the status decides the code.
+pub async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    if is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // axum's own error texts are a line; a longer body is not an error text
+    let text = axum::body::to_bytes(body, 16 * 1024)
+        .await
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string())
+        .unwrap_or_default();
+    let code = match status.as_u16() {
+        400 => "bad_request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        408 => "request_timeout",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        422 => "invalid",
+        _ if status.is_server_error() => "unavailable",
+        _ => "bad_request",
+    };
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_lowercase()
+    } else {
+        // error text is lowercase (STYLE.md); axum's begins with a capital
+        let mut chars = text.chars();
+        chars
+            .next()
+            .map(|first| first.to_lowercase().chain(chars).collect())
+            .unwrap_or_default()
+    };
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let body = json!({"error": code, "message": message}).to_string();
+    Response::from_parts(parts, axum::body::Body::from(body))
+}

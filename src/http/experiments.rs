@@ -42,10 +42,7 @@ fn experiment_error(node: &Node, error: ExperimentError) -> ApiError {
     }
 }
 
-fn tenant_experiments<'n>(
-    node: &'n Node,
-    tenant: &str,
-) -> Result<&'n Arc<TenantExperiments>, ApiError> {
+fn tenant_experiments(node: &Node, tenant: &str) -> Result<Arc<TenantExperiments>, ApiError> {
     node.experiments
         .tenant(tenant)
         .ok_or_else(|| ApiError::NotFound(format!("unknown tenant {tenant}")))
@@ -205,7 +202,7 @@ pub async fn get(
     let handle = node
         .tenant(&tenant)
         .ok_or_else(|| ApiError::NotFound(format!("unknown tenant {tenant}")))?;
-    let reader = TenantReader::begin(handle).map_err(|error| read_error(&node, error))?;
+    let reader = TenantReader::begin(&handle).map_err(|error| read_error(&node, error))?;
     let counts = read_counts(&reader, &stored, &node.catalogue, true, node.now_ms())
         .await
         .map_err(|error| read_error(&node, error))?;

@@ -136,14 +136,14 @@ pub struct IngestQuery {
 }
 
 /// The tenant events without a `tenant` field belong to.
-fn default_tenant<'n>(
-    node: &'n Node,
+fn default_tenant(
+    node: &Node,
     principal: &Principal,
     named: Option<&str>,
-) -> Result<Option<&'n str>, ApiError> {
+) -> Result<Option<String>, ApiError> {
     let Some(named) = named else {
         return Ok(match principal {
-            Principal::Tenant(own) => node.tenants.get_key_value(own).map(|(id, _)| id.as_str()),
+            Principal::Tenant(own) => node.tenants.contains_key(own).then(|| own.clone()),
             Principal::Admin => None,
         });
     };
@@ -152,10 +152,11 @@ fn default_tenant<'n>(
             "a tenant key can only write its own tenant".into(),
         ));
     }
-    node.tenants
-        .get_key_value(named)
-        .map(|(id, _)| Some(id.as_str()))
-        .ok_or_else(|| ApiError::NotFound(format!("unknown tenant {named}")))
+    if node.tenants.contains_key(named) {
+        Ok(Some(named.to_string()))
+    } else {
+        Err(ApiError::NotFound(format!("unknown tenant {named}")))
+    }
 }
 
 pub async fn post_events(
@@ -203,7 +204,7 @@ pub async fn post_events(
         )));
     }
     let now_ms = node.now_ms();
-    let report = crate::ingest::ingest(&node, &principal, query_tenant, &items, now_ms)
+    let report = crate::ingest::ingest(&node, &principal, query_tenant.as_deref(), &items, now_ms)
         .await
         .map_err(|error| ingest_error(error, retry_after_s))?;
     telemetry::record_ingest(started.elapsed_secs(), items.len());

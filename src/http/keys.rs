@@ -55,7 +55,7 @@ pub async fn list(
         .tenant_keys()
         .iter()
         .filter(|key| key.tenant == tenant)
-        .map(|key| json!({"id": key.id, "source": if key.from_config { "config" } else { "api" }}))
+        .map(|key| json!({"key_id": key.id, "source": if key.from_config { "config" } else { "api" }}))
         .collect();
     Ok(Json(json!({"tenant": tenant, "keys": keys})))
 }
@@ -86,7 +86,7 @@ pub async fn add(
         .map_err(|error| key_error(&node, error))?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"tenant": tenant, "id": id, "key": secret})),
+        Json(json!({"tenant": tenant, "key_id": id, "key": secret})),
     ))
 }
 

@@ -1,6 +1,7 @@
 //! The HTTP API: every route in one place (`router`), errors mapped to status in
 //! `error`, who is calling in `caller` (who may do what is `crate::auth`'s).
 
+pub mod admit;
 pub mod alerts;
 pub mod audit;
 pub mod caller;
@@ -15,6 +16,7 @@ pub mod prometheus;
 pub mod quarantine;
 pub mod query;
 pub mod serve;
+pub mod tenants;
 
 use std::sync::Arc;
 
@@ -65,6 +67,11 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/experiments/{id}/resume", post(experiments::resume))
         .route("/v1/signals", get(experiments::signals))
         .route("/v1/audit", get(audit::list))
+        .route("/v1/tenants", get(tenants::list))
+        .route(
+            "/v1/tenants/{id}",
+            get(tenants::get).put(tenants::put).delete(tenants::delete),
+        )
         .route("/v1/tenants/{id}/keys", get(keys::list).post(keys::add))
         .route("/v1/tenants/{id}/keys/{key_id}", delete(keys::revoke))
         .route("/v1/quarantine", get(quarantine::list))
@@ -75,12 +82,21 @@ pub fn router(node: Arc<Node>) -> Router {
         )
         .route("/v1/quarantine/{qid}/retry", post(quarantine::retry))
         .route("/v1/quarantine/{qid}", delete(quarantine::delete))
+        // the key before the body; inside the audit, which counts its 401s
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&node),
+            admit::admit,
+        ))
         // after routing, so that records name the route's pattern
         .route_layer(axum::middleware::from_fn_with_state(
             Arc::clone(&node),
             audit::record_requests,
         ))
+        // bodies are read whole by `admit` within server.max_body_bytes;
+        // axum's own 2 MiB default must not cut them shorter
+        .layer(DefaultBodyLimit::max(node.config.server.max_body_bytes))
         .fallback(not_found)
+        .layer(axum::middleware::map_response(error::json_errors))
         .with_state(node)
 }
 
@@ -93,6 +109,7 @@ pub fn metrics_router(node: Arc<Node>) -> Router {
             audit::record_requests,
         ))
         .fallback(not_found)
+        .layer(axum::middleware::map_response(error::json_errors))
         .with_state(node)
 }
 

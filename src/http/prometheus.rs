@@ -18,6 +18,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use crate::actors::TenantHandle;
 use crate::auth::{Caller, Principal};
 use crate::domain::time::WindowName;
 use crate::node::Node;
@@ -198,10 +199,14 @@ pub async fn get_metrics(State(node): State<Arc<Node>>, caller: Caller) -> Respo
     };
     telemetry::collect_process_metrics();
     let mut text = String::new();
-    let tenants: Vec<&String> = match &view {
+    let tenants: Vec<(String, Arc<TenantHandle>)> = match &view {
         ScrapeView::Node => Vec::new(),
-        ScrapeView::Tenant(tenant) => node.tenants.keys().filter(|id| *id == tenant).collect(),
-        ScrapeView::All => node.tenants.keys().collect(),
+        ScrapeView::Tenant(tenant) => node
+            .tenant(tenant)
+            .map(|handle| (tenant.clone(), handle))
+            .into_iter()
+            .collect(),
+        ScrapeView::All => node.tenant_list(),
     };
     let mut rows = 0;
     if node.config.prometheus.tenant_values && !tenants.is_empty() {
@@ -236,17 +241,18 @@ pub async fn get_metrics(State(node): State<Arc<Node>>, caller: Caller) -> Respo
     response
 }
 
-async fn tenant_samples(node: &Node, mut tenant_ids: Vec<&String>) -> Samples {
+async fn tenant_samples(node: &Node, tenants: Vec<(String, Arc<TenantHandle>)>) -> Samples {
     let mut samples = Samples {
         by_family: vec![Vec::new(); FAMILIES.len()],
         written: 0,
         dropped: 0,
         max: node.config.prometheus.tenant_series_max,
     };
-    tenant_ids.sort();
+    // `tenant_list` is sorted by id
     let now_ms = node.now_ms();
-    for tenant_id in tenant_ids {
-        let views = match TenantReader::begin(&node.tenants[tenant_id]) {
+    for (tenant_id, tenant) in tenants {
+        let tenant_id = &tenant_id;
+        let views = match TenantReader::begin(&tenant) {
             Ok(reader) => reader.all(now_ms).await,
             Err(error) => Err(error),
         };

@@ -34,11 +34,11 @@ pub fn begin_read<'n, Q>(
     caller: &Caller,
     query: QueryResult<Q>,
     named: fn(&Q) -> Option<&str>,
-) -> Result<(Q, TenantReader<'n>), ApiError> {
+) -> Result<(Q, TenantReader), ApiError> {
     let principal = caller.principal()?;
     let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let tenant = node.reading_tenant(principal, named(&query))?;
-    let reader = TenantReader::begin(tenant).map_err(|error| read_error(node, error))?;
+    let reader = TenantReader::begin(&tenant).map_err(|error| read_error(node, error))?;
     Ok((query, reader))
 }
 
@@ -181,7 +181,7 @@ pub struct SeriesQuery {
 
 /// The currency and its minor digits when metric `index` is money (a sum of
 /// `amount`).
-fn money_of(reader: &TenantReader<'_>, index: usize) -> csv::Money {
+fn money_of(reader: &TenantReader, index: usize) -> csv::Money {
     let context = &reader.tenant().context;
     match context.catalogue.metrics()[index].kind {
         MetricKind::Sum {

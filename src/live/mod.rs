@@ -19,7 +19,7 @@ use crate::read::{ReadError, TenantReader};
 
 /// Reads every metric of a tenant once (a fresh read, so it equals a read at
 /// this moment), or says why it cannot now (busy, or not serving).
-pub async fn read_frame(tenant: &TenantHandle, at_ms: i64) -> Result<Frame, ReadError> {
+pub async fn read_frame(tenant: &Arc<TenantHandle>, at_ms: i64) -> Result<Frame, ReadError> {
     let reader = TenantReader::begin(tenant)?;
     let views = reader.all(at_ms).await?;
     Ok(Frame {
@@ -40,6 +40,9 @@ pub async fn run_feed(
     let mut ticks = tokio::time::interval(Duration::from_millis(node.config.live.tick_ms));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        if feed.is_closed() {
+            return;
+        }
         // sessions with only topic subscriptions (or none yet) need no reads:
         // an unwatched feed sleeps until its first subscription
         if !feed.is_watched() {
@@ -63,7 +66,7 @@ pub async fn run_feed(
             return;
         };
         let unseen_ack_ms = feed.take_unseen_ack();
-        match read_frame(tenant, node.now_ms()).await {
+        match read_frame(&tenant, node.now_ms()).await {
             Ok(frame) => {
                 feed.publish(frame);
                 if let Some(ack_ms) = unseen_ack_ms {

@@ -185,7 +185,7 @@ pub async fn run(
             }
         },
     };
-    let Some(feed) = node.feeds.get(&tenant).cloned() else {
+    let Some(feed) = node.feeds.get(&tenant).map(|feed| Arc::clone(feed.value())) else {
         return close(&mut socket, limit, CLOSE_UNAUTHORIZED, "unknown tenant").await;
     };
     let Some(_place) = feed.join(&tenant, node.config.live.sessions_per_tenant_max) else {
@@ -628,7 +628,7 @@ async fn subscribe(
     let Some(handle) = node.tenant(tenant) else {
         return refuse(ErrorCode::Unavailable, format!("unknown tenant {tenant}"));
     };
-    let frame = match super::read_frame(handle, node.now_ms()).await {
+    let frame = match super::read_frame(&handle, node.now_ms()).await {
         Ok(frame) => frame,
         Err(ReadError::Busy(_)) => {
             return refuse(

@@ -32,6 +32,8 @@ pub struct TenantFeed {
     /// Woken when the first subscription arrives, so an unwatched feed sleeps
     /// (10 000 idle tenants cost no ticks).
     first_watcher: tokio::sync::Notify,
+    /// Set when its tenant is removed: the feed's task ends.
+    closed: std::sync::atomic::AtomicBool,
     /// The earliest acknowledgement (ms) not yet in a frame; 0: none.
     unseen_ack_ms: AtomicI64,
     /// Event time → acknowledgement (`tally_event_freshness_seconds`).
@@ -48,6 +50,7 @@ impl TenantFeed {
             sessions: AtomicUsize::new(0),
             watchers: AtomicUsize::new(0),
             first_watcher: tokio::sync::Notify::new(),
+            closed: std::sync::atomic::AtomicBool::new(false),
             unseen_ack_ms: AtomicI64::new(0),
             event_freshness: Default::default(),
             live_visible: Default::default(),
@@ -116,11 +119,21 @@ impl TenantFeed {
         crate::telemetry::add_live_subscriptions(delta as f64);
     }
 
-    /// Resolves once some subscription watches the feed.
+    /// Resolves once some subscription watches the feed, or it is closed.
     pub async fn watched(&self) {
-        while !self.is_watched() {
+        while !self.is_watched() && !self.is_closed() {
             self.first_watcher.notified().await;
         }
+    }
+
+    /// Its tenant was removed: the task that reads it ends.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.first_watcher.notify_one();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// Publishes `frame` with the next seq, unless its values equal the

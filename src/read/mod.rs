@@ -402,14 +402,14 @@ impl Serialize for PointValue {
 
 /// A tenant's read: its place in the tenant's read budget, held until the
 /// reader is dropped (and by every message the reader sent, until handled).
-pub struct TenantReader<'t> {
-    tenant: &'t TenantHandle,
+pub struct TenantReader {
+    tenant: Arc<TenantHandle>,
     in_flight: InFlight,
 }
 
-impl<'t> TenantReader<'t> {
+impl TenantReader {
     /// A reader of `tenant`, or why it cannot read now.
-    pub fn begin(tenant: &'t TenantHandle) -> Result<TenantReader<'t>, ReadError> {
+    pub fn begin(tenant: &Arc<TenantHandle>) -> Result<TenantReader, ReadError> {
         if let Some(reason) = tenant.failure() {
             return Err(ReadError::NotServing {
                 tenant: tenant.context.id.to_string(),
@@ -423,13 +423,13 @@ impl<'t> TenantReader<'t> {
                 ReadError::Busy(tenant.context.id.to_string())
             })?;
         Ok(TenantReader {
-            tenant,
+            tenant: Arc::clone(tenant),
             in_flight: InFlight::new(permit),
         })
     }
 
-    pub fn tenant(&self) -> &'t TenantHandle {
-        self.tenant
+    pub fn tenant(&self) -> &TenantHandle {
+        &self.tenant
     }
 
     /// The read's place in the budget, for a message to the tenant actor
@@ -438,7 +438,7 @@ impl<'t> TenantReader<'t> {
         self.in_flight.clone()
     }
 
-    fn catalogue(&self) -> &'t Catalogue {
+    fn catalogue(&self) -> &Catalogue {
         &self.tenant.context.catalogue
     }
 
@@ -450,7 +450,7 @@ impl<'t> TenantReader<'t> {
     }
 
     /// The actor of metric `index`, once it has one.
-    fn actor(&self, index: usize) -> Option<&'t actix::Addr<crate::actors::metric::MetricActor>> {
+    fn actor(&self, index: usize) -> Option<&actix::Addr<crate::actors::metric::MetricActor>> {
         self.tenant.metrics.get(index)?.get()
     }
 

@@ -33,6 +33,23 @@ pub struct RecoveredTenant {
     pub watched: Vec<Watched>,
 }
 
+impl RecoveredTenant {
+    /// A tenant with nothing recovered: one added at run time.
+    pub fn fresh(config: &Config, context: Arc<TenantContext>, now_ms: i64) -> RecoveredTenant {
+        let dedup = DedupIndex::new(config.ingest.dedup_horizon_s, config.ingest.dedup_ids_max());
+        let quarantine = QuarantineStore::new(
+            config.quarantine.events_per_tenant_max,
+            config.quarantine.raw_bytes_max,
+        );
+        let metrics = context.catalogue.metrics().iter().map(|_| None).collect();
+        RecoveredTenant {
+            core: TenantCore::new(context, dedup, quarantine, now_ms),
+            metrics,
+            watched: Vec::new(),
+        }
+    }
+}
+
 /// What recovery did, for the log and for tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
