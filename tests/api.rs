@@ -444,7 +444,10 @@ async fn shed_load_is_429_with_retry_after_and_applies_nothing() {
     let node = start_node(|config| config.ingest.tenant_batches_inflight_max = 1).await;
     let running = node.running.as_ref().unwrap();
     // hold the tenant's only in-flight batch slot, as a slow batch would
-    let permit = running.node.tenant("demo").unwrap()
+    let permit = running
+        .node
+        .tenant("demo")
+        .unwrap()
         .batch_permits
         .clone()
         .acquire_owned()
@@ -474,7 +477,10 @@ async fn shed_load_is_429_with_retry_after_and_applies_nothing() {
 async fn reads_past_their_limit_are_503() {
     let node = start_node(|config| config.actors.tenant_queries_inflight_max = 1).await;
     let running = node.running.as_ref().unwrap();
-    let permit = running.node.tenant("demo").unwrap()
+    let permit = running
+        .node
+        .tenant("demo")
+        .unwrap()
         .query_permits
         .clone()
         .acquire_owned()

@@ -444,7 +444,12 @@ async fn a_tenant_that_stopped_serving_is_not_ready_and_503_with_its_reason() {
     let node = start_node(|_| {}).await;
     assert_eq!(node.get(None, "/readyz").await.status, StatusCode::OK);
     let reason = "2 metric actor(s) stopped before applying a durable batch";
-    node.running.as_ref().unwrap().node.tenant("demo").unwrap()
+    node.running
+        .as_ref()
+        .unwrap()
+        .node
+        .tenant("demo")
+        .unwrap()
         .health
         .fail(reason);
     let ready = node.get(None, "/readyz").await;

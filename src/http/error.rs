@@ -192,10 +192,7 @@ pub async fn json_errors(response: Response) -> Response {
         _ => "bad_request",
     };
     let message = if text.is_empty() {
-        status
-            .canonical_reason()
-            .unwrap_or("error")
-            .to_lowercase()
+        status.canonical_reason().unwrap_or("error").to_lowercase()
     } else {
         // error text is lowercase (STYLE.md); axum's begins with a capital
         let mut chars = text.chars();
