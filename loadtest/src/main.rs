@@ -306,6 +306,13 @@ async fn enrich(common: &Common, rounds: usize) -> Result<(), String> {
     if scenario.enrichment.is_none() {
         return Err("the scenario has no [enrichment]".into());
     }
+    let with = |scenario: &Scenario, producer: bool| {
+        let mut scenario = scenario.clone();
+        if let Some(enrichment) = scenario.enrichment.as_mut() {
+            enrichment.by_producer = producer;
+        }
+        scenario
+    };
     let mut most = scenario.clone();
     most.rate_events_per_s = 0;
     most.ws_clients = 0;
@@ -313,12 +320,9 @@ async fn enrich(common: &Common, rounds: usize) -> Result<(), String> {
     let mut by_producer = Vec::new();
     for round in 1..=rounds.max(1) {
         for producer in [false, true] {
-            if let Some(enrichment) = most.enrichment.as_mut() {
-                enrichment.by_producer = producer;
-            }
             let who = if producer { "producer" } else { "node" };
-            println!("== turn {round}: the {who} enriches ==");
-            let report = run_one(common, &most, &metrics, TargetKind::Tally).await?;
+            println!("== closed loop, turn {round}: the {who} enriches ==");
+            let report = run_one(common, &with(&most, producer), &metrics, TargetKind::Tally).await?;
             if producer {
                 by_producer.push(report.events_per_s());
             } else {
@@ -330,17 +334,47 @@ async fn enrich(common: &Common, rounds: usize) -> Result<(), String> {
         values.sort_by(f64::total_cmp);
         values[values.len() / 2]
     };
-    let node = median(&mut by_node);
-    let producer = median(&mut by_producer);
+    let node_most = median(&mut by_node);
+    let producer_most = median(&mut by_producer);
+    // then one rate both sustain: what the lookups cost there is cpu
+    let mut paced = most.clone();
+    paced.rate_events_per_s = ((node_most.min(producer_most) / 2.0) as u64
+        / scenario.batch_events as u64)
+        .max(1)
+        * scenario.batch_events as u64;
+    println!("== {} events/s, the node enriches ==", paced.rate_events_per_s);
+    let node_paced = run_one(common, &with(&paced, false), &metrics, TargetKind::Tally).await?;
+    println!("== {} events/s, the producer enriches ==", paced.rate_events_per_s);
+    let producer_paced = run_one(common, &with(&paced, true), &metrics, TargetKind::Tally).await?;
+    let p99_ms = |report: &Report| report.ack_latency_us.value_at_quantile(0.99) as f64 / 1000.0;
     println!();
-    println!("| | events/s, closed loop (median of {}) |", by_node.len());
-    println!("| --- | --- |");
-    println!("| the node enriches (lookup on ingest) | {node:.0} |");
-    println!("| the producer sends the dims (no enrichment) | {producer:.0} |");
-    println!();
+    println!("| | the node enriches | the producer sends the dims | node / producer |");
+    println!("| --- | --- | --- | --- |");
     println!(
-        "ratio (node enriches / producer enriches): {:.3}",
-        node / producer
+        "| events/s, closed loop (median of {}) | {node_most:.0} | {producer_most:.0} | **{:.3}** |",
+        by_node.len(),
+        node_most / producer_most
+    );
+    println!(
+        "| events/s at {} offered | {:.0} | {:.0} | {:.3} |",
+        paced.rate_events_per_s,
+        node_paced.events_per_s(),
+        producer_paced.events_per_s(),
+        node_paced.events_per_s() / producer_paced.events_per_s()
+    );
+    println!(
+        "| ack p99 at {} events/s | {:.2} ms | {:.2} ms | {:.2} |",
+        paced.rate_events_per_s,
+        p99_ms(&node_paced),
+        p99_ms(&producer_paced),
+        p99_ms(&node_paced) / p99_ms(&producer_paced)
+    );
+    println!(
+        "| server cpu at {} events/s | {:.2} cores | {:.2} cores | {:.3} |",
+        paced.rate_events_per_s,
+        node_paced.cpu_cores,
+        producer_paced.cpu_cores,
+        node_paced.cpu_cores / producer_paced.cpu_cores
     );
     Ok(())
 }
