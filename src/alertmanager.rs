@@ -127,7 +127,7 @@ pub fn postable(
     })
 }
 
-fn cursor_key(tenant: &str) -> Vec<u8> {
+pub(crate) fn cursor_key(tenant: &str) -> Vec<u8> {
     let mut key = b"alertmanager/".to_vec();
     key.extend_from_slice(tenant.as_bytes());
     key

@@ -104,16 +104,19 @@ pub async fn start_with_store(
     // tenants added and removed through the API, over the config's (the seed)
     let seed_tenants: Vec<String> = config.tenants.iter().map(|t| t.id.clone()).collect();
     let mut config = config;
-    {
+    let config = {
         let store = Arc::clone(&store);
-        let record_bytes_max = config.storage.record_bytes_max;
-        let stored =
-            tokio::task::spawn_blocking(move || crate::tenants::stored(&*store, record_bytes_max))
-                .await
-                .map_err(|error| StartError::Thread(std::io::Error::other(error.to_string())))?
-                .map_err(StartError::Recovery)?;
-        crate::tenants::overlay(&mut config, &stored);
-    }
+        let now_ms = clock.now_ms();
+        tokio::task::spawn_blocking(move || {
+            let stored = crate::tenants::stored(&*store, config.storage.record_bytes_max)?;
+            crate::tenants::overlay(&mut config, &stored);
+            crate::tenants::settle_at_start(&*store, &config, &stored, now_ms)?;
+            Ok(config)
+        })
+        .await
+        .map_err(|error| StartError::Thread(std::io::Error::other(error.to_string())))?
+        .map_err(StartError::Recovery)?
+    };
     // the one parse of everything the config holds as text
     let checked = config.check().map_err(|issues| {
         StartError::Config(

@@ -68,12 +68,36 @@ pub fn digest_id(digest: &[u8; 32]) -> String {
 /// Every key as its SHA-256 digest: the admin keys and the scrape token from
 /// config, and the tenant keys, which change at run time (added and revoked
 /// through the API; `keys.rs` persists them). Readers take the current list
-/// (an `Arc`) and compare against every entry.
+/// (an `Arc`). Admin keys are compared one by one in constant time; tenant
+/// keys, which may be tens of thousands, are found by digest in a map: its
+/// timing depends on the digest alone, and a digest (SHA-256) tells nothing
+/// of the secrets that are near it.
 #[derive(Debug, Default)]
 pub struct KeyRing {
     admin: Vec<[u8; 32]>,
-    tenants: std::sync::RwLock<std::sync::Arc<Vec<TenantKey>>>,
+    tenants: std::sync::RwLock<std::sync::Arc<TenantKeys>>,
     scrape: Option<[u8; 32]>,
+}
+
+/// The tenant keys, and each one's place by digest.
+#[derive(Debug, Default)]
+struct TenantKeys {
+    list: std::sync::Arc<Vec<TenantKey>>,
+    by_digest: std::collections::HashMap<[u8; 32], usize>,
+}
+
+impl TenantKeys {
+    fn new(list: Vec<TenantKey>) -> TenantKeys {
+        let by_digest = list
+            .iter()
+            .enumerate()
+            .map(|(index, key)| (key.digest, index))
+            .collect();
+        TenantKeys {
+            list: std::sync::Arc::new(list),
+            by_digest,
+        }
+    }
 }
 
 impl KeyRing {
@@ -92,9 +116,14 @@ impl KeyRing {
         }
         KeyRing {
             admin: checked.admin_keys.clone(),
-            tenants: std::sync::RwLock::new(std::sync::Arc::new(tenants)),
+            tenants: std::sync::RwLock::new(std::sync::Arc::new(TenantKeys::new(tenants))),
             scrape: checked.scrape_key,
         }
+    }
+
+    /// True when `digest` is an admin key's or the scrape token's.
+    pub fn is_node_key(&self, digest: &[u8; 32]) -> bool {
+        self.admin.contains(digest) || self.scrape.as_ref() == Some(digest)
     }
 
     /// True when `/metrics` asks for the scrape key.
@@ -104,6 +133,10 @@ impl KeyRing {
 
     /// The tenant keys now.
     pub fn tenant_keys(&self) -> std::sync::Arc<Vec<TenantKey>> {
+        std::sync::Arc::clone(&self.current().list)
+    }
+
+    fn current(&self) -> std::sync::Arc<TenantKeys> {
         std::sync::Arc::clone(
             &self
                 .tenants
@@ -117,10 +150,12 @@ impl KeyRing {
         *self
             .tenants
             .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = std::sync::Arc::new(keys);
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+            std::sync::Arc::new(TenantKeys::new(keys));
     }
 
-    /// Compares the token's digest with every key, without stopping at a match.
+    /// The principal of a token: its digest compared with every admin key
+    /// without stopping at a match, then looked up among the tenant keys.
     pub fn resolve(&self, token: &str) -> Option<Principal> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let mut found = None;
@@ -129,10 +164,14 @@ impl KeyRing {
                 found = Some(Principal::Admin);
             }
         }
-        for key in self.tenant_keys().iter() {
-            if bool::from(key.digest.ct_eq(&digest)) {
-                found = Some(Principal::Tenant(key.tenant.clone()));
-            }
+        let keys = self.current();
+        if let Some(key) = keys
+            .by_digest
+            .get(&digest)
+            .and_then(|&at| keys.list.get(at))
+        {
+            // config's check and `keys` keep admin and tenant digests apart
+            found = Some(Principal::Tenant(key.tenant.clone()));
         }
         found
     }

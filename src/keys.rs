@@ -78,6 +78,11 @@ pub fn restore(
         // a key is its tenant's: a revocation from one tenant leaves the same
         // secret given to another since
         keys.retain(|key| !(key.digest == digest && key.tenant == change.tenant));
+        // an admin key or scrape token in config since: one key, one caller
+        if !change.revoked && ring.is_node_key(&digest) {
+            tracing::warn!(tenant = %change.tenant, key = %digest_id(&digest), "a stored tenant key equals an admin key or the scrape token; it is not restored");
+            continue;
+        }
         if !change.revoked && tenants.contains(&change.tenant) {
             keys.push(TenantKey {
                 digest,
@@ -168,6 +173,10 @@ pub async fn add(
         None => new_secret()?,
     };
     let _one_writer = node.keys_writing.lock().await;
+    // again under the lock: a removal (which takes it too) may have come between
+    if node.tenant(tenant).is_none() {
+        return Err(KeyError::UnknownTenant(tenant.to_string()));
+    }
     let keys = node.keys.tenant_keys();
     let max = node.config.admin.keys_per_tenant_max;
     if keys.iter().filter(|key| key.tenant == tenant).count() >= max {

@@ -11,6 +11,8 @@
 //! A removed tenant's id is retired: it cannot be added again, so that no
 //! log record or stored part of the old tenant can ever be counted for a new
 //! one after a crash (recovery skips records of tenants it does not know).
+//! Config tenants get a record at their first start, so an id dropped from
+//! config is retired for the API too.
 
 use std::sync::Arc;
 
@@ -35,6 +37,13 @@ pub struct TenantRecord {
     pub removed: bool,
     #[serde(rename = "at")]
     pub at_ms: i64,
+    /// `api` or `config`: only the API's are laid over config at start.
+    #[serde(default = "api_source")]
+    pub source: String,
+}
+
+fn api_source() -> String {
+    "api".into()
 }
 
 const PREFIX: &[u8] = b"tenant/";
@@ -105,16 +114,70 @@ pub fn overlay(config: &mut Config, stored: &[TenantRecord]) {
                 budget.tenants.retain(|id| *id != record.id);
                 !(named && budget.tenants.is_empty())
             });
-        } else if !config.tenants.iter().any(|tenant| tenant.id == record.id) {
-            config.tenants.push(crate::config::TenantConfig {
-                id: record.id.clone(),
-                // its keys are stored digests, laid over by `keys::restore`
-                api_keys: Vec::new(),
-                currency: record.currency.clone(),
-                timezone: record.timezone.clone(),
-            });
+        } else if record.source == "api" {
+            match config
+                .tenants
+                .iter_mut()
+                .find(|tenant| tenant.id == record.id)
+            {
+                // config lists it since: the stored currency and time zone
+                // stay, since its windows hold them
+                Some(listed) => {
+                    if listed.currency != record.currency || listed.timezone != record.timezone {
+                        tracing::warn!(tenant = %record.id, currency = %record.currency, timezone = %record.timezone, "config lists a tenant added through the api with another currency or time zone; the stored ones stay");
+                        listed.currency = record.currency.clone();
+                        listed.timezone = record.timezone.clone();
+                    }
+                }
+                None => config.tenants.push(crate::config::TenantConfig {
+                    id: record.id.clone(),
+                    // its keys are stored digests, laid over by `keys::restore`
+                    api_keys: Vec::new(),
+                    currency: record.currency.clone(),
+                    timezone: record.timezone.clone(),
+                }),
+            }
         }
     }
+}
+
+/// At start, after `overlay`: a record for each config tenant that has none
+/// yet (so that an id config drops is retired), and the clean-up of removed
+/// tenants' stored data (what a crash, or a write under way, left behind).
+/// Written to the store directly: the committer is not running yet.
+pub fn settle_at_start(
+    store: &dyn Store,
+    config: &Config,
+    stored: &[TenantRecord],
+    now_ms: i64,
+) -> Result<(), StorageError> {
+    let mut ops = Vec::new();
+    for tenant in &config.tenants {
+        if !stored.iter().any(|record| record.id == tenant.id) {
+            ops.push(record_op(&TenantRecord {
+                id: tenant.id.clone(),
+                currency: tenant.currency.clone(),
+                timezone: tenant.timezone.clone(),
+                removed: false,
+                at_ms: now_ms,
+                source: "config".into(),
+            })?);
+        }
+    }
+    for record in stored.iter().filter(|record| record.removed) {
+        ops.extend(stored_ops(store, &record.id)?);
+        let dir = crate::storage::runs::runs_dir(&config.storage.data_dir, &record.id);
+        if dir.exists() {
+            if let Err(error) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(tenant = %record.id, %error, "a removed tenant's de-dup runs are not deleted");
+            }
+        }
+    }
+    if !ops.is_empty() {
+        store.apply(&ops)?;
+        store.flush()?;
+    }
+    Ok(())
 }
 
 /// What a PUT asks for.
@@ -122,16 +185,13 @@ pub fn overlay(config: &mut Config, stored: &[TenantRecord]) {
 #[serde(deny_unknown_fields)]
 pub struct TenantSpec {
     pub currency: String,
-    #[serde(default = "utc")]
-    pub timezone: String,
+    /// A new tenant's defaults to `UTC`; left out of an update, unchanged.
+    #[serde(default)]
+    pub timezone: Option<String>,
     /// The tenant's keys, all of them: absent keys are revoked. Left out:
     /// the keys stay as they are.
     #[serde(default)]
     pub api_keys: Option<Vec<String>>,
-}
-
-fn utc() -> String {
-    "UTC".into()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,11 +223,21 @@ pub enum Put {
     Updated,
 }
 
-fn is_retired(node: &Node, id: &str) -> Result<bool, StorageError> {
-    let records = stored(&*node.store, node.config.storage.record_bytes_max)?;
-    Ok(records
-        .iter()
-        .any(|record| record.id == id && record.removed))
+/// True when the id was ever a tenant's (removed, or dropped from config):
+/// anything stored under it belongs to that tenant.
+async fn is_retired(node: &Node, id: &str) -> Result<bool, StorageError> {
+    let store = Arc::clone(&node.store);
+    let key = record_key(id);
+    tokio::task::spawn_blocking(move || {
+        let mut found = false;
+        store.scan(Space::Meta, &key, &mut |stored, _| {
+            found = stored == key.as_slice();
+            false
+        })?;
+        Ok(found)
+    })
+    .await
+    .map_err(|e| StorageError::Io(e.to_string()))?
 }
 
 /// The key digests a spec names, checked; each problem by its index.
@@ -225,7 +295,17 @@ fn spec_digests(node: &Node, id: &str, keys: &[String]) -> Result<Vec<[u8; 32]>,
 
 /// Creates tenant `id` or changes its keys. A new tenant is stored (with its
 /// keys) before it serves; its currency and time zone cannot change later.
+/// Runs to its end on its own task: a client that goes away must not leave
+/// the store and the registry telling two stories.
 pub async fn put(node: &Arc<Node>, id: &str, spec: TenantSpec) -> Result<Put, TenantError> {
+    let node = Arc::clone(node);
+    let id = id.to_string();
+    tokio::spawn(async move { put_now(&node, &id, spec).await })
+        .await
+        .map_err(|e| TenantError::Storage(StorageError::Io(e.to_string())))?
+}
+
+async fn put_now(node: &Arc<Node>, id: &str, spec: TenantSpec) -> Result<Put, TenantError> {
     let mut issues = Vec::new();
     if !crate::config::is_identifier(id, 64) {
         issues.push(ConfigIssue {
@@ -233,7 +313,14 @@ pub async fn put(node: &Arc<Node>, id: &str, spec: TenantSpec) -> Result<Put, Te
             message: "must match [a-z0-9_-]{1,64}".into(),
         });
     }
-    let tz = crate::config::check_tenant_fields("", &spec.currency, &spec.timezone, &mut issues);
+    let existing = node.tenant(id);
+    // an update that leaves the time zone out keeps it
+    let timezone = match (&spec.timezone, &existing) {
+        (Some(timezone), _) => timezone.clone(),
+        (None, Some(tenant)) => tenant.context.tz.name().to_string(),
+        (None, None) => "UTC".to_string(),
+    };
+    let tz = crate::config::check_tenant_fields("", &spec.currency, &timezone, &mut issues);
     if !issues.is_empty() {
         return Err(TenantError::Invalid(issues));
     }
@@ -264,7 +351,7 @@ pub async fn put(node: &Arc<Node>, id: &str, spec: TenantSpec) -> Result<Put, Te
         }
         return Ok(Put::Updated);
     }
-    if is_retired(node, id)? {
+    if is_retired(node, id).await? {
         return Err(TenantError::Retired(id.into()));
     }
     let max = node.config.admin.tenants_max;
@@ -282,9 +369,10 @@ pub async fn put(node: &Arc<Node>, id: &str, spec: TenantSpec) -> Result<Put, Te
     let record = TenantRecord {
         id: id.into(),
         currency: spec.currency.clone(),
-        timezone: spec.timezone.clone(),
+        timezone,
         removed: false,
         at_ms: now_ms,
+        source: api_source(),
     };
     let mut ops = vec![record_op(&record)?];
     for digest in &wanted {
@@ -393,8 +481,17 @@ async fn set_keys(
 /// it stops serving at once: its keys are refused, its live sessions close,
 /// its actors stop. What it stored (quarantine, rules, experiments, tables)
 /// is deleted after; its log records and de-dup runs go with the snapshots
-/// that pass them.
+/// that pass them; the next start deletes what writes under way or a crash
+/// left. Runs to its end on its own task, as `put` does.
 pub async fn remove(node: &Arc<Node>, id: &str) -> Result<(), TenantError> {
+    let node = Arc::clone(node);
+    let id = id.to_string();
+    tokio::spawn(async move { remove_now(&node, &id).await })
+        .await
+        .map_err(|e| TenantError::Storage(StorageError::Io(e.to_string())))?
+}
+
+async fn remove_now(node: &Arc<Node>, id: &str) -> Result<(), TenantError> {
     let _one_writer = node.tenants_writing.lock().await;
     let _keys_too = node.keys_writing.lock().await;
     let Some(tenant) = node.tenant(id) else {
@@ -407,6 +504,7 @@ pub async fn remove(node: &Arc<Node>, id: &str) -> Result<(), TenantError> {
         timezone: tenant.context.tz.name().to_string(),
         removed: true,
         at_ms: now_ms,
+        source: api_source(),
     };
     let keys = node.keys.tenant_keys();
     let mut ops = vec![record_op(&record)?];
@@ -434,16 +532,32 @@ pub async fn remove(node: &Arc<Node>, id: &str) -> Result<(), TenantError> {
     // its actors stop when the last handle goes (requests under way finish)
     drop(tenant);
     crate::telemetry::set_tenants(node.tenants.len());
+    tracing::info!(tenant = %id, "tenant removed");
+    // the removal holds; what is left is clean-up, which the next start
+    // repeats if it fails here
+    if let Err(error) = clean_up(node, id).await {
+        tracing::warn!(tenant = %id, %error, "a removed tenant's stored data is not all deleted; the next start tries again");
+    }
+    Ok(())
+}
+
+async fn clean_up(node: &Node, id: &str) -> Result<(), StorageError> {
     let store = Arc::clone(&node.store);
     let tenant_id = id.to_string();
-    let deleted = tokio::task::spawn_blocking(move || stored_ops(&*store, &tenant_id))
-        .await
-        .map_err(|e| StorageError::Io(e.to_string()))??;
+    let dir = crate::storage::runs::runs_dir(&node.config.storage.data_dir, id);
+    let deleted = tokio::task::spawn_blocking(move || {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| StorageError::Io(e.to_string()))?;
+        }
+        stored_ops(&*store, &tenant_id)
+    })
+    .await
+    .map_err(|e| StorageError::Io(e.to_string()))??;
     let count = deleted.len();
     if !deleted.is_empty() {
         node.committer.commit(deleted).await?;
     }
-    tracing::info!(tenant = %id, records = count, "tenant removed");
+    tracing::info!(tenant = %id, records = count, "a removed tenant's stored data deleted");
     Ok(())
 }
 
@@ -481,17 +595,42 @@ fn stored_ops(store: &dyn Store, tenant: &str) -> Result<Vec<Op>, StorageError> 
         });
         true
     })?;
+    ops.push(Op::Remove {
+        space: Space::Meta,
+        key: crate::alertmanager::cursor_key(tenant),
+    });
     Ok(ops)
 }
 
 /// What `GET /v1/tenants/{id}` shows; `None` for a tenant not serving.
 pub fn view(node: &Node, id: &str) -> Option<serde_json::Value> {
-    let tenant = node.tenant(id)?;
-    let keys: Vec<serde_json::Value> = node
-        .keys
-        .tenant_keys()
+    let keys = node.keys.tenant_keys();
+    let own: Vec<&TenantKey> = keys.iter().filter(|key| key.tenant == id).collect();
+    view_with(node, id, &own)
+}
+
+/// What `GET /v1/tenants` shows: every tenant's view, by id, the key list
+/// walked once.
+pub fn views(node: &Node) -> Vec<serde_json::Value> {
+    let keys = node.keys.tenant_keys();
+    let mut by_tenant: std::collections::HashMap<&str, Vec<&TenantKey>> =
+        std::collections::HashMap::new();
+    for key in keys.iter() {
+        by_tenant.entry(key.tenant.as_str()).or_default().push(key);
+    }
+    node.tenant_ids()
         .iter()
-        .filter(|key| key.tenant == id)
+        .filter_map(|id| {
+            let own = by_tenant.get(id.as_str()).map_or(&[][..], Vec::as_slice);
+            view_with(node, id, own)
+        })
+        .collect()
+}
+
+fn view_with(node: &Node, id: &str, own: &[&TenantKey]) -> Option<serde_json::Value> {
+    let tenant = node.tenant(id)?;
+    let keys: Vec<serde_json::Value> = own
+        .iter()
         .map(|key| {
             serde_json::json!({
                 "key_id": key.id,

@@ -369,3 +369,56 @@ async fn tenants_past_the_cap_are_refused_with_409() {
     assert_eq!(node.metrics(secret).await["tenant"], "third");
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_config_no_longer_lists_is_retired_and_an_update_keeps_the_time_zone() {
+    let node = start_node(|_| {}).await;
+    assert_eq!(
+        node.post("acme-key", &[json!({"id": "a-1", "type": "order.completed", "ts": T0_MS, "amount": 700, "currency": "EUR"})])
+            .await
+            .body["accepted"],
+        1
+    );
+    // config drops acme: its id is not given to a new tenant
+    let stopped = node.stop_keeping_data().await;
+    let node = start_node_in(stopped.data, stopped.clock, |config| {
+        config.tenants.retain(|tenant| tenant.id != "acme")
+    })
+    .await;
+    let again = put_tenant(&node, "admin-key", "acme", &json!({"currency": "EUR"})).await;
+    assert_eq!(again.status, StatusCode::CONFLICT, "{}", again.body);
+    // an update without a time zone keeps the tenant's (Tokyo), not UTC
+    let created = put_tenant(
+        &node,
+        "admin-key",
+        "shop-jp",
+        &json!({"currency": "JPY", "timezone": "Asia/Tokyo"}),
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let updated = put_tenant(
+        &node,
+        "admin-key",
+        "shop-jp",
+        &json!({"currency": "JPY", "api_keys": ["shop-jp-key-0000002"]}),
+    )
+    .await;
+    assert_eq!(updated.status, StatusCode::OK, "{}", updated.body);
+    assert_eq!(updated.body["timezone"], "Asia/Tokyo");
+    // an admin's live session on a tenant closes when the tenant goes
+    let url = format!(
+        "{}/v1/live?tenant=shop-jp",
+        node.base.replace("http://", "ws://")
+    );
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer admin-key".parse().unwrap());
+    let (mut session, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let removed = node
+        .call(Method::DELETE, "admin-key", "/v1/tenants/shop-jp")
+        .await;
+    assert_eq!(removed.status, StatusCode::NO_CONTENT);
+    assert_eq!(close_code(&mut session).await, 4401);
+    node.stop().await;
+}

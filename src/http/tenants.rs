@@ -46,12 +46,7 @@ fn tenant_error(node: &Node, error: TenantError) -> ApiError {
 /// `GET /v1/tenants`: every tenant serving, with the same fields as one.
 pub async fn list(State(node): State<Arc<Node>>, caller: Caller) -> Result<Json<Value>, ApiError> {
     admin_only(&caller)?;
-    let tenants: Vec<Value> = node
-        .tenant_ids()
-        .iter()
-        .filter_map(|id| crate::tenants::view(&node, id))
-        .collect();
-    Ok(Json(json!({"tenants": tenants})))
+    Ok(Json(json!({"tenants": crate::tenants::views(&node)})))
 }
 
 /// `GET /v1/tenants/{id}`.

@@ -70,8 +70,12 @@ async fn first_message_auth(node: &Node, socket: &mut WebSocket) -> Option<(Stri
 }
 
 /// True when `key` (an id as `audit::key_id` makes it) was a key of
-/// `tenant` and is no longer one.
+/// `tenant` and is no longer one, or `tenant` was removed (an admin's
+/// session on it too).
 fn key_revoked(node: &Node, tenant: &str, key: &str) -> bool {
+    if node.tenant(tenant).is_none() {
+        return true;
+    }
     let Some(id) = key.strip_prefix("tenant:") else {
         return false;
     };
