@@ -322,7 +322,8 @@ async fn enrich(common: &Common, rounds: usize) -> Result<(), String> {
         for producer in [false, true] {
             let who = if producer { "producer" } else { "node" };
             println!("== closed loop, turn {round}: the {who} enriches ==");
-            let report = run_one(common, &with(&most, producer), &metrics, TargetKind::Tally).await?;
+            let report =
+                run_one(common, &with(&most, producer), &metrics, TargetKind::Tally).await?;
             if producer {
                 by_producer.push(report.events_per_s());
             } else {
@@ -338,13 +339,18 @@ async fn enrich(common: &Common, rounds: usize) -> Result<(), String> {
     let producer_most = median(&mut by_producer);
     // then one rate both sustain: what the lookups cost there is cpu
     let mut paced = most.clone();
-    paced.rate_events_per_s = ((node_most.min(producer_most) / 2.0) as u64
-        / scenario.batch_events as u64)
-        .max(1)
-        * scenario.batch_events as u64;
-    println!("== {} events/s, the node enriches ==", paced.rate_events_per_s);
+    paced.rate_events_per_s =
+        ((node_most.min(producer_most) / 2.0) as u64 / scenario.batch_events as u64).max(1)
+            * scenario.batch_events as u64;
+    println!(
+        "== {} events/s, the node enriches ==",
+        paced.rate_events_per_s
+    );
     let node_paced = run_one(common, &with(&paced, false), &metrics, TargetKind::Tally).await?;
-    println!("== {} events/s, the producer enriches ==", paced.rate_events_per_s);
+    println!(
+        "== {} events/s, the producer enriches ==",
+        paced.rate_events_per_s
+    );
     let producer_paced = run_one(common, &with(&paced, true), &metrics, TargetKind::Tally).await?;
     let p99_ms = |report: &Report| report.ack_latency_us.value_at_quantile(0.99) as f64 / 1000.0;
     println!();
