@@ -62,6 +62,9 @@ pub enum IngestError {
 /// Each accepted event's time, by its index in the request.
 type EventTimes = Vec<(u32, i64)>;
 
+/// A tenant's batch sent to its actor: what to count once it is acknowledged.
+type Acknowledging = (Arc<TenantHandle>, EventTimes, telemetry::LookupCounts);
+
 /// A tenant's part of a request, with the handle it was routed by (one read
 /// of the registry per tenant and request: a tenant removed meanwhile still
 /// gets this request, as if it had come a moment earlier).
@@ -71,6 +74,8 @@ struct TenantBatch {
     quarantined: Vec<QuarantineCandidate>,
     /// Its lookup tables as they were when the request first needed them.
     tables: Option<Arc<crate::domain::enrich::Tables>>,
+    /// The lookups its events made, counted once the batch is acknowledged.
+    lookups: telemetry::LookupCounts,
 }
 
 /// The tenant's token bucket; a poisoned lock is used as it is (no code
@@ -183,6 +188,7 @@ pub async fn ingest(
                     events: Vec::new(),
                     quarantined: Vec::new(),
                     tables: None,
+                    lookups: telemetry::LookupCounts::default(),
                 },
             );
         }
@@ -204,7 +210,17 @@ pub async fn ingest(
                         .map(|lookups| lookups.tables())
                         .unwrap_or_default()
                 });
-                crate::domain::enrich::enrich(&mut event, &node.enrichments, tables).map(|()| event)
+                match crate::domain::enrich::enrich(&mut event, &node.enrichments, tables) {
+                    Ok(made) => {
+                        batch.lookups.hits += u64::from(made.hits);
+                        batch.lookups.unknown += u64::from(made.unknown);
+                        Ok(event)
+                    }
+                    Err(reason) => {
+                        batch.lookups.quarantined += 1;
+                        Err(reason)
+                    }
+                }
             }
             other => other,
         };
@@ -280,7 +296,7 @@ pub async fn ingest(
     }
     let mut requests = Vec::with_capacity(batches.len());
     // each accepted event's time, for its freshness once acknowledged
-    let mut times: Vec<(Arc<TenantHandle>, EventTimes)> = Vec::with_capacity(batches.len());
+    let mut times: Vec<Acknowledging> = Vec::with_capacity(batches.len());
     for ((_, batch), in_flight) in batches.into_iter().zip(permits) {
         let tenant = batch.tenant;
         times.push((
@@ -290,6 +306,7 @@ pub async fn ingest(
                 .iter()
                 .map(|(index, event)| (*index, event.ts_ms))
                 .collect(),
+            batch.lookups,
         ));
         // the runs' filters are asked here, on this request's task, so that a
         // busy tenant's lookups spread over every core; the actor asks only
@@ -312,10 +329,11 @@ pub async fn ingest(
     }
     let mut outcomes: Vec<(u32, EventOutcome)> = Vec::with_capacity(items.len());
     let mut failure = None;
-    for (request, (tenant, times)) in requests.into_iter().zip(times) {
+    for (request, (tenant, times, lookups)) in requests.into_iter().zip(times) {
         match request.await {
             // each tenant's actor counted its outcomes when it decided them
             Ok(Ok(tenant_outcomes)) => {
+                telemetry::count_lookups(&tenant.context.id, lookups);
                 acknowledged(node, &tenant.context.id, &times, &tenant_outcomes);
                 outcomes.extend(tenant_outcomes);
             }

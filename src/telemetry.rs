@@ -45,6 +45,10 @@ pub const METRIC_APPLY_ERRORS_TOTAL: &str = "tally_metric_apply_errors_total";
 pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "process_resident_memory_bytes";
 pub const TENANT_SERIES_DROPPED_TOTAL: &str = "tally_tenant_series_dropped_total";
 pub const LIVE_SESSIONS: &str = "tally_live_sessions";
+/// Lookups of `[[enrichments]]` in acknowledged batches, by `outcome`: `hit`,
+/// `unknown` (a miss that added `__unknown__`), `quarantined` (a miss that
+/// held the event): the enrichment success rate.
+pub const ENRICHMENT_LOOKUPS_TOTAL: &str = "tally_enrichment_lookups_total";
 /// Tenants serving now (config and API; `admin.tenants_max` bounds it).
 pub const TENANTS: &str = "tally_tenants";
 pub const LIVE_SUBSCRIPTIONS: &str = "tally_live_subscriptions";
@@ -209,6 +213,11 @@ fn describe() {
     );
     describe_gauge!(SNAPSHOT_BYTES, Unit::Bytes, "size of the last snapshot");
     describe_gauge!(TENANTS, Unit::Count, "tenants serving now");
+    describe_counter!(
+        ENRICHMENT_LOOKUPS_TOTAL,
+        Unit::Count,
+        "enrichment lookups of acknowledged batches, by outcome (hit, unknown, quarantined)"
+    );
     describe_gauge!(
         RECOVERY_SECONDS,
         Unit::Seconds,
@@ -342,6 +351,27 @@ pub fn record_ingest(seconds: f64, events: usize) {
 pub fn record_flush(seconds: f64, write_sets: usize) {
     histogram!(WAL_FLUSH_SECONDS).record(seconds);
     histogram!(WAL_WRITE_SETS_PER_FLUSH).record(write_sets as f64);
+}
+
+/// The lookups one tenant's batch made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LookupCounts {
+    pub hits: u64,
+    pub unknown: u64,
+    pub quarantined: u64,
+}
+
+pub fn count_lookups(tenant: &str, counts: LookupCounts) {
+    for (outcome, count) in [
+        ("hit", counts.hits),
+        ("unknown", counts.unknown),
+        ("quarantined", counts.quarantined),
+    ] {
+        if count > 0 {
+            counter!(ENRICHMENT_LOOKUPS_TOTAL, "tenant" => tenant.to_string(), "outcome" => outcome)
+                .increment(count);
+        }
+    }
 }
 
 pub fn set_tenants(count: usize) {

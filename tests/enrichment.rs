@@ -90,6 +90,29 @@ async fn lookups_enrich_misses_wait_in_quarantine_and_a_bulk_retry_applies_them_
     let values = region_gmv(&node).await;
     assert_eq!(values["north"]["windows"]["today"]["value"], 100);
     assert_eq!(values["south"]["windows"]["today"]["value"], 200);
+    // the enrichment success rate, on /metrics
+    let scrape = node
+        .send(
+            node.client
+                .get(format!("{}/metrics", node.base))
+                .bearer_auth("admin-key"),
+        )
+        .await;
+    let text = scrape.body.as_str().unwrap().to_string();
+    let lookups = |outcome: &str| -> Option<f64> {
+        text.lines()
+            .find(|line| {
+                line.starts_with("tally_enrichment_lookups_total{")
+                    && line.contains("tenant=\"demo\"")
+                    && line.contains(&format!("outcome=\"{outcome}\""))
+            })
+            .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+    };
+    assert_eq!(
+        (lookups("hit"), lookups("quarantined"), lookups("unknown")),
+        (Some(2.0), Some(2.0), None),
+        "{text}"
+    );
     let listed = node.get(Some("demo-key"), "/v1/quarantine").await;
     let held = listed.body["events"].as_array().unwrap();
     assert_eq!(held.len(), 2);

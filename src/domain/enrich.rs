@@ -34,6 +34,14 @@ pub type Table = HashMap<String, Vec<String>>;
 /// A tenant's tables by name.
 pub type Tables = HashMap<String, Arc<Table>>;
 
+/// The lookups one event made: found, and missed with `__unknown__` added
+/// (a quarantining miss is the `Err` instead).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lookups {
+    pub hits: u32,
+    pub unknown: u32,
+}
+
 /// Adds the dims of every enrichment whose key the event carries (an event
 /// without the key dim is left as it is). A miss adds `__unknown__`, or is
 /// `enrichment_miss` when the enrichment quarantines.
@@ -41,7 +49,8 @@ pub fn enrich(
     event: &mut ValidEvent,
     enrichments: &[Enrichment],
     tables: &Tables,
-) -> Result<(), Reason> {
+) -> Result<Lookups, Reason> {
+    let mut lookups = Lookups::default();
     for enrichment in enrichments {
         let Some(key) = event.dim(&enrichment.key) else {
             continue;
@@ -50,8 +59,10 @@ pub fn enrich(
         let row: Option<&Vec<String>> = tables
             .get(&enrichment.table)
             .and_then(|table| table.get(key));
-        if row.is_none() && enrichment.on_miss == OnMiss::Quarantine {
-            return Err(Reason::EnrichmentMiss);
+        match row {
+            Some(_) => lookups.hits += 1,
+            None if enrichment.on_miss == OnMiss::Quarantine => return Err(Reason::EnrichmentMiss),
+            None => lookups.unknown += 1,
         }
         for (index, dim) in enrichment.adds.iter().enumerate() {
             let value = row
@@ -64,7 +75,7 @@ pub fn enrich(
             }
         }
     }
-    Ok(())
+    Ok(lookups)
 }
 
 /// The first quarantining lookup of `dims` that misses: `(table, key)`.
@@ -124,7 +135,10 @@ mod tests {
         let mut hit = event(&[("store", "s-1"), ("region", "said-by-producer")]);
         assert_eq!(
             enrich(&mut hit, std::slice::from_ref(&stores), &tables),
-            Ok(())
+            Ok(Lookups {
+                hits: 1,
+                unknown: 0
+            })
         );
         assert_eq!(hit.dim("region"), Some("north"));
         assert_eq!(hit.dim("format"), Some("mall"));
@@ -144,12 +158,18 @@ mod tests {
         };
         assert_eq!(
             enrich(&mut miss, std::slice::from_ref(&unknown), &tables),
-            Ok(())
+            Ok(Lookups {
+                hits: 0,
+                unknown: 1
+            })
         );
         assert_eq!(miss.dim("region"), Some(UNKNOWN_DIM_VALUE));
         // no key dim: nothing to look up
         let mut plain = event(&[]);
-        assert_eq!(enrich(&mut plain, &[stores], &tables), Ok(()));
+        assert_eq!(
+            enrich(&mut plain, &[stores], &tables),
+            Ok(Lookups::default())
+        );
         assert!(plain.dims.is_empty());
     }
 }
