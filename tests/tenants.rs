@@ -429,3 +429,102 @@ async fn an_id_config_no_longer_lists_is_retired_and_an_update_keeps_the_time_zo
     assert_eq!(close_code(&mut session).await, 4401);
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adds_and_removals_racing_ingest_leave_one_story_on_disk_and_in_memory() {
+    let node = start_node(|_| {}).await;
+    for n in 0..4 {
+        let created = put_tenant(
+            &node,
+            "admin-key",
+            &format!("race-{n}"),
+            &json!({"currency": "USD", "api_keys": [format!("race-key-{n}-0000000000")]}),
+        )
+        .await;
+        assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    }
+    // each tenant's producer sends batches while the admin removes two of the
+    // tenants and adds two more
+    let mut producers = Vec::new();
+    for n in 0..4 {
+        let client = node.client.clone();
+        let base = node.base.clone();
+        producers.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for batch in 0..40 {
+                let body: Vec<String> = (0..10)
+                    .map(|i| {
+                        json!({"id": format!("r{n}-{batch}-{i}"), "type": "order.completed", "ts": T0_MS, "amount": 1, "currency": "USD"})
+                            .to_string()
+                    })
+                    .collect();
+                let response = client
+                    .post(format!("{base}/v1/events"))
+                    .bearer_auth(format!("race-key-{n}-0000000000"))
+                    .header("content-type", "application/x-ndjson")
+                    .body(body.join("\n"))
+                    .send()
+                    .await
+                    .unwrap();
+                statuses.push(response.status().as_u16());
+            }
+            statuses
+        }));
+    }
+    let usd = json!({"currency": "USD"});
+    let (removed_0, removed_1, added_4, added_5) = tokio::join!(
+        node.call(Method::DELETE, "admin-key", "/v1/tenants/race-0"),
+        node.call(Method::DELETE, "admin-key", "/v1/tenants/race-1"),
+        put_tenant(&node, "admin-key", "race-4", &usd),
+        put_tenant(&node, "admin-key", "race-5", &usd),
+    );
+    assert_eq!(removed_0.status, StatusCode::NO_CONTENT);
+    assert_eq!(removed_1.status, StatusCode::NO_CONTENT);
+    assert_eq!(added_4.status, StatusCode::CREATED);
+    assert_eq!(added_5.status, StatusCode::CREATED);
+    let mut accepted_of_kept = 0;
+    for (n, producer) in producers.into_iter().enumerate() {
+        let statuses = producer.await.unwrap();
+        // a removed tenant's producer is refused from some point on, never
+        // half-served; the others are served throughout
+        let first_refusal = statuses.iter().position(|status| *status != 200);
+        match n {
+            0 | 1 => {
+                if let Some(at) = first_refusal {
+                    assert!(
+                        statuses[at..].iter().all(|status| *status == 401),
+                        "{statuses:?}"
+                    );
+                }
+            }
+            _ => {
+                assert_eq!(first_refusal, None, "{statuses:?}");
+                accepted_of_kept += statuses.len() * 10;
+            }
+        }
+    }
+    assert_eq!(accepted_of_kept, 800);
+    let ids = |body: &Value| -> Vec<String> {
+        body["tenants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|tenant| tenant["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let listed = node.get(Some("admin-key"), "/v1/tenants").await;
+    let expected = ["acme", "demo", "race-2", "race-3", "race-4", "race-5"];
+    assert_eq!(ids(&listed.body), expected);
+    // and the same after a crash-like stop, with the kept tenants' counts
+    let stopped = node.halt_keeping_data().await;
+    let node = start_node_in(stopped.data, stopped.clock, |_| {}).await;
+    let listed = node.get(Some("admin-key"), "/v1/tenants").await;
+    assert_eq!(ids(&listed.body), expected);
+    for n in 2..4 {
+        assert_eq!(
+            gmv(&node, &format!("race-key-{n}-0000000000")).await,
+            json!({"value": 400, "count": 400})
+        );
+    }
+    node.stop().await;
+}
