@@ -284,7 +284,15 @@ impl Node {
         let mut cursor = self.merging.lock().await;
         let start = *cursor;
         *cursor = cursor.wrapping_add(1);
-        let tenants = self.tenant_list();
+        // only tenants with enough runs to merge (copying 10 000 ids a second
+        // to look at each was most of an idle node's cpu), by id
+        let mut tenants: Vec<(String, Arc<TenantHandle>)> = self
+            .tenants
+            .iter()
+            .filter(|entry| entry.value().runs.get().len() >= crate::domain::dedup::MERGE_FANIN)
+            .map(|entry| (entry.key().clone(), Arc::clone(entry.value())))
+            .collect();
+        tenants.sort_by(|a, b| a.0.cmp(&b.0));
         let count = tenants.len();
         for (tenant, handle) in tenants
             .iter()

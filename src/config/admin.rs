@@ -18,7 +18,7 @@ impl Default for AdminConfig {
         AdminConfig {
             api_keys: Vec::new(),
             keys_per_tenant_max: 100,
-            tenants_max: 10_000,
+            tenants_max: 100_000,
         }
     }
 }
