@@ -2713,6 +2713,9 @@ async fn lookup_rows_with_control_characters_wrong_types_or_missing_dims_get_400
         json!({"key": "s-5"}),
         json!({"key": "s-6", "region": "r".repeat(129)}),
         json!({"key": "", "region": "south"}),
+        // `__` names Tally's own breakdowns, as for an event's dim values
+        json!({"key": "__none__", "region": "south"}),
+        json!({"key": "s-8", "region": "__other__"}),
     ];
     let body: Vec<String> = rows.iter().map(Value::to_string).collect();
     let reply = put_table(
@@ -2731,7 +2734,9 @@ async fn lookup_rows_with_control_characters_wrong_types_or_missing_dims_get_400
             "rows[2].key",
             "rows[3].region",
             "rows[4].region",
-            "rows[5].key"
+            "rows[5].key",
+            "rows[6].key",
+            "rows[7].region"
         ]
     );
     assert_table_unchanged(&node).await;

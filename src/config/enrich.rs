@@ -46,7 +46,12 @@ pub const ENRICHMENTS_MAX: usize = 8;
 pub const ADDS_MAX: usize = 8;
 
 /// The enrichments, checked; every problem names its key path.
-pub fn check(configs: &[EnrichmentConfig], issues: &mut Vec<ConfigIssue>) -> Vec<Enrichment> {
+/// Dim names follow an event's dim keys (`ingest.dim_key_bytes_max`, given).
+pub fn check(
+    configs: &[EnrichmentConfig],
+    dim_key_bytes_max: usize,
+    issues: &mut Vec<ConfigIssue>,
+) -> Vec<Enrichment> {
     if configs.len() > ENRICHMENTS_MAX {
         issues.push(issue("enrichments", "at most 8 enrichments"));
     }
@@ -67,10 +72,15 @@ pub fn check(configs: &[EnrichmentConfig], issues: &mut Vec<ConfigIssue>) -> Vec
             ));
             fine = false;
         }
-        if config.key.is_empty() || config.key.len() > 64 {
+        let dim_name = |name: &str| {
+            !name.is_empty()
+                && name.len() <= dim_key_bytes_max
+                && !name.chars().any(char::is_control)
+        };
+        if !dim_name(&config.key) {
             issues.push(issue(
                 format!("{at}.key"),
-                "must be a dim name of 1 to 64 bytes",
+                format!("must be a dim name of 1 to {dim_key_bytes_max} bytes (ingest.dim_key_bytes_max)"),
             ));
             fine = false;
         }
@@ -79,10 +89,10 @@ pub fn check(configs: &[EnrichmentConfig], issues: &mut Vec<ConfigIssue>) -> Vec
             fine = false;
         }
         for (i, dim) in config.adds.iter().enumerate() {
-            if dim.is_empty() || dim.len() > 64 || *dim == config.key {
+            if !dim_name(dim) || *dim == config.key {
                 issues.push(issue(
                     format!("{at}.adds[{i}]"),
-                    "must be a dim name of 1 to 64 bytes, not the key",
+                    format!("must be a dim name of 1 to {dim_key_bytes_max} bytes (ingest.dim_key_bytes_max), not the key"),
                 ));
                 fine = false;
             }

@@ -595,7 +595,11 @@ impl Config {
             None => Vec::new(),
         };
         let budgets = alerts::check_budgets(&self.budgets, &tenant_ids, &mut issues);
-        let enrichments = enrich::check(&self.enrichments, &mut issues);
+        let enrichments = enrich::check(
+            &self.enrichments,
+            self.ingest.dim_key_bytes_max,
+            &mut issues,
+        );
         if self.lookups.rows_per_table_max == 0 {
             issues.push(issue("lookups.rows_per_table_max", "must be at least 1"));
         }
@@ -820,6 +824,26 @@ mod tests {
         let errors =
             Config::parse("", vec![("TALLY_SERVER__LISTN".into(), "x".into())]).unwrap_err();
         assert!(errors[0].message.contains("unknown field `listn`"));
+    }
+
+    #[test]
+    fn enrichment_dims_are_dim_names_and_the_scrape_token_is_no_other_key() {
+        let paths = |text: &str| {
+            Config::parse(text, Vec::new())
+                .err()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|issue| issue.path)
+                .collect::<Vec<_>>()
+        };
+        let long = "d".repeat(33);
+        let enrichment = format!(
+            "[[enrichments]]\ntable = \"stores\"\nkey = \"store\"\nadds = [\"region\", \"{long}\"]\n"
+        );
+        assert_eq!(paths(&enrichment), ["enrichments[0].adds[1]"]);
+        // one key, one caller: the scrape token equal to a tenant's key
+        let shared = "[prometheus]\nbearer_token = \"same-key\"\n\n[[tenants]]\nid = \"t\"\napi_keys = [\"same-key\"]\ncurrency = \"USD\"\n";
+        assert_eq!(paths(shared), ["tenants[0].api_keys[0]"]);
     }
 
     #[test]

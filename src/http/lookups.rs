@@ -48,6 +48,7 @@ fn parse_rows(
     headers: &HeaderMap,
     body: &[u8],
     adds: &[String],
+    value_bytes_max: usize,
 ) -> Result<Vec<(String, Vec<String>)>, ApiError> {
     let csv = headers
         .get(header::CONTENT_TYPE)
@@ -90,21 +91,27 @@ fn parse_rows(
             }
         }
     }
+    // the rules of an event's dim values (`ingest.dim_value_bytes_max`, no
+    // control character, no `__`, which names Tally's own breakdowns): a key
+    // is one, and an added value becomes one
     let text = |value: Option<&Value>| match value {
         Some(Value::String(text))
-            if !text.is_empty() && text.len() <= 128 && !text.chars().any(char::is_control) =>
+            if !text.is_empty()
+                && text.len() <= value_bytes_max
+                && !text.starts_with("__")
+                && !text.chars().any(char::is_control) =>
         {
             Some(text.clone())
         }
         _ => None,
     };
+    let rule = format!(
+        "a string of 1 to {value_bytes_max} bytes (ingest.dim_value_bytes_max), without control characters, not starting with __"
+    );
     let mut rows = Vec::with_capacity(objects.len());
     for (index, object) in objects.iter().enumerate() {
         let Some(key) = text(object.get("key")) else {
-            problems.push((
-                format!("rows[{index}].key"),
-                "a string of 1 to 128 bytes".into(),
-            ));
+            problems.push((format!("rows[{index}].key"), rule.clone()));
             continue;
         };
         let mut values = Vec::with_capacity(adds.len());
@@ -113,7 +120,7 @@ fn parse_rows(
                 Some(value) => values.push(value),
                 None => problems.push((
                     format!("rows[{index}].{dim}"),
-                    "every row gives each dim the table adds, a string of 1 to 128 bytes".into(),
+                    format!("every row gives each dim the table adds: {rule}"),
                 )),
             }
         }
@@ -139,7 +146,12 @@ async fn change(
 ) -> Result<Json<Value>, ApiError> {
     let tenant = writing_tenant(&node, &caller, query)?;
     let adds = adds_of(&node, &table)?;
-    let rows = parse_rows(&headers, &body, &adds)?;
+    let rows = parse_rows(
+        &headers,
+        &body,
+        &adds,
+        node.config.ingest.dim_value_bytes_max,
+    )?;
     let count = crate::lookups::change(&node, &tenant, &table, rows, replace)
         .await
         .map_err(|error| lookup_error(&node, error))?;
