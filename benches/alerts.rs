@@ -79,7 +79,7 @@ fn evaluation(c: &mut Criterion) {
                 .unwrap();
             assert!(reply.status().is_success());
         });
-        let alerts = node.alerts.tenant("demo").unwrap();
+        let alerts = node.alerts.get("demo").unwrap();
         group.bench_function(name, |b| {
             b.iter(|| {
                 runtime

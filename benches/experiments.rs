@@ -164,7 +164,7 @@ fn experiment_tick(c: &mut Criterion) {
             }
         }
     });
-    let experiments = node.experiments.tenant("demo").unwrap();
+    let experiments = node.experiments.get("demo").unwrap();
     let mut group = c.benchmark_group("experiment_tick");
     group.sample_size(20);
     group.bench_function("100_experiments_3_guardrails", |b| {

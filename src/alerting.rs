@@ -384,7 +384,7 @@ pub enum RuleError {
 /// is new. A changed rule keeps its alerts' states and is judged anew at the
 /// next tick.
 pub async fn put_rule(node: &Node, tenant: &str, rule: Rule) -> Result<bool, RuleError> {
-    let Some(alerts) = node.alerts.tenant(tenant) else {
+    let Some(alerts) = node.alerts.get(tenant) else {
         return Err(RuleError::NotFound(rule.id));
     };
     if alerts.is_from_config(&rule.id) {
@@ -452,7 +452,7 @@ pub async fn put_rule(node: &Node, tenant: &str, rule: Rule) -> Result<bool, Rul
 /// Deletes a rule set through the API; its pending and firing alerts end with
 /// a `resolved` (or `ok`) record, written with the removal.
 pub async fn delete_rule(node: &Node, tenant: &str, rule_id: &str) -> Result<(), RuleError> {
-    let Some(alerts) = node.alerts.tenant(tenant) else {
+    let Some(alerts) = node.alerts.get(tenant) else {
         return Err(RuleError::NotFound(rule_id.to_string()));
     };
     if alerts.is_from_config(rule_id) {
@@ -504,7 +504,7 @@ pub async fn put_budget(
     value: &str,
     amount: i64,
 ) -> Result<(), RuleError> {
-    let Some(alerts) = node.alerts.tenant(tenant) else {
+    let Some(alerts) = node.alerts.get(tenant) else {
         return Err(RuleError::NotFound(format!("tenant {tenant}")));
     };
     if !(1..=crate::domain::event::AMOUNT_ABS_MAX).contains(&amount) {
@@ -611,55 +611,8 @@ fn labels(
 }
 
 /// The node's alerts, by tenant.
-#[derive(Default)]
-pub struct AlertHub {
-    tenants: dashmap::DashMap<String, Arc<TenantAlerts>>,
-}
-
-impl AlertHub {
-    pub fn new(tenants: dashmap::DashMap<String, Arc<TenantAlerts>>) -> AlertHub {
-        AlertHub { tenants }
-    }
-
-    pub fn tenant(&self, id: &str) -> Option<Arc<TenantAlerts>> {
-        self.tenants.get(id).map(|entry| Arc::clone(entry.value()))
-    }
-
-    /// A tenant added at run time.
-    pub fn insert(&self, id: &str, tenant: Arc<TenantAlerts>) {
-        self.tenants.insert(id.to_string(), tenant);
-    }
-
-    /// A tenant removed at run time.
-    pub fn remove(&self, id: &str) {
-        self.tenants.remove(id);
-    }
-
-    /// The tenants `wanted` picks, in no order (copies: the map is not held
-    /// across awaits). A tick asks only for tenants with something to judge:
-    /// copying 10 000 ids a second was most of an idle node's cpu.
-    pub fn list_where(
-        &self,
-        wanted: impl Fn(&TenantAlerts) -> bool,
-    ) -> Vec<(String, Arc<TenantAlerts>)> {
-        self.tenants
-            .iter()
-            .filter(|entry| wanted(entry.value()))
-            .map(|entry| (entry.key().clone(), Arc::clone(entry.value())))
-            .collect()
-    }
-
-    /// Every tenant's, by id (a copy: the map is not held across awaits).
-    pub fn list(&self) -> Vec<(String, Arc<TenantAlerts>)> {
-        let mut tenants: Vec<(String, Arc<TenantAlerts>)> = self
-            .tenants
-            .iter()
-            .map(|entry| (entry.key().clone(), Arc::clone(entry.value())))
-            .collect();
-        tenants.sort_by(|a, b| a.0.cmp(&b.0));
-        tenants
-    }
-}
+/// Each tenant's alert rules and states.
+pub type AlertHub = crate::registry::TenantMap<TenantAlerts>;
 
 const RECENT: WindowName = WindowName::Sliding(SlidingWindow::Sec30);
 

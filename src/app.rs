@@ -6,7 +6,6 @@
 //! Owns: the order of start-up and shutdown and the tasks it starts; the
 //! shared state itself is `node::Node`.
 
-use dashmap::DashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
@@ -25,6 +24,7 @@ use crate::experiments::{ExperimentHub, TenantExperiments};
 use crate::http::serve::{serve, ServeLimits};
 pub use crate::node::{Node, SnapshotError, SnapshotReport};
 use crate::read::feed::TenantFeed;
+use crate::registry::TenantMap;
 use crate::storage::commit::{Committer, FlushMode};
 use crate::storage::recovery::{recover, Recovered, RecoveryReport};
 use crate::storage::{SharedStore, SledStore, StorageError};
@@ -63,13 +63,13 @@ fn start_tenants(
     config: &Config,
     starter: &TenantStarter,
     mut recovered: Recovered,
-) -> DashMap<String, Arc<TenantHandle>> {
-    let tenants = DashMap::new();
+) -> TenantMap<TenantHandle> {
+    let tenants = TenantMap::default();
     for tenant in &config.tenants {
         let Some(state) = recovered.tenants.remove(&tenant.id) else {
             continue;
         };
-        tenants.insert(tenant.id.clone(), Arc::new(starter.start(state)));
+        tenants.insert(&tenant.id, Arc::new(starter.start(state)));
     }
     tenants
 }
@@ -201,7 +201,7 @@ pub async fn start_with_store(
     let tenant_ids: Vec<String> = config.tenants.iter().map(|t| t.id.clone()).collect();
     // alert states come back from the records they wrote
     let alerts = {
-        let alerts = DashMap::with_capacity(tenants.len());
+        let alerts = AlertHub::default();
         let now_ms = clock.now_ms();
         for tenant in &tenant_ids {
             let restored = TenantAlerts::restore(
@@ -214,7 +214,7 @@ pub async fn start_with_store(
             );
             match restored {
                 Ok(tenant_alerts) => {
-                    alerts.insert(tenant.clone(), Arc::new(tenant_alerts));
+                    alerts.insert(tenant, Arc::new(tenant_alerts));
                 }
                 Err(error) => {
                     runtime.stop();
@@ -222,15 +222,15 @@ pub async fn start_with_store(
                 }
             }
         }
-        AlertHub::new(alerts)
+        alerts
     };
     // experiment states come back as their last write left them
     let experiments = {
-        let experiments = DashMap::with_capacity(tenants.len());
+        let experiments = ExperimentHub::default();
         for tenant in &tenant_ids {
             match TenantExperiments::restore(&*store, tenant, config.storage.record_bytes_max) {
                 Ok(restored) => {
-                    experiments.insert(tenant.clone(), Arc::new(restored));
+                    experiments.insert(tenant, Arc::new(restored));
                 }
                 Err(error) => {
                     runtime.stop();
@@ -238,11 +238,11 @@ pub async fn start_with_store(
                 }
             }
         }
-        ExperimentHub::new(experiments)
+        experiments
     };
     let lookups =
         match crate::lookups::restore(&*store, &tenant_ids, config.storage.record_bytes_max) {
-            Ok(lookups) => lookups.into_iter().collect::<DashMap<_, _>>(),
+            Ok(lookups) => lookups.into_iter().collect::<TenantMap<_>>(),
             Err(error) => {
                 runtime.stop();
                 return Err(StartError::Recovery(error));
@@ -261,7 +261,7 @@ pub async fn start_with_store(
     let ingest_kib = Arc::new(Semaphore::new(
         config.server.ingest_bytes_inflight_max / 1024,
     ));
-    let feeds: DashMap<String, Arc<TenantFeed>> = tenant_ids
+    let feeds: TenantMap<TenantFeed> = tenant_ids
         .iter()
         .map(|tenant| (tenant.clone(), TenantFeed::new()))
         .collect();
@@ -413,12 +413,13 @@ pub async fn start_with_store(
     };
     let feed_tasks: Vec<JoinHandle<()>> = node
         .feeds
-        .iter()
-        .map(|entry| {
+        .list()
+        .into_iter()
+        .map(|(tenant, feed)| {
             tokio::spawn(crate::live::run_feed(
                 Arc::clone(&node),
-                entry.key().clone(),
-                Arc::clone(entry.value()),
+                tenant,
+                feed,
                 node.stopping.subscribe(),
             ))
         })

@@ -175,55 +175,8 @@ impl TenantExperiments {
 }
 
 /// The node's experiments, by tenant.
-#[derive(Default)]
-pub struct ExperimentHub {
-    tenants: dashmap::DashMap<String, Arc<TenantExperiments>>,
-}
-
-impl ExperimentHub {
-    pub fn new(tenants: dashmap::DashMap<String, Arc<TenantExperiments>>) -> ExperimentHub {
-        ExperimentHub { tenants }
-    }
-
-    pub fn tenant(&self, id: &str) -> Option<Arc<TenantExperiments>> {
-        self.tenants.get(id).map(|entry| Arc::clone(entry.value()))
-    }
-
-    /// A tenant added at run time.
-    pub fn insert(&self, id: &str, tenant: Arc<TenantExperiments>) {
-        self.tenants.insert(id.to_string(), tenant);
-    }
-
-    /// A tenant removed at run time.
-    pub fn remove(&self, id: &str) {
-        self.tenants.remove(id);
-    }
-
-    /// The tenants `wanted` picks, in no order (copies: the map is not held
-    /// across awaits). A tick asks only for tenants with something to judge:
-    /// copying 10 000 ids a second was most of an idle node's cpu.
-    pub fn list_where(
-        &self,
-        wanted: impl Fn(&TenantExperiments) -> bool,
-    ) -> Vec<(String, Arc<TenantExperiments>)> {
-        self.tenants
-            .iter()
-            .filter(|entry| wanted(entry.value()))
-            .map(|entry| (entry.key().clone(), Arc::clone(entry.value())))
-            .collect()
-    }
-
-    /// Every tenant's, by id (a copy: the map is not held across awaits).
-    pub fn list(&self) -> Vec<(String, Arc<TenantExperiments>)> {
-        let mut tenants: Vec<(String, Arc<TenantExperiments>)> = self
-            .tenants
-            .iter()
-            .map(|entry| (entry.key().clone(), Arc::clone(entry.value())))
-            .collect();
-        tenants.sort_by(|a, b| a.0.cmp(&b.0));
-        tenants
-    }
-}
+/// Each tenant's experiments and signals.
+pub type ExperimentHub = crate::registry::TenantMap<TenantExperiments>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExperimentError {
@@ -251,7 +204,7 @@ fn parts(
     node: &Node,
     tenant: &str,
 ) -> Result<(Arc<TenantHandle>, Arc<TenantExperiments>), ExperimentError> {
-    match (node.tenant(tenant), node.experiments.tenant(tenant)) {
+    match (node.tenant(tenant), node.experiments.get(tenant)) {
         (Some(handle), Some(experiments)) => Ok((handle, experiments)),
         _ => Err(ExperimentError::NotFound(format!("tenant {tenant}"))),
     }

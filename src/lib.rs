@@ -18,6 +18,7 @@ pub mod live;
 pub mod lookups;
 pub mod node;
 pub mod read;
+pub mod registry;
 pub mod storage;
 pub mod telemetry;
 pub mod tenants;

@@ -9,7 +9,6 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use dashmap::DashMap;
 use tokio::sync::{watch, Mutex, Semaphore};
 
 use crate::actors::tenant::{InstallMerged, InstallRuns, PlanMerge, TakeSnapshot};
@@ -19,6 +18,7 @@ use crate::clock::{SharedClock, Stopwatch};
 use crate::config::Config;
 use crate::domain::catalogue::Catalogue;
 use crate::read::feed::TenantFeed;
+use crate::registry::TenantMap;
 use crate::storage::commit::Committer;
 use crate::storage::snapshot::{delete_unlisted_runs, prune_ops, snapshot_ops, write_sealed_runs};
 use crate::storage::{SharedStore, StorageError};
@@ -32,7 +32,7 @@ pub struct Node {
     /// The tenants serving now: config's, then those added and removed at
     /// run time (`tenants`). Read on every request, written rarely; a
     /// handle is cloned out, never borrowed across an await.
-    pub tenants: DashMap<String, Arc<TenantHandle>>,
+    pub tenants: TenantMap<TenantHandle>,
     /// Starts a tenant's actors (at start and when one is added).
     pub(crate) starter: crate::actors::TenantStarter,
     /// One change of the tenants at a time (`tenants`).
@@ -46,7 +46,7 @@ pub struct Node {
     /// Turns true when the node stops: live sessions close (1001).
     pub stopping: watch::Sender<bool>,
     /// Each tenant's live feed (API.md §5).
-    pub feeds: DashMap<String, Arc<TenantFeed>>,
+    pub feeds: TenantMap<TenantFeed>,
     /// Each tenant's alert rules and states (API.md §7).
     pub alerts: crate::alerting::AlertHub,
     /// Each tenant's experiments and signals (API.md §8).
@@ -60,7 +60,7 @@ pub struct Node {
     /// The enrichments every event goes through (`[[enrichments]]`).
     pub enrichments: Arc<Vec<crate::domain::enrich::Enrichment>>,
     /// Each tenant's lookup tables (`lookups`).
-    pub lookups: DashMap<String, Arc<crate::lookups::TenantLookups>>,
+    pub lookups: TenantMap<crate::lookups::TenantLookups>,
     /// The audit trail's queue (`audit`).
     pub audit: crate::audit::AuditLog,
     /// Places for live sockets still to authenticate (`live.unauthenticated_max`).
@@ -97,8 +97,9 @@ impl Node {
         }
         let mut failed: Vec<(String, String)> = self
             .tenants
-            .iter()
-            .filter_map(|entry| Some((entry.key().clone(), entry.value().failure()?)))
+            .list()
+            .into_iter()
+            .filter_map(|(id, tenant)| Some((id, tenant.failure()?)))
             .collect();
         failed.sort();
         failed
@@ -136,29 +137,17 @@ impl Node {
 
     /// A tenant serving now.
     pub fn tenant(&self, id: &str) -> Option<Arc<TenantHandle>> {
-        self.tenants.get(id).map(|entry| Arc::clone(entry.value()))
+        self.tenants.get(id)
     }
 
     /// Every tenant serving now, by id (a copy: the registry is not held).
     pub fn tenant_list(&self) -> Vec<(String, Arc<TenantHandle>)> {
-        let mut tenants: Vec<(String, Arc<TenantHandle>)> = self
-            .tenants
-            .iter()
-            .map(|entry| (entry.key().clone(), Arc::clone(entry.value())))
-            .collect();
-        tenants.sort_by(|a, b| a.0.cmp(&b.0));
-        tenants
+        self.tenants.list()
     }
 
     /// The ids of the tenants serving now, sorted.
     pub fn tenant_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self
-            .tenants
-            .iter()
-            .map(|entry| entry.key().clone())
-            .collect();
-        ids.sort();
-        ids
+        self.tenants.ids()
     }
 
     /// The tenant a caller reads, by every surface's one rule: a tenant key
@@ -286,13 +275,9 @@ impl Node {
         *cursor = cursor.wrapping_add(1);
         // only tenants with enough runs to merge (copying 10 000 ids a second
         // to look at each was most of an idle node's cpu), by id
-        let mut tenants: Vec<(String, Arc<TenantHandle>)> = self
+        let tenants = self
             .tenants
-            .iter()
-            .filter(|entry| entry.value().runs.get().len() >= crate::domain::dedup::MERGE_FANIN)
-            .map(|entry| (entry.key().clone(), Arc::clone(entry.value())))
-            .collect();
-        tenants.sort_by(|a, b| a.0.cmp(&b.0));
+            .list_where(|tenant| tenant.runs.get().len() >= crate::domain::dedup::MERGE_FANIN);
         let count = tenants.len();
         for (tenant, handle) in tenants
             .iter()

@@ -406,13 +406,10 @@ async fn put_now(node: &Arc<Node>, id: &str, spec: TenantSpec) -> Result<Put, Te
     let handle = Arc::new(node.starter.start(fresh));
     node.alerts.insert(id, Arc::new(alerts));
     node.experiments.insert(id, Arc::new(experiments));
-    node.lookups.insert(
-        id.into(),
-        Arc::new(crate::lookups::TenantLookups::default()),
-    );
-    node.feeds
-        .insert(id.into(), crate::read::feed::TenantFeed::new());
-    node.tenants.insert(id.into(), handle);
+    node.lookups
+        .insert(id, Arc::new(crate::lookups::TenantLookups::default()));
+    node.feeds.insert(id, crate::read::feed::TenantFeed::new());
+    node.tenants.insert(id, handle);
     let mut keys = node.keys.tenant_keys().to_vec();
     for digest in wanted {
         keys.push(TenantKey {
@@ -522,7 +519,7 @@ async fn remove_now(node: &Arc<Node>, id: &str) -> Result<(), TenantError> {
                 .collect(),
         );
         node.keys_changed.send_modify(|generation| *generation += 1);
-        if let Some((_, feed)) = node.feeds.remove(id) {
+        if let Some(feed) = node.feeds.remove(id) {
             feed.close();
         }
         node.lookups.remove(id);

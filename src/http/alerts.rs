@@ -40,7 +40,7 @@ pub async fn list(
     drop(reader);
     let alerts = node
         .alerts
-        .tenant(&tenant)
+        .get(&tenant)
         .ok_or_else(|| ApiError::NotFound(format!("unknown tenant {tenant}")))?;
     let Some(since) = query.since else {
         let rules: Vec<Value> = alerts
@@ -175,7 +175,7 @@ pub async fn get_rule(
     let tenant = writing_tenant(&node, &caller, query)?;
     let alerts = node
         .alerts
-        .tenant(&tenant)
+        .get(&tenant)
         .ok_or_else(|| ApiError::NotFound(format!("no alert rule {rule_id}")))?;
     let rule = alerts
         .rule(&rule_id)

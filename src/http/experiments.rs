@@ -44,7 +44,7 @@ fn experiment_error(node: &Node, error: ExperimentError) -> ApiError {
 
 fn tenant_experiments(node: &Node, tenant: &str) -> Result<Arc<TenantExperiments>, ApiError> {
     node.experiments
-        .tenant(tenant)
+        .get(tenant)
         .ok_or_else(|| ApiError::NotFound(format!("unknown tenant {tenant}")))
 }
 

@@ -143,7 +143,7 @@ fn default_tenant(
 ) -> Result<Option<String>, ApiError> {
     let Some(named) = named else {
         return Ok(match principal {
-            Principal::Tenant(own) => node.tenants.contains_key(own).then(|| own.clone()),
+            Principal::Tenant(own) => node.tenants.contains(own).then(|| own.clone()),
             Principal::Admin => None,
         });
     };
@@ -152,7 +152,7 @@ fn default_tenant(
             "a tenant key can only write its own tenant".into(),
         ));
     }
-    if node.tenants.contains_key(named) {
+    if node.tenants.contains(named) {
         Ok(Some(named.to_string()))
     } else {
         Err(ApiError::NotFound(format!("unknown tenant {named}")))

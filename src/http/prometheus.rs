@@ -303,7 +303,7 @@ async fn tenant_samples(node: &Node, tenants: Vec<(String, Arc<TenantHandle>)>) 
         }
         let experiments = node
             .experiments
-            .tenant(tenant_id)
+            .get(tenant_id)
             .map(|experiments| experiments.list())
             .unwrap_or_default();
         for experiment in experiments {

@@ -76,7 +76,7 @@ pub async fn put(
         .map_err(|error| tenant_error(&node, error))?;
     if put == Put::Created {
         // its live feed runs until the tenant is removed or the node stops
-        if let Some(feed) = node.feeds.get(&id).map(|feed| Arc::clone(feed.value())) {
+        if let Some(feed) = node.feeds.get(&id) {
             tokio::spawn(crate::live::run_feed(
                 Arc::clone(&node),
                 id.clone(),

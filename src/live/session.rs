@@ -189,7 +189,7 @@ pub async fn run(
             }
         },
     };
-    let Some(feed) = node.feeds.get(&tenant).map(|feed| Arc::clone(feed.value())) else {
+    let Some(feed) = node.feeds.get(&tenant) else {
         return close(&mut socket, limit, CLOSE_UNAUTHORIZED, "unknown tenant").await;
     };
     let Some(_place) = feed.join(&tenant, node.config.live.sessions_per_tenant_max) else {
@@ -219,11 +219,11 @@ pub async fn run(
         let (_quiet, quiet) = watch::channel(0u64);
         let mut alerts_written = node
             .alerts
-            .tenant(&tenant)
+            .get(&tenant)
             .map_or_else(|| quiet.clone(), |alerts| alerts.written());
         let mut signals_written = node
             .experiments
-            .tenant(&tenant)
+            .get(&tenant)
             .map_or(quiet, |experiments| experiments.written());
         let mut heard = Stopwatch::start();
         let tick = Duration::from_millis(node.config.live.tick_ms);
