@@ -76,12 +76,12 @@ pub struct AuditLog {
     sender: mpsc::Sender<AuditRecord>,
     large_read_rows: u64,
     burst: u32,
-    /// At most `ADDRESSES_MAX` addresses; the map is cleared when full (an
-    /// attacker cycling addresses is counted by `tally_auth_failures_total`).
+    /// At most `audit.burst_addresses_max` addresses; the map is cleared when
+    /// full (an attacker cycling addresses is counted by
+    /// `tally_auth_failures_total`).
     failures: Mutex<HashMap<IpAddr, Failures>>,
+    addresses_max: usize,
 }
-
-const ADDRESSES_MAX: usize = 10_000;
 
 impl AuditLog {
     /// The log and the receiving end for `run`.
@@ -93,6 +93,7 @@ impl AuditLog {
                 large_read_rows: config.large_read_rows,
                 burst: config.auth_failures_per_minute_max,
                 failures: Mutex::new(HashMap::new()),
+                addresses_max: config.burst_addresses_max,
             },
             receiver,
         )
@@ -121,7 +122,7 @@ impl AuditLog {
                 .failures
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if failures.len() >= ADDRESSES_MAX && !failures.contains_key(&address) {
+            if failures.len() >= self.addresses_max && !failures.contains_key(&address) {
                 failures.clear();
             }
             let entry = failures.entry(address).or_default();

@@ -19,6 +19,12 @@ pub struct AuditConfig {
     pub auth_failures_per_minute_max: u32,
     /// Most records `GET /v1/audit` returns at once.
     pub list_limit_max: usize,
+    /// Most records one page of `GET /v1/audit` looks at (a tenant's among
+    /// many): past it the page is short and `next_since` moves on.
+    pub list_scan_max: usize,
+    /// Addresses whose 401/403 are counted at once; the counts are cleared
+    /// when a new address would pass it.
+    pub burst_addresses_max: usize,
 }
 
 impl Default for AuditConfig {
@@ -30,6 +36,8 @@ impl Default for AuditConfig {
             large_read_rows: 10_000,
             auth_failures_per_minute_max: 20,
             list_limit_max: 1_000,
+            list_scan_max: 100_000,
+            burst_addresses_max: 10_000,
         }
     }
 }

@@ -8,10 +8,15 @@ use serde::Deserialize;
 pub struct ExportConfig {
     /// Rows one CSV export may have; more is 400 `export_too_large`.
     pub rows_max: usize,
+    /// Bytes of CSV text made at a time, as the client reads.
+    pub chunk_bytes: usize,
 }
 
 impl Default for ExportConfig {
     fn default() -> Self {
-        ExportConfig { rows_max: 100_000 }
+        ExportConfig {
+            rows_max: 100_000,
+            chunk_bytes: 64 * 1024,
+        }
     }
 }

@@ -361,6 +361,21 @@ impl Config {
         if self.audit.records_max == 0 {
             issues.push(issue("audit.records_max", "must be at least 1"));
         }
+        if self.audit.list_scan_max < self.audit.list_limit_max {
+            issues.push(issue(
+                "audit.list_scan_max",
+                "must be at least audit.list_limit_max",
+            ));
+        }
+        if self.audit.burst_addresses_max == 0 {
+            issues.push(issue("audit.burst_addresses_max", "must be at least 1"));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.export.chunk_bytes) {
+            issues.push(issue(
+                "export.chunk_bytes",
+                "must be within 1024..=16777216",
+            ));
+        }
         if self.audit.list_limit_max == 0 {
             issues.push(issue("audit.list_limit_max", "must be at least 1"));
         }
@@ -844,6 +859,17 @@ mod tests {
         // one key, one caller: the scrape token equal to a tenant's key
         let shared = "[prometheus]\nbearer_token = \"same-key\"\n\n[[tenants]]\nid = \"t\"\napi_keys = [\"same-key\"]\ncurrency = \"USD\"\n";
         assert_eq!(paths(shared), ["tenants[0].api_keys[0]"]);
+        // the limits that were constants, checked like the others
+        let limits =
+            "[export]\nchunk_bytes = 10\n\n[audit]\nlist_scan_max = 10\nburst_addresses_max = 0\n";
+        assert_eq!(
+            paths(limits),
+            [
+                "audit.list_scan_max",
+                "audit.burst_addresses_max",
+                "export.chunk_bytes"
+            ]
+        );
     }
 
     #[test]

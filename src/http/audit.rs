@@ -164,8 +164,9 @@ pub async fn list(
     }
     let store = Arc::clone(&node.store);
     let since = query.since;
-    // a tenant's records among many: a page looks at 100 times its limit
-    let scan_max = limit.saturating_mul(100);
+    // a tenant's records among many: a page looks at most at
+    // audit.list_scan_max of them
+    let scan_max = node.config.audit.list_scan_max.max(limit);
     let (records, next_since) = tokio::task::spawn_blocking(move || {
         read_since(&*store, since, tenant.as_deref(), limit, scan_max)
     })

@@ -19,12 +19,10 @@ use chrono_tz::Tz;
 use serde_json::Value;
 
 use crate::audit::AuditRows;
+use crate::config::ExportConfig;
 use crate::read::{MetricView, PointValue};
 
 use super::error::ApiError;
-
-/// Bytes of CSV text made at a time.
-const CHUNK_BYTES: usize = 64 * 1024;
 
 /// True when the request asks for CSV: `format=csv`, or an `Accept` that
 /// names `text/csv` (`format=json` wins over the header).
@@ -71,6 +69,8 @@ fn line(fields: &[String], out: &mut String) {
 struct CsvBody {
     header: Option<Vec<String>>,
     rows: Box<dyn Iterator<Item = Vec<String>> + Send>,
+    /// `export.chunk_bytes`.
+    chunk_bytes: usize,
 }
 
 impl http_body::Body for CsvBody {
@@ -81,11 +81,12 @@ impl http_body::Body for CsvBody {
         mut self: Pin<&mut Self>,
         _: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        let mut chunk = String::with_capacity(CHUNK_BYTES + 1024);
+        let chunk_bytes = self.chunk_bytes;
+        let mut chunk = String::with_capacity(chunk_bytes + 1024);
         if let Some(header) = self.header.take() {
             line(&header, &mut chunk);
         }
-        while chunk.len() < CHUNK_BYTES {
+        while chunk.len() < chunk_bytes {
             match self.rows.next() {
                 Some(row) => line(&row, &mut chunk),
                 None => break,
@@ -102,9 +103,10 @@ impl http_body::Body for CsvBody {
 fn respond(
     header: Vec<String>,
     rows: usize,
-    rows_max: usize,
+    limits: &ExportConfig,
     make: Box<dyn Iterator<Item = Vec<String>> + Send>,
 ) -> Result<Response, ApiError> {
+    let rows_max = limits.rows_max;
     if rows > rows_max {
         return Err(ApiError::ExportTooLarge(format!(
             "the export has {rows} rows, more than export.rows_max ({rows_max}); ask for a shorter window, a coarser step or fewer values"
@@ -115,6 +117,7 @@ fn respond(
         Body::new(CsvBody {
             header: Some(header),
             rows: make,
+            chunk_bytes: limits.chunk_bytes,
         }),
     )
         .into_response();
@@ -169,7 +172,7 @@ pub fn series(
     points: Vec<(i64, PointValue, u64)>,
     tz: Tz,
     money: Money,
-    rows_max: usize,
+    limits: &ExportConfig,
 ) -> Result<Response, ApiError> {
     let mut header: Vec<String> = ["at", "value", "count"].map(String::from).to_vec();
     if money.is_some() {
@@ -191,7 +194,7 @@ pub fn series(
         }
         row
     });
-    respond(header, rows, rows_max, Box::new(make))
+    respond(header, rows, limits, Box::new(make))
 }
 
 /// `?by=` as CSV: one row per value and window: the dim's value, `window`,
@@ -202,7 +205,7 @@ pub fn breakdown(
     dim: &str,
     views: Vec<(String, MetricView)>,
     money: Money,
-    rows_max: usize,
+    limits: &ExportConfig,
 ) -> Result<Response, ApiError> {
     let mut fields = BTreeSet::new();
     let mut rows = 0;
@@ -241,7 +244,7 @@ pub fn breakdown(
             row
         })
     });
-    respond(header, rows, rows_max, Box::new(make))
+    respond(header, rows, limits, Box::new(make))
 }
 
 #[cfg(test)]

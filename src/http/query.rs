@@ -152,7 +152,7 @@ pub async fn get_one(
         .map_err(|error| read_error(&node, error))?;
     if as_csv {
         let money = money_of(&reader, index);
-        return csv::breakdown(&dim, views, money, node.config.export.rows_max);
+        return csv::breakdown(&dim, views, money, &node.config.export);
     }
     let mut values = Map::new();
     for (value, view) in views {
@@ -261,7 +261,7 @@ pub async fn get_series(
     if as_csv {
         let money = money_of(&reader, index);
         let tz = reader.tenant().context.tz;
-        return csv::series(points, tz, money, node.config.export.rows_max);
+        return csv::series(points, tz, money, &node.config.export);
     }
     let points: Vec<Value> = points
         .iter()
