@@ -247,8 +247,12 @@ impl TenantStarter {
         // and holds its place in the budget until that message is handled
         // (`InFlight` travels with it), so a mailbox this size never fills and
         // `send` never waits or reorders, even when clients disconnect
-        // mid-request. Snapshots add one message at a time.
-        let mailbox_capacity = self.batches_max + self.queries_max + 2;
+        // mid-request. Snapshots and merges add one message at a time, and
+        // a change of experiments one `SetWatched` to each metric actor (a
+        // control message sent with `do_send`, which ignores the bound;
+        // changes are serialized by the experiment engine's lock): room for
+        // it too, so that it never makes a data `send` wait.
+        let mailbox_capacity = self.batches_max + self.queries_max + 3;
         let context = Arc::clone(state.core.context());
         let hash = xxhash_rust::xxh3::xxh3_64(context.id.as_bytes());
         // at least one arbiter: ActorRuntime::start makes `shards.max(1)`
