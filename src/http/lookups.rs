@@ -160,28 +160,19 @@ async fn change(
     ))
 }
 
-/// `PUT /v1/lookups/{table}`: replaces the table.
-pub async fn put(
+/// `PUT /v1/lookups/{table}` replaces the table; `PATCH` adds rows, or
+/// replaces those of their keys.
+pub async fn put_or_patch(
     State(node): State<Arc<Node>>,
     caller: Caller,
+    method: axum::http::Method,
     Path(table): Path<String>,
     query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    change(node, caller, table, query, headers, body, true).await
-}
-
-/// `PATCH /v1/lookups/{table}`: adds rows, or replaces those of their keys.
-pub async fn patch(
-    State(node): State<Arc<Node>>,
-    caller: Caller,
-    Path(table): Path<String>,
-    query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
-    change(node, caller, table, query, headers, body, false).await
+    let replace = method == axum::http::Method::PUT;
+    change(node, caller, table, query, headers, body, replace).await
 }
 
 /// `GET /v1/lookups/{table}`: the rows, by key.

@@ -78,7 +78,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/quarantine/retry", post(quarantine::retry_all))
         .route(
             "/v1/lookups/{table}",
-            get(lookups::get).put(lookups::put).patch(lookups::patch),
+            get(lookups::get)
+                .put(lookups::put_or_patch)
+                .patch(lookups::put_or_patch),
         )
         .route("/v1/quarantine/{qid}/retry", post(quarantine::retry))
         .route("/v1/quarantine/{qid}", delete(quarantine::delete))
