@@ -8,40 +8,13 @@ mod common;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use common::{start_node, start_node_in, TestNode, T0_MS};
+use common::{put_table, start_node, start_node_in, with_stores, TestNode, T0_MS};
 
-fn with_stores(config: &mut tally::config::Config) {
-    config.enrichments = vec![tally::config::EnrichmentConfig {
-        table: "stores".into(),
-        key: "store".into(),
-        adds: vec!["region".into()],
-        on_miss: "quarantine".into(),
-    }];
-    for metric in &mut config.metrics {
-        if metric.name == "gmv" {
-            metric.dims.push("region".into());
-        }
-    }
-}
+const STORES: &str = "/v1/lookups/stores";
 
 fn order(id: &str, amount: i64, store: &str) -> Value {
     json!({"id": id, "type": "order.completed", "ts": T0_MS, "amount": amount,
            "currency": "USD", "dims": {"store": store}})
-}
-
-async fn put_table(
-    node: &TestNode,
-    method: Method,
-    body: &str,
-    content_type: &str,
-) -> common::Reply {
-    let request = node
-        .client
-        .request(method, format!("{}/v1/lookups/stores", node.base))
-        .bearer_auth("demo-key")
-        .header("content-type", content_type)
-        .body(body.to_string());
-    node.send(request).await
 }
 
 async fn region_gmv(node: &TestNode) -> Value {
@@ -57,8 +30,9 @@ async fn lookups_enrich_misses_wait_in_quarantine_and_a_bulk_retry_applies_them_
     let reply = put_table(
         &node,
         Method::PUT,
-        "{\"key\": \"s-1\", \"region\": \"north\"}\n{\"key\": \"s-2\", \"region\": \"south\"}\n",
+        STORES,
         "application/x-ndjson",
+        "{\"key\": \"s-1\", \"region\": \"north\"}\n{\"key\": \"s-2\", \"region\": \"south\"}\n",
     )
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
@@ -67,8 +41,9 @@ async fn lookups_enrich_misses_wait_in_quarantine_and_a_bulk_retry_applies_them_
     let bad = put_table(
         &node,
         Method::PATCH,
-        "{\"key\": \"s-3\"}\n",
+        STORES,
         "application/x-ndjson",
+        "{\"key\": \"s-3\"}\n",
     )
     .await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
@@ -137,7 +112,14 @@ async fn lookups_enrich_misses_wait_in_quarantine_and_a_bulk_retry_applies_them_
         (json!(2), json!(2))
     );
     // the table gains the key (CSV this time); the retry applies both, once
-    let reply = put_table(&node, Method::PATCH, "key,region\ns-9,west\n", "text/csv").await;
+    let reply = put_table(
+        &node,
+        Method::PATCH,
+        STORES,
+        "text/csv",
+        "key,region\ns-9,west\n",
+    )
+    .await;
     assert_eq!(reply.body["rows"], 3, "{}", reply.body);
     let retried = node
         .call(

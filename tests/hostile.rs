@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use common::{start_node, Reply, Socket, TestNode};
+use common::{put_table, start_node, with_stores, Reply, Socket, TestNode};
 
 // ---------------------------------------------------------------- helpers
 
@@ -2617,31 +2617,6 @@ async fn a_scrape_with_a_tenant_key_holds_no_sample_of_another_tenant() {
 }
 
 // ---------------------------------------------------------------- lookups
-
-fn with_stores(config: &mut tally::config::Config) {
-    config.enrichments = vec![tally::config::EnrichmentConfig {
-        table: "stores".into(),
-        key: "store".into(),
-        adds: vec!["region".into()],
-        on_miss: "quarantine".into(),
-    }];
-}
-
-async fn put_table(
-    node: &TestNode,
-    method: Method,
-    path: &str,
-    content_type: &str,
-    body: &str,
-) -> Reply {
-    let request = node
-        .client
-        .request(method, format!("{}{path}", node.base))
-        .bearer_auth("demo-key")
-        .header("content-type", content_type)
-        .body(body.to_string());
-    node.send(request).await
-}
 
 /// The table holds the one row the test put first, whatever came after.
 async fn assert_table_unchanged(node: &TestNode) {

@@ -313,3 +313,37 @@ pub async fn next_within(socket: &mut Socket, wait: std::time::Duration) -> Opti
         }
     }
 }
+
+/// An enrichment on table `stores`: an event's `store` dim adds its `region`,
+/// which `gmv` breaks down by.
+pub fn with_stores(config: &mut Config) {
+    config.enrichments = vec![tally::config::EnrichmentConfig {
+        table: "stores".into(),
+        key: "store".into(),
+        adds: vec!["region".into()],
+        on_miss: "quarantine".into(),
+    }];
+    for metric in &mut config.metrics {
+        if metric.name == "gmv" {
+            metric.dims.push("region".into());
+        }
+    }
+}
+
+/// Sends `body` to `path` of demo's lookup tables with `method` (PUT or
+/// PATCH) and its content type.
+pub async fn put_table(
+    node: &TestNode,
+    method: reqwest::Method,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> Reply {
+    let request = node
+        .client
+        .request(method, format!("{}{path}", node.base))
+        .bearer_auth("demo-key")
+        .header("content-type", content_type)
+        .body(body.to_string());
+    node.send(request).await
+}
