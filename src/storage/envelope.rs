@@ -9,8 +9,13 @@ use serde::Serialize;
 use bincode::Options;
 
 const MAGIC: [u8; 4] = *b"TLY\x01";
-/// Bump when a stored shape changes; old versions are refused, not misread.
-pub const FORMAT_VERSION: u16 = 1;
+/// Bump when a stored shape changes; unknown versions are refused, not
+/// misread. Version 2 stores integers as varints (counts, values, amounts
+/// and sizes are mostly small: a snapshot's histogram slices took 16 bytes a
+/// value and count in version 1, about 4 in version 2, docs/BENCHMARKS.md);
+/// version 1, every integer at its full width, is still read.
+pub const FORMAT_VERSION: u16 = 2;
+const FORMAT_VERSION_FIXINT: u16 = 1;
 const HEADER_BYTES: usize = 4 + 2 + 1 + 4 + 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +42,7 @@ pub enum EnvelopeError {
     Short(usize),
     #[error("record has no tally magic")]
     Magic,
-    #[error("record format version {0} is not {FORMAT_VERSION}")]
+    #[error("record format version {0} is not {FORMAT_VERSION_FIXINT} or {FORMAT_VERSION}")]
     Version(u16),
     #[error("record kind {found} is not the expected {expected}")]
     Kind { found: u8, expected: u8 },
@@ -55,6 +60,12 @@ pub enum EnvelopeError {
 
 fn options(limit_bytes: u64) -> impl Options {
     bincode::DefaultOptions::new()
+        .with_varint_encoding()
+        .with_limit(limit_bytes)
+}
+
+fn options_fixint(limit_bytes: u64) -> impl Options {
+    bincode::DefaultOptions::new()
         .with_fixint_encoding()
         .with_limit(limit_bytes)
 }
@@ -71,15 +82,14 @@ pub fn encode_within<T: Serialize>(
     payload: &T,
     payload_bytes_max: usize,
 ) -> Result<Vec<u8>, EnvelopeError> {
-    let size = options(u64::MAX)
-        .serialized_size(payload)
-        .map_err(|error| EnvelopeError::Encode(error.to_string()))?;
-    if size > payload_bytes_max as u64 {
-        return Err(EnvelopeError::TooLarge(size as usize));
-    }
+    // one pass (sizing first walked a snapshot's every value twice); a
+    // payload past the limit is refused before it is written
     let body = options(u64::MAX)
         .serialize(payload)
         .map_err(|error| EnvelopeError::Encode(error.to_string()))?;
+    if body.len() > payload_bytes_max {
+        return Err(EnvelopeError::TooLarge(body.len()));
+    }
     let length = u32::try_from(body.len()).map_err(|_| EnvelopeError::TooLarge(body.len()))?;
     let mut record = Vec::with_capacity(HEADER_BYTES + body.len());
     record.extend_from_slice(&MAGIC);
@@ -104,7 +114,7 @@ pub fn decode<T: DeserializeOwned>(
         return Err(EnvelopeError::Magic);
     }
     let version = u16::from_be_bytes([header[4], header[5]]);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_FIXINT {
         return Err(EnvelopeError::Version(version));
     }
     if header[6] != kind as u8 {
@@ -127,9 +137,12 @@ pub fn decode<T: DeserializeOwned>(
     if crc32fast::hash(body) != checksum {
         return Err(EnvelopeError::Checksum);
     }
-    options(payload_bytes_max as u64)
-        .deserialize(body)
-        .map_err(|error| EnvelopeError::Decode(error.to_string()))
+    let decoded = if version == FORMAT_VERSION_FIXINT {
+        options_fixint(payload_bytes_max as u64).deserialize(body)
+    } else {
+        options(payload_bytes_max as u64).deserialize(body)
+    };
+    decoded.map_err(|error| EnvelopeError::Decode(error.to_string()))
 }
 
 #[cfg(test)]
@@ -145,15 +158,62 @@ mod tests {
 
     #[test]
     fn a_record_past_the_limit_is_refused_when_written() {
+        // a length and 100 one-byte varints
         let big = vec![7u64; 100];
         assert!(matches!(
             encode_within(RecordKind::WalBatch, &big, 100),
-            Err(EnvelopeError::TooLarge(808))
+            Err(EnvelopeError::TooLarge(101))
         ));
-        let record = encode_within(RecordKind::WalBatch, &big, 808).unwrap();
+        let record = encode_within(RecordKind::WalBatch, &big, 101).unwrap();
         assert_eq!(
-            decode::<Vec<u64>>(&record, RecordKind::WalBatch, 808).unwrap(),
+            decode::<Vec<u64>>(&record, RecordKind::WalBatch, 101).unwrap(),
             big
+        );
+    }
+
+    #[test]
+    fn records_of_the_first_version_are_still_read() {
+        // version 1: every integer at its full width
+        let payload = (
+            7u64,
+            "gmv".to_string(),
+            -5i128,
+            vec![(1_764_000_000i64, 3u64)],
+        );
+        let body = options_fixint(u64::MAX).serialize(&payload).unwrap();
+        assert_eq!(body.len(), 8 + 8 + 3 + 16 + 8 + 16);
+        let mut record = Vec::new();
+        record.extend_from_slice(&MAGIC);
+        record.extend_from_slice(&FORMAT_VERSION_FIXINT.to_be_bytes());
+        record.push(RecordKind::SnapshotPart as u8);
+        record.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        record.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+        record.extend_from_slice(&body);
+        assert_eq!(
+            decode::<(u64, String, i128, Vec<(i64, u64)>)>(
+                &record,
+                RecordKind::SnapshotPart,
+                1 << 20
+            ),
+            Ok(payload.clone())
+        );
+        // the same payload now: varints
+        let now = encode(RecordKind::SnapshotPart, &payload).unwrap();
+        assert_eq!(now.len() - HEADER_BYTES, 1 + 1 + 3 + 1 + 1 + 5 + 1);
+        assert_eq!(
+            decode::<(u64, String, i128, Vec<(i64, u64)>)>(&now, RecordKind::SnapshotPart, 1 << 20),
+            Ok(payload)
+        );
+        // a version never written is refused
+        let mut future = now.clone();
+        future[4..6].copy_from_slice(&3u16.to_be_bytes());
+        assert_eq!(
+            decode::<(u64, String, i128, Vec<(i64, u64)>)>(
+                &future,
+                RecordKind::SnapshotPart,
+                1 << 20
+            ),
+            Err(EnvelopeError::Version(3))
         );
     }
 
@@ -181,8 +241,8 @@ mod tests {
             Err(EnvelopeError::Kind { .. })
         ));
         assert!(matches!(
-            decode::<Vec<u64>>(&record, RecordKind::WalBatch, 8),
-            Err(EnvelopeError::TooLarge(_))
+            decode::<Vec<u64>>(&record, RecordKind::WalBatch, 3),
+            Err(EnvelopeError::TooLarge(4))
         ));
     }
 
