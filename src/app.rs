@@ -295,6 +295,7 @@ pub async fn start_with_store(
         next_snapshot_id: AtomicU64::new(next_snapshot_id),
         snapshot_lock: Mutex::new(()),
         merging: Mutex::new(0),
+        covering: Mutex::new(0),
         ready: AtomicBool::new(false),
         fatal,
     });
@@ -390,6 +391,35 @@ pub async fn start_with_store(
             }
         })
     };
+    // keeps each tenant's summary filter over its de-dup runs, so that a new
+    // id costs one lookup whatever the number of runs; on its own task, so a
+    // long merge does not leave new runs uncovered (docs/durability.md)
+    let indexer = {
+        let node = Arc::clone(&node);
+        let mut stopping = node.stopping.subscribe();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    _ = stopping.wait_for(|stopping| *stopping) => return,
+                }
+                loop {
+                    if node.committer.is_failed() || *node.stopping.borrow() {
+                        return;
+                    }
+                    match node.cover_runs_once().await {
+                        Ok(true) => continue,
+                        Ok(false) => break,
+                        Err(error) => {
+                            tracing::warn!(%error, "de-dup summary filter not extended; trying again later");
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+    };
     let alerting = tokio::spawn(crate::alerting::run(Arc::clone(&node)));
     let experimenting = tokio::spawn(crate::experiments::run(Arc::clone(&node)));
     let auditing = tokio::spawn(crate::audit::run(Arc::clone(&node), audit_queue));
@@ -458,6 +488,7 @@ pub async fn start_with_store(
             experimenting,
             auditing,
             merger,
+            indexer,
             upkeep,
             storage_watch,
         ]

@@ -312,12 +312,12 @@ pub async fn ingest(
         // busy tenant's lookups spread over every core; the actor asks only
         // runs published since. A run that cannot be read is left to the actor,
         // which refuses the batch with the reason.
-        let runs = tenant.runs.get();
-        let checked = if runs.is_empty() {
+        let view = tenant.runs.get();
+        let checked = if view.runs.is_empty() {
             None
         } else {
             let ids = batch.events.iter().map(|(_, event)| event.id.as_str());
-            RunsChecked::of(&runs, ids).ok()
+            RunsChecked::of(&view, ids).ok()
         };
         requests.push(tenant.actor.send(IngestBatch {
             in_flight,

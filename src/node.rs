@@ -11,12 +11,15 @@ use std::sync::Arc;
 
 use tokio::sync::{watch, Mutex, Semaphore};
 
-use crate::actors::tenant::{InstallMerged, InstallRuns, PlanMerge, TakeSnapshot};
+use crate::actors::tenant::{
+    InstallCover, InstallMerged, InstallRuns, PlanCover, PlanMerge, TakeSnapshot,
+};
 use crate::actors::{FatalSender, TenantHandle};
 use crate::auth::{tenant_for_read, AuthError, KeyRing, Principal};
 use crate::clock::{SharedClock, Stopwatch};
 use crate::config::Config;
 use crate::domain::catalogue::Catalogue;
+use crate::domain::dedup::{CoverPlan, SummaryFilter};
 use crate::read::feed::TenantFeed;
 use crate::registry::TenantMap;
 use crate::storage::commit::Committer;
@@ -74,6 +77,9 @@ pub struct Node {
     /// One merge at a time (two could plan the same runs); holds where the
     /// next merge looks first (`merge_runs_once`).
     pub(crate) merging: Mutex<usize>,
+    /// One summary filter step at a time (a summary has one writer); holds
+    /// where the next looks first (`cover_runs_once`).
+    pub(crate) covering: Mutex<usize>,
     pub(crate) ready: AtomicBool,
     /// Set with the reason when the node must exit for a clean restart: a
     /// storage failure, or a tenant that stopped serving.
@@ -277,7 +283,7 @@ impl Node {
         // to look at each was most of an idle node's cpu), by id
         let tenants = self
             .tenants
-            .list_where(|tenant| tenant.runs.get().len() >= crate::domain::dedup::MERGE_FANIN);
+            .list_where(|tenant| tenant.runs.get().runs.len() >= crate::domain::dedup::MERGE_FANIN);
         let count = tenants.len();
         for (tenant, handle) in tenants
             .iter()
@@ -287,7 +293,7 @@ impl Node {
         {
             // fewer runs than a merge takes: no message to the actor (with
             // many tenants, asking each every second cost a quarter of a core)
-            if handle.runs.get().len() < crate::domain::dedup::MERGE_FANIN {
+            if handle.runs.get().runs.len() < crate::domain::dedup::MERGE_FANIN {
                 continue;
             }
             let Some(plan) = handle
@@ -337,6 +343,78 @@ impl Node {
                 ids,
                 duration_ms = stopwatch.elapsed_ms(),
                 "de-dup runs merged"
+            );
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
+
+impl Node {
+    /// Does one tenant's next summary filter step, if any tenant wants one
+    /// (`DedupIndex::plan_cover`): adds its runs not yet covered, or builds
+    /// the summary anew from every run; true when it did. Reads the runs'
+    /// keys off the actor; only the result goes through it. Stops early when
+    /// the node stops.
+    pub async fn cover_runs_once(self: &Arc<Self>) -> Result<bool, MergeError> {
+        // each call starts one tenant further, so that no tenant waits on another's
+        let mut cursor = self.covering.lock().await;
+        let start = *cursor;
+        *cursor = cursor.wrapping_add(1);
+        let tenants = self.tenants.list_where(|tenant| tenant.runs.wants_cover());
+        let count = tenants.len();
+        for (tenant, handle) in tenants
+            .iter()
+            .cycle()
+            .skip(start % count.max(1))
+            .take(count)
+        {
+            let Some(plan) = handle
+                .actor
+                .send(PlanCover)
+                .await
+                .map_err(|_| MergeError::Actors)?
+            else {
+                continue;
+            };
+            let stopwatch = Stopwatch::start();
+            let (summary, rebuilt) = match &plan {
+                CoverPlan::Extend { summary, .. } => (Arc::clone(summary), false),
+                CoverPlan::Rebuild { ids_max, .. } => {
+                    (Arc::new(SummaryFilter::new(*ids_max)), true)
+                }
+            };
+            let covered: Vec<u64> = plan.runs().iter().map(|run| run.meta.id).collect();
+            let ids: u64 = plan.runs().iter().map(|run| run.meta.ids).sum();
+            let node = Arc::clone(self);
+            let filled = Arc::clone(&summary);
+            let done = tokio::task::spawn_blocking(move || {
+                let cancelled = || *node.stopping.borrow();
+                crate::storage::runs::cover_runs(&filled, plan.runs(), &cancelled)
+            })
+            .await
+            .map_err(|_| MergeError::Actors)?
+            .map_err(MergeError::Io)?;
+            if !done {
+                return Ok(false);
+            }
+            let runs = covered.len();
+            handle
+                .actor
+                .send(InstallCover {
+                    summary,
+                    covered,
+                    rebuilt,
+                })
+                .await
+                .map_err(|_| MergeError::Actors)?;
+            tracing::debug!(
+                %tenant,
+                runs,
+                ids,
+                rebuilt,
+                duration_ms = stopwatch.elapsed_ms(),
+                "de-dup summary filter extended"
             );
             return Ok(true);
         }

@@ -29,6 +29,7 @@ use chrono_tz::Tz;
 
 use tally::config::Config;
 use tally::domain::catalogue::Catalogue;
+use tally::domain::dedup::{CoverPlan, SummaryFilter};
 use tally::domain::event::{Reason, ValidEvent};
 use tally::domain::metric::{MetricState, SeriesReading};
 use tally::domain::tenant::{
@@ -37,7 +38,7 @@ use tally::domain::tenant::{
 use tally::domain::time::{counts_in_some_window, day_bounds};
 use tally::domain::window::{SlidingTally, Tally};
 use tally::storage::recovery::{recover, series_settings};
-use tally::storage::runs::{commit_merge, merge_runs, runs_dir};
+use tally::storage::runs::{commit_merge, cover_runs, merge_runs, runs_dir};
 use tally::storage::snapshot::{
     delete_unlisted_runs, plan_ops, prune_ops, snapshot_ops, write_sealed_runs, TenantSnapshot,
 };
@@ -185,7 +186,7 @@ struct Node {
     /// A metric actor is gone: every apply fails.
     metric_gone: bool,
     /// The runs as last published to ingest (often older than the core's).
-    published_runs: Vec<tally::domain::dedup::Run>,
+    published_runs: tally::domain::dedup::RunsView,
 }
 
 struct Sim {
@@ -214,6 +215,8 @@ struct Sim {
     quarantined_raw: HashMap<String, SimEvent>,
     crashes: u64,
     merges: u64,
+    /// Summary filter steps that completed.
+    covers: u64,
     faults: u64,
 }
 
@@ -241,6 +244,9 @@ impl Sim {
         // ids expire as soon as their events can count nowhere, so that runs
         // reach expiry, and ids come back as new events after it
         config.ingest.dedup_horizon_s = 0;
+        // a small table (64 ids), so that ids move to runs often and the runs
+        // soon want a summary filter (half a table's ids in three runs)
+        config.ingest.dedup_table_bytes_max = 128 * 64;
         // de-dup runs are real files, in a directory of the run's own
         let runs_dir = tempfile::tempdir().expect("a temporary directory");
         config.storage.data_dir = runs_dir.path().to_path_buf();
@@ -267,6 +273,7 @@ impl Sim {
             quarantine_durable: BTreeSet::new(),
             crashes: 0,
             merges: 0,
+            covers: 0,
             faults: 0,
         }
     }
@@ -292,7 +299,7 @@ impl Sim {
             durable: Vec::new(),
             replying: Vec::new(),
             metric_gone: false,
-            published_runs: Vec::new(),
+            published_runs: Default::default(),
         }
     }
 
@@ -702,6 +709,27 @@ impl Sim {
         Ok(())
     }
 
+    /// Builds or extends the summary filter over the runs as the node's
+    /// indexer does; some steps are cancelled, and a crash loses the summary
+    /// (it is kept in memory only, built anew after a start).
+    fn cover(&mut self) -> Result<(), String> {
+        let Some(plan) = self.node.core.plan_cover() else {
+            return Ok(());
+        };
+        let (summary, rebuilt) = match &plan {
+            CoverPlan::Extend { summary, .. } => (Arc::clone(summary), false),
+            CoverPlan::Rebuild { ids_max, .. } => (Arc::new(SummaryFilter::new(*ids_max)), true),
+        };
+        let cancel = self.rng.chance(10);
+        if !cover_runs(&summary, plan.runs(), &|| cancel)? {
+            return Ok(());
+        }
+        let covered: Vec<u64> = plan.runs().iter().map(|run| run.meta.id).collect();
+        self.node.core.install_cover(summary, &covered, rebuilt);
+        self.covers += 1;
+        Ok(())
+    }
+
     /// The log holds a record twice (e.g. a source that delivers again).
     fn duplicate_a_record(&mut self) -> Result<(), String> {
         let mut records = Vec::new();
@@ -884,7 +912,13 @@ impl Sim {
             65..=74 => self.reply()?,
             75..=77 => self.retry_quarantined()?,
             78..=82 => self.snapshot()?,
-            83 => self.merge()?,
+            83 => {
+                if self.rng.chance(50) {
+                    self.merge()?
+                } else {
+                    self.cover()?
+                }
+            }
             84..=92 => {
                 let advance_ms = if self.rng.chance(5) {
                     self.rng.range(60_000, 3_600_000)
@@ -949,7 +983,7 @@ fn the_tenant_pipeline_keeps_its_invariants_under_faults() {
             (first..first + env_u64("TALLY_SIM_SEEDS", 40)).collect()
         }
     };
-    let (mut acknowledged, mut crashes, mut faults, mut merges) = (0, 0, 0, 0);
+    let (mut acknowledged, mut crashes, mut faults, mut merges, mut covers) = (0, 0, 0, 0, 0);
     for seed in &seeds {
         match run_seed(*seed, steps) {
             Ok(sim) => {
@@ -957,6 +991,7 @@ fn the_tenant_pipeline_keeps_its_invariants_under_faults() {
                 crashes += sim.crashes;
                 faults += sim.faults;
                 merges += sim.merges;
+                covers += sim.covers;
             }
             Err(error) => panic!(
                 "seed {seed} failed at {error}\nreplay: TALLY_SIM_SEED={seed} TALLY_SIM_STEPS={steps} \
@@ -966,9 +1001,10 @@ fn the_tenant_pipeline_keeps_its_invariants_under_faults() {
     }
     println!(
         "simulation: {} seeds x {steps} steps, {acknowledged} events acknowledged, \
-         {crashes} crashes, {faults} faults injected, {merges} de-dup merges",
+         {crashes} crashes, {faults} faults injected, {merges} de-dup merges, \
+         {covers} summary filter steps",
         seeds.len()
     );
     // the run must have exercised what it claims to
-    assert!(acknowledged > 0 && crashes > 0 && faults > 0 && merges > 0);
+    assert!(acknowledged > 0 && crashes > 0 && faults > 0 && merges > 0 && covers > 0);
 }

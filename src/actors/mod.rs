@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use metric::MetricActor;
 use tenant::{TenantActor, TenantContext};
 
-use crate::domain::dedup::Run;
+use crate::domain::dedup::RunsView;
 use crate::domain::metric::SeriesSettings;
 
 /// A tenant's metric actors, indexed like the catalogue. A slot is filled when
@@ -91,24 +91,33 @@ impl TenantHealth {
 /// (docs/architecture.md, "one tenant on every core").
 #[derive(Debug, Default)]
 pub struct PublishedRuns {
-    runs: std::sync::RwLock<Arc<Vec<Run>>>,
+    view: std::sync::RwLock<Arc<RunsView>>,
+    /// The summary filter has work (`DedupIndex::wants_cover`), so that the
+    /// indexer asks only tenants that have some.
+    wants_cover: std::sync::atomic::AtomicBool,
 }
 
 impl PublishedRuns {
-    pub fn get(&self) -> Arc<Vec<Run>> {
+    pub fn get(&self) -> Arc<RunsView> {
         // a panic while holding the lock cannot leave the Arc half-written
-        match self.runs.read() {
-            Ok(runs) => Arc::clone(&runs),
+        match self.view.read() {
+            Ok(view) => Arc::clone(&view),
             Err(poisoned) => Arc::clone(&poisoned.into_inner()),
         }
     }
 
-    pub fn set(&self, runs: Vec<Run>) {
-        let runs = Arc::new(runs);
-        match self.runs.write() {
-            Ok(mut slot) => *slot = runs,
-            Err(poisoned) => *poisoned.into_inner() = runs,
+    pub fn set(&self, view: RunsView, wants_cover: bool) {
+        let view = Arc::new(view);
+        match self.view.write() {
+            Ok(mut slot) => *slot = view,
+            Err(poisoned) => *poisoned.into_inner() = view,
         }
+        self.wants_cover
+            .store(wants_cover, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn wants_cover(&self) -> bool {
+        self.wants_cover.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tokio::sync::{oneshot, Notify};
 
-use crate::domain::dedup::{MergePlan, Run, RunMeta, RunsChecked, SealedIds};
+use crate::domain::dedup::{
+    CoverPlan, MergePlan, Run, RunMeta, RunsChecked, SealedIds, SummaryFilter,
+};
 use crate::domain::enrich::{Enrichment, Tables};
 use crate::domain::event::ValidEvent;
 use crate::domain::metric::{SeriesSettings, Watched};
@@ -179,13 +181,13 @@ impl TenantActor {
         let core = self.core.borrow();
         let generation = core.dedup().runs_generation();
         if self.runs_published != Some(generation) {
-            let runs = core.dedup().runs_shared();
+            let view = core.dedup().runs_shared();
             // a tenant that never had runs has no gauges: with many idle
             // tenants they were a kilobyte each
-            if !runs.is_empty() || !self.runs.get().is_empty() {
+            if !view.runs.is_empty() || !self.runs.get().runs.is_empty() {
                 publish_dedup_runs(&core);
             }
-            self.runs.set(runs);
+            self.runs.set(view, core.dedup().wants_cover());
             self.runs_published = Some(generation);
         }
     }
@@ -548,6 +550,39 @@ impl Handler<InstallMerged> for TenantActor {
             core.install_merged(message.run, &message.inputs);
             crate::telemetry::count_dedup_merge(&core.context().id);
         }
+        self.publish_runs();
+    }
+}
+
+/// What the summary filter over the de-dup runs wants next.
+#[derive(Message)]
+#[rtype(result = "Option<CoverPlan>")]
+pub struct PlanCover;
+
+impl Handler<PlanCover> for TenantActor {
+    type Result = Option<CoverPlan>;
+
+    fn handle(&mut self, _: PlanCover, _: &mut Context<Self>) -> Option<CoverPlan> {
+        self.core.borrow().plan_cover()
+    }
+}
+
+/// A summary filter holds every key of the runs `covered`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct InstallCover {
+    pub summary: Arc<SummaryFilter>,
+    pub covered: Vec<u64>,
+    pub rebuilt: bool,
+}
+
+impl Handler<InstallCover> for TenantActor {
+    type Result = ();
+
+    fn handle(&mut self, message: InstallCover, _: &mut Context<Self>) {
+        self.core
+            .borrow_mut()
+            .install_cover(message.summary, &message.covered, message.rebuilt);
         self.publish_runs();
     }
 }

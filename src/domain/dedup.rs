@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -77,8 +78,31 @@ const FILTER_BITS_PER_ID: u64 = 16;
 /// (docs/BENCHMARKS.md); runs written with one are still read (`Legacy`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum RunFilter {
-    Blocks(Vec<[u64; 8]>),
+    Blocks(Vec<Block>),
     Legacy(xorf::BinaryFuse16),
+}
+
+/// A filter block: eight words on one cache line (aligned, so that a lookup
+/// reads one line rather than two), stored as the eight words.
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Block(pub [u64; 8]);
+
+/// The block of `key` among `blocks` (from its upper half).
+fn block_of(blocks: usize, key: u128) -> usize {
+    ((((key >> 64) as u64) as u128 * blocks as u128) >> 64) as usize
+}
+
+/// The bit `key` sets in each word of its block (six bits each of its lower
+/// half).
+fn block_bits(key: u128) -> [u64; 8] {
+    let mut bits = key as u64;
+    let mut masks = [0u64; 8];
+    for mask in masks.iter_mut() {
+        *mask = 1u64 << (bits & 63);
+        bits >>= 6;
+    }
+    masks
 }
 
 impl RunFilter {
@@ -96,24 +120,16 @@ impl RunFilter {
         builder.finish()
     }
 
-    /// The block of `key` (from its upper half) and its bit in each word
-    /// (six bits each of its lower half).
-    fn block_of(blocks: usize, key: u128) -> usize {
-        ((((key >> 64) as u64) as u128 * blocks as u128) >> 64) as usize
-    }
-
     /// True when the filter cannot rule `key` out.
     pub fn maybe(&self, key: u128) -> bool {
         match self {
             RunFilter::Blocks(blocks) => {
-                let Some(block) = blocks.get(Self::block_of(blocks.len(), key)) else {
+                let Some(block) = blocks.get(block_of(blocks.len(), key)) else {
                     return true;
                 };
-                let mut bits = key as u64;
                 let mut all = true;
-                for word in block {
-                    all &= word & (1u64 << (bits & 63)) != 0;
-                    bits >>= 6;
+                for (word, mask) in block.0.iter().zip(block_bits(key)) {
+                    all &= word & mask == mask;
                 }
                 all
             }
@@ -136,7 +152,7 @@ impl RunFilter {
 /// Builds a run's filter key by key.
 #[derive(Debug)]
 pub struct RunFilterBuilder {
-    blocks: Vec<[u64; 8]>,
+    blocks: Vec<Block>,
 }
 
 impl RunFilterBuilder {
@@ -144,26 +160,130 @@ impl RunFilterBuilder {
     pub fn new(ids: u64) -> RunFilterBuilder {
         let blocks = (ids * FILTER_BITS_PER_ID).div_ceil(512).max(1) as usize;
         RunFilterBuilder {
-            blocks: vec![[0u64; 8]; blocks],
+            blocks: vec![Block::default(); blocks],
         }
     }
 
     pub fn push(&mut self, key: u128) {
-        let index = RunFilter::block_of(self.blocks.len(), key);
+        let index = block_of(self.blocks.len(), key);
         // block_of is below the length it is given
         let Some(block) = self.blocks.get_mut(index) else {
             return;
         };
-        let mut bits = key as u64;
-        for word in block.iter_mut() {
-            *word |= 1u64 << (bits & 63);
-            bits >>= 6;
+        for (word, mask) in block.0.iter_mut().zip(block_bits(key)) {
+            *word |= mask;
         }
     }
 
     pub fn finish(self) -> RunFilter {
         RunFilter::Blocks(self.blocks)
     }
+}
+
+/// Summary filter bits an id at its capacity (`SummaryFilter::ids_max`): a
+/// "maybe" once in 40 lookups when full, once in 1 800 when half full; a
+/// "maybe" only sends the lookup on to the runs' own filters.
+const SUMMARY_BITS_PER_ID: u64 = 8;
+/// A tenant's runs get a summary once they are at least this many and hold
+/// half a table's ids (`ids_max`): below, probing each run costs little.
+pub const SUMMARY_RUNS_MIN: usize = 3;
+
+/// One filter over the ids of many runs (those marked covered), so that a
+/// new id costs one lookup whatever the number of runs; the runs' own filters
+/// are asked only on its "maybe". The same split-block layout as a run's
+/// filter, in atomic words: the indexer sets bits while ingest reads them. A
+/// run is marked covered only once every one of its keys is in, so a lookup
+/// that reads a bit not yet set is for a run still asked on its own.
+/// Expired runs leave their bits behind (only more "maybe"s) until the
+/// summary is built anew (`DedupIndex::plan_cover`).
+#[derive(Debug)]
+pub struct SummaryFilter {
+    blocks: Box<[AtomicBlock]>,
+    ids_max: u64,
+}
+
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+struct AtomicBlock([AtomicU64; 8]);
+
+impl SummaryFilter {
+    /// Room for `ids_max` ids at `SUMMARY_BITS_PER_ID`.
+    pub fn new(ids_max: u64) -> SummaryFilter {
+        let blocks = (ids_max * SUMMARY_BITS_PER_ID).div_ceil(512).max(1) as usize;
+        SummaryFilter {
+            blocks: std::iter::repeat_with(AtomicBlock::default)
+                .take(blocks)
+                .collect(),
+            ids_max,
+        }
+    }
+
+    pub fn ids_max(&self) -> u64 {
+        self.ids_max
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.blocks.len() * std::mem::size_of::<AtomicBlock>()
+    }
+
+    /// Adds `key`. Any thread may add while others look up.
+    pub fn insert(&self, key: u128) {
+        // block_of is below the length it is given
+        let Some(block) = self.blocks.get(block_of(self.blocks.len(), key)) else {
+            return;
+        };
+        for (word, mask) in block.0.iter().zip(block_bits(key)) {
+            // a locked or only where the bit is missing: keys come sorted, so
+            // the block is in cache and most of the cost is the locked writes
+            if word.load(Ordering::Relaxed) & mask != mask {
+                word.fetch_or(mask, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// True when no covered run can hold `key` only if this is false. Runs
+    /// are marked covered after their keys are in, and the mark reaches a
+    /// reader through the actor's message and the published list, which
+    /// order the bits before it (Relaxed loads suffice).
+    pub fn maybe(&self, key: u128) -> bool {
+        let Some(block) = self.blocks.get(block_of(self.blocks.len(), key)) else {
+            return true;
+        };
+        let mut all = true;
+        for (word, mask) in block.0.iter().zip(block_bits(key)) {
+            all &= word.load(Ordering::Relaxed) & mask == mask;
+        }
+        all
+    }
+}
+
+/// The summary filter work a tenant's runs want next (`DedupIndex::plan_cover`).
+#[derive(Debug, Clone)]
+pub enum CoverPlan {
+    /// Add these runs' keys to the current summary.
+    Extend {
+        summary: Arc<SummaryFilter>,
+        runs: Vec<Run>,
+    },
+    /// Build a new summary of room `ids_max` from every run: the current one
+    /// is missing, full, or mostly expired ids.
+    Rebuild { ids_max: u64, runs: Vec<Run> },
+}
+
+impl CoverPlan {
+    pub fn runs(&self) -> &[Run] {
+        match self {
+            CoverPlan::Extend { runs, .. } | CoverPlan::Rebuild { runs, .. } => runs,
+        }
+    }
+}
+
+/// The runs as their tenant published them for ingest, with the summary
+/// over those marked covered.
+#[derive(Debug, Clone, Default)]
+pub struct RunsView {
+    pub runs: Vec<Run>,
+    pub summary: Option<Arc<SummaryFilter>>,
 }
 
 /// A run on disk: its keys where `keys` keeps them, its filter in memory
@@ -173,6 +293,8 @@ pub struct Run {
     pub meta: RunMeta,
     filter: Arc<RunFilter>,
     keys: Arc<dyn RunKeys>,
+    /// Every key is in the index's current summary filter.
+    covered: bool,
 }
 
 /// The 64 bits of a key the filters hold.
@@ -186,7 +308,13 @@ impl Run {
             meta,
             filter: Arc::new(filter),
             keys,
+            covered: false,
         }
+    }
+
+    /// True when the summary published with the run holds all its keys.
+    pub fn covered(&self) -> bool {
+        self.covered
     }
 
     /// Memory the run holds: its filter.
@@ -370,8 +498,12 @@ pub struct DedupIndex {
     ids_by_second: BTreeMap<i64, Vec<u128>>,
     sealed: Vec<Arc<SealedIds>>,
     runs: Vec<Run>,
-    /// Changes whenever `runs` does, so that the owner knows when to publish
-    /// them again (`check_runs`).
+    /// Over the runs marked covered, once they are enough to want one.
+    summary: Option<Arc<SummaryFilter>>,
+    /// Ids added to `summary`, expired ones included.
+    summary_ids: u64,
+    /// Changes whenever `runs` or `summary` does, so that the owner knows
+    /// when to publish them again (`check_runs`).
     runs_generation: u64,
     next_run_id: u64,
     horizon_s: i64,
@@ -384,7 +516,8 @@ pub struct DedupIndex {
 pub enum Prechecked<'a> {
     /// Not checked: the tenant asks every run.
     No,
-    /// Not in any of these runs: the tenant asks only the others.
+    /// Not in any of these runs (ids in ascending order): the tenant asks
+    /// only the others.
     NotIn(&'a [u64]),
     /// In this run: a duplicate while the tenant still has the run; asked
     /// anew when it has gone (expired, or merged into another).
@@ -395,36 +528,46 @@ pub enum Prechecked<'a> {
 /// keys, the runs asked, and which held each key.
 #[derive(Debug, Clone, Default)]
 pub struct RunsChecked {
+    /// The ids of the runs asked, in ascending order.
     pub runs: Vec<u64>,
     pub keys: Vec<u128>,
     pub found: Vec<Option<u64>>,
 }
 
 impl RunsChecked {
-    /// Checks the ids against `runs`.
+    /// Checks the ids against the runs of `view`.
     pub fn of<'a>(
-        runs: &[Run],
+        view: &RunsView,
         ids: impl Iterator<Item = &'a str>,
     ) -> Result<RunsChecked, DedupError> {
         let keys: Vec<u128> = ids.map(id_key).collect();
-        let found = check_runs(runs, &keys)?;
-        Ok(RunsChecked {
-            runs: runs.iter().map(|run| run.meta.id).collect(),
-            keys,
-            found,
-        })
+        let found = check_runs(view, &keys)?;
+        let mut runs: Vec<u64> = view.runs.iter().map(|run| run.meta.id).collect();
+        runs.sort_unstable();
+        Ok(RunsChecked { runs, keys, found })
     }
 }
 
-/// Which run holds each key, if any, over `runs` (a list the tenant
-/// published, possibly older than its own). Probes the filters run by run (a
-/// filter's lookups one after another, which the processor overlaps), then
-/// confirms each "maybe" against the run's keys.
-pub fn check_runs(runs: &[Run], keys: &[u128]) -> Result<Vec<Option<u64>>, DedupError> {
+/// Which run holds each key, if any, over `view` (a list the tenant
+/// published, possibly older than its own). Asks the summary first: a key it
+/// rules out is in no covered run, so only the runs not yet covered are
+/// probed for it. Probes the filters run by run (a filter's lookups one after
+/// another, which the processor overlaps), then confirms each "maybe" against
+/// the run's keys.
+pub fn check_runs(view: &RunsView, keys: &[u128]) -> Result<Vec<Option<u64>>, DedupError> {
     let mut found: Vec<Option<u64>> = vec![None; keys.len()];
-    for run in runs {
-        for (slot, key) in found.iter_mut().zip(keys) {
-            if slot.is_none() && run.filter_maybe(*key) && run.contains(*key)? {
+    let summary_maybe: Vec<bool> = match &view.summary {
+        Some(summary) => keys.iter().map(|key| summary.maybe(*key)).collect(),
+        None => vec![true; keys.len()],
+    };
+    for run in &view.runs {
+        let covered = run.covered && view.summary.is_some();
+        for ((slot, key), maybe) in found.iter_mut().zip(keys).zip(&summary_maybe) {
+            if slot.is_none()
+                && (*maybe || !covered)
+                && run.filter_maybe(*key)
+                && run.contains(*key)?
+            {
                 *slot = Some(run.meta.id);
             }
         }
@@ -439,6 +582,8 @@ impl DedupIndex {
             ids_by_second: BTreeMap::new(),
             sealed: Vec::new(),
             runs: Vec::new(),
+            summary: None,
+            summary_ids: 0,
             runs_generation: 0,
             next_run_id: 1,
             horizon_s,
@@ -470,9 +615,76 @@ impl DedupIndex {
         self.runs.iter().map(|run| run.meta).collect()
     }
 
-    /// Bytes of the runs' filters.
+    /// Bytes of the runs' filters and of the summary.
     pub fn filter_bytes(&self) -> usize {
-        self.runs.iter().map(Run::filter_bytes).sum()
+        self.runs.iter().map(Run::filter_bytes).sum::<usize>()
+            + self.summary.as_ref().map_or(0, |summary| summary.bytes())
+    }
+
+    /// What the summary filter wants next, if anything: none while the runs
+    /// are few or small; built anew (room for twice the ids of every run)
+    /// when missing, when the runs not covered would overfill it, or when
+    /// most of its ids have expired; else the runs not covered, added.
+    pub fn plan_cover(&self) -> Option<CoverPlan> {
+        let ids: u64 = self.runs.iter().map(|run| run.meta.ids).sum();
+        if self.runs.len() < SUMMARY_RUNS_MIN || ids < (self.ids_max as u64 / 2).max(1) {
+            return None;
+        }
+        let uncovered: Vec<Run> = self
+            .runs
+            .iter()
+            .filter(|run| !run.covered)
+            .cloned()
+            .collect();
+        let uncovered_ids: u64 = uncovered.iter().map(|run| run.meta.ids).sum();
+        let rebuild = match &self.summary {
+            None => true,
+            Some(summary) => {
+                self.summary_ids + uncovered_ids > summary.ids_max() || self.summary_ids > 4 * ids
+            }
+        };
+        if rebuild {
+            return Some(CoverPlan::Rebuild {
+                ids_max: 2 * ids,
+                runs: self.runs.clone(),
+            });
+        }
+        let summary = self.summary.clone()?;
+        (!uncovered.is_empty()).then_some(CoverPlan::Extend {
+            summary,
+            runs: uncovered,
+        })
+    }
+
+    /// True when `plan_cover` has work.
+    pub fn wants_cover(&self) -> bool {
+        self.plan_cover().is_some()
+    }
+
+    /// `summary` holds every key of the runs `covered` (by id): built anew
+    /// when `rebuilt`, else the current one, extended. Runs merged or expired
+    /// since the plan are left as they are.
+    pub fn install_cover(&mut self, summary: Arc<SummaryFilter>, covered: &[u64], rebuilt: bool) {
+        if rebuilt {
+            self.summary = Some(summary);
+            self.summary_ids = 0;
+            for run in &mut self.runs {
+                run.covered = false;
+            }
+        } else if !self
+            .summary
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, &summary))
+        {
+            return;
+        }
+        for run in &mut self.runs {
+            if covered.contains(&run.meta.id) && !run.covered {
+                run.covered = true;
+                self.summary_ids += run.meta.ids;
+            }
+        }
+        self.runs_generation += 1;
     }
 
     /// The next runs to merge, if any: `MERGE_FANIN` runs of similar size
@@ -508,16 +720,28 @@ impl DedupIndex {
 
     /// A merged run is durable: it takes its inputs' place (those still
     /// remembered; the merged run holds every key they held).
-    pub fn install_merged(&mut self, run: Run, inputs: &[u64]) {
+    pub fn install_merged(&mut self, mut run: Run, inputs: &[u64]) {
+        // the merged run holds exactly its inputs' keys: covered when each
+        // input still is (one gone since, by expiry, leaves it to be covered)
+        let covered = self
+            .runs
+            .iter()
+            .filter(|other| inputs.contains(&other.meta.id))
+            .filter(|other| other.covered)
+            .count();
+        run.covered = covered == inputs.len() && self.summary.is_some();
         self.runs.retain(|other| !inputs.contains(&other.meta.id));
         self.next_run_id = self.next_run_id.max(run.meta.id + 1);
         self.runs.push(run);
         self.runs_generation += 1;
     }
 
-    /// The runs, to publish for `check_runs`.
-    pub fn runs_shared(&self) -> Vec<Run> {
-        self.runs.clone()
+    /// The runs and the summary, to publish for `check_runs`.
+    pub fn runs_shared(&self) -> RunsView {
+        RunsView {
+            runs: self.runs.clone(),
+            summary: self.summary.clone(),
+        }
     }
 
     /// Changes whenever the runs do.
@@ -526,7 +750,8 @@ impl DedupIndex {
     }
 
     /// Recovery: a run listed by the snapshot, already read back.
-    pub fn add_run(&mut self, run: Run) {
+    pub fn add_run(&mut self, mut run: Run) {
+        run.covered = false;
         self.next_run_id = self.next_run_id.max(run.meta.id + 1);
         self.runs.push(run);
         self.runs_generation += 1;
@@ -558,7 +783,8 @@ impl DedupIndex {
 
     /// The run written from a sealed set is durable and listed by a snapshot:
     /// the set leaves memory.
-    pub fn install(&mut self, run: Run) {
+    pub fn install(&mut self, mut run: Run) {
+        run.covered = false;
         let before = self.sealed.len();
         self.sealed.retain(|set| set.meta.id != run.meta.id);
         if self.sealed.len() < before {
@@ -583,8 +809,23 @@ impl DedupIndex {
                 return Ok(true);
             }
         }
+        // asked once, and only when a covered run is left to ask: on the
+        // actor's one thread, most ids come with every run checked
+        let mut summary_maybe: Option<bool> = None;
         for run in &self.runs {
-            if !checked.contains(&run.meta.id) && run.contains(key)? {
+            if checked.binary_search(&run.meta.id).is_ok() {
+                continue;
+            }
+            if run.covered
+                && !*summary_maybe.get_or_insert_with(|| {
+                    self.summary
+                        .as_ref()
+                        .is_none_or(|summary| summary.maybe(key))
+                })
+            {
+                continue;
+            }
+            if run.contains(key)? {
                 return Ok(true);
             }
         }
@@ -614,6 +855,11 @@ impl DedupIndex {
         let runs_before = self.runs.len();
         self.runs.retain(|run| run.meta.max_second >= oldest_kept_s);
         if self.runs.len() < runs_before {
+            self.runs_generation += 1;
+        }
+        if self.runs.is_empty() && self.summary.is_some() {
+            self.summary = None;
+            self.summary_ids = 0;
             self.runs_generation += 1;
         }
     }
@@ -1079,6 +1325,177 @@ mod tests {
             ));
         }
         assert!(apart.plan_merge().is_none());
+    }
+
+    /// Adds the runs' keys to `summary`, as the node's indexer does.
+    fn fill(summary: &SummaryFilter, runs: &[Run]) {
+        for run in runs {
+            let mut keys = Vec::new();
+            run.keys()
+                .read(0, run.meta.ids as usize, &mut keys)
+                .unwrap();
+            for key in keys {
+                summary.insert(key);
+            }
+        }
+    }
+
+    fn covered_ids(index: &DedupIndex) -> Vec<u64> {
+        let view = index.runs_shared();
+        view.runs
+            .iter()
+            .filter(|run| run.covered())
+            .map(|run| run.meta.id)
+            .collect()
+    }
+
+    #[test]
+    fn a_summary_never_misses_a_key_and_rarely_says_maybe() {
+        let summary = SummaryFilter::new(100_000);
+        let keys = sorted_keys("in", 100_000);
+        for key in &keys {
+            summary.insert(*key);
+        }
+        assert!(keys.iter().all(|key| summary.maybe(*key)));
+        let maybes = (0..100_000)
+            .filter(|n| summary.maybe(id_key(&format!("out-{n}"))))
+            .count();
+        // full, at 8 bits an id: about one in 40
+        assert!(maybes < 100_000 / 20, "{maybes} maybes in 100 000");
+        // 8 bits an id in blocks of 512 bits
+        assert_eq!(summary.bytes(), (100_000 * 8_usize).div_ceil(512) * 64);
+    }
+
+    #[test]
+    fn runs_behind_a_summary_are_judged_exactly_covered_or_not() {
+        // a table of 1 000 ids: a summary once three runs hold 500
+        let mut index = DedupIndex::new(86_400, 1_000);
+        for id in 1..=2 {
+            index.add_run(memory_run(
+                id,
+                sorted_keys(&format!("r{id}"), 200),
+                NOW_MS / 1000,
+            ));
+        }
+        assert!(index.plan_cover().is_none(), "two runs want no summary");
+        index.add_run(memory_run(3, sorted_keys("r3", 200), NOW_MS / 1000));
+        let Some(CoverPlan::Rebuild { ids_max, runs }) = index.plan_cover() else {
+            panic!("three runs of 600 ids want a summary built");
+        };
+        assert_eq!(ids_max, 1_200);
+        assert_eq!(runs.len(), 3);
+        let summary = Arc::new(SummaryFilter::new(ids_max));
+        fill(&summary, &runs);
+        index.install_cover(Arc::clone(&summary), &[1, 2, 3], true);
+        assert_eq!(covered_ids(&index), vec![1, 2, 3]);
+        assert!(index.plan_cover().is_none());
+        // a run written since is asked on its own until it is covered
+        index.add_run(memory_run(4, sorted_keys("r4", 100), NOW_MS / 1000));
+        let ids = ["r1-5", "r3-199", "r4-50", "none-1"];
+        let checked = RunsChecked::of(&index.runs_shared(), ids.into_iter()).unwrap();
+        assert_eq!(checked.found, vec![Some(1), Some(3), Some(4), None]);
+        for (id, expected) in ids.iter().zip([
+            Admission::Duplicate,
+            Admission::Duplicate,
+            Admission::Duplicate,
+            Admission::Accepted,
+        ]) {
+            assert_eq!(index.judge(id, NOW_MS, NOW_MS, DAY), Ok(expected), "{id}");
+        }
+        let Some(CoverPlan::Extend {
+            summary: current,
+            runs,
+        }) = index.plan_cover()
+        else {
+            panic!("the new run wants adding");
+        };
+        assert!(Arc::ptr_eq(&current, &summary));
+        assert_eq!(
+            runs.iter().map(|run| run.meta.id).collect::<Vec<_>>(),
+            vec![4]
+        );
+        fill(&current, &runs);
+        index.install_cover(current, &[4], false);
+        assert_eq!(covered_ids(&index), vec![1, 2, 3, 4]);
+        let checked = RunsChecked::of(&index.runs_shared(), ids.into_iter()).unwrap();
+        assert_eq!(checked.found, vec![Some(1), Some(3), Some(4), None]);
+        // a merge of covered runs is covered; one with an input not covered is not
+        index.install_merged(memory_run(5, sorted_keys("r1", 200), NOW_MS / 1000), &[1]);
+        assert_eq!(covered_ids(&index), vec![2, 3, 4, 5]);
+        index.add_run(memory_run(6, sorted_keys("r6", 10), NOW_MS / 1000));
+        let mut keys = sorted_keys("r6", 10);
+        keys.extend(sorted_keys("r2", 200));
+        keys.sort_unstable();
+        index.install_merged(memory_run(7, keys, NOW_MS / 1000), &[2, 6]);
+        assert_eq!(covered_ids(&index), vec![3, 4, 5]);
+        assert_eq!(
+            index.judge("r6-3", NOW_MS, NOW_MS, DAY),
+            Ok(Admission::Duplicate)
+        );
+        assert_eq!(
+            index.judge("r2-3", NOW_MS, NOW_MS, DAY),
+            Ok(Admission::Duplicate)
+        );
+        // runs that would overfill the summary want it built anew, from every run
+        index.add_run(memory_run(8, sorted_keys("r8", 700), NOW_MS / 1000));
+        let Some(CoverPlan::Rebuild { ids_max, runs }) = index.plan_cover() else {
+            panic!("an overfull summary is built anew");
+        };
+        assert_eq!(ids_max, 2 * (200 + 100 + 200 + 210 + 700));
+        assert_eq!(runs.len(), 5);
+        // a step planned on a summary replaced since changes nothing
+        let old = Arc::clone(&summary);
+        let rebuilt = Arc::new(SummaryFilter::new(ids_max));
+        fill(&rebuilt, &runs);
+        index.install_cover(rebuilt, &[3, 4, 5, 7, 8], true);
+        index.install_cover(old, &[9], false);
+        assert_eq!(covered_ids(&index), vec![3, 4, 5, 7, 8]);
+        // every run gone: the summary goes with them
+        let day_after = DayBounds {
+            start_s: NEXT_DAY.end_s,
+            end_s: NEXT_DAY.end_s + 86_400,
+        };
+        index.expire(day_after.start_s * 1000 + 3_600_000, day_after);
+        assert!(index.runs().is_empty());
+        assert!(index.runs_shared().summary.is_none());
+        assert_eq!(index.filter_bytes(), 0);
+    }
+
+    #[test]
+    fn a_covered_run_is_asked_only_on_the_summary_maybe() {
+        // the summary is what rules a key out of a covered run: a run marked
+        // covered whose keys the summary lacks is not found (so the indexer
+        // must add every key before the mark, as `install_cover` is told)
+        let mut index = DedupIndex::new(86_400, 100);
+        for id in 1..=3 {
+            index.add_run(memory_run(
+                id,
+                sorted_keys(&format!("r{id}"), 50),
+                NOW_MS / 1000,
+            ));
+        }
+        let Some(CoverPlan::Rebuild { ids_max, runs }) = index.plan_cover() else {
+            panic!("a summary is wanted");
+        };
+        let summary = Arc::new(SummaryFilter::new(ids_max));
+        fill(&summary, &runs[..2]);
+        index.install_cover(summary, &[1, 2, 3], true);
+        let checked = RunsChecked::of(&index.runs_shared(), ["r1-1", "r3-1"].into_iter()).unwrap();
+        assert_eq!(checked.found, vec![Some(1), None]);
+    }
+
+    #[test]
+    fn a_filter_block_is_stored_as_its_eight_words() {
+        #[derive(Serialize)]
+        enum Before {
+            Blocks(Vec<[u64; 8]>),
+        }
+        let words = [1, 2, 3, 4, 5, 6, 7, u64::MAX];
+        assert_eq!(
+            bincode::serialize(&RunFilter::Blocks(vec![Block(words)])).unwrap(),
+            bincode::serialize(&Before::Blocks(vec![words])).unwrap()
+        );
+        assert_eq!(std::mem::align_of::<Block>(), 64);
     }
 
     #[test]

@@ -29,7 +29,8 @@ use chrono_tz::Tz;
 
 use super::catalogue::Catalogue;
 use super::dedup::{
-    id_key, Admission, DedupError, DedupIndex, MergePlan, Prechecked, Run, RunsChecked, SealedIds,
+    id_key, Admission, CoverPlan, DedupError, DedupIndex, MergePlan, Prechecked, Run, RunsChecked,
+    SealedIds, SummaryFilter,
 };
 use super::enrich::{enrich, Enrichment, Tables};
 use super::event::{
@@ -617,6 +618,19 @@ impl TenantCore {
     /// A merged run is durable: it replaces its inputs.
     pub fn install_merged(&mut self, run: Run, inputs: &[u64]) {
         self.dedup.install_merged(run, inputs);
+    }
+
+    /// The summary filter work the runs want next, if any.
+    pub fn plan_cover(&self) -> Option<CoverPlan> {
+        if self.failed.is_some() {
+            return None;
+        }
+        self.dedup.plan_cover()
+    }
+
+    /// `summary` holds the keys of the runs `covered` (`DedupIndex::install_cover`).
+    pub fn install_cover(&mut self, summary: Arc<SummaryFilter>, covered: &[u64], rebuilt: bool) {
+        self.dedup.install_cover(summary, covered, rebuilt);
     }
 
     /// Recovery: an entry read back from storage. Returns the qids evicted to

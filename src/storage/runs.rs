@@ -5,7 +5,7 @@
 //!
 //! A file: a 44-byte header (magic, run id, ids, latest event second, filter
 //! length, CRC-32 of the header and the filter), the sorted 128-bit keys, then
-//! a summary (bincode: the `RunFilter` and a fence, the first key of every
+//! a trailer (bincode: the `RunFilter` and a fence, the first key of every
 //! 256, 1 bit an id), so that reading a run back is one read. Files of the
 //! first format, `TLYRUN01`, hold one BinaryFuse16 instead and a fence every
 //! 1 024 keys is read from the keys; they are still read. The keys are read
@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::domain::dedup::{
-    MergePlan, Run, RunFilter, RunFilterBuilder, RunKeys, RunMeta, SealedIds,
+    MergePlan, Run, RunFilter, RunFilterBuilder, RunKeys, RunMeta, SealedIds, SummaryFilter,
 };
 
 const MAGIC: &[u8; 8] = b"TLYRUN02";
@@ -37,7 +37,7 @@ const FENCE_EVERY_SINGLE_FILTER: usize = 1024;
 
 /// What follows the keys.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct Summary {
+struct Trailer {
     filter: RunFilter,
     fences: Vec<u128>,
 }
@@ -69,11 +69,11 @@ fn header(magic: &[u8; 8], meta: &RunMeta, filter_len: u64) -> [u8; 40] {
 
 /// Writes `set` as a run file in `dir`, durable before it returns.
 pub fn write_run(dir: &Path, set: &SealedIds) -> Result<Run, String> {
-    let summary = Summary {
+    let trailer = Trailer {
         filter: RunFilter::build(&set.keys),
         fences: set.keys.iter().step_by(FENCE_EVERY).copied().collect(),
     };
-    let filter_bytes = bincode::serialize(&summary).map_err(|e| e.to_string())?;
+    let filter_bytes = bincode::serialize(&trailer).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let header = header(MAGIC, &set.meta, filter_bytes.len() as u64);
     let mut crc = crc32fast::Hasher::new();
@@ -94,15 +94,15 @@ pub fn write_run(dir: &Path, set: &SealedIds) -> Result<Run, String> {
         File::open(dir)?.sync_all()
     };
     write().map_err(|e| format!("{}: {e}", path.display()))?;
-    let keys = FileKeys::open(&path, set.meta.ids, summary.fences, FENCE_EVERY)?;
-    Ok(Run::new(set.meta, summary.filter, Arc::new(keys)))
+    let keys = FileKeys::open(&path, set.meta.ids, trailer.fences, FENCE_EVERY)?;
+    Ok(Run::new(set.meta, trailer.filter, Arc::new(keys)))
 }
 
 /// A merge written to `<id>.merge`, not yet a run.
 #[derive(Debug)]
 pub struct Merged {
     pub meta: RunMeta,
-    summary: Summary,
+    trailer: Trailer,
 }
 
 /// Keys of one input, read in blocks.
@@ -202,11 +202,11 @@ fn write_merge(
         builder.push(key);
         written += 1;
     }
-    let summary = Summary {
+    let trailer = Trailer {
         filter: builder.finish(),
         fences,
     };
-    let filter_bytes = bincode::serialize(&summary).map_err(|e| e.to_string())?;
+    let filter_bytes = bincode::serialize(&trailer).map_err(|e| e.to_string())?;
     out.write_all(&filter_bytes).map_err(io)?;
     out.flush().map_err(io)?;
     drop(out);
@@ -223,7 +223,38 @@ fn write_merge(
     file.write_all_at(&crc.finalize().to_le_bytes(), 40)
         .map_err(io)?;
     file.sync_all().map_err(io)?;
-    Ok(Some(Merged { meta, summary }))
+    Ok(Some(Merged { meta, trailer }))
+}
+
+/// Adds every key of `runs` to `summary`, read in order through their open
+/// files (so that a run merged or expired meanwhile is still read whole).
+/// False when `cancelled` said stop (the node is stopping).
+pub fn cover_runs(
+    summary: &SummaryFilter,
+    runs: &[Run],
+    cancelled: &dyn Fn() -> bool,
+) -> Result<bool, String> {
+    const READ_KEYS: usize = 1 << 16;
+    let mut keys = Vec::with_capacity(READ_KEYS);
+    for run in runs {
+        let mut next: u64 = 0;
+        while next < run.meta.ids {
+            if cancelled() {
+                return Ok(false);
+            }
+            let count = (run.meta.ids - next).min(READ_KEYS as u64) as usize;
+            keys.clear();
+            run.keys().read(next, count, &mut keys)?;
+            if keys.len() != count {
+                return Err(format!("run {}: short read of its keys", run.meta.id));
+            }
+            for key in &keys {
+                summary.insert(*key);
+            }
+            next += count as u64;
+        }
+    }
+    Ok(true)
 }
 
 /// Makes a merge a run (rename, fsync of the directory). The caller must
@@ -236,8 +267,8 @@ pub fn commit_merge(dir: &Path, merged: Merged) -> Result<Run, String> {
         File::open(dir)?.sync_all()
     };
     commit().map_err(|e| format!("{}: {e}", path.display()))?;
-    let keys = FileKeys::open(&path, merged.meta.ids, merged.summary.fences, FENCE_EVERY)?;
-    Ok(Run::new(merged.meta, merged.summary.filter, Arc::new(keys)))
+    let keys = FileKeys::open(&path, merged.meta.ids, merged.trailer.fences, FENCE_EVERY)?;
+    Ok(Run::new(merged.meta, merged.trailer.filter, Arc::new(keys)))
 }
 
 /// Removes merges a stopped or killed node left unfinished (at start, before
@@ -299,12 +330,12 @@ pub fn read_run(dir: &Path, meta: &RunMeta) -> Result<Run, String> {
         let keys = FileKeys::open(&path, meta.ids, fences, FENCE_EVERY_SINGLE_FILTER)?;
         return Ok(Run::new(*meta, RunFilter::single(filter), Arc::new(keys)));
     }
-    let summary: Summary = bincode::deserialize(&filter_bytes).map_err(unreadable)?;
-    if summary.fences.len() != (meta.ids as usize).div_ceil(FENCE_EVERY) {
+    let trailer: Trailer = bincode::deserialize(&filter_bytes).map_err(unreadable)?;
+    if trailer.fences.len() != (meta.ids as usize).div_ceil(FENCE_EVERY) {
         return Err(format!("{}: fences do not match its ids", path.display()));
     }
-    let keys = FileKeys::open(&path, meta.ids, summary.fences, FENCE_EVERY)?;
-    Ok(Run::new(*meta, summary.filter, Arc::new(keys)))
+    let keys = FileKeys::open(&path, meta.ids, trailer.fences, FENCE_EVERY)?;
+    Ok(Run::new(*meta, trailer.filter, Arc::new(keys)))
 }
 
 /// The first key of every `every` keys, read from the keys.
@@ -430,6 +461,29 @@ mod tests {
             false_maybes += usize::from(read.filter_maybe(key));
         }
         assert!(false_maybes < 80, "{false_maybes}");
+    }
+
+    #[test]
+    fn a_summary_covers_every_key_of_the_runs_read_from_their_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let sets: Vec<SealedIds> = (1..=3).map(|id| sealed(id, 70_000 + id * 1_000)).collect();
+        let runs: Vec<Run> = sets
+            .iter()
+            .map(|set| write_run(dir.path(), set).unwrap())
+            .collect();
+        let ids: u64 = runs.iter().map(|run| run.meta.ids).sum();
+        // a stopping node leaves the summary unfinished, and says so
+        let summary = SummaryFilter::new(2 * ids);
+        assert!(!cover_runs(&summary, &runs, &|| true).unwrap());
+        assert!(cover_runs(&summary, &runs, &|| false).unwrap());
+        for set in &sets {
+            assert!(set.keys.iter().all(|key| summary.maybe(*key)));
+        }
+        // a run deleted meanwhile is still read whole through its open file
+        std::fs::remove_file(run_path(dir.path(), 2)).unwrap();
+        let again = SummaryFilter::new(2 * ids);
+        assert!(cover_runs(&again, &runs[1..2], &|| false).unwrap());
+        assert!(sets[1].keys.iter().all(|key| again.maybe(*key)));
     }
 
     #[test]
