@@ -106,7 +106,7 @@ fn build_recovery_fixture(dir: &std::path::Path, now_ms: i64) -> Config {
         });
     }
     store
-        .apply(&snapshot_ops(1, now_ms, &parts, 1 << 30).unwrap())
+        .apply(&snapshot_ops(1, now_ms, &mut parts, 1 << 30).unwrap())
         .unwrap();
     // 10 s of log after the snapshot, 1 000-event batches, round-robin tenants
     let records = LOG_EVENTS_PER_S * LOG_SECONDS / BATCH;

@@ -202,7 +202,7 @@ impl Node {
                 installs.push((part.tenant.clone(), runs));
                 parts.push(part);
             }
-            snapshot_ops(id, created_ms, &parts, record_bytes_max).map(|ops| (ops, installs))
+            snapshot_ops(id, created_ms, &mut parts, record_bytes_max).map(|ops| (ops, installs))
         })
         .await
         .map_err(|_| SnapshotError::Actors)?
@@ -378,26 +378,20 @@ impl Node {
                 continue;
             };
             let stopwatch = Stopwatch::start();
-            let (summary, rebuilt) = match &plan {
-                CoverPlan::Extend { summary, .. } => (Arc::clone(summary), false),
-                CoverPlan::Rebuild { ids_max, .. } => {
-                    (Arc::new(SummaryFilter::new(*ids_max)), true)
-                }
-            };
             let covered: Vec<u64> = plan.runs().iter().map(|run| run.meta.id).collect();
             let ids: u64 = plan.runs().iter().map(|run| run.meta.ids).sum();
+            let rebuilt = matches!(plan, CoverPlan::Rebuild { .. });
             let node = Arc::clone(self);
-            let filled = Arc::clone(&summary);
-            let done = tokio::task::spawn_blocking(move || {
+            let summary = tokio::task::spawn_blocking(move || {
                 let cancelled = || *node.stopping.borrow();
-                crate::storage::runs::cover_runs(&filled, plan.runs(), &cancelled)
+                cover(plan, &cancelled)
             })
             .await
             .map_err(|_| MergeError::Actors)?
             .map_err(MergeError::Io)?;
-            if !done {
+            let Some(summary) = summary else {
                 return Ok(false);
-            }
+            };
             let runs = covered.len();
             handle
                 .actor
@@ -419,6 +413,29 @@ impl Node {
             return Ok(true);
         }
         Ok(false)
+    }
+}
+
+/// Carries out a summary filter step (`cover_runs_once`): the summary with the
+/// plan's runs in, or `None` when the node stopped first.
+fn cover(
+    plan: CoverPlan,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Option<Arc<SummaryFilter>>, String> {
+    match plan {
+        CoverPlan::Extend { summary, runs } => {
+            let done =
+                crate::storage::runs::cover_runs(&runs, cancelled, &mut |key| summary.insert(key))?;
+            Ok(done.then_some(summary))
+        }
+        CoverPlan::Rebuild { ids_max, runs } => {
+            // nobody sees it until it is installed: plain writes
+            let mut summary = SummaryFilter::new(ids_max);
+            let done = crate::storage::runs::cover_runs(&runs, cancelled, &mut |key| {
+                summary.insert_unshared(key)
+            })?;
+            Ok(done.then(|| Arc::new(summary)))
+        }
     }
 }
 

@@ -662,7 +662,7 @@ impl Sim {
         let id = self.node.next_snapshot_id;
         self.node.next_snapshot_id += 1;
         let record_bytes_max = self.config.storage.record_bytes_max;
-        let ops = snapshot_ops(id, self.now_ms, &[part], record_bytes_max)
+        let ops = snapshot_ops(id, self.now_ms, &mut [part], record_bytes_max)
             .map_err(|error| error.to_string())?;
         if self.rng.chance(5) {
             // the flush fails before the manifest is durable
@@ -716,15 +716,23 @@ impl Sim {
         let Some(plan) = self.node.core.plan_cover() else {
             return Ok(());
         };
-        let (summary, rebuilt) = match &plan {
-            CoverPlan::Extend { summary, .. } => (Arc::clone(summary), false),
-            CoverPlan::Rebuild { ids_max, .. } => (Arc::new(SummaryFilter::new(*ids_max)), true),
-        };
         let cancel = self.rng.chance(10);
-        if !cover_runs(&summary, plan.runs(), &|| cancel)? {
-            return Ok(());
-        }
         let covered: Vec<u64> = plan.runs().iter().map(|run| run.meta.id).collect();
+        let (summary, rebuilt) = match plan {
+            CoverPlan::Extend { summary, runs } => {
+                if !cover_runs(&runs, &|| cancel, &mut |key| summary.insert(key))? {
+                    return Ok(());
+                }
+                (summary, false)
+            }
+            CoverPlan::Rebuild { ids_max, runs } => {
+                let mut summary = SummaryFilter::new(ids_max);
+                if !cover_runs(&runs, &|| cancel, &mut |key| summary.insert_unshared(key))? {
+                    return Ok(());
+                }
+                (Arc::new(summary), true)
+            }
+        };
         self.node.core.install_cover(summary, &covered, rebuilt);
         self.covers += 1;
         Ok(())

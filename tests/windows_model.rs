@@ -26,7 +26,8 @@ use tally::domain::quarantine::QuarantineStore;
 use tally::domain::tenant::{EventOutcome, TenantContext, TenantCore};
 use tally::domain::window::{SlidingTally, Tally};
 use tally::storage::envelope::{decode, encode, RecordKind};
-use tally::storage::snapshot::TenantSnapshot;
+use tally::storage::snapshot::{decode_part, snapshot_ops, TenantSnapshot};
+use tally::storage::Op;
 
 const SKEW_MS: i64 = 300_000;
 const HORIZON_S: i64 = 7_200;
@@ -328,9 +329,18 @@ impl Engine {
                 .map(|(def, state)| (def.name.clone(), state.export()))
                 .collect(),
         };
+        // as a snapshot stores it (windows as differences) and reads it back:
+        // exactly the part it was, and as the shape before still reads
+        let ops = snapshot_ops(1, now_ms, &mut [snapshot.clone()], 1 << 30).unwrap();
+        let Some(Op::Put { value, .. }) = ops.first() else {
+            panic!("a snapshot writes its part first");
+        };
+        let restored = decode_part(value, 1 << 30).unwrap();
+        assert_eq!(restored, snapshot);
         let bytes = encode(RecordKind::SnapshotPartRuns, &snapshot).unwrap();
         let restored: TenantSnapshot =
             decode(&bytes, RecordKind::SnapshotPartRuns, 1 << 30).unwrap();
+        assert_eq!(restored, snapshot);
         let mut dedup = DedupIndex::new(HORIZON_S, 1_000_000);
         for (key, second) in restored.dedup {
             dedup.remember(key, second).unwrap();

@@ -34,6 +34,15 @@ pub enum RecordKind {
     /// A part that also holds the experiments' per-variant counts
     /// (`SnapshotPartRuns` is the shape before them; recovery still reads it).
     SnapshotPartExperiments = 9,
+    /// The ids of the de-dup runs a snapshot part lists, beside the part, so
+    /// that finding the runs to keep reads a few bytes rather than decoding
+    /// every kept snapshot's windows.
+    SnapshotRuns = 10,
+    /// A `SnapshotPartExperiments` whose windows' seconds and histogram
+    /// values are stored as differences from the one before (sorted, so
+    /// mostly one byte each as varints): a part is mostly histogram slices,
+    /// and it is written again at every snapshot.
+    SnapshotPartDeltas = 11,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -276,6 +276,17 @@ pub fn read_value(
     Ok(found)
 }
 
+/// True when `key` is stored, without copying its value (a snapshot part can
+/// be tens of megabytes).
+pub fn has_value(store: &dyn Store, space: Space, key: &[u8]) -> Result<bool, StorageError> {
+    let mut found = false;
+    store.scan(space, key, &mut |found_key, _| {
+        found = found_key == key;
+        false
+    })?;
+    Ok(found)
+}
+
 /// The log floor (0 when nothing was pruned).
 pub fn wal_floor(store: &dyn Store) -> Result<u64, StorageError> {
     Ok(read_value(store, Space::Meta, WAL_FLOOR_KEY)?

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::domain::dedup::{Run, RunMeta, SealedIds};
 use crate::domain::event::ValidEvent;
-use crate::domain::metric::{MetricExport, VariantSetExport};
+use crate::domain::metric::{MetricExport, SeriesExport, VariantSetExport};
 use crate::domain::tenant::{Plan, QuarantineWrite};
 
 use super::envelope::{decode, encode, encode_within, EnvelopeError, RecordKind};
@@ -130,8 +130,79 @@ struct TenantSnapshotWithoutRuns {
     metrics: Vec<(String, MetricExport)>,
 }
 
+/// Writes the windows of `part` as differences (`forward`), or back
+/// (`RecordKind::SnapshotPartDeltas`): each series' bucket and slice seconds,
+/// and each slice's and today's histogram values, from the one before.
+/// Wrapping arithmetic, so that going back is exact whatever the order.
+fn deltas(part: &mut TenantSnapshot, forward: bool) {
+    fn seconds<T>(items: &mut [T], second: impl Fn(&mut T) -> &mut i64, forward: bool) {
+        let mut previous = 0i64;
+        for item in items {
+            let slot = second(item);
+            let value = *slot;
+            if forward {
+                *slot = value.wrapping_sub(previous);
+                previous = value;
+            } else {
+                previous = previous.wrapping_add(value);
+                *slot = previous;
+            }
+        }
+    }
+    fn values(pairs: &mut [(u64, u64)], forward: bool) {
+        let mut previous = 0u64;
+        for (value, _) in pairs {
+            if forward {
+                let absolute = *value;
+                *value = absolute.wrapping_sub(previous);
+                previous = absolute;
+            } else {
+                previous = previous.wrapping_add(*value);
+                *value = previous;
+            }
+        }
+    }
+    fn series(export: &mut SeriesExport, forward: bool) {
+        match export {
+            SeriesExport::Counter(counter) => {
+                seconds(&mut counter.buckets, |bucket| &mut bucket.0, forward);
+            }
+            SeriesExport::Histogram(histogram) => {
+                seconds(&mut histogram.slices, |slice| &mut slice.0, forward);
+                for (_, slice) in &mut histogram.slices {
+                    values(slice, forward);
+                }
+                values(&mut histogram.today, forward);
+            }
+        }
+    }
+    for (_, metric) in &mut part.metrics {
+        series(&mut metric.total, forward);
+        for (_, breakdown) in &mut metric.breakdowns {
+            for (_, export) in breakdown {
+                series(export, forward);
+            }
+        }
+    }
+    for (_, sets) in &mut part.experiments {
+        for set in sets {
+            for export in &mut set.windows {
+                series(export, forward);
+            }
+        }
+    }
+}
+
 /// Decodes a part of any of its shapes.
 pub fn decode_part(bytes: &[u8], record_bytes_max: usize) -> Result<TenantSnapshot, EnvelopeError> {
+    match decode::<TenantSnapshot>(bytes, RecordKind::SnapshotPartDeltas, record_bytes_max) {
+        Err(EnvelopeError::Kind { .. }) => {}
+        Ok(mut part) => {
+            deltas(&mut part, false);
+            return Ok(part);
+        }
+        other => return other,
+    }
     match decode::<TenantSnapshot>(bytes, RecordKind::SnapshotPartExperiments, record_bytes_max) {
         Err(EnvelopeError::Kind { .. }) => {}
         other => return other,
@@ -207,6 +278,7 @@ pub struct SnapshotManifest {
 
 const MANIFEST_SUFFIX: &[u8] = b"/m";
 const PART_INFIX: &[u8] = b"/t/";
+const RUNS_INFIX: &[u8] = b"/r/";
 
 pub fn manifest_key(id: u64) -> Vec<u8> {
     let mut key = id.to_be_bytes().to_vec();
@@ -221,20 +293,38 @@ pub fn part_key(id: u64, tenant: &str) -> Vec<u8> {
     key
 }
 
-/// The writes of a snapshot: its parts, then its manifest. A part larger than
+/// The key of the run ids a part lists (`RecordKind::SnapshotRuns`).
+fn runs_key(id: u64, tenant: &str) -> Vec<u8> {
+    let mut key = id.to_be_bytes().to_vec();
+    key.extend_from_slice(RUNS_INFIX);
+    key.extend_from_slice(tenant.as_bytes());
+    key
+}
+
+/// The writes of a snapshot: its parts (each with the ids of its runs), then its manifest. A part larger than
 /// `record_bytes_max` fails the snapshot (older ones stay, nothing is pruned).
 pub fn snapshot_ops(
     id: u64,
     created_ms: i64,
-    parts: &[TenantSnapshot],
+    parts: &mut [TenantSnapshot],
     record_bytes_max: usize,
 ) -> Result<Vec<Op>, EnvelopeError> {
-    let mut ops = Vec::with_capacity(parts.len() + 1);
-    for part in parts {
+    let mut ops = Vec::with_capacity(2 * parts.len() + 1);
+    for part in parts.iter_mut() {
+        // encoded as differences in place, then given back as they were
+        deltas(part, true);
+        let encoded = encode_within(RecordKind::SnapshotPartDeltas, &*part, record_bytes_max);
+        deltas(part, false);
         ops.push(Op::Put {
             space: Space::Snapshot,
             key: part_key(id, &part.tenant),
-            value: encode_within(RecordKind::SnapshotPartExperiments, part, record_bytes_max)?,
+            value: encoded?,
+        });
+        let run_ids: Vec<u64> = part.runs.iter().map(|run| run.id).collect();
+        ops.push(Op::Put {
+            space: Space::Snapshot,
+            key: runs_key(id, &part.tenant),
+            value: encode_within(RecordKind::SnapshotRuns, &run_ids, record_bytes_max)?,
         });
     }
     let manifest = SnapshotManifest {
@@ -334,11 +424,52 @@ fn complete_manifest(
         return Ok(None);
     };
     for tenant in &manifest.tenants {
-        if read_value(store, Space::Snapshot, &part_key(id, tenant))?.is_none() {
+        if !super::has_value(store, Space::Snapshot, &part_key(id, tenant))? {
             return Ok(None);
         }
     }
     Ok(Some(manifest))
+}
+
+/// Each tenant's run ids, as a snapshot lists them.
+type RunLists = Vec<(String, Vec<u64>)>;
+
+/// The run ids each part of snapshot `id` lists, by tenant; `None` when the
+/// snapshot cannot be read (no manifest, a part missing or damaged). Reads
+/// the small lists written beside the parts; a part written before them
+/// (`RecordKind::SnapshotRuns`) is decoded whole.
+fn listed_runs(
+    store: &dyn Store,
+    id: u64,
+    record_bytes_max: usize,
+) -> Result<Option<RunLists>, StorageError> {
+    let Some(bytes) = read_value(store, Space::Snapshot, &manifest_key(id))? else {
+        return Ok(None);
+    };
+    let Ok(manifest) =
+        decode::<SnapshotManifest>(&bytes, RecordKind::SnapshotManifest, record_bytes_max)
+    else {
+        return Ok(None);
+    };
+    let mut lists = Vec::with_capacity(manifest.tenants.len());
+    for tenant in manifest.tenants {
+        let runs = match read_value(store, Space::Snapshot, &runs_key(id, &tenant))? {
+            Some(bytes) => {
+                decode::<Vec<u64>>(&bytes, RecordKind::SnapshotRuns, record_bytes_max).ok()
+            }
+            None => match read_value(store, Space::Snapshot, &part_key(id, &tenant))? {
+                Some(bytes) => decode_part(&bytes, record_bytes_max)
+                    .ok()
+                    .map(|part| part.runs.iter().map(|run| run.id).collect()),
+                None => None,
+            },
+        };
+        let Some(runs) = runs else {
+            return Ok(None);
+        };
+        lists.push((tenant, runs));
+    }
+    Ok(Some(lists))
 }
 
 /// Deletes every run file of `tenants` that no snapshot in the store lists
@@ -353,17 +484,14 @@ pub fn delete_unlisted_runs(
     let mut listed: std::collections::HashMap<String, std::collections::HashSet<u64>> =
         std::collections::HashMap::new();
     for id in snapshot_ids(store).map_err(|e| e.to_string())? {
-        match load_snapshot(store, id, record_bytes_max).map_err(|e| e.to_string())? {
-            Ok((_, parts)) => {
-                for part in parts {
-                    listed
-                        .entry(part.tenant)
-                        .or_default()
-                        .extend(part.runs.iter().map(|run| run.id));
+        match listed_runs(store, id, record_bytes_max).map_err(|e| e.to_string())? {
+            Some(lists) => {
+                for (tenant, runs) in lists {
+                    listed.entry(tenant).or_default().extend(runs);
                 }
             }
             // a snapshot that cannot be read lists runs nobody can tell: keep all
-            Err(_) => return Ok(0),
+            None => return Ok(0),
         }
     }
     let mut deleted = 0;
