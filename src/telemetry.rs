@@ -37,6 +37,7 @@ pub const AUDIT_DROPPED_TOTAL: &str = "tally_audit_dropped_total";
 pub const EXPERIMENT_SIGNALS_TOTAL: &str = "tally_experiment_signals_total";
 pub const EXPERIMENT_UNATTRIBUTED_TOTAL: &str = "tally_experiment_unattributed_events_total";
 pub const DEDUP_FILTER_BYTES: &str = "tally_dedup_filter_bytes";
+pub const DEDUP_RUNS_UNCOVERED: &str = "tally_dedup_runs_uncovered";
 pub const DEDUP_MERGES_TOTAL: &str = "tally_dedup_merges_total";
 pub const QUARANTINE_EVICTED_TOTAL: &str = "tally_quarantine_evicted_total";
 pub const SERIES_FOLDED_TOTAL: &str = "tally_series_folded_total";
@@ -276,7 +277,12 @@ fn describe() {
     describe_gauge!(
         DEDUP_FILTER_BYTES,
         Unit::Bytes,
-        "memory held by the filters of the de-duplication runs, by tenant"
+        "memory held by the filters of the de-duplication runs and their summary filter, by tenant"
+    );
+    describe_gauge!(
+        DEDUP_RUNS_UNCOVERED,
+        Unit::Count,
+        "de-duplication runs not yet in their tenant's summary filter (each probed on its own), by tenant"
     );
     describe_counter!(
         DEDUP_MERGES_TOTAL,
@@ -484,8 +490,9 @@ pub fn count_unattributed(tenant: &str, reason: &'static str, events: u64) {
     }
 }
 
-pub fn set_dedup_runs(tenant: &str, runs: usize, filter_bytes: usize) {
+pub fn set_dedup_runs(tenant: &str, runs: usize, uncovered: usize, filter_bytes: usize) {
     gauge!(DEDUP_RUNS, "tenant" => tenant.to_string()).set(runs as f64);
+    gauge!(DEDUP_RUNS_UNCOVERED, "tenant" => tenant.to_string()).set(uncovered as f64);
     gauge!(DEDUP_FILTER_BYTES, "tenant" => tenant.to_string()).set(filter_bytes as f64);
 }
 

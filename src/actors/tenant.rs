@@ -502,7 +502,12 @@ impl Handler<InstallRuns> for TenantActor {
 
 fn publish_dedup_runs(core: &TenantCore) {
     let dedup = core.dedup();
-    crate::telemetry::set_dedup_runs(&core.context().id, dedup.runs().len(), dedup.filter_bytes());
+    crate::telemetry::set_dedup_runs(
+        &core.context().id,
+        dedup.runs().len(),
+        dedup.runs_uncovered(),
+        dedup.filter_bytes(),
+    );
 }
 
 /// The de-dup runs the tenant holds, oldest first (operators and tests).

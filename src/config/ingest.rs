@@ -39,7 +39,7 @@ impl Default for IngestConfig {
             max_events_per_request: 100_000,
             max_clock_skew_ms: 300_000,
             dedup_horizon_s: 86_400,
-            dedup_table_bytes_max: 256 << 20,
+            dedup_table_bytes_max: 512 << 20,
             tenant_batches_inflight_max: 64,
             tenant_events_per_second_max: 2_000_000,
             dims_per_event_max: 16,

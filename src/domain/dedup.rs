@@ -58,10 +58,26 @@ pub struct RunMeta {
 
 /// Ids moved out of the table at a snapshot, waiting to be written as a run:
 /// sorted keys, still answered from memory until the run is installed.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct SealedIds {
     pub meta: RunMeta,
     pub keys: Vec<u128>,
+    /// Asked before the keys, and written with the run: a lookup in a million
+    /// sorted keys is twenty cache misses, and the sets are there for most of
+    /// a snapshot, which at full rate is most of the time.
+    pub filter: RunFilter,
+}
+
+impl SealedIds {
+    /// The set of `keys` (sorted).
+    pub fn new(meta: RunMeta, keys: Vec<u128>) -> SealedIds {
+        let filter = RunFilter::build(&keys);
+        SealedIds { meta, keys, filter }
+    }
+
+    pub fn contains(&self, key: u128) -> bool {
+        self.filter.maybe(key) && self.keys.binary_search(&key).is_ok()
+    }
 }
 
 /// Filter bits an id: a false positive about once in 1 000 to 2 000 lookups
@@ -241,6 +257,19 @@ impl SummaryFilter {
         }
     }
 
+    /// Adds `key` to a summary no other thread can see yet (one being built
+    /// anew): plain writes, no locked instructions.
+    pub fn insert_unshared(&mut self, key: u128) {
+        let blocks = self.blocks.len();
+        // block_of is below the length it is given
+        let Some(block) = self.blocks.get_mut(block_of(blocks, key)) else {
+            return;
+        };
+        for (word, mask) in block.0.iter_mut().zip(block_bits(key)) {
+            *word.get_mut() |= mask;
+        }
+    }
+
     /// True when no covered run can hold `key` only if this is false. Runs
     /// are marked covered after their keys are in, and the mark reaches a
     /// reader through the actor's message and the published list, which
@@ -295,6 +324,8 @@ pub struct Run {
     keys: Arc<dyn RunKeys>,
     /// Every key is in the index's current summary filter.
     covered: bool,
+    /// The runs merged into this one, if it is a merge.
+    merged_from: Arc<[u64]>,
 }
 
 /// The 64 bits of a key the filters hold.
@@ -309,6 +340,7 @@ impl Run {
             filter: Arc::new(filter),
             keys,
             covered: false,
+            merged_from: Arc::new([]),
         }
     }
 
@@ -348,6 +380,13 @@ pub const MERGE_FANIN: usize = 4;
 /// that a merged run, forgotten whole once its latest id is, keeps ids at most
 /// this much longer than they need.
 pub const MERGE_SPAN_S: i64 = 3 * 3600;
+/// A merge makes a run of at most this many tables' worth of ids (`ids_max`;
+/// 64 M ids on the shipped table). Behind the summary filter a lookup no
+/// longer probes each run, so what merging still buys (fewer files, fewer
+/// probes on a "maybe") is not worth rewriting hundreds of millions of ids
+/// again: a merge of four 64 M-id runs wrote 4 GiB and took a fifth of the
+/// node's CPU while it ran (docs/BENCHMARKS.md).
+pub const MERGED_TABLES_MAX: u64 = 16;
 
 /// Runs to merge into one with the reserved `id`.
 #[derive(Debug, Clone)]
@@ -519,6 +558,9 @@ pub enum Prechecked<'a> {
     /// Not in any of these runs (ids in ascending order): the tenant asks
     /// only the others.
     NotIn(&'a [u64]),
+    /// Not in any run the tenant has (`runs_all_in` said the list checked
+    /// holds them all): no run is asked.
+    InNoRun,
     /// In this run: a duplicate while the tenant still has the run; asked
     /// anew when it has gone (expired, or merged into another).
     In(u64),
@@ -678,10 +720,22 @@ impl DedupIndex {
         {
             return;
         }
-        for run in &mut self.runs {
-            if covered.contains(&run.meta.id) && !run.covered {
+        // a run merged since the plan holds what its inputs held: covered
+        // when they all were (inputs have lower ids than their merged run, so
+        // one pass in id order follows merges of merges)
+        let mut held: Vec<u64> = covered.to_vec();
+        let mut order: Vec<usize> = (0..self.runs.len()).collect();
+        order.sort_by_key(|&index| self.runs[index].meta.id);
+        for index in order {
+            let run = &mut self.runs[index];
+            let in_summary = held.contains(&run.meta.id)
+                || (rebuilt
+                    && !run.merged_from.is_empty()
+                    && run.merged_from.iter().all(|input| held.contains(input)));
+            if in_summary && !run.covered {
                 run.covered = true;
                 self.summary_ids += run.meta.ids;
+                held.push(run.meta.id);
             }
         }
         self.runs_generation += 1;
@@ -689,21 +743,23 @@ impl DedupIndex {
 
     /// The next runs to merge, if any: `MERGE_FANIN` runs of similar size
     /// (the largest at most twice the smallest), the smallest such, whose
-    /// latest seconds lie within `MERGE_SPAN_S`. Each lookup of a new id
-    /// probes every run's filter, so the run count must grow with the
-    /// logarithm of the ids, not with the snapshots (at 500 000 events/s a
-    /// run every two seconds): runs of one size make one four times larger,
-    /// which merges with three more of its size, and so on. Reserves the
-    /// merged run's id.
+    /// latest seconds lie within `MERGE_SPAN_S` and whose ids together are at
+    /// most `MERGED_TABLES_MAX` tables. A tenant at full rate writes a run
+    /// every two seconds: runs of one size make one four times larger, which
+    /// merges with three more of its size, and so on, so the run count grows
+    /// with the logarithm of the ids up to the largest merged size, and
+    /// linearly (one run a 64 M ids) beyond. Reserves the merged run's id.
     pub fn plan_merge(&mut self) -> Option<MergePlan> {
+        let merged_ids_max = MERGED_TABLES_MAX.saturating_mul(self.ids_max as u64);
         let mut runs: Vec<&Run> = self.runs.iter().collect();
         runs.sort_by_key(|run| (run.meta.ids, run.meta.max_second, run.meta.id));
         let chosen = runs.windows(MERGE_FANIN).find(|window| {
             let smallest = window[0].meta.ids;
             let largest = window[MERGE_FANIN - 1].meta.ids;
+            let ids: u64 = window.iter().map(|run| run.meta.ids).sum();
             let seconds = window.iter().map(|run| run.meta.max_second);
             let span = seconds.clone().max().unwrap_or(0) - seconds.min().unwrap_or(0);
-            largest <= 2 * smallest.max(1) && span <= MERGE_SPAN_S
+            largest <= 2 * smallest.max(1) && span <= MERGE_SPAN_S && ids <= merged_ids_max
         })?;
         let plan = MergePlan {
             id: self.next_run_id,
@@ -730,6 +786,7 @@ impl DedupIndex {
             .filter(|other| other.covered)
             .count();
         run.covered = covered == inputs.len() && self.summary.is_some();
+        run.merged_from = inputs.into();
         self.runs.retain(|other| !inputs.contains(&other.meta.id));
         self.next_run_id = self.next_run_id.max(run.meta.id + 1);
         self.runs.push(run);
@@ -774,7 +831,7 @@ impl DedupIndex {
                 max_second,
             };
             self.next_run_id += 1;
-            self.sealed.push(Arc::new(SealedIds { meta, keys }));
+            self.sealed.push(Arc::new(SealedIds::new(meta, keys)));
             self.seconds_by_id = IdTable::default();
             self.ids_by_second = BTreeMap::new();
         }
@@ -801,13 +858,8 @@ impl DedupIndex {
     /// True when `key` is remembered anywhere but in the runs `checked`
     /// (which said no already).
     fn known_except(&self, key: u128, checked: &[u64]) -> Result<bool, DedupError> {
-        if self.seconds_by_id.contains_key(&key) {
+        if self.known_in_memory(key) {
             return Ok(true);
-        }
-        for set in &self.sealed {
-            if set.keys.binary_search(&key).is_ok() {
-                return Ok(true);
-            }
         }
         // asked once, and only when a covered run is left to ask: on the
         // actor's one thread, most ids come with every run checked
@@ -830,6 +882,25 @@ impl DedupIndex {
             }
         }
         Ok(false)
+    }
+
+    /// True when `key` is in the table or a sealed set.
+    fn known_in_memory(&self, key: u128) -> bool {
+        self.seconds_by_id.contains_key(&key) || self.sealed.iter().any(|set| set.contains(key))
+    }
+
+    /// True when every run the index has is in `ids` (ascending): a key
+    /// checked against those runs needs none asked again
+    /// (`Prechecked::InNoRun`).
+    pub fn runs_all_in(&self, ids: &[u64]) -> bool {
+        self.runs
+            .iter()
+            .all(|run| ids.binary_search(&run.meta.id).is_ok())
+    }
+
+    /// Runs not yet covered by the summary filter (each probed on its own).
+    pub fn runs_uncovered(&self) -> usize {
+        self.runs.iter().filter(|run| !run.covered).count()
     }
 
     /// Forgets ids whose event second can count in no window at `now_ms` (nor
@@ -930,6 +1001,17 @@ impl DedupIndex {
                 return Ok(Admission::Duplicate)
             }
             Prechecked::NotIn(checked) => checked,
+            Prechecked::InNoRun => {
+                let ts_s = second_of_ms(ts_ms);
+                let now_s = second_of_ms(now_ms);
+                return Ok(if self.known_in_memory(key) {
+                    Admission::Duplicate
+                } else if !counts_in_some_window(ts_s, now_s, today) {
+                    Admission::Late
+                } else {
+                    Admission::Accepted
+                });
+            }
             Prechecked::In(_) | Prechecked::No => &[],
         };
         let ts_s = second_of_ms(ts_ms);
@@ -1325,6 +1407,31 @@ mod tests {
             ));
         }
         assert!(apart.plan_merge().is_none());
+
+        // no merge makes a run of more than MERGED_TABLES_MAX tables' ids
+        let mut large = DedupIndex::new(86_400, 10);
+        let largest = MERGED_TABLES_MAX * 10 / 4;
+        for n in 0..4 {
+            large.add_run(memory_run(
+                n + 1,
+                sorted_keys(&format!("l{n}"), largest as usize + 1),
+                t,
+            ));
+        }
+        assert!(large.plan_merge().is_none());
+        for n in 4..8 {
+            large.add_run(memory_run(
+                n + 1,
+                sorted_keys(&format!("l{n}"), largest as usize),
+                t,
+            ));
+        }
+        let plan = large
+            .plan_merge()
+            .expect("four runs of the largest size merged");
+        let mut inputs: Vec<u64> = plan.inputs.iter().map(|run| run.meta.id).collect();
+        inputs.sort_unstable();
+        assert_eq!(inputs, vec![5, 6, 7, 8]);
     }
 
     /// Adds the runs' keys to `summary`, as the node's indexer does.
@@ -1443,13 +1550,32 @@ mod tests {
         };
         assert_eq!(ids_max, 2 * (200 + 100 + 200 + 210 + 700));
         assert_eq!(runs.len(), 5);
-        // a step planned on a summary replaced since changes nothing
+        // runs merged while it was built are covered when their inputs are
         let old = Arc::clone(&summary);
         let rebuilt = Arc::new(SummaryFilter::new(ids_max));
         fill(&rebuilt, &runs);
+        let mut keys = sorted_keys("r3", 200);
+        keys.extend(sorted_keys("r4", 100));
+        keys.sort_unstable();
+        index.install_merged(memory_run(10, keys, NOW_MS / 1000), &[3, 4]);
+        index.add_run(memory_run(11, sorted_keys("r11", 10), NOW_MS / 1000));
+        let mut keys = sorted_keys("r11", 10);
+        keys.extend(sorted_keys("r5", 200));
+        keys.sort_unstable();
+        index.install_merged(memory_run(12, keys, NOW_MS / 1000), &[5, 11]);
         index.install_cover(rebuilt, &[3, 4, 5, 7, 8], true);
-        index.install_cover(old, &[9], false);
-        assert_eq!(covered_ids(&index), vec![3, 4, 5, 7, 8]);
+        assert_eq!(covered_ids(&index), vec![7, 8, 10]);
+        // a step planned on a summary replaced since changes nothing
+        index.install_cover(old, &[12], false);
+        assert_eq!(covered_ids(&index), vec![7, 8, 10]);
+        assert_eq!(
+            index.judge("r11-3", NOW_MS, NOW_MS, DAY),
+            Ok(Admission::Duplicate)
+        );
+        assert_eq!(
+            index.judge("r4-3", NOW_MS, NOW_MS, DAY),
+            Ok(Admission::Duplicate)
+        );
         // every run gone: the summary goes with them
         let day_after = DayBounds {
             start_s: NEXT_DAY.end_s,
@@ -1506,8 +1632,19 @@ mod tests {
         let published = index.runs_shared();
         let checked = RunsChecked::of(&published, ["old-7", "new-1"].into_iter()).unwrap();
         assert_eq!(checked.found, vec![Some(1), None]);
+        // checked against every run: none is asked again, the table still is
+        assert!(index.runs_all_in(&checked.runs));
+        assert_eq!(
+            index.admit_key(checked.keys[1], NOW_MS, NOW_MS, DAY, Prechecked::InNoRun),
+            Ok(Admission::Accepted)
+        );
+        assert_eq!(
+            index.admit_key(checked.keys[1], NOW_MS, NOW_MS, DAY, Prechecked::InNoRun),
+            Ok(Admission::Duplicate)
+        );
         // a run published after the check is still asked
         index.add_run(memory_run(2, sorted_keys("later", 10), NOW_MS / 1000));
+        assert!(!index.runs_all_in(&checked.runs));
         let later = id_key("later-3");
         assert_eq!(
             index.admit_key(later, NOW_MS, NOW_MS, DAY, Prechecked::NotIn(&checked.runs)),

@@ -350,12 +350,18 @@ impl TenantCore {
         let mut pending = Pending::default();
         let mut outcomes = Vec::with_capacity(events.len() + quarantined.len());
         let mut accepted = Vec::new();
+        // asked once a batch: most batches were checked against every run the
+        // tenant still has, and then its ids need no run asked again
+        let every_run_checked = checked
+            .as_ref()
+            .is_some_and(|checked| self.dedup.runs_all_in(&checked.runs));
         for (position, (index, event)) in events.into_iter().enumerate() {
             let (key, prechecked) = match &checked {
                 Some(checked) => (
                     checked.keys[position],
                     match checked.found[position] {
                         Some(run) => Prechecked::In(run),
+                        None if every_run_checked => Prechecked::InNoRun,
                         None => Prechecked::NotIn(&checked.runs),
                     },
                 ),

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::domain::dedup::{
-    MergePlan, Run, RunFilter, RunFilterBuilder, RunKeys, RunMeta, SealedIds, SummaryFilter,
+    MergePlan, Run, RunFilter, RunFilterBuilder, RunKeys, RunMeta, SealedIds,
 };
 
 const MAGIC: &[u8; 8] = b"TLYRUN02";
@@ -70,7 +70,7 @@ fn header(magic: &[u8; 8], meta: &RunMeta, filter_len: u64) -> [u8; 40] {
 /// Writes `set` as a run file in `dir`, durable before it returns.
 pub fn write_run(dir: &Path, set: &SealedIds) -> Result<Run, String> {
     let trailer = Trailer {
-        filter: RunFilter::build(&set.keys),
+        filter: set.filter.clone(),
         fences: set.keys.iter().step_by(FENCE_EVERY).copied().collect(),
     };
     let filter_bytes = bincode::serialize(&trailer).map_err(|e| e.to_string())?;
@@ -226,13 +226,13 @@ fn write_merge(
     Ok(Some(Merged { meta, trailer }))
 }
 
-/// Adds every key of `runs` to `summary`, read in order through their open
-/// files (so that a run merged or expired meanwhile is still read whole).
-/// False when `cancelled` said stop (the node is stopping).
+/// Hands every key of `runs` to `insert` (a summary filter's), read in order
+/// through their open files (so that a run merged or expired meanwhile is
+/// still read whole). False when `cancelled` said stop (the node is stopping).
 pub fn cover_runs(
-    summary: &SummaryFilter,
     runs: &[Run],
     cancelled: &dyn Fn() -> bool,
+    insert: &mut dyn FnMut(u128),
 ) -> Result<bool, String> {
     const READ_KEYS: usize = 1 << 16;
     let mut keys = Vec::with_capacity(READ_KEYS);
@@ -249,7 +249,7 @@ pub fn cover_runs(
                 return Err(format!("run {}: short read of its keys", run.meta.id));
             }
             for key in &keys {
-                summary.insert(*key);
+                insert(*key);
             }
             next += count as u64;
         }
@@ -425,20 +425,21 @@ impl RunKeys for FileKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::dedup::SummaryFilter;
 
     fn sealed(id: u64, count: u64) -> SealedIds {
         let mut keys: Vec<u128> = (0..count)
             .map(|n| crate::domain::dedup::id_key(&format!("run-{id}-{n}")))
             .collect();
         keys.sort_unstable();
-        SealedIds {
-            meta: RunMeta {
+        SealedIds::new(
+            RunMeta {
                 id,
                 ids: count,
                 max_second: 1_763_805_600,
             },
             keys,
-        }
+        )
     }
 
     #[test]
@@ -474,15 +475,19 @@ mod tests {
         let ids: u64 = runs.iter().map(|run| run.meta.ids).sum();
         // a stopping node leaves the summary unfinished, and says so
         let summary = SummaryFilter::new(2 * ids);
-        assert!(!cover_runs(&summary, &runs, &|| true).unwrap());
-        assert!(cover_runs(&summary, &runs, &|| false).unwrap());
+        let mut insert = |key| summary.insert(key);
+        assert!(!cover_runs(&runs, &|| true, &mut insert).unwrap());
+        assert!(cover_runs(&runs, &|| false, &mut insert).unwrap());
         for set in &sets {
             assert!(set.keys.iter().all(|key| summary.maybe(*key)));
         }
-        // a run deleted meanwhile is still read whole through its open file
+        // a run deleted meanwhile is still read whole through its open file;
+        // a summary built anew takes plain writes
         std::fs::remove_file(run_path(dir.path(), 2)).unwrap();
-        let again = SummaryFilter::new(2 * ids);
-        assert!(cover_runs(&again, &runs[1..2], &|| false).unwrap());
+        let mut again = SummaryFilter::new(2 * ids);
+        assert!(cover_runs(&runs[1..2], &|| false, &mut |key| again
+            .insert_unshared(key))
+        .unwrap());
         assert!(sets[1].keys.iter().all(|key| again.maybe(*key)));
     }
 
@@ -495,9 +500,12 @@ mod tests {
             let mut set = sealed(id, 3_000 + id * 500);
             // a key shared by two inputs is written once
             if id == 2 {
-                set.keys.push(inputs_first_key(&inputs));
-                set.keys.sort_unstable();
-                set.meta.ids += 1;
+                let mut keys = set.keys.clone();
+                keys.push(inputs_first_key(&inputs));
+                keys.sort_unstable();
+                let mut meta = set.meta;
+                meta.ids += 1;
+                set = SealedIds::new(meta, keys);
             }
             all.extend(&set.keys);
             inputs.push(write_run(dir.path(), &set).unwrap());
