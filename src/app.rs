@@ -46,6 +46,45 @@ pub enum StartError {
     },
 }
 
+/// Every `every`, runs `step` (one tenant's merge or summary step) for as
+/// long as it finds work, until the node stops or storage fails; an error is
+/// logged as `failed` and tried again at the next tick.
+fn spawn_run_upkeep<Step, Done>(
+    node: &Arc<Node>,
+    every: Duration,
+    failed: &'static str,
+    step: Step,
+) -> tokio::task::JoinHandle<()>
+where
+    Step: Fn(Arc<Node>) -> Done + Send + 'static,
+    Done: std::future::Future<Output = Result<bool, crate::node::MergeError>> + Send,
+{
+    let node = Arc::clone(node);
+    let mut stopping = node.stopping.subscribe();
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = stopping.wait_for(|stopping| *stopping) => return,
+            }
+            loop {
+                if node.committer.is_failed() || *node.stopping.borrow() {
+                    return;
+                }
+                match step(Arc::clone(&node)).await {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(error) => {
+                        tracing::warn!(%error, "{failed}");
+                        break;
+                    }
+                }
+            }
+        }
+    })
+}
+
 /// Hands memory freed during start-up (the config's parse, recovery's decoded
 /// snapshot parts and log records, the stored books read back) to the system: glibc's allocator keeps it otherwise, and a
 /// restart of 10 000 idle tenants held a fifth more than a first start
@@ -365,61 +404,21 @@ pub async fn start_with_store(
     };
     // merges de-dup runs so that their number grows with the logarithm of the
     // ids remembered (docs/durability.md, "de-duplication runs")
-    let merger = {
-        let node = Arc::clone(&node);
-        let mut stopping = node.stopping.subscribe();
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    _ = ticks.tick() => {}
-                    _ = stopping.wait_for(|stopping| *stopping) => return,
-                }
-                loop {
-                    if node.committer.is_failed() || *node.stopping.borrow() {
-                        return;
-                    }
-                    match node.merge_runs_once().await {
-                        Ok(true) => continue,
-                        Ok(false) => break,
-                        Err(error) => {
-                            tracing::warn!(%error, "de-dup runs not merged; trying again later");
-                            break;
-                        }
-                    }
-                }
-            }
-        })
-    };
+    let merger = spawn_run_upkeep(
+        &node,
+        Duration::from_secs(1),
+        "de-dup runs not merged; trying again later",
+        |node| async move { node.merge_runs_once().await },
+    );
     // keeps each tenant's summary filter over its de-dup runs, so that a new
     // id costs one lookup whatever the number of runs; on its own task, so a
     // long merge does not leave new runs uncovered (docs/durability.md)
-    let indexer = {
-        let node = Arc::clone(&node);
-        let mut stopping = node.stopping.subscribe();
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(Duration::from_millis(250));
-            loop {
-                tokio::select! {
-                    _ = ticks.tick() => {}
-                    _ = stopping.wait_for(|stopping| *stopping) => return,
-                }
-                loop {
-                    if node.committer.is_failed() || *node.stopping.borrow() {
-                        return;
-                    }
-                    match node.cover_runs_once().await {
-                        Ok(true) => continue,
-                        Ok(false) => break,
-                        Err(error) => {
-                            tracing::warn!(%error, "de-dup summary filter not extended; trying again later");
-                            break;
-                        }
-                    }
-                }
-            }
-        })
-    };
+    let indexer = spawn_run_upkeep(
+        &node,
+        Duration::from_millis(250),
+        "de-dup summary filter not extended; trying again later",
+        |node| async move { node.cover_runs_once().await },
+    );
     let alerting = tokio::spawn(crate::alerting::run(Arc::clone(&node)));
     let experimenting = tokio::spawn(crate::experiments::run(Arc::clone(&node)));
     let auditing = tokio::spawn(crate::audit::run(Arc::clone(&node), audit_queue));
