@@ -284,13 +284,7 @@ impl Node {
         let tenants = self
             .tenants
             .list_where(|tenant| tenant.runs.get().runs.len() >= crate::domain::dedup::MERGE_FANIN);
-        let count = tenants.len();
-        for (tenant, handle) in tenants
-            .iter()
-            .cycle()
-            .skip(start % count.max(1))
-            .take(count)
-        {
+        for (tenant, handle) in rotated(&tenants, start) {
             // fewer runs than a merge takes: no message to the actor (with
             // many tenants, asking each every second cost a quarter of a core)
             if handle.runs.get().runs.len() < crate::domain::dedup::MERGE_FANIN {
@@ -362,13 +356,7 @@ impl Node {
         let start = *cursor;
         *cursor = cursor.wrapping_add(1);
         let tenants = self.tenants.list_where(|tenant| tenant.runs.wants_cover());
-        let count = tenants.len();
-        for (tenant, handle) in tenants
-            .iter()
-            .cycle()
-            .skip(start % count.max(1))
-            .take(count)
-        {
+        for (tenant, handle) in rotated(&tenants, start) {
             let Some(plan) = handle
                 .actor
                 .send(PlanCover)
@@ -414,6 +402,13 @@ impl Node {
         }
         Ok(false)
     }
+}
+
+/// Every item once, starting at `start` (modulo their number): each merge or
+/// summary step starts one tenant further, so that none waits on another's.
+fn rotated<T>(items: &[T], start: usize) -> impl Iterator<Item = &T> {
+    let count = items.len();
+    items.iter().cycle().skip(start % count.max(1)).take(count)
 }
 
 /// Carries out a summary filter step (`cover_runs_once`): the summary with the

@@ -307,6 +307,13 @@ impl CoverPlan {
     }
 }
 
+/// What `DedupIndex::cover_wanted` found: the summary built anew for the
+/// runs' `ids`, or the runs not covered added.
+enum CoverWanted {
+    Rebuild { ids: u64 },
+    Extend,
+}
+
 /// The runs as their tenant published them for ingest, with the summary
 /// over those marked covered.
 #[derive(Debug, Clone, Default)]
@@ -668,39 +675,51 @@ impl DedupIndex {
     /// when missing, when the runs not covered would overfill it, or when
     /// most of its ids have expired; else the runs not covered, added.
     pub fn plan_cover(&self) -> Option<CoverPlan> {
+        match self.cover_wanted()? {
+            CoverWanted::Rebuild { ids } => Some(CoverPlan::Rebuild {
+                ids_max: 2 * ids,
+                runs: self.runs.clone(),
+            }),
+            CoverWanted::Extend => Some(CoverPlan::Extend {
+                summary: self.summary.clone()?,
+                runs: self
+                    .runs
+                    .iter()
+                    .filter(|run| !run.covered)
+                    .cloned()
+                    .collect(),
+            }),
+        }
+    }
+
+    /// True when `plan_cover` has work (without copying the runs into a plan).
+    pub fn wants_cover(&self) -> bool {
+        self.cover_wanted().is_some()
+    }
+
+    /// The rules of `plan_cover`.
+    fn cover_wanted(&self) -> Option<CoverWanted> {
         let ids: u64 = self.runs.iter().map(|run| run.meta.ids).sum();
         if self.runs.len() < SUMMARY_RUNS_MIN || ids < (self.ids_max as u64 / 2).max(1) {
             return None;
         }
-        let uncovered: Vec<Run> = self
+        let Some(summary) = &self.summary else {
+            return Some(CoverWanted::Rebuild { ids });
+        };
+        let (uncovered, uncovered_ids) = self
             .runs
             .iter()
             .filter(|run| !run.covered)
-            .cloned()
-            .collect();
-        let uncovered_ids: u64 = uncovered.iter().map(|run| run.meta.ids).sum();
-        let rebuild = match &self.summary {
-            None => true,
-            Some(summary) => {
-                self.summary_ids + uncovered_ids > summary.ids_max() || self.summary_ids > 4 * ids
-            }
-        };
-        if rebuild {
-            return Some(CoverPlan::Rebuild {
-                ids_max: 2 * ids,
-                runs: self.runs.clone(),
+            .fold((0usize, 0u64), |(runs, ids), run| {
+                (runs + 1, ids + run.meta.ids)
             });
+        if self.summary_ids + uncovered_ids > summary.ids_max() || self.summary_ids > 4 * ids {
+            Some(CoverWanted::Rebuild { ids })
+        } else if uncovered > 0 {
+            Some(CoverWanted::Extend)
+        } else {
+            None
         }
-        let summary = self.summary.clone()?;
-        (!uncovered.is_empty()).then_some(CoverPlan::Extend {
-            summary,
-            runs: uncovered,
-        })
-    }
-
-    /// True when `plan_cover` has work.
-    pub fn wants_cover(&self) -> bool {
-        self.plan_cover().is_some()
     }
 
     /// `summary` holds every key of the runs `covered` (by id): built anew
@@ -996,27 +1015,15 @@ impl DedupIndex {
         today: DayBounds,
         prechecked: Prechecked,
     ) -> Result<Admission, DedupError> {
-        let checked: &[u64] = match prechecked {
-            Prechecked::In(run) if self.runs.iter().any(|other| other.meta.id == run) => {
-                return Ok(Admission::Duplicate)
-            }
-            Prechecked::NotIn(checked) => checked,
-            Prechecked::InNoRun => {
-                let ts_s = second_of_ms(ts_ms);
-                let now_s = second_of_ms(now_ms);
-                return Ok(if self.known_in_memory(key) {
-                    Admission::Duplicate
-                } else if !counts_in_some_window(ts_s, now_s, today) {
-                    Admission::Late
-                } else {
-                    Admission::Accepted
-                });
-            }
-            Prechecked::In(_) | Prechecked::No => &[],
+        let known = match prechecked {
+            Prechecked::In(run) if self.runs.iter().any(|other| other.meta.id == run) => true,
+            Prechecked::InNoRun => self.known_in_memory(key),
+            Prechecked::NotIn(checked) => self.known_except(key, checked)?,
+            Prechecked::In(_) | Prechecked::No => self.known_except(key, &[])?,
         };
         let ts_s = second_of_ms(ts_ms);
         let now_s = second_of_ms(now_ms);
-        Ok(if self.known_except(key, checked)? {
+        Ok(if known {
             Admission::Duplicate
         } else if !counts_in_some_window(ts_s, now_s, today) {
             Admission::Late

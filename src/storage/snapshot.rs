@@ -409,8 +409,8 @@ pub fn load_snapshot(
     Ok(Ok((manifest, parts)))
 }
 
-/// The manifest of a snapshot when it reads and every part it lists is there.
-fn complete_manifest(
+/// The manifest of snapshot `id`, when there is one and it decodes.
+fn read_manifest(
     store: &dyn Store,
     id: u64,
     record_bytes_max: usize,
@@ -418,9 +418,16 @@ fn complete_manifest(
     let Some(bytes) = read_value(store, Space::Snapshot, &manifest_key(id))? else {
         return Ok(None);
     };
-    let Ok(manifest) =
-        decode::<SnapshotManifest>(&bytes, RecordKind::SnapshotManifest, record_bytes_max)
-    else {
+    Ok(decode::<SnapshotManifest>(&bytes, RecordKind::SnapshotManifest, record_bytes_max).ok())
+}
+
+/// The manifest of a snapshot when it reads and every part it lists is there.
+fn complete_manifest(
+    store: &dyn Store,
+    id: u64,
+    record_bytes_max: usize,
+) -> Result<Option<SnapshotManifest>, StorageError> {
+    let Some(manifest) = read_manifest(store, id, record_bytes_max)? else {
         return Ok(None);
     };
     for tenant in &manifest.tenants {
@@ -443,12 +450,7 @@ fn listed_runs(
     id: u64,
     record_bytes_max: usize,
 ) -> Result<Option<RunLists>, StorageError> {
-    let Some(bytes) = read_value(store, Space::Snapshot, &manifest_key(id))? else {
-        return Ok(None);
-    };
-    let Ok(manifest) =
-        decode::<SnapshotManifest>(&bytes, RecordKind::SnapshotManifest, record_bytes_max)
-    else {
+    let Some(manifest) = read_manifest(store, id, record_bytes_max)? else {
         return Ok(None);
     };
     let mut lists = Vec::with_capacity(manifest.tenants.len());
