@@ -91,22 +91,27 @@ pub fn encode_within<T: Serialize>(
     payload: &T,
     payload_bytes_max: usize,
 ) -> Result<Vec<u8>, EnvelopeError> {
-    // one pass (sizing first walked a snapshot's every value twice); a
-    // payload past the limit is refused before it is written
-    let body = options(u64::MAX)
-        .serialize(payload)
+    // one pass, straight after the header: bincode's `serialize` walks the
+    // payload twice (sizing, then writing) and the body was copied once more;
+    // a payload past the limit is refused before it is written
+    let mut record = Vec::with_capacity(HEADER_BYTES + 4096);
+    record.resize(HEADER_BYTES, 0);
+    bincode::DefaultOptions::new()
+        .with_varint_encoding()
+        .serialize_into(&mut record, payload)
         .map_err(|error| EnvelopeError::Encode(error.to_string()))?;
-    if body.len() > payload_bytes_max {
-        return Err(EnvelopeError::TooLarge(body.len()));
+    let body_bytes = record.len() - HEADER_BYTES;
+    if body_bytes > payload_bytes_max {
+        return Err(EnvelopeError::TooLarge(body_bytes));
     }
-    let length = u32::try_from(body.len()).map_err(|_| EnvelopeError::TooLarge(body.len()))?;
-    let mut record = Vec::with_capacity(HEADER_BYTES + body.len());
-    record.extend_from_slice(&MAGIC);
-    record.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
-    record.push(kind as u8);
-    record.extend_from_slice(&length.to_be_bytes());
-    record.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
-    record.extend_from_slice(&body);
+    let length = u32::try_from(body_bytes).map_err(|_| EnvelopeError::TooLarge(body_bytes))?;
+    let crc = crc32fast::hash(&record[HEADER_BYTES..]);
+    let (header, _) = record.split_at_mut(HEADER_BYTES);
+    header[0..4].copy_from_slice(&MAGIC);
+    header[4..6].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
+    header[6] = kind as u8;
+    header[7..11].copy_from_slice(&length.to_be_bytes());
+    header[11..15].copy_from_slice(&crc.to_be_bytes());
     Ok(record)
 }
 
