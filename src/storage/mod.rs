@@ -111,6 +111,7 @@ impl SledStore {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
+            .segment_size(segment_bytes(path))
             .open()
             .map_err(io)?;
         let trees = [
@@ -184,6 +185,33 @@ impl Store for SledStore {
             .map_err(io)?
             .map(|(key, _)| key.to_vec()))
     }
+}
+
+/// sled's log segment in a new store. sled writes a value (or a tree page)
+/// larger than a quarter of a segment to a file of its own under `blobs/`:
+/// with sled's default (512 KiB) that was every log record of a batch of
+/// 1 000 events and every page of the log's tree, a file created and deleted
+/// per batch on the commit thread, whose cost grew over the first minutes as
+/// the filesystem skipped recently deleted inodes (docs/BENCHMARKS.md,
+/// "blob files"). At 16 MiB (sled's largest) a record or page up to 4 MiB
+/// stays in the log.
+const SEGMENT_BYTES_NEW: usize = 16 << 20;
+/// sled's default, for a store whose `conf` does not say.
+const SEGMENT_BYTES_SLED_DEFAULT: usize = 512 << 10;
+
+/// The segment size to open the store in `path` with: the one it was made
+/// with (sled refuses any other), else `SEGMENT_BYTES_NEW`.
+fn segment_bytes(path: &Path) -> usize {
+    let Ok(conf) = std::fs::read(path.join("conf")) else {
+        return SEGMENT_BYTES_NEW;
+    };
+    // sled's `conf`: lines of `key: value`, then a checksum
+    conf.split(|byte| *byte == b'\n')
+        .find_map(|line| {
+            let value = line.strip_prefix(b"segment_size: ")?;
+            std::str::from_utf8(value).ok()?.trim().parse().ok()
+        })
+        .unwrap_or(SEGMENT_BYTES_SLED_DEFAULT)
 }
 
 /// A store that starts failing on command: for tests of storage failure.
@@ -338,6 +366,51 @@ pub fn named_key(tenant: &str, name: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_keeps_the_segment_size_it_was_made_with() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(segment_bytes(dir.path()), SEGMENT_BYTES_NEW);
+        // a store made by an earlier build, with sled's default segment
+        {
+            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            db.insert(b"k", b"v".as_slice()).unwrap();
+            db.flush().unwrap();
+        }
+        assert_eq!(segment_bytes(dir.path()), SEGMENT_BYTES_SLED_DEFAULT);
+        let store = SledStore::open(dir.path()).unwrap();
+        drop(store);
+        let fresh = tempfile::tempdir().unwrap();
+        drop(SledStore::open(fresh.path()).unwrap());
+        assert_eq!(segment_bytes(fresh.path()), SEGMENT_BYTES_NEW);
+    }
+
+    #[test]
+    fn a_log_record_of_a_large_batch_stays_in_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        // about what a batch of 1 000 events takes, and a leaf's worth of them
+        for lsn in 0..32u64 {
+            store
+                .apply(&[Op::Put {
+                    space: Space::Wal,
+                    key: lsn_key(lsn).to_vec(),
+                    value: vec![lsn as u8; 140_000],
+                }])
+                .unwrap();
+        }
+        store.flush().unwrap();
+        let blobs = std::fs::read_dir(dir.path().join("blobs"))
+            .map(|entries| entries.count())
+            .unwrap_or(0);
+        assert_eq!(blobs, 0, "no record went to a file of its own");
+        drop(store);
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(
+            read_value(&store, Space::Wal, &lsn_key(31)).unwrap(),
+            Some(vec![31u8; 140_000])
+        );
+    }
 
     #[test]
     fn sled_store_keeps_what_it_flushed_across_reopen() {
