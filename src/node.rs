@@ -302,13 +302,13 @@ impl Node {
             let dir = crate::storage::runs::runs_dir(&self.config.storage.data_dir, tenant);
             let inputs: Vec<u64> = plan.inputs.iter().map(|run| run.meta.id).collect();
             let node = Arc::clone(self);
-            let merged = tokio::task::spawn_blocking(move || {
+            let merged = crate::background::run_behind("tally-merge", move || {
                 let cancelled = || *node.stopping.borrow();
                 crate::storage::runs::merge_runs(&dir, &plan, &cancelled)
                     .map(|merged| merged.map(|merged| (dir, merged)))
             })
             .await
-            .map_err(|_| MergeError::Actors)?
+            .map_err(|error| MergeError::Io(error.to_string()))?
             .map_err(MergeError::Io)?;
             let Some((dir, merged)) = merged else {
                 return Ok(false);
@@ -370,12 +370,12 @@ impl Node {
             let ids: u64 = plan.runs().iter().map(|run| run.meta.ids).sum();
             let rebuilt = matches!(plan, CoverPlan::Rebuild { .. });
             let node = Arc::clone(self);
-            let summary = tokio::task::spawn_blocking(move || {
+            let summary = crate::background::run_behind("tally-cover", move || {
                 let cancelled = || *node.stopping.borrow();
                 cover(plan, &cancelled)
             })
             .await
-            .map_err(|_| MergeError::Actors)?
+            .map_err(|error| MergeError::Io(error.to_string()))?
             .map_err(MergeError::Io)?;
             let Some(summary) = summary else {
                 return Ok(false);
@@ -419,8 +419,10 @@ fn cover(
 ) -> Result<Option<Arc<SummaryFilter>>, String> {
     match plan {
         CoverPlan::Extend { summary, runs } => {
+            let writer = summary.writer();
             let done =
-                crate::storage::runs::cover_runs(&runs, cancelled, &mut |key| summary.insert(key))?;
+                crate::storage::runs::cover_runs(&runs, cancelled, &mut |key| writer.insert(key))?;
+            drop(writer);
             Ok(done.then_some(summary))
         }
         CoverPlan::Rebuild { ids_max, runs } => {

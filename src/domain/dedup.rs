@@ -176,7 +176,7 @@ impl RunFilterBuilder {
     pub fn new(ids: u64) -> RunFilterBuilder {
         let blocks = (ids * FILTER_BITS_PER_ID).div_ceil(512).max(1) as usize;
         RunFilterBuilder {
-            blocks: vec![Block::default(); blocks],
+            blocks: crate::memory::huge_vec(blocks, Block::default),
         }
     }
 
@@ -214,23 +214,49 @@ pub const SUMMARY_RUNS_MIN: usize = 3;
 /// summary is built anew (`DedupIndex::plan_cover`).
 #[derive(Debug)]
 pub struct SummaryFilter {
-    blocks: Box<[AtomicBlock]>,
+    /// A vector, not a boxed slice: boxing may move it off its huge pages.
+    blocks: Vec<AtomicBlock>,
     ids_max: u64,
+    /// Held by the one thread adding keys (`writer`), so that adding needs
+    /// no locked instructions: readers see a word before or after, both true.
+    writing: std::sync::Mutex<()>,
 }
 
 #[repr(C, align(64))]
 #[derive(Debug, Default)]
 struct AtomicBlock([AtomicU64; 8]);
 
+/// The one thread adding keys to a summary (`SummaryFilter::writer`).
+pub struct SummaryWriter<'a> {
+    blocks: &'a [AtomicBlock],
+    _one: std::sync::MutexGuard<'a, ()>,
+}
+
+impl SummaryWriter<'_> {
+    /// Adds `key`: a load and, where a bit is missing, a plain store (the
+    /// only writer, so no bit of another key can be lost in between).
+    pub fn insert(&self, key: u128) {
+        // block_of is below the length it is given
+        let Some(block) = self.blocks.get(block_of(self.blocks.len(), key)) else {
+            return;
+        };
+        for (word, mask) in block.0.iter().zip(block_bits(key)) {
+            let bits = word.load(Ordering::Relaxed);
+            if bits & mask != mask {
+                word.store(bits | mask, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 impl SummaryFilter {
     /// Room for `ids_max` ids at `SUMMARY_BITS_PER_ID`.
     pub fn new(ids_max: u64) -> SummaryFilter {
         let blocks = (ids_max * SUMMARY_BITS_PER_ID).div_ceil(512).max(1) as usize;
         SummaryFilter {
-            blocks: std::iter::repeat_with(AtomicBlock::default)
-                .take(blocks)
-                .collect(),
+            blocks: crate::memory::huge_vec(blocks, AtomicBlock::default),
             ids_max,
+            writing: std::sync::Mutex::new(()),
         }
     }
 
@@ -242,19 +268,35 @@ impl SummaryFilter {
         self.blocks.len() * std::mem::size_of::<AtomicBlock>()
     }
 
-    /// Adds `key`. Any thread may add while others look up.
+    /// Adds `key` (one writer at a time; see `writer`).
     pub fn insert(&self, key: u128) {
-        // block_of is below the length it is given
-        let Some(block) = self.blocks.get(block_of(self.blocks.len(), key)) else {
-            return;
-        };
-        for (word, mask) in block.0.iter().zip(block_bits(key)) {
-            // a locked or only where the bit is missing: keys come sorted, so
-            // the block is in cache and most of the cost is the locked writes
-            if word.load(Ordering::Relaxed) & mask != mask {
-                word.fetch_or(mask, Ordering::Relaxed);
-            }
+        self.writer().insert(key);
+    }
+
+    /// The right to add keys while other threads look up; a second writer
+    /// waits for the first.
+    pub fn writer(&self) -> SummaryWriter<'_> {
+        SummaryWriter {
+            blocks: &self.blocks,
+            // a writer that panicked left only bits set: still a valid filter
+            _one: self
+                .writing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
         }
+    }
+
+    /// Asks the processor to fetch the block of `key` ahead of a `maybe`.
+    pub fn prefetch(&self, key: u128) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(block) = self.blocks.get(block_of(self.blocks.len(), key)) {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            // SAFETY: sse is part of every x86_64 target; a prefetch only
+            // hints the cache (of memory the filter owns) and cannot fault
+            unsafe { _mm_prefetch::<_MM_HINT_T0>((block as *const AtomicBlock).cast::<i8>()) };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = key;
     }
 
     /// Adds `key` to a summary no other thread can see yet (one being built
@@ -532,6 +574,19 @@ impl IdTable {
     fn iter(&self) -> impl Iterator<Item = (&u128, &i64)> {
         self.parts.iter().flat_map(|part| part.iter())
     }
+
+    /// Forgets every id but keeps each part's room for as many as it held:
+    /// at full rate the next period brings as many, and growing a part again
+    /// from nothing rehashed it at every doubling on the tenant's thread. A
+    /// tenant whose traffic falls gives the room back at the next clear.
+    fn clear(&mut self) {
+        for part in &mut self.parts {
+            let held = part.len();
+            part.clear();
+            part.shrink_to(held);
+        }
+        self.len = 0;
+    }
 }
 
 /// The ids remembered: a table in memory of the ids since the last snapshot,
@@ -606,7 +661,22 @@ impl RunsChecked {
 pub fn check_runs(view: &RunsView, keys: &[u128]) -> Result<Vec<Option<u64>>, DedupError> {
     let mut found: Vec<Option<u64>> = vec![None; keys.len()];
     let summary_maybe: Vec<bool> = match &view.summary {
-        Some(summary) => keys.iter().map(|key| summary.maybe(*key)).collect(),
+        Some(summary) => {
+            // each lookup is a miss in a filter of hundreds of megabytes:
+            // fetched this many keys ahead, the misses overlap
+            const AHEAD: usize = 16;
+            for key in keys.iter().take(AHEAD) {
+                summary.prefetch(*key);
+            }
+            let mut maybe = Vec::with_capacity(keys.len());
+            for (index, key) in keys.iter().enumerate() {
+                if let Some(later) = keys.get(index + AHEAD) {
+                    summary.prefetch(*later);
+                }
+                maybe.push(summary.maybe(*key));
+            }
+            maybe
+        }
         None => vec![true; keys.len()],
     };
     for run in &view.runs {
@@ -851,7 +921,7 @@ impl DedupIndex {
             };
             self.next_run_id += 1;
             self.sealed.push(Arc::new(SealedIds::new(meta, keys)));
-            self.seconds_by_id = IdTable::default();
+            self.seconds_by_id.clear();
             self.ids_by_second = BTreeMap::new();
         }
         self.sealed.clone()
@@ -1230,6 +1300,29 @@ mod tests {
             out.extend(self.keys.iter().skip(first as usize).take(count));
             Ok(())
         }
+    }
+
+    #[test]
+    fn a_cleared_table_forgets_every_id_and_keeps_its_room() {
+        let mut table = IdTable::default();
+        let keys: Vec<u128> = (0..10_000u64).map(|n| id_key(&format!("k-{n}"))).collect();
+        for (second, key) in keys.iter().enumerate() {
+            assert_eq!(table.insert(*key, second as i64), None);
+        }
+        let room: Vec<usize> = table.parts.iter().map(|part| part.capacity()).collect();
+        table.clear();
+        assert_eq!(table.len(), 0);
+        assert!(keys.iter().all(|key| !table.contains_key(key)));
+        let kept: Vec<usize> = table.parts.iter().map(|part| part.capacity()).collect();
+        assert_eq!(kept, room, "each part keeps room for what it held");
+        assert_eq!(table.insert(keys[3], 7), None);
+        assert_eq!(table.len(), 1);
+        table.clear();
+        table.clear();
+        assert!(
+            table.parts.iter().all(|part| part.capacity() <= 3),
+            "a part that held nothing gives its room back"
+        );
     }
 
     #[test]
