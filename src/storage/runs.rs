@@ -152,6 +152,32 @@ pub fn merge_runs(
     result.map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Keys a merge writes between writebacks it starts (16 MiB).
+const WRITEBACK_KEYS: u64 = 1 << 20;
+
+/// Asks the kernel to start writing `len` bytes of `file` at `offset` to the
+/// disk, without waiting: a merge's gigabyte then reaches the disk as it is
+/// written rather than in one burst at its fsync (or when the dirty pages
+/// pass the kernel's threshold), which the log's flushes queued behind
+/// (docs/BENCHMARKS.md, sixth session). A refusal only leaves the pages to
+/// the fsync.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::io::AsRawFd;
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: the descriptor is open for the whole call (`file` is
+        // borrowed); SYNC_FILE_RANGE_WRITE only starts writeback of the range
+        unsafe {
+            libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
+}
+
 fn write_merge(
     path: &Path,
     plan: &MergePlan,
@@ -175,6 +201,7 @@ fn write_merge(
     let mut builder = RunFilterBuilder::new(ids_max);
     let mut fences = Vec::with_capacity((ids_max as usize).div_ceil(FENCE_EVERY));
     let mut written: u64 = 0;
+    let mut writeback_from: u64 = 0;
     let mut last: Option<u128> = None;
     loop {
         // the smallest next key of the inputs (a plain scan: at most MERGE_FANIN)
@@ -201,6 +228,12 @@ fn write_merge(
         out.write_all(&key.to_le_bytes()).map_err(io)?;
         builder.push(key);
         written += 1;
+        if written % WRITEBACK_KEYS == 0 {
+            out.flush().map_err(io)?;
+            let end = HEADER_BYTES + written * 16;
+            start_writeback(&file, writeback_from, end - writeback_from);
+            writeback_from = end;
+        }
     }
     let trailer = Trailer {
         filter: builder.finish(),
