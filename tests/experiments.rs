@@ -69,6 +69,15 @@ async fn post_all(node: &TestNode, events: &[Value]) {
     }
 }
 
+/// Posts `events` as one batch: a tick between two batches that held one
+/// variant each saw 1 000 of A and none of B, a sample-ratio mismatch at the
+/// first look, and signalled it before the guardrail (a flake under load).
+async fn post_together(node: &TestNode, events: &[Value]) {
+    let reply = node.post("demo-key", events).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["accepted"], events.len(), "{}", reply.body);
+}
+
 /// Waits (wall time: the engine ticks every 100 ms) until `GET /v1/signals`
 /// has `count` records after `since` (0: reads once).
 async fn signals_after(node: &TestNode, since: u64, count: usize) -> Vec<Value> {
@@ -116,7 +125,7 @@ async fn a_worse_treatment_is_stopped_once_with_exact_counts_and_no_second_signa
     events.extend(requests("b", "checkout-v2", Some("B"), 1_000, 200));
     events.extend(requests("c", "checkout-v2", Some("C"), 10, 10));
     events.extend(requests("x", "nobody", Some("A"), 10, 0));
-    post_all(&node, &events).await;
+    post_together(&node, &events).await;
 
     let signal = next_within(&mut socket, Duration::from_secs(20))
         .await
@@ -605,7 +614,7 @@ async fn the_example_controller_acts_on_each_signal_once_across_its_restarts() {
     node.clock.advance_ms(1_000);
     let mut events = requests("a", "checkout-v2", Some("A"), 1_000, 20);
     events.extend(requests("b", "checkout-v2", Some("B"), 1_000, 200));
-    post_all(&node, &events).await;
+    post_together(&node, &events).await;
     assert_eq!(signals_after(&node, 0, 1).await.len(), 1);
 
     let dir = tempfile::tempdir().unwrap();
