@@ -308,7 +308,7 @@ impl Node {
                     .map(|merged| merged.map(|merged| (dir, merged)))
             })
             .await
-            .map_err(|error| MergeError::Io(error.to_string()))?
+            .map_err(MergeError::Upkeep)?
             .map_err(MergeError::Io)?;
             let Some((dir, merged)) = merged else {
                 return Ok(false);
@@ -375,7 +375,7 @@ impl Node {
                 cover(plan, &cancelled)
             })
             .await
-            .map_err(|error| MergeError::Io(error.to_string()))?
+            .map_err(MergeError::Upkeep)?
             .map_err(MergeError::Io)?;
             let Some(summary) = summary else {
                 return Ok(false);
@@ -442,6 +442,8 @@ pub enum MergeError {
     Actors,
     #[error("de-dup merge failed: {0}")]
     Io(String),
+    #[error(transparent)]
+    Upkeep(#[from] crate::background::BackgroundError),
     #[error("the data directory has {free_bytes} bytes free, below storage.disk_free_bytes_min; merges wait")]
     DiskShort { free_bytes: u64 },
 }

@@ -720,9 +720,12 @@ impl Sim {
         let covered: Vec<u64> = plan.runs().iter().map(|run| run.meta.id).collect();
         let (summary, rebuilt) = match plan {
             CoverPlan::Extend { summary, runs } => {
-                if !cover_runs(&runs, &|| cancel, &mut |key| summary.insert(key))? {
+                // as the node does: one writer for the whole step
+                let writer = summary.writer();
+                if !cover_runs(&runs, &|| cancel, &mut |key| writer.insert(key))? {
                     return Ok(());
                 }
+                drop(writer);
                 (summary, false)
             }
             CoverPlan::Rebuild { ids_max, runs } => {

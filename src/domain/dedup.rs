@@ -268,7 +268,9 @@ impl SummaryFilter {
         self.blocks.len() * std::mem::size_of::<AtomicBlock>()
     }
 
-    /// Adds `key` (one writer at a time; see `writer`).
+    /// Adds `key` (one writer at a time; see `writer`): for tests, which
+    /// add a few keys at a time.
+    #[cfg(test)]
     pub fn insert(&self, key: u128) {
         self.writer().insert(key);
     }
