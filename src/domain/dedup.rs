@@ -57,26 +57,50 @@ pub struct RunMeta {
 }
 
 /// Ids moved out of the table at a snapshot, waiting to be written as a run:
-/// sorted keys, still answered from memory until the run is installed.
+/// the table itself, frozen, still answered from memory until the run is
+/// installed. Sorting its keys and building the run's filter is left to
+/// whoever writes the run, off the tenant's thread: done at the seal, they
+/// stopped the tenant's ingest for 110 to 150 ms each snapshot at full rate
+/// (docs/BENCHMARKS.md, "Soak, seventh session").
 #[derive(Debug)]
 pub struct SealedIds {
     pub meta: RunMeta,
-    pub keys: Vec<u128>,
-    /// Asked before the keys, and written with the run: a lookup in a million
-    /// sorted keys is twenty cache misses, and the sets are there for most of
-    /// a snapshot, which at full rate is most of the time.
-    pub filter: RunFilter,
+    table: IdTable,
 }
 
 impl SealedIds {
-    /// The set of `keys` (sorted).
+    /// The set of `keys` (any order), for tests.
+    #[cfg(test)]
     pub fn new(meta: RunMeta, keys: Vec<u128>) -> SealedIds {
-        let filter = RunFilter::build(&keys);
-        SealedIds { meta, keys, filter }
+        let mut table = IdTable::default();
+        for key in keys {
+            table.insert(key, meta.max_second);
+        }
+        SealedIds { meta, table }
     }
 
     pub fn contains(&self, key: u128) -> bool {
-        self.filter.maybe(key) && self.keys.binary_search(&key).is_ok()
+        self.table.contains_key(&key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// The keys in ascending order: a part holds the keys of one range of
+    /// top bits, so the parts sorted one by one, in turn, are sorted whole.
+    pub fn sorted_keys(&self) -> Vec<u128> {
+        let mut keys = Vec::with_capacity(self.table.len());
+        for part in &self.table.parts {
+            let start = keys.len();
+            keys.extend(part.keys().copied());
+            keys[start..].sort_unstable();
+        }
+        keys
     }
 }
 
@@ -577,17 +601,23 @@ impl IdTable {
         self.parts.iter().flat_map(|part| part.iter())
     }
 
-    /// Forgets every id but keeps each part's room for as many as it held:
-    /// at full rate the next period brings as many, and growing a part again
-    /// from nothing rehashed it at every doubling on the tenant's thread. A
-    /// tenant whose traffic falls gives the room back at the next clear.
-    fn clear(&mut self) {
-        for part in &mut self.parts {
-            let held = part.len();
-            part.clear();
-            part.shrink_to(held);
+    /// An empty table with room in each part for as many ids as this one's
+    /// holds: at full rate the next period brings as many, and growing a part
+    /// again from nothing rehashed it at every doubling on the tenant's
+    /// thread. A tenant whose traffic falls gets less room at the next seal.
+    fn with_room_of(&self) -> IdTable {
+        if self.parts.is_empty() {
+            return IdTable::default();
         }
-        self.len = 0;
+        let hasher = IdKeyHasherBuilder::default();
+        IdTable {
+            parts: self
+                .parts
+                .iter()
+                .map(|part| HashMap::with_capacity_and_hasher(part.len(), hasher))
+                .collect(),
+            len: 0,
+        }
     }
 }
 
@@ -728,7 +758,7 @@ impl DedupIndex {
 
     /// Ids in memory: the table and the sealed sets not yet on disk.
     pub fn ids_in_memory(&self) -> usize {
-        self.seconds_by_id.len() + self.sealed.iter().map(|set| set.keys.len()).sum::<usize>()
+        self.seconds_by_id.len() + self.sealed.iter().map(|set| set.len()).sum::<usize>()
     }
 
     /// The runs on disk, for a snapshot to list.
@@ -910,20 +940,19 @@ impl DedupIndex {
     /// this one included. Call after `expire`.
     pub fn seal(&mut self) -> Vec<Arc<SealedIds>> {
         if !self.seconds_by_id.is_empty() {
-            let mut keys: Vec<u128> = self.seconds_by_id.iter().map(|(key, _)| *key).collect();
-            keys.sort_unstable();
+            let room = self.seconds_by_id.with_room_of();
+            let table = std::mem::replace(&mut self.seconds_by_id, room);
             let max_second = self
                 .ids_by_second
                 .last_key_value()
                 .map_or(i64::MIN, |(second, _)| *second);
             let meta = RunMeta {
                 id: self.next_run_id,
-                ids: keys.len() as u64,
+                ids: table.len() as u64,
                 max_second,
             };
             self.next_run_id += 1;
-            self.sealed.push(Arc::new(SealedIds::new(meta, keys)));
-            self.seconds_by_id.clear();
+            self.sealed.push(Arc::new(SealedIds { meta, table }));
             self.ids_by_second = BTreeMap::new();
         }
         self.sealed.clone()
@@ -1305,26 +1334,56 @@ mod tests {
     }
 
     #[test]
-    fn a_cleared_table_forgets_every_id_and_keeps_its_room() {
+    fn a_new_table_has_the_room_of_the_old_and_none_of_its_ids() {
         let mut table = IdTable::default();
         let keys: Vec<u128> = (0..10_000u64).map(|n| id_key(&format!("k-{n}"))).collect();
         for (second, key) in keys.iter().enumerate() {
             assert_eq!(table.insert(*key, second as i64), None);
         }
-        let room: Vec<usize> = table.parts.iter().map(|part| part.capacity()).collect();
-        table.clear();
-        assert_eq!(table.len(), 0);
-        assert!(keys.iter().all(|key| !table.contains_key(key)));
-        let kept: Vec<usize> = table.parts.iter().map(|part| part.capacity()).collect();
-        assert_eq!(kept, room, "each part keeps room for what it held");
-        assert_eq!(table.insert(keys[3], 7), None);
-        assert_eq!(table.len(), 1);
-        table.clear();
-        table.clear();
+        let next = table.with_room_of();
+        assert_eq!(next.len(), 0);
+        assert!(keys.iter().all(|key| !next.contains_key(key)));
         assert!(
-            table.parts.iter().all(|part| part.capacity() <= 3),
-            "a part that held nothing gives its room back"
+            next.parts
+                .iter()
+                .zip(&table.parts)
+                .all(|(new, old)| new.capacity() >= old.len()),
+            "each part has room for what the old one held"
         );
+        let mut small = IdTable::default();
+        assert_eq!(small.insert(keys[3], 7), None);
+        let after_small = small.with_room_of();
+        assert_eq!(
+            after_small
+                .parts
+                .iter()
+                .map(|part| part.capacity())
+                .sum::<usize>(),
+            after_small
+                .parts
+                .iter()
+                .map(|part| part.capacity())
+                .max()
+                .unwrap_or(0),
+            "parts that held nothing get no room"
+        );
+        assert_eq!(IdTable::default().with_room_of().parts.len(), 0);
+    }
+
+    #[test]
+    fn a_sealed_set_gives_its_keys_sorted() {
+        let keys: Vec<u128> = (0..20_000u64).map(|n| id_key(&format!("s-{n}"))).collect();
+        let meta = RunMeta {
+            id: 1,
+            ids: keys.len() as u64,
+            max_second: 5,
+        };
+        let set = SealedIds::new(meta, keys.clone());
+        let mut expected = keys;
+        expected.sort_unstable();
+        assert_eq!(set.sorted_keys(), expected);
+        assert!(expected.iter().all(|key| set.contains(*key)));
+        assert!(!set.contains(id_key("elsewhere")));
     }
 
     #[test]
@@ -1342,11 +1401,12 @@ mod tests {
             Ok(Admission::Duplicate)
         );
         let set = &sealed[0];
+        let set_keys = set.sorted_keys();
         let keys = Arc::new(MemoryKeys {
-            keys: set.keys.clone(),
+            keys: set_keys.clone(),
             ..MemoryKeys::default()
         });
-        let run = Run::new(set.meta, RunFilter::build(&set.keys), keys.clone());
+        let run = Run::new(set.meta, RunFilter::build(&set_keys), keys.clone());
         index.install(run);
         assert_eq!(index.ids_in_memory(), 0);
         assert_eq!(index.runs(), vec![set.meta]);
@@ -1373,15 +1433,16 @@ mod tests {
                 .unwrap();
         }
         let set = index.seal().remove(0);
+        let set_keys = set.sorted_keys();
         let keys = Arc::new(MemoryKeys {
-            keys: set.keys.clone(),
+            keys: set_keys.clone(),
             ..MemoryKeys::default()
         });
-        let run = Run::new(set.meta, RunFilter::build(&set.keys), keys.clone());
+        let run = Run::new(set.meta, RunFilter::build(&set_keys), keys.clone());
         // an id the filter cannot rule out, though the run does not hold it
         let false_positive = (0..5_000_000)
             .map(|n| format!("outside-{n}"))
-            .find(|id| run.filter_maybe(id_key(id)) && set.keys.binary_search(&id_key(id)).is_err())
+            .find(|id| run.filter_maybe(id_key(id)) && set_keys.binary_search(&id_key(id)).is_err())
             .expect("a false positive among 5 M ids (rate about 1 in 1 000)");
         index.install(run);
         assert_eq!(

@@ -69,9 +69,10 @@ fn header(magic: &[u8; 8], meta: &RunMeta, filter_len: u64) -> [u8; 40] {
 
 /// Writes `set` as a run file in `dir`, durable before it returns.
 pub fn write_run(dir: &Path, set: &SealedIds) -> Result<Run, String> {
+    let keys = set.sorted_keys();
     let trailer = Trailer {
-        filter: set.filter.clone(),
-        fences: set.keys.iter().step_by(FENCE_EVERY).copied().collect(),
+        filter: RunFilter::build(&keys),
+        fences: keys.iter().step_by(FENCE_EVERY).copied().collect(),
     };
     let filter_bytes = bincode::serialize(&trailer).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -85,7 +86,7 @@ pub fn write_run(dir: &Path, set: &SealedIds) -> Result<Run, String> {
         let mut file = std::io::BufWriter::with_capacity(1 << 20, File::create(&temporary)?);
         file.write_all(&header)?;
         file.write_all(&crc.clone().finalize().to_le_bytes())?;
-        for key in &set.keys {
+        for key in &keys {
             file.write_all(&key.to_le_bytes())?;
         }
         file.write_all(&filter_bytes)?;
@@ -483,7 +484,7 @@ mod tests {
         let read = read_run(dir.path(), &set.meta).unwrap();
         for run in [&written, &read] {
             assert_eq!(run.meta, set.meta);
-            for key in &set.keys {
+            for key in &set.sorted_keys() {
                 assert!(run.contains(*key).unwrap());
             }
         }
@@ -512,7 +513,7 @@ mod tests {
         assert!(!cover_runs(&runs, &|| true, &mut insert).unwrap());
         assert!(cover_runs(&runs, &|| false, &mut insert).unwrap());
         for set in &sets {
-            assert!(set.keys.iter().all(|key| summary.maybe(*key)));
+            assert!(set.sorted_keys().iter().all(|key| summary.maybe(*key)));
         }
         // a run deleted meanwhile is still read whole through its open file;
         // a summary built anew takes plain writes
@@ -521,7 +522,7 @@ mod tests {
         assert!(cover_runs(&runs[1..2], &|| false, &mut |key| again
             .insert_unshared(key))
         .unwrap());
-        assert!(sets[1].keys.iter().all(|key| again.maybe(*key)));
+        assert!(sets[1].sorted_keys().iter().all(|key| again.maybe(*key)));
     }
 
     #[test]
@@ -533,14 +534,14 @@ mod tests {
             let mut set = sealed(id, 3_000 + id * 500);
             // a key shared by two inputs is written once
             if id == 2 {
-                let mut keys = set.keys.clone();
+                let mut keys = set.sorted_keys();
                 keys.push(inputs_first_key(&inputs));
                 keys.sort_unstable();
                 let mut meta = set.meta;
                 meta.ids += 1;
                 set = SealedIds::new(meta, keys);
             }
-            all.extend(&set.keys);
+            all.extend(set.sorted_keys());
             inputs.push(write_run(dir.path(), &set).unwrap());
         }
         all.sort_unstable();
@@ -585,7 +586,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let set = sealed(5, 2_000);
         let mut folded: Vec<u64> = set
-            .keys
+            .sorted_keys()
             .iter()
             .map(|key| crate::domain::dedup::fold_key(*key))
             .collect();
@@ -598,13 +599,16 @@ mod tests {
         crc.update(&filter_bytes);
         let mut bytes = head.to_vec();
         bytes.extend(crc.finalize().to_le_bytes());
-        for key in &set.keys {
+        for key in &set.sorted_keys() {
             bytes.extend(key.to_le_bytes());
         }
         bytes.extend(&filter_bytes);
         std::fs::write(run_path(dir.path(), 5), bytes).unwrap();
         let run = read_run(dir.path(), &set.meta).unwrap();
-        assert!(set.keys.iter().all(|key| run.contains(*key).unwrap()));
+        assert!(set
+            .sorted_keys()
+            .iter()
+            .all(|key| run.contains(*key).unwrap()));
         assert!(!run
             .contains(crate::domain::dedup::id_key("absent"))
             .unwrap());

@@ -257,8 +257,11 @@ pub fn write_sealed_runs(
             }
             Err(error) => {
                 tracing::warn!(tenant = %part.tenant, run = set.meta.id, %error, "de-dup run not written; its ids stay in the snapshot");
-                part.dedup
-                    .extend(set.keys.iter().map(|key| (*key, set.meta.max_second)));
+                part.dedup.extend(
+                    set.sorted_keys()
+                        .into_iter()
+                        .map(|key| (key, set.meta.max_second)),
+                );
             }
         }
     }
