@@ -1,6 +1,7 @@
 //! `soak`: one scenario (one tenant at full rate, on the shipped defaults) for
 //! a number of minutes, a table per minute (events/s, ack p99, the node's
-//! resident memory, the data directory's size), then the end checks: every
+//! resident memory, the data directory's size, and from the node's telemetry
+//! its snapshots and log flushes in that minute), then the end checks: every
 //! window equals what was acknowledged; `kill -9` and the time to ready again;
 //! the windows again; a batch of the first minute sent again must come back
 //! all `duplicate`; a graceful stop and its time.
@@ -38,8 +39,11 @@ pub async fn soak(
     scenario.check()?;
     let mut node = TallyTarget::start(tally, config, &scenario).await?;
     let mut total = Model::new(&scenario);
-    println!("| minute | events/s | ack p99 ms | retries | resident MiB | data dir MiB |");
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| minute | events/s | ack p99 ms | retries | resident MiB | data dir MiB | snapshots | snapshot ms | last snapshot MiB | log flush ms |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let mut work = node.storage_work().await?;
     for minute in 0..minutes {
         scenario.stream_offset = minute * scenario.connections;
         let (report, target) = drive(Target::Tally(node), scenario.clone(), Vec::new()).await?;
@@ -48,14 +52,21 @@ pub async fn soak(
             Target::Redis(_) => return Err("the soak drives tally".into()),
         };
         total.merge(&report.model);
+        let now = node.storage_work().await?;
+        let (snapshots, snapshot_ms, flush_ms) = now.since(&work);
+        work = now;
         println!(
-            "| {} | {:.0} | {:.1} | {} | {:.0} | {:.0} |",
+            "| {} | {:.0} | {:.1} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.2} |",
             minute + 1,
             report.events_per_s(),
             report.ack_latency_us.value_at_quantile(0.99) as f64 / 1000.0,
             report.retries,
             report.resident_mib,
             dir_bytes(&node.data_dir) as f64 / (1024.0 * 1024.0),
+            snapshots,
+            snapshot_ms,
+            now.snapshot_bytes / (1024.0 * 1024.0),
+            flush_ms,
         );
     }
     let windows = ["15m", "today"];

@@ -574,6 +574,45 @@ impl TallyTarget {
         Ok((resident, accepted, others))
     }
 
+    /// The node's storage work so far, from its own telemetry (no key: node
+    /// series are open): snapshots and log flushes, each a count and the
+    /// seconds they took in all, and the size of the last snapshot.
+    pub async fn storage_work(&self) -> Result<StorageWork, String> {
+        let text = self
+            .http
+            .get(format!("http://{}/metrics", self.base))
+            .send()
+            .await
+            .map_err(|e| format!("GET /metrics: {e}"))?
+            .text()
+            .await
+            .map_err(|e| format!("GET /metrics: {e}"))?;
+        let mut work = StorageWork::default();
+        for line in text.lines() {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            // the series name without its labels
+            let name = name.split('{').next().unwrap_or(name);
+            let snapshot = tally::telemetry::SNAPSHOT_SECONDS;
+            let flush = tally::telemetry::WAL_FLUSH_SECONDS;
+            match name.strip_suffix("_count").or(name.strip_suffix("_sum")) {
+                Some(base) if base == snapshot && name.ends_with("_count") => {
+                    work.snapshots += value
+                }
+                Some(base) if base == snapshot => work.snapshot_s += value,
+                Some(base) if base == flush && name.ends_with("_count") => work.flushes += value,
+                Some(base) if base == flush => work.flush_s += value,
+                _ if name == tally::telemetry::SNAPSHOT_BYTES => work.snapshot_bytes = value,
+                _ => {}
+            }
+        }
+        Ok(work)
+    }
+
     /// The first tenant's freshness histograms from `/metrics` (scraped with
     /// its key: tenant samples need one): per histogram, its count, mean and
     /// the bucket bounds its p50 and p99 fall in.
@@ -678,4 +717,35 @@ pub fn free_port() -> Result<u16, String> {
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
         .map_err(|e| format!("no free port: {e}"))
+}
+
+/// Counters of the node's storage work (`TallyTarget::storage_work`); the
+/// difference of two readings is the work between them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StorageWork {
+    pub snapshots: f64,
+    pub snapshot_s: f64,
+    pub snapshot_bytes: f64,
+    pub flushes: f64,
+    pub flush_s: f64,
+}
+
+impl StorageWork {
+    /// `(snapshots, mean ms a snapshot, mean ms a log flush)` since `earlier`.
+    pub fn since(&self, earlier: &StorageWork) -> (f64, f64, f64) {
+        let snapshots = self.snapshots - earlier.snapshots;
+        let flushes = self.flushes - earlier.flushes;
+        let mean_ms = |seconds: f64, count: f64| {
+            if count > 0.0 {
+                seconds * 1000.0 / count
+            } else {
+                0.0
+            }
+        };
+        (
+            snapshots,
+            mean_ms(self.snapshot_s - earlier.snapshot_s, snapshots),
+            mean_ms(self.flush_s - earlier.flush_s, flushes),
+        )
+    }
 }
