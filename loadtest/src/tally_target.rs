@@ -541,18 +541,25 @@ impl TallyTarget {
             .collect())
     }
 
-    /// The node's own telemetry: resident bytes, events accepted, and the
-    /// counts of every other outcome.
-    pub async fn telemetry(&self) -> Result<(f64, f64, Vec<String>), String> {
-        let text = self
-            .http
-            .get(format!("http://{}/metrics", self.base))
+    /// The text of `/metrics`, with `key` when given (tenant samples need one).
+    async fn scrape(&self, key: Option<&str>) -> Result<String, String> {
+        let mut request = self.http.get(format!("http://{}/metrics", self.base));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request
             .send()
             .await
             .map_err(|e| format!("GET /metrics: {e}"))?
             .text()
             .await
-            .map_err(|e| format!("GET /metrics: {e}"))?;
+            .map_err(|e| format!("GET /metrics: {e}"))
+    }
+
+    /// The node's own telemetry: resident bytes, events accepted, and the
+    /// counts of every other outcome.
+    pub async fn telemetry(&self) -> Result<(f64, f64, Vec<String>), String> {
+        let text = self.scrape(None).await?;
         let mut resident = 0.0;
         let mut accepted = 0.0;
         let mut others = Vec::new();
@@ -578,15 +585,7 @@ impl TallyTarget {
     /// series are open): snapshots and log flushes, each a count and the
     /// seconds they took in all, and the size of the last snapshot.
     pub async fn storage_work(&self) -> Result<StorageWork, String> {
-        let text = self
-            .http
-            .get(format!("http://{}/metrics", self.base))
-            .send()
-            .await
-            .map_err(|e| format!("GET /metrics: {e}"))?
-            .text()
-            .await
-            .map_err(|e| format!("GET /metrics: {e}"))?;
+        let text = self.scrape(None).await?;
         let mut work = StorageWork::default();
         for line in text.lines() {
             let Some((name, value)) = line.rsplit_once(' ') else {
@@ -618,16 +617,7 @@ impl TallyTarget {
     /// the bucket bounds its p50 and p99 fall in.
     pub async fn freshness(&self) -> Result<Vec<String>, String> {
         let tenant = Scenario::tenant_id(0);
-        let text = self
-            .http
-            .get(format!("http://{}/metrics", self.base))
-            .bearer_auth(Scenario::tenant_key(0))
-            .send()
-            .await
-            .map_err(|e| format!("GET /metrics: {e}"))?
-            .text()
-            .await
-            .map_err(|e| format!("GET /metrics: {e}"))?;
+        let text = self.scrape(Some(&Scenario::tenant_key(0))).await?;
         let mut lines = Vec::new();
         for (name, what) in [
             (
