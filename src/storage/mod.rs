@@ -363,6 +363,24 @@ pub fn named_key(tenant: &str, name: &str) -> Vec<u8> {
     key
 }
 
+/// Opens the store at `path` again in the same process: sled's flusher
+/// thread may hold the file lock a moment after the last handle is dropped
+/// (a restarted node is a new process, so only tests reopen like this).
+#[cfg(test)]
+pub(crate) fn reopen(path: &Path) -> Result<SledStore, StorageError> {
+    let mut opened = SledStore::open(path);
+    for _ in 0..100 {
+        match &opened {
+            Err(StorageError::Io(error)) if error.contains("could not acquire lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                opened = SledStore::open(path);
+            }
+            _ => break,
+        }
+    }
+    opened
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -378,18 +396,10 @@ mod tests {
             db.flush().unwrap();
         }
         assert_eq!(segment_bytes(dir.path()), SEGMENT_BYTES_SLED_DEFAULT);
-        // sled's flusher may hold the file lock a moment after the drop
-        let mut opened = SledStore::open(dir.path());
-        for _ in 0..100 {
-            match &opened {
-                Err(StorageError::Io(error)) if error.contains("could not acquire lock") => {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                    opened = SledStore::open(dir.path());
-                }
-                _ => break,
-            }
-        }
-        assert!(opened.is_ok(), "the old store opens with its own segment");
+        assert!(
+            reopen(dir.path()).is_ok(),
+            "the old store opens with its own segment"
+        );
         let fresh = tempfile::tempdir().unwrap();
         drop(SledStore::open(fresh.path()).unwrap());
         assert_eq!(segment_bytes(fresh.path()), SEGMENT_BYTES_NEW);
@@ -446,7 +456,7 @@ mod tests {
                 .unwrap();
             store.flush().unwrap();
         }
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = reopen(dir.path()).unwrap();
         let mut seen = Vec::new();
         store
             .scan(Space::Wal, &[], &mut |key, value| {

@@ -117,7 +117,7 @@ mod tests {
             store.apply(&ops).unwrap();
             store.flush().unwrap();
         }
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = super::super::reopen(dir.path()).unwrap();
         assert_eq!(next_seq(&store, "demo", Topic::Alerts).unwrap(), 301);
         assert_eq!(next_seq(&store, "demo", Topic::Signals).unwrap(), 2);
         assert_eq!(next_seq(&store, "demo-2", Topic::Alerts).unwrap(), 2);
