@@ -586,6 +586,11 @@ impl TallyTarget {
     /// seconds they took in all, and the size of the last snapshot.
     pub async fn storage_work(&self) -> Result<StorageWork, String> {
         let text = self.scrape(None).await?;
+        let snapshot = tally::telemetry::SNAPSHOT_SECONDS;
+        let flush = tally::telemetry::WAL_FLUSH_SECONDS;
+        let (snapshot_count, snapshot_sum) =
+            (format!("{snapshot}_count"), format!("{snapshot}_sum"));
+        let (flush_count, flush_sum) = (format!("{flush}_count"), format!("{flush}_sum"));
         let mut work = StorageWork::default();
         for line in text.lines() {
             let Some((name, value)) = line.rsplit_once(' ') else {
@@ -596,17 +601,16 @@ impl TallyTarget {
             };
             // the series name without its labels
             let name = name.split('{').next().unwrap_or(name);
-            let snapshot = tally::telemetry::SNAPSHOT_SECONDS;
-            let flush = tally::telemetry::WAL_FLUSH_SECONDS;
-            match name.strip_suffix("_count").or(name.strip_suffix("_sum")) {
-                Some(base) if base == snapshot && name.ends_with("_count") => {
-                    work.snapshots += value
-                }
-                Some(base) if base == snapshot => work.snapshot_s += value,
-                Some(base) if base == flush && name.ends_with("_count") => work.flushes += value,
-                Some(base) if base == flush => work.flush_s += value,
-                _ if name == tally::telemetry::SNAPSHOT_BYTES => work.snapshot_bytes = value,
-                _ => {}
+            if name == snapshot_count {
+                work.snapshots += value;
+            } else if name == snapshot_sum {
+                work.snapshot_s += value;
+            } else if name == flush_count {
+                work.flushes += value;
+            } else if name == flush_sum {
+                work.flush_s += value;
+            } else if name == tally::telemetry::SNAPSHOT_BYTES {
+                work.snapshot_bytes = value;
             }
         }
         Ok(work)

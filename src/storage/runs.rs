@@ -462,10 +462,9 @@ mod tests {
     use crate::domain::dedup::SummaryFilter;
 
     fn sealed(id: u64, count: u64) -> SealedIds {
-        let mut keys: Vec<u128> = (0..count)
+        let keys: Vec<u128> = (0..count)
             .map(|n| crate::domain::dedup::id_key(&format!("run-{id}-{n}")))
             .collect();
-        keys.sort_unstable();
         SealedIds::new(
             RunMeta {
                 id,
@@ -536,7 +535,6 @@ mod tests {
             if id == 2 {
                 let mut keys = set.sorted_keys();
                 keys.push(inputs_first_key(&inputs));
-                keys.sort_unstable();
                 let mut meta = set.meta;
                 meta.ids += 1;
                 set = SealedIds::new(meta, keys);
