@@ -200,6 +200,8 @@ pub async fn start_with_store(
         skipped_records = report.records_skipped.len(),
         skipped_snapshots = report.snapshots_skipped.len(),
         quarantined = report.quarantined_loaded,
+        snapshot_ms = report.snapshot_ms,
+        replay_ms = report.replay_ms,
         duration_ms = report.duration_ms,
         "recovered"
     );

@@ -343,7 +343,7 @@ impl Engine {
         assert_eq!(restored, snapshot);
         let mut dedup = DedupIndex::new(HORIZON_S, 1_000_000);
         for (key, second) in restored.dedup {
-            dedup.remember(key, second).unwrap();
+            dedup.remember_accepted(key, second).unwrap();
         }
         self.core = tenant_core(Arc::clone(self.core.context()), dedup, now_ms);
         self.metrics = catalogue

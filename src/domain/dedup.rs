@@ -970,11 +970,6 @@ impl DedupIndex {
         }
     }
 
-    /// True when `key` is remembered anywhere.
-    fn known(&self, key: u128) -> Result<bool, DedupError> {
-        self.known_except(key, &[])
-    }
-
     /// True when `key` is remembered anywhere but in the runs `checked`
     /// (which said no already).
     fn known_except(&self, key: u128, checked: &[u64]) -> Result<bool, DedupError> {
@@ -1063,11 +1058,29 @@ impl DedupIndex {
         entries
     }
 
-    /// Remembers an id that was accepted before (recovery), without judging it
-    /// or counting it against the cap. False when it was remembered already.
-    pub fn remember(&mut self, key: u128, ts_s: i64) -> Result<bool, DedupError> {
-        if self.known(key)? {
+    /// Remembers an id of a record that was accepted before (recovery: the
+    /// ids of the snapshot's table, then of the log records past its
+    /// position), without judging it or counting it against the cap. False
+    /// when it is remembered already (a record the log holds twice).
+    ///
+    /// Only runs whose latest second is at or after the id's are asked. Such
+    /// an id was accepted live once every run the snapshot lists was sealed,
+    /// and so found in none of them; or its record is a copy of one accepted
+    /// earlier, which put this very id at this very second into the run that
+    /// holds it, so that run's latest second is not before it. (An id cannot
+    /// sit in a run at an earlier second: to be accepted again the earlier
+    /// one must have expired, and then this one, later, would have expired
+    /// with it or been `late`.) Asking every run's filter for every replayed
+    /// id, with no summary built yet at start, made a restart slower with
+    /// each run (docs/durability.md, "De-duplication runs").
+    pub fn remember_accepted(&mut self, key: u128, ts_s: i64) -> Result<bool, DedupError> {
+        if self.known_in_memory(key) {
             return Ok(false);
+        }
+        for run in &self.runs {
+            if run.meta.max_second >= ts_s && run.contains(key)? {
+                return Ok(false);
+            }
         }
         self.seconds_by_id.insert(key, ts_s);
         self.ids_by_second.entry(ts_s).or_default().push(key);
@@ -1456,6 +1469,39 @@ mod tests {
         );
     }
 
+    #[test]
+    fn replay_asks_only_the_runs_an_id_could_be_in() {
+        let t = NOW_MS / 1000;
+        let keys = sorted_keys("replayed", 1_000);
+        let run_keys = Arc::new(MemoryKeys {
+            keys: keys.clone(),
+            ..MemoryKeys::default()
+        });
+        let filter = RunFilter::build(&keys);
+        let meta = RunMeta {
+            id: 1,
+            ids: keys.len() as u64,
+            max_second: t,
+        };
+        let mut index = DedupIndex::new(86_400, 1_000);
+        index.add_run(Run::new(
+            meta,
+            filter,
+            Arc::clone(&run_keys) as Arc<dyn RunKeys>,
+        ));
+        let lookups = || run_keys.lookups.load(std::sync::atomic::Ordering::SeqCst);
+        // a record written again: its ids at their own seconds are in the run
+        assert_eq!(index.remember_accepted(keys[0], t), Ok(false));
+        assert_eq!(index.remember_accepted(keys[1], t - 60), Ok(false));
+        assert_eq!(lookups(), 2);
+        // a later second than the run's latest: the run is not asked
+        assert_eq!(index.remember_accepted(keys[2], t + 1), Ok(true));
+        assert_eq!(lookups(), 2);
+        // and the table is, whatever the second
+        assert_eq!(index.remember_accepted(keys[2], t + 1), Ok(false));
+        assert_eq!(index.len(), 1);
+    }
+
     fn memory_run(id: u64, keys: Vec<u128>, max_second: i64) -> Run {
         let meta = RunMeta {
             id,
@@ -1553,7 +1599,7 @@ mod tests {
         assert_eq!(index.plan_merge().map(|plan| plan.id), None);
         // every id of the merged runs is still a duplicate
         for key in sorted_keys("r4", 40) {
-            assert!(index.known(key).unwrap());
+            assert!(index.known_except(key, &[]).unwrap());
         }
         // the next sealed set takes a fresh id
         index.admit("fresh", t * 1000, t * 1000, DAY).unwrap();

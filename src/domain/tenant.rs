@@ -577,7 +577,8 @@ impl TenantCore {
     /// Ids expire as they did when the record was decided; an id still
     /// remembered (from the snapshot or an earlier record) is not counted
     /// again, whatever the log holds; the ids cap does not apply to what was
-    /// acknowledged.
+    /// acknowledged. Only the runs an id could be in are asked
+    /// (`DedupIndex::remember_accepted`).
     pub fn replay(
         &mut self,
         record_now_ms: i64,
@@ -591,7 +592,7 @@ impl TenantCore {
         for event in events {
             let new = self
                 .dedup
-                .remember(id_key(&event.id), second_of_ms(event.ts_ms))
+                .remember_accepted(id_key(&event.id), second_of_ms(event.ts_ms))
                 .map_err(|error| self.dedup_error(error))?;
             if new {
                 counted.push(event);

@@ -58,6 +58,10 @@ pub struct RecoveryReport {
     pub records_replayed: u64,
     pub records_skipped: Vec<(u64, String)>,
     pub quarantined_loaded: u64,
+    /// Reading the snapshot and the runs it lists.
+    pub snapshot_ms: u64,
+    /// Replaying the log past the snapshot.
+    pub replay_ms: u64,
     pub duration_ms: u64,
 }
 
@@ -157,6 +161,7 @@ pub fn recover(
         }
     }
 
+    report.snapshot_ms = started.elapsed_ms();
     let mut tenants = HashMap::new();
     let mut positions: HashMap<String, u64> = HashMap::new();
     for context in contexts {
@@ -185,7 +190,7 @@ pub fn recover(
             }
             for &(key, second) in &part.dedup {
                 dedup
-                    .remember(key, second)
+                    .remember_accepted(key, second)
                     .map_err(|error| StorageError::Io(format!("tenant {tenant_id}: {error}")))?;
             }
             for (index, def) in catalogue.metrics().iter().enumerate() {
@@ -258,6 +263,7 @@ pub fn recover(
         }
     }
 
+    let replay_started = Stopwatch::start();
     // Replay the log after the lowest position; each record only for a tenant
     // whose position it is past.
     let mut next_lsn = positions.values().copied().max().unwrap_or(0) + 1;
@@ -326,6 +332,8 @@ pub fn recover(
     if let Some(last) = store.last_key(Space::Wal)?.as_deref().and_then(key_lsn) {
         next_lsn = next_lsn.max(last + 1);
     }
+
+    report.replay_ms = replay_started.elapsed_ms();
 
     // The quarantine: keys are tenant, a 0 byte, then the qid.
     let mut quarantined = Vec::new();
