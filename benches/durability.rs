@@ -21,7 +21,7 @@ use tally::domain::metric::MetricState;
 use tally::domain::time::second_of_ms;
 use tally::storage::envelope::{encode, RecordKind};
 use tally::storage::recovery::{recover, series_settings};
-use tally::storage::snapshot::{snapshot_ops, TenantSnapshot, WalBatchRef};
+use tally::storage::snapshot::{snapshot_ops, HistoryBook, TenantSnapshot, WalBatchRef};
 use tally::storage::{lsn_key, Op, SledStore, Space, Store};
 
 const TENANTS: usize = 50;
@@ -106,7 +106,11 @@ fn build_recovery_fixture(dir: &std::path::Path, now_ms: i64) -> Config {
         });
     }
     store
-        .apply(&snapshot_ops(1, now_ms, &mut parts, 1 << 30).unwrap())
+        .apply(
+            &snapshot_ops(1, now_ms, &mut parts, 1 << 30, &HistoryBook::default())
+                .unwrap()
+                .0,
+        )
         .unwrap();
     // 10 s of log after the snapshot, 1 000-event batches, round-robin tenants
     let records = LOG_EVENTS_PER_S * LOG_SECONDS / BATCH;

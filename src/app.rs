@@ -27,6 +27,7 @@ use crate::read::feed::TenantFeed;
 use crate::registry::TenantMap;
 use crate::storage::commit::{Committer, FlushMode};
 use crate::storage::recovery::{recover, Recovered, RecoveryReport};
+use crate::storage::snapshot::HistoryBook;
 use crate::storage::{SharedStore, SledStore, StorageError};
 
 #[derive(Debug, thiserror::Error)]
@@ -346,7 +347,7 @@ pub async fn start_with_store(
         keys_changed: watch::channel(0).0,
         audit,
         next_snapshot_id: AtomicU64::new(next_snapshot_id),
-        snapshot_lock: Mutex::new(()),
+        snapshot_lock: Mutex::new(HistoryBook::default()),
         merging: Mutex::new(0),
         covering: Mutex::new(0),
         ready: AtomicBool::new(false),

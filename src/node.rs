@@ -23,7 +23,9 @@ use crate::domain::dedup::{CoverPlan, SummaryFilter};
 use crate::read::feed::TenantFeed;
 use crate::registry::TenantMap;
 use crate::storage::commit::Committer;
-use crate::storage::snapshot::{delete_unlisted_runs, prune_ops, snapshot_ops, write_sealed_runs};
+use crate::storage::snapshot::{
+    delete_unlisted_runs, prune_ops, snapshot_ops, write_sealed_runs, HistoryBook,
+};
 use crate::storage::{SharedStore, StorageError};
 
 /// What every request handler shares.
@@ -72,8 +74,9 @@ pub struct Node {
     pub live_sessions: Arc<Semaphore>,
     pub(crate) next_snapshot_id: AtomicU64,
     /// One snapshot at a time (the periodic one and the final one); a merge
-    /// commits under it too.
-    pub(crate) snapshot_lock: Mutex<()>,
+    /// commits under it too. Holds what the history chunks of the last
+    /// durable snapshot say, so that the next writes only those that changed.
+    pub(crate) snapshot_lock: Mutex<HistoryBook>,
     /// One merge at a time (two could plan the same runs); holds where the
     /// next merge looks first (`merge_runs_once`).
     pub(crate) merging: Mutex<usize>,
@@ -173,7 +176,7 @@ impl Node {
     /// tenants' exports are collected from the actors; encoding and writing
     /// happen here, off the actor threads.
     pub async fn take_snapshot(&self) -> Result<SnapshotReport, SnapshotError> {
-        let _one_at_a_time = self.snapshot_lock.lock().await;
+        let mut history = self.snapshot_lock.lock().await;
         if let Some(free_bytes) = self.disk_short() {
             return Err(SnapshotError::DiskShort { free_bytes });
         }
@@ -194,7 +197,8 @@ impl Node {
         let record_bytes_max = self.config.storage.record_bytes_max;
         let data_dir = self.config.storage.data_dir.clone();
         // the sealed ids become runs, durable before the manifest lists them
-        let (ops, installs) = tokio::task::spawn_blocking(move || {
+        let book = history.clone();
+        let (ops, next_book, installs) = tokio::task::spawn_blocking(move || {
             let mut parts = Vec::with_capacity(taken.len());
             let mut installs = Vec::with_capacity(taken.len());
             for (mut part, sealed) in taken {
@@ -202,7 +206,8 @@ impl Node {
                 installs.push((part.tenant.clone(), runs));
                 parts.push(part);
             }
-            snapshot_ops(id, created_ms, &mut parts, record_bytes_max).map(|ops| (ops, installs))
+            snapshot_ops(id, created_ms, &mut parts, record_bytes_max, &book)
+                .map(|(ops, next_book)| (ops, next_book, installs))
         })
         .await
         .map_err(|_| SnapshotError::Actors)?
@@ -218,6 +223,8 @@ impl Node {
             .commit(ops)
             .await
             .map_err(SnapshotError::Storage)?;
+        // durable: the next snapshot lists the chunks this one wrote or listed
+        *history = next_book;
         let store = Arc::clone(&self.store);
         let keep = self.config.storage.snapshots_kept;
         let prune = tokio::task::spawn_blocking(move || prune_ops(&*store, keep, record_bytes_max))

@@ -12,7 +12,9 @@ use serde_json::{json, Value};
 
 use common::{order, start_node, start_node_in, TestNode, T0_MS};
 use tally::storage::envelope::{decode, encode, RecordKind};
-use tally::storage::snapshot::{manifest_key, part_key, snapshot_ids, SnapshotManifest};
+use tally::storage::snapshot::{
+    history_key, manifest_key, part_key, snapshot_ids, SnapshotManifest,
+};
 use tally::storage::{key_lsn, read_value, Op, SledStore, Space, Store};
 
 async fn windows(node: &TestNode) -> Value {
@@ -606,5 +608,103 @@ async fn ids_spill_into_runs_survive_restarts_and_are_still_recognized() {
         windows(&node).await["metrics"]["orders"]["windows"]["today"]["value"],
         4_600
     );
+    node.stop().await;
+}
+
+/// Each history chunk's first second and the snapshot that wrote it, by
+/// metric (the keys of `Space::History`).
+fn history_chunks(store: &dyn Store) -> Vec<(String, i64, u64)> {
+    let mut chunks = Vec::new();
+    store
+        .scan(Space::History, &[], &mut |key, _| {
+            let (head, tail) = key.split_at(key.len() - 16);
+            let mut names = head.split(|byte| *byte == 0);
+            let (Some(b"demo"), Some(metric)) = (names.next(), names.next()) else {
+                panic!("a history key starts with its tenant and metric");
+            };
+            let start_s = (u64::from_be_bytes(tail[..8].try_into().unwrap()) ^ (1 << 63)) as i64;
+            let written_by = u64::from_be_bytes(tail[8..].try_into().unwrap());
+            chunks.push((
+                String::from_utf8_lossy(metric).into_owned(),
+                start_s,
+                written_by,
+            ));
+            true
+        })
+        .unwrap();
+    chunks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_write_only_the_history_that_changed() {
+    let node = start_node(|config| config.storage.snapshots_kept = 2).await;
+    let running = node.running.as_ref().unwrap();
+    let store = Arc::clone(&running.node.store);
+    let minute_s = |ts_ms: i64| ts_ms.div_euclid(60_000) * 60;
+    let (old_s, now_s) = (minute_s(T0_MS - 180_000), minute_s(T0_MS));
+    node.post(
+        "demo-key",
+        &[order("a", 100, T0_MS - 180_000), order("b", 20, T0_MS)],
+    )
+    .await;
+    running.node.take_snapshot().await.unwrap();
+    let first = history_chunks(&*store);
+    let gmv: Vec<_> = first.iter().filter(|chunk| chunk.0 == "gmv").collect();
+    assert_eq!(
+        gmv,
+        [
+            &("gmv".to_string(), old_s, 1),
+            &("gmv".to_string(), now_s, 1)
+        ]
+    );
+
+    // two more snapshots, each after an order of this minute: the minute three
+    // back is listed again, never written again; snapshot 1 is pruned, and so
+    // is its version of this minute
+    for (round, id) in [("c", 2), ("d", 3)] {
+        node.post("demo-key", &[order(round, 5, T0_MS)]).await;
+        let report = running.node.take_snapshot().await.unwrap();
+        assert_eq!(report.id, id);
+    }
+    let gmv: Vec<(i64, u64)> = history_chunks(&*store)
+        .into_iter()
+        .filter(|chunk| chunk.0 == "gmv")
+        .map(|(_, start_s, written_by)| (start_s, written_by))
+        .collect();
+    assert_eq!(gmv, [(old_s, 1), (now_s, 2), (now_s, 3)]);
+
+    // snapshot 4 with a chunk of its own gone: recovery falls back to 3 and
+    // replays the order after it
+    node.post("demo-key", &[order("e", 7, T0_MS)]).await;
+    running.node.take_snapshot().await.unwrap();
+    let before = windows(&node).await;
+    assert_eq!(before["metrics"]["gmv"]["windows"]["today"]["value"], 137);
+    // the store closes with the node
+    drop(store);
+    let stopped = node.halt_keeping_data().await;
+    with_store(stopped.data.path(), |store| {
+        let lost: Vec<Op> = history_chunks(store)
+            .into_iter()
+            .filter(|chunk| chunk.0 == "gmv" && chunk.2 == 4)
+            .map(|(metric, start_s, written_by)| Op::Remove {
+                space: Space::History,
+                key: history_key("demo", &metric, start_s, written_by),
+            })
+            .collect();
+        assert_eq!(lost.len(), 1);
+        store.apply(&lost).unwrap();
+    });
+    let node = start_node_in(stopped.data, stopped.clock, |_| {}).await;
+    let report = node.recovery().clone();
+    assert_eq!(report.snapshot_id, Some(3));
+    assert!(
+        report.snapshots_skipped[0]
+            .1
+            .contains("history of metric gmv"),
+        "{:?}",
+        report.snapshots_skipped
+    );
+    assert_eq!(report.records_replayed, 1);
+    assert_eq!(windows(&node).await, before);
     node.stop().await;
 }

@@ -40,7 +40,8 @@ use tally::domain::window::{SlidingTally, Tally};
 use tally::storage::recovery::{recover, series_settings};
 use tally::storage::runs::{commit_merge, cover_runs, merge_runs, runs_dir};
 use tally::storage::snapshot::{
-    delete_unlisted_runs, plan_ops, prune_ops, snapshot_ops, write_sealed_runs, TenantSnapshot,
+    delete_unlisted_runs, plan_ops, prune_ops, snapshot_ops, write_sealed_runs, HistoryBook,
+    TenantSnapshot,
 };
 use tally::storage::{key_lsn, lsn_key, Op, Space, StorageError, Store};
 
@@ -177,6 +178,8 @@ struct Node {
     metrics_now_ms: i64,
     next_lsn: AtomicU64,
     next_snapshot_id: u64,
+    /// The history chunks of the last durable snapshot (`HistoryBook`).
+    history: HistoryBook,
     /// Submitted, waiting for the flush (the committer's queue).
     queued: Vec<(InFlightTicket, Vec<Op>)>,
     /// Durable, waiting to be applied.
@@ -295,6 +298,7 @@ impl Sim {
             metrics: tenant.metrics,
             next_lsn: AtomicU64::new(recovered.next_lsn),
             next_snapshot_id: recovered.next_snapshot_id,
+            history: HistoryBook::default(),
             queued: Vec::new(),
             durable: Vec::new(),
             replying: Vec::new(),
@@ -662,8 +666,14 @@ impl Sim {
         let id = self.node.next_snapshot_id;
         self.node.next_snapshot_id += 1;
         let record_bytes_max = self.config.storage.record_bytes_max;
-        let ops = snapshot_ops(id, self.now_ms, &mut [part], record_bytes_max)
-            .map_err(|error| error.to_string())?;
+        let (ops, next_book) = snapshot_ops(
+            id,
+            self.now_ms,
+            &mut [part],
+            record_bytes_max,
+            &self.node.history,
+        )
+        .map_err(|error| error.to_string())?;
         if self.rng.chance(5) {
             // the flush fails before the manifest is durable
             self.faults += 1;
@@ -672,6 +682,7 @@ impl Sim {
             return self.crash();
         }
         self.store.persist(&ops);
+        self.node.history = next_book;
         let prune = prune_ops(&*self.store, 2, record_bytes_max).map_err(|e| e.to_string())?;
         self.store.persist(&prune);
         for run in runs {

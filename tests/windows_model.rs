@@ -26,8 +26,11 @@ use tally::domain::quarantine::QuarantineStore;
 use tally::domain::tenant::{EventOutcome, TenantContext, TenantCore};
 use tally::domain::window::{SlidingTally, Tally};
 use tally::storage::envelope::{decode, encode, RecordKind};
-use tally::storage::snapshot::{decode_part, snapshot_ops, TenantSnapshot};
-use tally::storage::Op;
+use tally::storage::snapshot::{
+    decode_history_chunk, decode_part, history_key, join_history, part_key, snapshot_ops,
+    HistoryBook, TenantSnapshot,
+};
+use tally::storage::{Op, Space};
 
 const SKEW_MS: i64 = 300_000;
 const HORIZON_S: i64 = 7_200;
@@ -331,11 +334,32 @@ impl Engine {
         };
         // as a snapshot stores it (windows as differences) and reads it back:
         // exactly the part it was, and as the shape before still reads
-        let ops = snapshot_ops(1, now_ms, &mut [snapshot.clone()], 1 << 30).unwrap();
-        let Some(Op::Put { value, .. }) = ops.first() else {
-            panic!("a snapshot writes its part first");
+        let mut parts = [snapshot.clone()];
+        let (ops, _) =
+            snapshot_ops(1, now_ms, &mut parts, 1 << 30, &HistoryBook::default()).unwrap();
+        assert_eq!(parts[0], snapshot, "the parts are given back as they were");
+        let value_at = |space: Space, key: &[u8]| {
+            ops.iter().find_map(|op| match op {
+                Op::Put {
+                    space: at,
+                    key: put,
+                    value,
+                } if *at == space && put == key => Some(value.clone()),
+                _ => None,
+            })
         };
-        let restored = decode_part(value, 1 << 30).unwrap();
+        let part = value_at(Space::Snapshot, &part_key(1, "t")).expect("the part is written");
+        let (mut restored, history) = decode_part(&part, 1 << 30).unwrap();
+        for chunk in &history {
+            let key = history_key("t", &chunk.metric, chunk.start_s, chunk.written_by);
+            let bytes = value_at(Space::History, &key).expect("every chunk listed is written");
+            let (_, metric) = restored
+                .metrics
+                .iter_mut()
+                .find(|(name, _)| *name == chunk.metric)
+                .unwrap();
+            join_history(metric, decode_history_chunk(&bytes, 1 << 30).unwrap());
+        }
         assert_eq!(restored, snapshot);
         let bytes = encode(RecordKind::SnapshotPartRuns, &snapshot).unwrap();
         let restored: TenantSnapshot =

@@ -128,7 +128,8 @@ impl TallyTarget {
                 "TALLY_LIVE__SESSIONS_PER_TENANT_MAX".to_string(),
                 (scenario.ws_clients + 10).to_string(),
             ),
-            ("RUST_LOG".to_string(), "warn".to_string()),
+            // warnings, and the start's lines (what recovery took, by phase)
+            ("RUST_LOG".to_string(), "warn,tally::app=info".to_string()),
         ];
         for (key, value) in &scenario.node_env {
             env.push((key.clone(), value.clone()));

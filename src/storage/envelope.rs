@@ -43,6 +43,12 @@ pub enum RecordKind {
     /// mostly one byte each as varints): a part is mostly histogram slices,
     /// and it is written again at every snapshot.
     SnapshotPartDeltas = 11,
+    /// A `SnapshotPartDeltas` whose windows hold no seconds: their history
+    /// is in chunks of its own (`HistoryChunk`), which the part lists and
+    /// which a later snapshot lists again while they stay the same.
+    SnapshotPartHistory = 12,
+    /// One metric's windows over one minute (`snapshot::HistoryChunk`).
+    HistoryChunk = 13,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

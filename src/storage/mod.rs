@@ -36,6 +36,9 @@ pub enum Space {
     Meta,
     /// The audit trail, keyed by seq (big-endian u64; `audit`).
     Audit,
+    /// The windows' history in chunks of a minute, keyed by tenant, metric,
+    /// first second and the snapshot that wrote it (`snapshot::history_key`).
+    History,
 }
 
 impl Space {
@@ -49,6 +52,7 @@ impl Space {
             Space::Outbox => "outbox",
             Space::Meta => "meta",
             Space::Audit => "audit",
+            Space::History => "history",
         }
     }
 }
@@ -93,7 +97,7 @@ pub type SharedStore = Arc<dyn Store>;
 /// sled 0.34.7, one tree per space.
 pub struct SledStore {
     db: sled::Db,
-    trees: [sled::Tree; 8],
+    trees: [sled::Tree; 9],
 }
 
 fn io(error: sled::Error) -> StorageError {
@@ -123,6 +127,7 @@ impl SledStore {
             db.open_tree(Space::Outbox.tree_name()).map_err(io)?,
             db.open_tree(Space::Meta.tree_name()).map_err(io)?,
             db.open_tree(Space::Audit.tree_name()).map_err(io)?,
+            db.open_tree(Space::History.tree_name()).map_err(io)?,
         ];
         Ok(SledStore { db, trees })
     }
@@ -137,6 +142,7 @@ impl SledStore {
             Space::Outbox => &self.trees[5],
             Space::Meta => &self.trees[6],
             Space::Audit => &self.trees[7],
+            Space::History => &self.trees[8],
         }
     }
 }

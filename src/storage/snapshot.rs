@@ -11,8 +11,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::domain::dedup::{Run, RunMeta, SealedIds};
 use crate::domain::event::ValidEvent;
+use crate::domain::histogram::HistogramExport;
 use crate::domain::metric::{MetricExport, SeriesExport, VariantSetExport};
 use crate::domain::tenant::{Plan, QuarantineWrite};
+use crate::domain::window::CounterExport;
 
 use super::envelope::{decode, encode, encode_within, EnvelopeError, RecordKind};
 use super::{
@@ -109,6 +111,33 @@ pub struct TenantSnapshot {
     pub experiments: Vec<(String, Vec<VariantSetExport>)>,
 }
 
+/// A part as `RecordKind::SnapshotPartHistory` stores it: the windows hold
+/// heads and today only, their seconds are in the chunks `history` lists.
+#[derive(Serialize)]
+struct StoredPartRef<'a> {
+    tenant: &'a str,
+    position_lsn: u64,
+    now_ms: i64,
+    dedup: &'a [(u128, i64)],
+    metrics: &'a [(String, MetricExport)],
+    runs: &'a [RunMeta],
+    experiments: &'a [(String, Vec<VariantSetExport>)],
+    history: &'a [HistoryRef],
+}
+
+/// `StoredPartRef`, read back.
+#[derive(Deserialize)]
+struct StoredPart {
+    tenant: String,
+    position_lsn: u64,
+    now_ms: i64,
+    dedup: Vec<(u128, i64)>,
+    metrics: Vec<(String, MetricExport)>,
+    runs: Vec<RunMeta>,
+    experiments: Vec<(String, Vec<VariantSetExport>)>,
+    history: Vec<HistoryRef>,
+}
+
 /// The part's shape before experiments (`RecordKind::SnapshotPartRuns`).
 #[derive(Deserialize)]
 struct TenantSnapshotWithoutExperiments {
@@ -135,6 +164,29 @@ struct TenantSnapshotWithoutRuns {
 /// and each slice's and today's histogram values, from the one before.
 /// Wrapping arithmetic, so that going back is exact whatever the order.
 fn deltas(part: &mut TenantSnapshot, forward: bool) {
+    for (_, metric) in &mut part.metrics {
+        metric_deltas(metric, forward);
+    }
+    for (_, sets) in &mut part.experiments {
+        for set in sets {
+            for export in &mut set.windows {
+                series_deltas(export, forward);
+            }
+        }
+    }
+}
+
+/// `deltas` for one metric (a part's, or a history chunk's).
+fn metric_deltas(metric: &mut MetricExport, forward: bool) {
+    series_deltas(&mut metric.total, forward);
+    for (_, breakdown) in &mut metric.breakdowns {
+        for (_, export) in breakdown {
+            series_deltas(export, forward);
+        }
+    }
+}
+
+fn series_deltas(export: &mut SeriesExport, forward: bool) {
     fn seconds<T>(items: &mut [T], second: impl Fn(&mut T) -> &mut i64, forward: bool) {
         let mut previous = 0i64;
         for item in items {
@@ -162,39 +214,229 @@ fn deltas(part: &mut TenantSnapshot, forward: bool) {
             }
         }
     }
-    fn series(export: &mut SeriesExport, forward: bool) {
-        match export {
-            SeriesExport::Counter(counter) => {
-                seconds(&mut counter.buckets, |bucket| &mut bucket.0, forward);
+    match export {
+        SeriesExport::Counter(counter) => {
+            seconds(&mut counter.buckets, |bucket| &mut bucket.0, forward);
+        }
+        SeriesExport::Histogram(histogram) => {
+            seconds(&mut histogram.slices, |slice| &mut slice.0, forward);
+            for (_, slice) in &mut histogram.slices {
+                values(slice, forward);
             }
-            SeriesExport::Histogram(histogram) => {
-                seconds(&mut histogram.slices, |slice| &mut slice.0, forward);
-                for (_, slice) in &mut histogram.slices {
-                    values(slice, forward);
+            values(&mut histogram.today, forward);
+        }
+    }
+}
+
+/// Seconds of windows history one chunk holds (`Space::History`).
+pub const HISTORY_CHUNK_S: i64 = 60;
+
+/// A chunk of one metric's windows history, as a stored part lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryRef {
+    pub metric: String,
+    /// Its first second (a multiple of `HISTORY_CHUNK_S`).
+    pub start_s: i64,
+    /// The snapshot that wrote it: later ones list it again while it stays
+    /// the same.
+    pub written_by: u64,
+}
+
+/// The key of a history chunk: tenant, 0, metric, 0, first second (order
+/// kept across the sign), the snapshot that wrote it.
+pub fn history_key(tenant: &str, metric: &str, start_s: i64, written_by: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(tenant.len() + metric.len() + 18);
+    key.extend_from_slice(tenant.as_bytes());
+    key.push(0);
+    key.extend_from_slice(metric.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&((start_s as u64) ^ (1 << 63)).to_be_bytes());
+    key.extend_from_slice(&written_by.to_be_bytes());
+    key
+}
+
+/// What the chunks of the last durable snapshot hold, so that the next one
+/// writes only the chunks that changed and lists the others again: by
+/// tenant, metric and first second, the digest of the chunk's record and
+/// the snapshot that wrote it. Empty after a start (the first snapshot
+/// writes every chunk).
+#[derive(Debug, Clone, Default)]
+pub struct HistoryBook {
+    chunks: std::collections::HashMap<(String, String, i64), (u128, u64)>,
+}
+
+impl HistoryBook {
+    pub fn len(&self) -> usize {
+        self.chunks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+}
+
+/// Takes every second out of `export` into one export per chunk (head and
+/// today left at zero), in the order of their seconds.
+fn take_seconds(export: &mut SeriesExport) -> Vec<(i64, SeriesExport)> {
+    fn by_chunk<T>(items: Vec<T>, second: impl Fn(&T) -> i64) -> Vec<(i64, Vec<T>)> {
+        let mut chunks: Vec<(i64, Vec<T>)> = Vec::new();
+        for item in items {
+            let start_s = second(&item).div_euclid(HISTORY_CHUNK_S) * HISTORY_CHUNK_S;
+            match chunks.last_mut() {
+                Some((last, chunk)) if *last == start_s => chunk.push(item),
+                _ => chunks.push((start_s, vec![item])),
+            }
+        }
+        chunks
+    }
+    match export {
+        SeriesExport::Counter(counter) => {
+            by_chunk(std::mem::take(&mut counter.buckets), |bucket| bucket.0)
+                .into_iter()
+                .map(|(start_s, buckets)| {
+                    let chunk = CounterExport {
+                        head_s: 0,
+                        buckets,
+                        today: (0, 0),
+                    };
+                    (start_s, SeriesExport::Counter(chunk))
+                })
+                .collect()
+        }
+        SeriesExport::Histogram(histogram) => {
+            by_chunk(std::mem::take(&mut histogram.slices), |slice| slice.0)
+                .into_iter()
+                .map(|(start_s, slices)| {
+                    let chunk = HistogramExport {
+                        head_s: 0,
+                        slices,
+                        today: Vec::new(),
+                    };
+                    (start_s, SeriesExport::Histogram(chunk))
+                })
+                .collect()
+        }
+    }
+}
+
+/// Puts a chunk's seconds back at the end of `export` (chunks come back in
+/// the order of their seconds); a chunk of another kind is dropped.
+fn append_seconds(export: &mut SeriesExport, chunk: SeriesExport) {
+    match (export, chunk) {
+        (SeriesExport::Counter(counter), SeriesExport::Counter(chunk)) => {
+            counter.buckets.extend(chunk.buckets)
+        }
+        (SeriesExport::Histogram(histogram), SeriesExport::Histogram(chunk)) => {
+            histogram.slices.extend(chunk.slices)
+        }
+        _ => {}
+    }
+}
+
+/// Takes a metric's history out of `metric` into one export per minute:
+/// each holds the seconds of that minute of every series (a breakdown's
+/// series only where they have some), `metric` keeps its heads and today.
+pub fn split_history(metric: &mut MetricExport) -> Vec<(i64, MetricExport)> {
+    fn chunk_at(
+        chunks: &mut Vec<(i64, MetricExport)>,
+        start_s: i64,
+        total: &SeriesExport,
+    ) -> usize {
+        match chunks.binary_search_by_key(&start_s, |(start, _)| *start) {
+            Ok(index) => index,
+            Err(index) => {
+                let empty = match total {
+                    SeriesExport::Counter(_) => SeriesExport::Counter(CounterExport {
+                        head_s: 0,
+                        buckets: Vec::new(),
+                        today: (0, 0),
+                    }),
+                    SeriesExport::Histogram(_) => SeriesExport::Histogram(HistogramExport {
+                        head_s: 0,
+                        slices: Vec::new(),
+                        today: Vec::new(),
+                    }),
+                };
+                let chunk = MetricExport {
+                    total: empty,
+                    breakdowns: Vec::new(),
+                };
+                chunks.insert(index, (start_s, chunk));
+                index
+            }
+        }
+    }
+    let mut chunks: Vec<(i64, MetricExport)> = Vec::new();
+    for (start_s, seconds) in take_seconds(&mut metric.total) {
+        let index = chunk_at(&mut chunks, start_s, &metric.total);
+        chunks[index].1.total = seconds;
+    }
+    for (dim, values) in &mut metric.breakdowns {
+        for (value, series) in values.iter_mut() {
+            for (start_s, seconds) in take_seconds(series) {
+                let index = chunk_at(&mut chunks, start_s, &metric.total);
+                let breakdowns = &mut chunks[index].1.breakdowns;
+                if breakdowns.last().is_none_or(|(last, _)| last != dim) {
+                    breakdowns.push((dim.clone(), Vec::new()));
                 }
-                values(&mut histogram.today, forward);
+                if let Some((_, chunk_values)) = breakdowns.last_mut() {
+                    chunk_values.push((value.clone(), seconds));
+                }
             }
         }
     }
-    for (_, metric) in &mut part.metrics {
-        series(&mut metric.total, forward);
-        for (_, breakdown) in &mut metric.breakdowns {
-            for (_, export) in breakdown {
-                series(export, forward);
-            }
-        }
-    }
-    for (_, sets) in &mut part.experiments {
-        for set in sets {
-            for export in &mut set.windows {
-                series(export, forward);
+    chunks
+}
+
+/// Puts a chunk of `split_history` back into `metric`; chunks come back in
+/// the order of their seconds. A series the chunk has and `metric` has not
+/// (dropped since) is left out.
+pub fn join_history(metric: &mut MetricExport, chunk: MetricExport) {
+    append_seconds(&mut metric.total, chunk.total);
+    for (dim, values) in chunk.breakdowns {
+        let Some((_, into)) = metric.breakdowns.iter_mut().find(|(name, _)| *name == dim) else {
+            continue;
+        };
+        for (value, seconds) in values {
+            if let Ok(index) = into.binary_search_by(|(other, _)| other.as_str().cmp(&value)) {
+                append_seconds(&mut into[index].1, seconds);
             }
         }
     }
 }
 
-/// Decodes a part of any of its shapes.
-pub fn decode_part(bytes: &[u8], record_bytes_max: usize) -> Result<TenantSnapshot, EnvelopeError> {
+/// Decodes a part of any of its shapes, with the history chunks it lists
+/// (none before `RecordKind::SnapshotPartHistory`): its windows lack their
+/// seconds until `load_history` puts the chunks back.
+pub fn decode_part(
+    bytes: &[u8],
+    record_bytes_max: usize,
+) -> Result<(TenantSnapshot, Vec<HistoryRef>), EnvelopeError> {
+    match decode::<StoredPart>(bytes, RecordKind::SnapshotPartHistory, record_bytes_max) {
+        Err(EnvelopeError::Kind { .. }) => {}
+        Ok(stored) => {
+            let mut part = TenantSnapshot {
+                tenant: stored.tenant,
+                position_lsn: stored.position_lsn,
+                now_ms: stored.now_ms,
+                dedup: stored.dedup,
+                metrics: stored.metrics,
+                runs: stored.runs,
+                experiments: stored.experiments,
+            };
+            deltas(&mut part, false);
+            return Ok((part, stored.history));
+        }
+        Err(error) => return Err(error),
+    }
+    decode_part_before_history(bytes, record_bytes_max).map(|part| (part, Vec::new()))
+}
+
+/// The shapes of a part before history chunks.
+fn decode_part_before_history(
+    bytes: &[u8],
+    record_bytes_max: usize,
+) -> Result<TenantSnapshot, EnvelopeError> {
     match decode::<TenantSnapshot>(bytes, RecordKind::SnapshotPartDeltas, record_bytes_max) {
         Err(EnvelopeError::Kind { .. }) => {}
         Ok(mut part) => {
@@ -304,20 +546,58 @@ fn runs_key(id: u64, tenant: &str) -> Vec<u8> {
     key
 }
 
-/// The writes of a snapshot: its parts (each with the ids of its runs), then its manifest. A part larger than
-/// `record_bytes_max` fails the snapshot (older ones stay, nothing is pruned).
+/// The writes of a snapshot: the history chunks that changed since the
+/// snapshot `book` describes, its parts (each listing its chunks, and with
+/// the ids of its runs beside it), then its manifest; and the book to keep
+/// once these writes are durable. A record larger than `record_bytes_max`
+/// fails the snapshot (older ones stay, nothing is pruned). `parts` are as
+/// they were when it returns.
 pub fn snapshot_ops(
     id: u64,
     created_ms: i64,
     parts: &mut [TenantSnapshot],
     record_bytes_max: usize,
-) -> Result<Vec<Op>, EnvelopeError> {
+    book: &HistoryBook,
+) -> Result<(Vec<Op>, HistoryBook), EnvelopeError> {
     let mut ops = Vec::with_capacity(2 * parts.len() + 1);
+    let mut next_book = HistoryBook::default();
     for part in parts.iter_mut() {
-        // encoded as differences in place, then given back as they were
-        deltas(part, true);
-        let encoded = encode_within(RecordKind::SnapshotPartDeltas, &*part, record_bytes_max);
-        deltas(part, false);
+        // the windows' seconds go into chunks, the part keeps heads and today
+        let mut chunks: Vec<(usize, i64, MetricExport)> = Vec::new();
+        for (index, (_, metric)) in part.metrics.iter_mut().enumerate() {
+            for (start_s, chunk) in split_history(metric) {
+                chunks.push((index, start_s, chunk));
+            }
+        }
+        let written = history_ops(
+            id,
+            part,
+            &mut chunks,
+            record_bytes_max,
+            book,
+            &mut next_book,
+        );
+        let encoded = written.and_then(|(history, history_ops)| {
+            ops.extend(history_ops);
+            // encoded as differences in place, then given back as they were
+            deltas(part, true);
+            let stored = StoredPartRef {
+                tenant: &part.tenant,
+                position_lsn: part.position_lsn,
+                now_ms: part.now_ms,
+                dedup: &part.dedup,
+                metrics: &part.metrics,
+                runs: &part.runs,
+                experiments: &part.experiments,
+                history: &history,
+            };
+            let encoded = encode_within(RecordKind::SnapshotPartHistory, &stored, record_bytes_max);
+            deltas(part, false);
+            encoded
+        });
+        for (index, _, chunk) in chunks {
+            join_history(&mut part.metrics[index].1, chunk);
+        }
         ops.push(Op::Put {
             space: Space::Snapshot,
             key: part_key(id, &part.tenant),
@@ -345,7 +625,105 @@ pub fn snapshot_ops(
         key: manifest_key(id),
         value: encode_within(RecordKind::SnapshotManifest, &manifest, record_bytes_max)?,
     });
-    Ok(ops)
+    Ok((ops, next_book))
+}
+
+/// The chunks of one part: each encoded, written when `book` holds another
+/// digest for it (or none), listed either way. `chunks` are given back as
+/// they came (by metric index, first second).
+fn history_ops(
+    id: u64,
+    part: &TenantSnapshot,
+    chunks: &mut [(usize, i64, MetricExport)],
+    record_bytes_max: usize,
+    book: &HistoryBook,
+    next_book: &mut HistoryBook,
+) -> Result<(Vec<HistoryRef>, Vec<Op>), EnvelopeError> {
+    let mut history = Vec::with_capacity(chunks.len());
+    let mut ops = Vec::new();
+    for (index, start_s, chunk) in chunks.iter_mut() {
+        let metric = &part.metrics[*index].0;
+        metric_deltas(chunk, true);
+        let encoded = encode_within(RecordKind::HistoryChunk, &*chunk, record_bytes_max);
+        metric_deltas(chunk, false);
+        let encoded = encoded?;
+        let digest = xxhash_rust::xxh3::xxh3_128(&encoded);
+        let book_key = (part.tenant.clone(), metric.clone(), *start_s);
+        let written_by = match book.chunks.get(&book_key) {
+            Some(&(known, written_by)) if known == digest => written_by,
+            _ => {
+                ops.push(Op::Put {
+                    space: Space::History,
+                    key: history_key(&part.tenant, metric, *start_s, id),
+                    value: encoded,
+                });
+                id
+            }
+        };
+        next_book.chunks.insert(book_key, (digest, written_by));
+        history.push(HistoryRef {
+            metric: metric.clone(),
+            start_s: *start_s,
+            written_by,
+        });
+    }
+    Ok((history, ops))
+}
+
+/// A history chunk as written (`RecordKind::HistoryChunk`), for
+/// `join_history`.
+pub fn decode_history_chunk(
+    bytes: &[u8],
+    record_bytes_max: usize,
+) -> Result<MetricExport, EnvelopeError> {
+    let mut chunk: MetricExport = decode(bytes, RecordKind::HistoryChunk, record_bytes_max)?;
+    metric_deltas(&mut chunk, false);
+    Ok(chunk)
+}
+
+/// Puts the chunks `history` lists back into `part`'s windows. A chunk
+/// missing or damaged makes the part unusable (the reason is returned).
+pub fn load_history(
+    store: &dyn Store,
+    part: &mut TenantSnapshot,
+    history: &[HistoryRef],
+    record_bytes_max: usize,
+) -> Result<Result<(), String>, StorageError> {
+    for chunk_ref in history {
+        let key = history_key(
+            &part.tenant,
+            &chunk_ref.metric,
+            chunk_ref.start_s,
+            chunk_ref.written_by,
+        );
+        let Some(bytes) = read_value(store, Space::History, &key)? else {
+            return Ok(Err(format!(
+                "history of metric {} from second {} (snapshot {}) is missing",
+                chunk_ref.metric, chunk_ref.start_s, chunk_ref.written_by
+            )));
+        };
+        let chunk = match decode_history_chunk(&bytes, record_bytes_max) {
+            Ok(chunk) => chunk,
+            Err(error) => {
+                return Ok(Err(format!(
+                    "history of metric {} from second {}: {error}",
+                    chunk_ref.metric, chunk_ref.start_s
+                )))
+            }
+        };
+        let Some((_, metric)) = part
+            .metrics
+            .iter_mut()
+            .find(|(name, _)| *name == chunk_ref.metric)
+        else {
+            return Ok(Err(format!(
+                "history of metric {} that the part does not have",
+                chunk_ref.metric
+            )));
+        };
+        join_history(metric, chunk);
+    }
+    Ok(Ok(()))
 }
 
 /// Every snapshot id present (with or without a manifest), newest first.
@@ -404,10 +782,14 @@ pub fn load_snapshot(
         let Some((_, bytes)) = parts_bytes.iter().find(|(name, _)| name == tenant) else {
             return Ok(Err(format!("part of tenant {tenant} is missing")));
         };
-        match decode_part(bytes, record_bytes_max) {
-            Ok(part) => parts.push(part),
+        let (mut part, history) = match decode_part(bytes, record_bytes_max) {
+            Ok(decoded) => decoded,
             Err(error) => return Ok(Err(format!("part of tenant {tenant}: {error}"))),
+        };
+        if let Err(reason) = load_history(store, &mut part, &history, record_bytes_max)? {
+            return Ok(Err(format!("part of tenant {tenant}: {reason}")));
         }
+        parts.push(part);
     }
     Ok(Ok((manifest, parts)))
 }
@@ -465,7 +847,7 @@ fn listed_runs(
             None => match read_value(store, Space::Snapshot, &part_key(id, &tenant))? {
                 Some(bytes) => decode_part(&bytes, record_bytes_max)
                     .ok()
-                    .map(|part| part.runs.iter().map(|run| run.id).collect()),
+                    .map(|(part, _)| part.runs.iter().map(|run| run.id).collect()),
                 None => None,
             },
         };
@@ -508,6 +890,50 @@ pub fn delete_unlisted_runs(
     Ok(deleted)
 }
 
+/// Removals of the history chunks no snapshot of `kept` lists (written by a
+/// snapshot since pruned, or by one that never finished). None when a kept
+/// part cannot be read: what it lists is unknown, so every chunk stays.
+fn unlisted_history_ops(
+    store: &dyn Store,
+    kept: &[SnapshotManifest],
+    record_bytes_max: usize,
+) -> Result<Vec<Op>, StorageError> {
+    if kept.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut listed = std::collections::HashSet::new();
+    for manifest in kept {
+        for tenant in &manifest.tenants {
+            let Some(bytes) = read_value(store, Space::Snapshot, &part_key(manifest.id, tenant))?
+            else {
+                return Ok(Vec::new());
+            };
+            let Ok((_, history)) = decode_part(&bytes, record_bytes_max) else {
+                return Ok(Vec::new());
+            };
+            for chunk in history {
+                listed.insert(history_key(
+                    tenant,
+                    &chunk.metric,
+                    chunk.start_s,
+                    chunk.written_by,
+                ));
+            }
+        }
+    }
+    let mut ops = Vec::new();
+    store.scan(Space::History, &[], &mut |key, _| {
+        if !listed.contains(key) {
+            ops.push(Op::Remove {
+                space: Space::History,
+                key: key.to_vec(),
+            });
+        }
+        true
+    })?;
+    Ok(ops)
+}
+
 /// Removals that keep the newest `keep` complete snapshots (manifest readable,
 /// every part present) and the log they may need: every other snapshot goes,
 /// unfinished ones included, and the log is cut at the smallest position of the
@@ -539,6 +965,7 @@ pub fn prune_ops(
             true
         })?;
     }
+    ops.extend(unlisted_history_ops(store, &kept, record_bytes_max)?);
     let Some(floor) = kept.iter().map(|manifest| manifest.min_position_lsn).min() else {
         return Ok(ops);
     };
