@@ -115,26 +115,14 @@ pub struct TenantSnapshot {
 /// heads and today only, their seconds are in the chunks `history` lists.
 #[derive(Serialize)]
 struct StoredPartRef<'a> {
-    tenant: &'a str,
-    position_lsn: u64,
-    now_ms: i64,
-    dedup: &'a [(u128, i64)],
-    metrics: &'a [(String, MetricExport)],
-    runs: &'a [RunMeta],
-    experiments: &'a [(String, Vec<VariantSetExport>)],
+    part: &'a TenantSnapshot,
     history: &'a [HistoryRef],
 }
 
 /// `StoredPartRef`, read back.
 #[derive(Deserialize)]
 struct StoredPart {
-    tenant: String,
-    position_lsn: u64,
-    now_ms: i64,
-    dedup: Vec<(u128, i64)>,
-    metrics: Vec<(String, MetricExport)>,
-    runs: Vec<RunMeta>,
-    experiments: Vec<(String, Vec<VariantSetExport>)>,
+    part: TenantSnapshot,
     history: Vec<HistoryRef>,
 }
 
@@ -414,18 +402,9 @@ pub fn decode_part(
 ) -> Result<(TenantSnapshot, Vec<HistoryRef>), EnvelopeError> {
     match decode::<StoredPart>(bytes, RecordKind::SnapshotPartHistory, record_bytes_max) {
         Err(EnvelopeError::Kind { .. }) => {}
-        Ok(stored) => {
-            let mut part = TenantSnapshot {
-                tenant: stored.tenant,
-                position_lsn: stored.position_lsn,
-                now_ms: stored.now_ms,
-                dedup: stored.dedup,
-                metrics: stored.metrics,
-                runs: stored.runs,
-                experiments: stored.experiments,
-            };
+        Ok(StoredPart { mut part, history }) => {
             deltas(&mut part, false);
-            return Ok((part, stored.history));
+            return Ok((part, history));
         }
         Err(error) => return Err(error),
     }
@@ -582,13 +561,7 @@ pub fn snapshot_ops(
             // encoded as differences in place, then given back as they were
             deltas(part, true);
             let stored = StoredPartRef {
-                tenant: &part.tenant,
-                position_lsn: part.position_lsn,
-                now_ms: part.now_ms,
-                dedup: &part.dedup,
-                metrics: &part.metrics,
-                runs: &part.runs,
-                experiments: &part.experiments,
+                part,
                 history: &history,
             };
             let encoded = encode_within(RecordKind::SnapshotPartHistory, &stored, record_bytes_max);
