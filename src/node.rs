@@ -223,14 +223,19 @@ impl Node {
             .commit(ops)
             .await
             .map_err(SnapshotError::Storage)?;
+        // the first prune after a start looks at every history chunk: one of a
+        // snapshot that never finished may have an id no snapshot has
+        let sweep_history = history.is_empty();
         // durable: the next snapshot lists the chunks this one wrote or listed
         *history = next_book;
         let store = Arc::clone(&self.store);
         let keep = self.config.storage.snapshots_kept;
-        let prune = tokio::task::spawn_blocking(move || prune_ops(&*store, keep, record_bytes_max))
-            .await
-            .map_err(|_| SnapshotError::Actors)?
-            .map_err(SnapshotError::Storage)?;
+        let prune = tokio::task::spawn_blocking(move || {
+            prune_ops(&*store, keep, sweep_history, record_bytes_max)
+        })
+        .await
+        .map_err(|_| SnapshotError::Actors)?
+        .map_err(SnapshotError::Storage)?;
         let removed = prune.len();
         self.committer
             .commit(prune)

@@ -617,13 +617,13 @@ fn history_chunks(store: &dyn Store) -> Vec<(String, i64, u64)> {
     let mut chunks = Vec::new();
     store
         .scan(Space::History, &[], &mut |key, _| {
-            let (head, tail) = key.split_at(key.len() - 16);
-            let mut names = head.split(|byte| *byte == 0);
+            let written_by = u64::from_be_bytes(key[..8].try_into().unwrap());
+            let (names, start) = key[8..].split_at(key.len() - 16);
+            let mut names = names.split(|byte| *byte == 0);
             let (Some(b"demo"), Some(metric)) = (names.next(), names.next()) else {
-                panic!("a history key starts with its tenant and metric");
+                panic!("a history key holds its tenant and metric after its writer");
             };
-            let start_s = (u64::from_be_bytes(tail[..8].try_into().unwrap()) ^ (1 << 63)) as i64;
-            let written_by = u64::from_be_bytes(tail[8..].try_into().unwrap());
+            let start_s = (u64::from_be_bytes(start.try_into().unwrap()) ^ (1 << 63)) as i64;
             chunks.push((
                 String::from_utf8_lossy(metric).into_owned(),
                 start_s,
@@ -688,7 +688,7 @@ async fn snapshots_write_only_the_history_that_changed() {
             .filter(|chunk| chunk.0 == "gmv" && chunk.2 == 4)
             .map(|(metric, start_s, written_by)| Op::Remove {
                 space: Space::History,
-                key: history_key("demo", &metric, start_s, written_by),
+                key: history_key(written_by, "demo", &metric, start_s),
             })
             .collect();
         assert_eq!(lost.len(), 1);
@@ -706,5 +706,45 @@ async fn snapshots_write_only_the_history_that_changed() {
     );
     assert_eq!(report.records_replayed, 1);
     assert_eq!(windows(&node).await, before);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_deletes_every_history_chunk_no_kept_snapshot_lists() {
+    let node = start_node(|config| config.storage.snapshots_kept = 2).await;
+    let running = node.running.as_ref().unwrap();
+    let store = Arc::clone(&running.node.store);
+    let minute_s = |ts_ms: i64| ts_ms.div_euclid(60_000) * 60;
+    let (old_s, now_s) = (minute_s(T0_MS - 180_000), minute_s(T0_MS));
+    let gmv = || -> Vec<(i64, u64)> {
+        history_chunks(&*store)
+            .into_iter()
+            .filter(|chunk| chunk.0 == "gmv")
+            .map(|(_, start_s, written_by)| (start_s, written_by))
+            .collect()
+    };
+    // (each list in key order: by the snapshot that wrote the chunk)
+    node.post(
+        "demo-key",
+        &[order("a", 100, T0_MS - 180_000), order("b", 20, T0_MS)],
+    )
+    .await;
+    running.node.take_snapshot().await.unwrap();
+    assert_eq!(gmv(), [(old_s, 1), (now_s, 1)]);
+    // a late order changes the old minute
+    node.post("demo-key", &[order("c", 3, T0_MS - 180_000)])
+        .await;
+    running.node.take_snapshot().await.unwrap();
+    assert_eq!(gmv(), [(old_s, 1), (now_s, 1), (old_s, 2)]);
+    // snapshot 1 goes: its old minute is listed by no kept one, its minute
+    // now still by snapshot 2
+    node.post("demo-key", &[order("d", 4, T0_MS)]).await;
+    running.node.take_snapshot().await.unwrap();
+    assert_eq!(gmv(), [(now_s, 1), (old_s, 2), (now_s, 3)]);
+    // snapshot 2 goes: the minute now that snapshot 1 wrote loses its last
+    // listing with it
+    running.node.take_snapshot().await.unwrap();
+    assert_eq!(gmv(), [(old_s, 2), (now_s, 3)]);
+    drop(store);
     node.stop().await;
 }

@@ -682,8 +682,10 @@ impl Sim {
             return self.crash();
         }
         self.store.persist(&ops);
+        let sweep_history = self.node.history.is_empty();
         self.node.history = next_book;
-        let prune = prune_ops(&*self.store, 2, record_bytes_max).map_err(|e| e.to_string())?;
+        let prune = prune_ops(&*self.store, 2, sweep_history, record_bytes_max)
+            .map_err(|e| e.to_string())?;
         self.store.persist(&prune);
         for run in runs {
             self.node.core.install_run(run);

@@ -351,7 +351,7 @@ impl Engine {
         let part = value_at(Space::Snapshot, &part_key(1, "t")).expect("the part is written");
         let (mut restored, history) = decode_part(&part, 1 << 30).unwrap();
         for chunk in &history {
-            let key = history_key("t", &chunk.metric, chunk.start_s, chunk.written_by);
+            let key = history_key(chunk.written_by, "t", &chunk.metric, chunk.start_s);
             let bytes = value_at(Space::History, &key).expect("every chunk listed is written");
             let (_, metric) = restored
                 .metrics

@@ -137,7 +137,16 @@ pub fn recover(
     let mut report = RecoveryReport::default();
 
     let ids = snapshot_ids(store)?;
-    let next_snapshot_id = ids.first().map_or(1, |id| id + 1);
+    // past every id a history chunk was written by too: a snapshot that never
+    // finished may have written chunks and nothing else
+    let history_last = store
+        .last_key(Space::History)?
+        .and_then(|key| key.get(..8).and_then(key_lsn));
+    let next_snapshot_id = ids
+        .first()
+        .copied()
+        .max(history_last)
+        .map_or(1, |id| id + 1);
     let mut snapshot: Vec<TenantSnapshot> = Vec::new();
     let mut runs: HashMap<String, Vec<Run>> = HashMap::new();
     for id in ids {

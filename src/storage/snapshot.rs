@@ -230,16 +230,17 @@ pub struct HistoryRef {
     pub written_by: u64,
 }
 
-/// The key of a history chunk: tenant, 0, metric, 0, first second (order
-/// kept across the sign), the snapshot that wrote it.
-pub fn history_key(tenant: &str, metric: &str, start_s: i64, written_by: u64) -> Vec<u8> {
+/// The key of a history chunk: the snapshot that wrote it (so that what a
+/// snapshot wrote is one range), tenant, 0, metric, 0, first second (order
+/// kept across the sign).
+pub fn history_key(written_by: u64, tenant: &str, metric: &str, start_s: i64) -> Vec<u8> {
     let mut key = Vec::with_capacity(tenant.len() + metric.len() + 18);
+    key.extend_from_slice(&written_by.to_be_bytes());
     key.extend_from_slice(tenant.as_bytes());
     key.push(0);
     key.extend_from_slice(metric.as_bytes());
     key.push(0);
     key.extend_from_slice(&((start_s as u64) ^ (1 << 63)).to_be_bytes());
-    key.extend_from_slice(&written_by.to_be_bytes());
     key
 }
 
@@ -254,10 +255,7 @@ pub struct HistoryBook {
 }
 
 impl HistoryBook {
-    pub fn len(&self) -> usize {
-        self.chunks.len()
-    }
-
+    /// True after a start, before the first snapshot.
     pub fn is_empty(&self) -> bool {
         self.chunks.is_empty()
     }
@@ -627,7 +625,7 @@ fn history_ops(
             _ => {
                 ops.push(Op::Put {
                     space: Space::History,
-                    key: history_key(&part.tenant, metric, *start_s, id),
+                    key: history_key(id, &part.tenant, metric, *start_s),
                     value: encoded,
                 });
                 id
@@ -664,10 +662,10 @@ pub fn load_history(
 ) -> Result<Result<(), String>, StorageError> {
     for chunk_ref in history {
         let key = history_key(
+            chunk_ref.written_by,
             &part.tenant,
             &chunk_ref.metric,
             chunk_ref.start_s,
-            chunk_ref.written_by,
         );
         let Some(bytes) = read_value(store, Space::History, &key)? else {
             return Ok(Err(format!(
@@ -863,12 +861,40 @@ pub fn delete_unlisted_runs(
     Ok(deleted)
 }
 
-/// Removals of the history chunks no snapshot of `kept` lists (written by a
-/// snapshot since pruned, or by one that never finished). None when a kept
-/// part cannot be read: what it lists is unknown, so every chunk stays.
+/// The keys of the history chunks a part lists; `None` when the part
+/// cannot be read.
+fn listed_history(
+    store: &dyn Store,
+    id: u64,
+    tenant: &str,
+    record_bytes_max: usize,
+) -> Result<Option<Vec<Vec<u8>>>, StorageError> {
+    let Some(bytes) = read_value(store, Space::Snapshot, &part_key(id, tenant))? else {
+        return Ok(None);
+    };
+    let Ok((_, history)) = decode_part(&bytes, record_bytes_max) else {
+        return Ok(None);
+    };
+    Ok(Some(
+        history
+            .iter()
+            .map(|chunk| history_key(chunk.written_by, tenant, &chunk.metric, chunk.start_s))
+            .collect(),
+    ))
+}
+
+/// Removals of the history chunks that no snapshot of `kept` lists among
+/// those the snapshots `removed` listed or wrote (or, with `sweep`, among
+/// all: after a start, for chunks of a snapshot that never finished and
+/// whose id no snapshot has). Nothing when a kept part cannot be read: what
+/// it lists is unknown, so every chunk stays. A chunk stays listed by every
+/// snapshot after the one that wrote it until it changes, so the chunks that
+/// lose their last listing are among those the snapshots pruned listed.
 fn unlisted_history_ops(
     store: &dyn Store,
     kept: &[SnapshotManifest],
+    removed: &[u64],
+    sweep: bool,
     record_bytes_max: usize,
 ) -> Result<Vec<Op>, StorageError> {
     if kept.is_empty() {
@@ -877,47 +903,68 @@ fn unlisted_history_ops(
     let mut listed = std::collections::HashSet::new();
     for manifest in kept {
         for tenant in &manifest.tenants {
-            let Some(bytes) = read_value(store, Space::Snapshot, &part_key(manifest.id, tenant))?
-            else {
-                return Ok(Vec::new());
-            };
-            let Ok((_, history)) = decode_part(&bytes, record_bytes_max) else {
-                return Ok(Vec::new());
-            };
-            for chunk in history {
-                listed.insert(history_key(
-                    tenant,
-                    &chunk.metric,
-                    chunk.start_s,
-                    chunk.written_by,
-                ));
+            match listed_history(store, manifest.id, tenant, record_bytes_max)? {
+                Some(keys) => listed.extend(keys),
+                None => return Ok(Vec::new()),
             }
         }
     }
-    let mut ops = Vec::new();
-    store.scan(Space::History, &[], &mut |key, _| {
+    let mut candidates = std::collections::BTreeSet::new();
+    let mut visit = |key: &[u8]| {
         if !listed.contains(key) {
-            ops.push(Op::Remove {
-                space: Space::History,
-                key: key.to_vec(),
-            });
+            candidates.insert(key.to_vec());
         }
-        true
-    })?;
-    Ok(ops)
+    };
+    if sweep {
+        store.scan(Space::History, &[], &mut |key, _| {
+            visit(key);
+            true
+        })?;
+    }
+    for &id in removed {
+        let prefix = id.to_be_bytes();
+        store.scan(Space::History, &prefix, &mut |key, _| {
+            if !key.starts_with(&prefix) {
+                return false;
+            }
+            visit(key);
+            true
+        })?;
+        let Some(manifest) = read_manifest(store, id, record_bytes_max)? else {
+            continue;
+        };
+        for tenant in &manifest.tenants {
+            let keys = listed_history(store, id, tenant, record_bytes_max)?;
+            for key in keys.unwrap_or_default() {
+                visit(&key);
+            }
+        }
+    }
+    Ok(candidates
+        .into_iter()
+        .map(|key| Op::Remove {
+            space: Space::History,
+            key,
+        })
+        .collect())
 }
 
 /// Removals that keep the newest `keep` complete snapshots (manifest readable,
 /// every part present) and the log they may need: every other snapshot goes,
 /// unfinished ones included, and the log is cut at the smallest position of the
 /// kept ones, so that falling back to any of them after damage to a newer one
-/// loses nothing. The new floor is written with the removals.
+/// loses nothing. The new floor is written with the removals, and the
+/// removals of the history chunks no kept snapshot lists
+/// (`unlisted_history_ops`; `sweep_history` looks at every chunk, for the
+/// first prune after a start).
 pub fn prune_ops(
     store: &dyn Store,
     keep: usize,
+    sweep_history: bool,
     record_bytes_max: usize,
 ) -> Result<Vec<Op>, StorageError> {
     let mut kept = Vec::new();
+    let mut removed = Vec::new();
     let mut ops = Vec::new();
     for id in snapshot_ids(store)? {
         if kept.len() < keep.max(1) {
@@ -926,6 +973,7 @@ pub fn prune_ops(
                 continue;
             }
         }
+        removed.push(id);
         let prefix = id.to_be_bytes();
         store.scan(Space::Snapshot, &prefix, &mut |key, _| {
             if !key.starts_with(&prefix) {
@@ -938,7 +986,14 @@ pub fn prune_ops(
             true
         })?;
     }
-    ops.extend(unlisted_history_ops(store, &kept, record_bytes_max)?);
+    // read before the removals above are applied
+    ops.extend(unlisted_history_ops(
+        store,
+        &kept,
+        &removed,
+        sweep_history,
+        record_bytes_max,
+    )?);
     let Some(floor) = kept.iter().map(|manifest| manifest.min_position_lsn).min() else {
         return Ok(ops);
     };
