@@ -350,6 +350,7 @@ pub async fn start_with_store(
         snapshot_lock: Mutex::new(HistoryBook::default()),
         merging: Mutex::new(0),
         covering: Mutex::new(0),
+        rebuilding: Mutex::new(0),
         ready: AtomicBool::new(false),
         fatal,
     });
@@ -439,7 +440,15 @@ pub async fn start_with_store(
         &node,
         Duration::from_millis(250),
         "de-dup summary filter not extended; trying again later",
-        |node| async move { node.cover_runs_once().await },
+        |node| async move { node.cover_runs_once(false).await },
+    );
+    // builds summaries anew on a task of its own, so that the runs written
+    // while one is built (a minute at 400 M ids) are added to the current one
+    let rebuilder = spawn_run_upkeep(
+        &node,
+        Duration::from_secs(1),
+        "de-dup summary filter not rebuilt; trying again later",
+        |node| async move { node.cover_runs_once(true).await },
     );
     let alerting = tokio::spawn(crate::alerting::run(Arc::clone(&node)));
     let experimenting = tokio::spawn(crate::experiments::run(Arc::clone(&node)));
@@ -510,6 +519,7 @@ pub async fn start_with_store(
             auditing,
             merger,
             indexer,
+            rebuilder,
             upkeep,
             storage_watch,
         ]

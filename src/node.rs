@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::sync::{watch, Mutex, Semaphore};
 
 use crate::actors::tenant::{
-    InstallCover, InstallMerged, InstallRuns, PlanCover, PlanMerge, TakeSnapshot,
+    AbandonRebuild, InstallCover, InstallMerged, InstallRuns, PlanCover, PlanMerge, TakeSnapshot,
 };
 use crate::actors::{FatalSender, TenantHandle};
 use crate::auth::{tenant_for_read, AuthError, KeyRing, Principal};
@@ -83,6 +83,9 @@ pub struct Node {
     /// One summary filter step at a time (a summary has one writer); holds
     /// where the next looks first (`cover_runs_once`).
     pub(crate) covering: Mutex<usize>,
+    /// One new summary filter at a time, besides the steps that extend the
+    /// current ones; holds where the next looks first.
+    pub(crate) rebuilding: Mutex<usize>,
     pub(crate) ready: AtomicBool,
     /// Set with the reason when the node must exit for a clean restart: a
     /// storage failure, or a tenant that stopped serving.
@@ -357,21 +360,27 @@ impl Node {
 }
 
 impl Node {
-    /// Does one tenant's next summary filter step, if any tenant wants one
-    /// (`DedupIndex::plan_cover`): adds its runs not yet covered, or builds
-    /// the summary anew from every run; true when it did. Reads the runs'
-    /// keys off the actor; only the result goes through it. Stops early when
-    /// the node stops.
-    pub async fn cover_runs_once(self: &Arc<Self>) -> Result<bool, MergeError> {
+    /// Does one tenant's next summary filter step of the kind asked, if any
+    /// tenant wants one: builds a new summary from every run (`rebuild`,
+    /// the rebuilder's task), or adds the runs not yet covered to the
+    /// current one (the indexer's task, which goes on while a rebuild runs:
+    /// docs/durability.md). True when it did. Reads the runs' keys off the
+    /// actor; only the result goes through it. Stops early when the node
+    /// stops.
+    pub async fn cover_runs_once(self: &Arc<Self>, rebuild: bool) -> Result<bool, MergeError> {
         // each call starts one tenant further, so that no tenant waits on another's
-        let mut cursor = self.covering.lock().await;
+        let mut cursor = if rebuild {
+            self.rebuilding.lock().await
+        } else {
+            self.covering.lock().await
+        };
         let start = *cursor;
         *cursor = cursor.wrapping_add(1);
         let tenants = self.tenants.list_where(|tenant| tenant.runs.wants_cover());
         for (tenant, handle) in rotated(&tenants, start) {
             let Some(plan) = handle
                 .actor
-                .send(PlanCover)
+                .send(PlanCover { rebuild })
                 .await
                 .map_err(|_| MergeError::Actors)?
             else {
@@ -380,17 +389,25 @@ impl Node {
             let stopwatch = Stopwatch::start();
             let covered: Vec<u64> = plan.runs().iter().map(|run| run.meta.id).collect();
             let ids: u64 = plan.runs().iter().map(|run| run.meta.ids).sum();
-            let rebuilt = matches!(plan, CoverPlan::Rebuild { .. });
             let node = Arc::clone(self);
             let summary = crate::background::run_behind("tally-cover", move || {
                 let cancelled = || *node.stopping.borrow();
                 cover(plan, &cancelled)
             })
-            .await
-            .map_err(MergeError::Upkeep)?
-            .map_err(MergeError::Io)?;
-            let Some(summary) = summary else {
-                return Ok(false);
+            .await;
+            let summary = match summary {
+                Ok(Ok(Some(summary))) => summary,
+                failed => {
+                    if rebuild {
+                        // the next rebuild may be planned (the actor may be gone)
+                        let _ = handle.actor.send(AbandonRebuild).await;
+                    }
+                    return match failed {
+                        Err(error) => Err(MergeError::Upkeep(error)),
+                        Ok(Err(error)) => Err(MergeError::Io(error)),
+                        Ok(Ok(_)) => Ok(false),
+                    };
+                }
             };
             let runs = covered.len();
             handle
@@ -398,7 +415,7 @@ impl Node {
                 .send(InstallCover {
                     summary,
                     covered,
-                    rebuilt,
+                    rebuilt: rebuild,
                 })
                 .await
                 .map_err(|_| MergeError::Actors)?;
@@ -406,7 +423,7 @@ impl Node {
                 %tenant,
                 runs,
                 ids,
-                rebuilt,
+                rebuilt = rebuild,
                 duration_ms = stopwatch.elapsed_ms(),
                 "de-dup summary filter extended"
             );

@@ -180,6 +180,8 @@ struct Node {
     next_snapshot_id: u64,
     /// The history chunks of the last durable snapshot (`HistoryBook`).
     history: HistoryBook,
+    /// A new summary filter built, not yet installed, and the runs it holds.
+    pending_rebuild: Option<(Arc<SummaryFilter>, Vec<u64>)>,
     /// Submitted, waiting for the flush (the committer's queue).
     queued: Vec<(InFlightTicket, Vec<Op>)>,
     /// Durable, waiting to be applied.
@@ -299,6 +301,7 @@ impl Sim {
             next_lsn: AtomicU64::new(recovered.next_lsn),
             next_snapshot_id: recovered.next_snapshot_id,
             history: HistoryBook::default(),
+            pending_rebuild: None,
             queued: Vec::new(),
             durable: Vec::new(),
             replying: Vec::new(),
@@ -723,33 +726,41 @@ impl Sim {
     }
 
     /// Builds or extends the summary filter over the runs as the node's
-    /// indexer does; some steps are cancelled, and a crash loses the summary
-    /// (it is kept in memory only, built anew after a start).
+    /// rebuilder and indexer do (a new summary is installed some steps after
+    /// it was planned, the current one extended meanwhile); some steps are
+    /// cancelled, and a crash loses the summary (it is kept in memory only,
+    /// built anew after a start).
     fn cover(&mut self) -> Result<(), String> {
-        let Some(plan) = self.node.core.plan_cover() else {
+        let cancel = self.rng.chance(10);
+        // a new summary is built in one step and installed in a later one, as
+        // the node's rebuilder does beside its indexer
+        if let Some((summary, covered)) = self.node.pending_rebuild.take() {
+            if self.rng.chance(50) {
+                self.node.core.install_cover(summary, &covered, true);
+                self.covers += 1;
+            } else {
+                self.node.pending_rebuild = Some((summary, covered));
+            }
+        } else if let Some(CoverPlan::Rebuild { ids_max, runs }) = self.node.core.plan_rebuild() {
+            let covered: Vec<u64> = runs.iter().map(|run| run.meta.id).collect();
+            let mut summary = SummaryFilter::new(ids_max);
+            if cover_runs(&runs, &|| cancel, &mut |key| summary.insert_unshared(key))? {
+                self.node.pending_rebuild = Some((Arc::new(summary), covered));
+            } else {
+                self.node.core.abandon_rebuild();
+            }
+        }
+        let Some(CoverPlan::Extend { summary, runs }) = self.node.core.plan_extend() else {
             return Ok(());
         };
-        let cancel = self.rng.chance(10);
-        let covered: Vec<u64> = plan.runs().iter().map(|run| run.meta.id).collect();
-        let (summary, rebuilt) = match plan {
-            CoverPlan::Extend { summary, runs } => {
-                // as the node does: one writer for the whole step
-                let writer = summary.writer();
-                if !cover_runs(&runs, &|| cancel, &mut |key| writer.insert(key))? {
-                    return Ok(());
-                }
-                drop(writer);
-                (summary, false)
-            }
-            CoverPlan::Rebuild { ids_max, runs } => {
-                let mut summary = SummaryFilter::new(ids_max);
-                if !cover_runs(&runs, &|| cancel, &mut |key| summary.insert_unshared(key))? {
-                    return Ok(());
-                }
-                (Arc::new(summary), true)
-            }
-        };
-        self.node.core.install_cover(summary, &covered, rebuilt);
+        let covered: Vec<u64> = runs.iter().map(|run| run.meta.id).collect();
+        // as the node does: one writer for the whole step
+        let writer = summary.writer();
+        if !cover_runs(&runs, &|| cancel, &mut |key| writer.insert(key))? {
+            return Ok(());
+        }
+        drop(writer);
+        self.node.core.install_cover(summary, &covered, false);
         self.covers += 1;
         Ok(())
     }

@@ -559,16 +559,39 @@ impl Handler<InstallMerged> for TenantActor {
     }
 }
 
-/// What the summary filter over the de-dup runs wants next.
+/// What the summary filter over the de-dup runs wants next: a new one
+/// (`rebuild`, which stays under way until installed or abandoned), or the
+/// runs not covered added to the current one.
 #[derive(Message)]
 #[rtype(result = "Option<CoverPlan>")]
-pub struct PlanCover;
+pub struct PlanCover {
+    pub rebuild: bool,
+}
 
 impl Handler<PlanCover> for TenantActor {
     type Result = Option<CoverPlan>;
 
-    fn handle(&mut self, _: PlanCover, _: &mut Context<Self>) -> Option<CoverPlan> {
-        self.core.borrow().plan_cover()
+    fn handle(&mut self, message: PlanCover, _: &mut Context<Self>) -> Option<CoverPlan> {
+        if !message.rebuild {
+            return self.core.borrow().plan_extend();
+        }
+        let plan = self.core.borrow_mut().plan_rebuild();
+        self.publish_runs();
+        plan
+    }
+}
+
+/// A new summary planned by `PlanCover { rebuild: true }` will not come.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AbandonRebuild;
+
+impl Handler<AbandonRebuild> for TenantActor {
+    type Result = ();
+
+    fn handle(&mut self, _: AbandonRebuild, _: &mut Context<Self>) {
+        self.core.borrow_mut().abandon_rebuild();
+        self.publish_runs();
     }
 }
 

@@ -227,6 +227,13 @@ const SUMMARY_BITS_PER_ID: u64 = 8;
 /// A tenant's runs get a summary once they are at least this many and hold
 /// half a table's ids (`ids_max`): below, probing each run costs little.
 pub const SUMMARY_RUNS_MIN: usize = 3;
+/// While a new summary is built, the current one takes runs up to its room
+/// and this many quarters more: overfilled, it says "maybe" more often
+/// (once in 15 lookups a quarter past its room, once in 3 at twice it; a
+/// "maybe" asks every run's filter), where a run left out of it is asked by
+/// every lookup. A rebuild at 240 M ids took 8 s (6 M ids at full rate,
+/// three runs), one at twice the ids about twice that.
+pub const SUMMARY_OVERFILL_QUARTERS: u64 = 1;
 
 /// One filter over the ids of many runs (those marked covered), so that a
 /// new id costs one lookup whatever the number of runs; the runs' own filters
@@ -373,13 +380,6 @@ impl CoverPlan {
             CoverPlan::Extend { runs, .. } | CoverPlan::Rebuild { runs, .. } => runs,
         }
     }
-}
-
-/// What `DedupIndex::cover_wanted` found: the summary built anew for the
-/// runs' `ids`, or the runs not covered added.
-enum CoverWanted {
-    Rebuild { ids: u64 },
-    Extend,
 }
 
 /// The runs as their tenant published them for ingest, with the summary
@@ -635,6 +635,10 @@ pub struct DedupIndex {
     summary: Option<Arc<SummaryFilter>>,
     /// Ids added to `summary`, expired ones included.
     summary_ids: u64,
+    /// A new summary is being built (`plan_rebuild`) and not yet installed
+    /// or abandoned: the current one is still extended meanwhile, past its
+    /// room (`SUMMARY_OVERFILL_QUARTERS`).
+    rebuilding: bool,
     /// Changes whenever `runs` or `summary` does, so that the owner knows
     /// when to publish them again (`check_runs`).
     runs_generation: u64,
@@ -735,6 +739,7 @@ impl DedupIndex {
             runs: Vec::new(),
             summary: None,
             summary_ids: 0,
+            rebuilding: false,
             runs_generation: 0,
             next_run_id: 1,
             horizon_s,
@@ -772,56 +777,95 @@ impl DedupIndex {
             + self.summary.as_ref().map_or(0, |summary| summary.bytes())
     }
 
-    /// What the summary filter wants next, if anything: none while the runs
-    /// are few or small; built anew (room for twice the ids of every run)
-    /// when missing, when the runs not covered would overfill it, or when
-    /// most of its ids have expired; else the runs not covered, added.
-    pub fn plan_cover(&self) -> Option<CoverPlan> {
-        match self.cover_wanted()? {
-            CoverWanted::Rebuild { ids } => Some(CoverPlan::Rebuild {
-                ids_max: 2 * ids,
-                runs: self.runs.clone(),
-            }),
-            CoverWanted::Extend => Some(CoverPlan::Extend {
-                summary: self.summary.clone()?,
-                runs: self
-                    .runs
-                    .iter()
-                    .filter(|run| !run.covered)
-                    .cloned()
-                    .collect(),
-            }),
+    /// What the summary filter wants next, if anything: a new one first
+    /// (`plan_rebuild`), else the runs not covered added (`plan_extend`).
+    pub fn plan_cover(&mut self) -> Option<CoverPlan> {
+        self.plan_rebuild().or_else(|| self.plan_extend())
+    }
+
+    /// A new summary of room for twice the ids of every run, when the runs
+    /// want one: none yet, the current one too full for the runs not
+    /// covered, or mostly expired ids. Marks it under way until it is
+    /// installed or abandoned, so that one is built at a time and the
+    /// current one is extended meanwhile (`plan_extend`): a rebuild reads
+    /// every run's keys (6 GiB at 400 M ids), and the runs written while it
+    /// ran, left out of every summary, were each probed by every new id
+    /// (docs/BENCHMARKS.md, "Soak, eighth session").
+    pub fn plan_rebuild(&mut self) -> Option<CoverPlan> {
+        let ids = self.rebuild_wanted()?;
+        self.rebuilding = true;
+        // what the summary wants changed: published again
+        self.runs_generation += 1;
+        Some(CoverPlan::Rebuild {
+            ids_max: 2 * ids,
+            runs: self.runs.clone(),
+        })
+    }
+
+    /// The runs not yet covered, to add to the current summary, when they
+    /// fit in its room (a little past it while a new one is built).
+    pub fn plan_extend(&self) -> Option<CoverPlan> {
+        if !self.extend_wanted() {
+            return None;
         }
+        Some(CoverPlan::Extend {
+            summary: self.summary.clone()?,
+            runs: self
+                .runs
+                .iter()
+                .filter(|run| !run.covered)
+                .cloned()
+                .collect(),
+        })
+    }
+
+    /// A rebuild planned will not be installed (it failed or was cancelled).
+    pub fn abandon_rebuild(&mut self) {
+        self.rebuilding = false;
+        self.runs_generation += 1;
     }
 
     /// True when `plan_cover` has work (without copying the runs into a plan).
     pub fn wants_cover(&self) -> bool {
-        self.cover_wanted().is_some()
+        self.rebuild_wanted().is_some() || self.extend_wanted()
     }
 
-    /// The rules of `plan_cover`.
-    fn cover_wanted(&self) -> Option<CoverWanted> {
+    /// The ids of every run, when `plan_rebuild` has work.
+    fn rebuild_wanted(&self) -> Option<u64> {
         let ids: u64 = self.runs.iter().map(|run| run.meta.ids).sum();
-        if self.runs.len() < SUMMARY_RUNS_MIN || ids < (self.ids_max as u64 / 2).max(1) {
+        if self.rebuilding
+            || self.runs.len() < SUMMARY_RUNS_MIN
+            || ids < (self.ids_max as u64 / 2).max(1)
+        {
             return None;
         }
         let Some(summary) = &self.summary else {
-            return Some(CoverWanted::Rebuild { ids });
+            return Some(ids);
         };
-        let (uncovered, uncovered_ids) = self
-            .runs
+        let overfilled = self.summary_ids + self.uncovered_ids() > summary.ids_max();
+        (overfilled || self.summary_ids > 4 * ids).then_some(ids)
+    }
+
+    /// True when `plan_extend` has work.
+    fn extend_wanted(&self) -> bool {
+        let Some(summary) = &self.summary else {
+            return false;
+        };
+        let uncovered_ids = self.uncovered_ids();
+        let room = if self.rebuilding {
+            summary.ids_max() + summary.ids_max() / 4 * SUMMARY_OVERFILL_QUARTERS
+        } else {
+            summary.ids_max()
+        };
+        uncovered_ids > 0 && self.summary_ids + uncovered_ids <= room
+    }
+
+    fn uncovered_ids(&self) -> u64 {
+        self.runs
             .iter()
             .filter(|run| !run.covered)
-            .fold((0usize, 0u64), |(runs, ids), run| {
-                (runs + 1, ids + run.meta.ids)
-            });
-        if self.summary_ids + uncovered_ids > summary.ids_max() || self.summary_ids > 4 * ids {
-            Some(CoverWanted::Rebuild { ids })
-        } else if uncovered > 0 {
-            Some(CoverWanted::Extend)
-        } else {
-            None
-        }
+            .map(|run| run.meta.ids)
+            .sum()
     }
 
     /// `summary` holds every key of the runs `covered` (by id): built anew
@@ -829,6 +873,7 @@ impl DedupIndex {
     /// since the plan are left as they are.
     pub fn install_cover(&mut self, summary: Arc<SummaryFilter>, covered: &[u64], rebuilt: bool) {
         if rebuilt {
+            self.rebuilding = false;
             self.summary = Some(summary);
             self.summary_ids = 0;
             for run in &mut self.runs {
@@ -1794,6 +1839,83 @@ mod tests {
         assert!(index.runs().is_empty());
         assert!(index.runs_shared().summary.is_none());
         assert_eq!(index.filter_bytes(), 0);
+    }
+
+    #[test]
+    fn runs_written_while_a_summary_is_rebuilt_go_into_the_current_one() {
+        let t = NOW_MS / 1000;
+        let mut index = DedupIndex::new(86_400, 1_000);
+        for id in 1..=3 {
+            index.add_run(memory_run(id, sorted_keys(&format!("r{id}"), 200), t));
+        }
+        let Some(CoverPlan::Rebuild { ids_max, runs }) = index.plan_rebuild() else {
+            panic!("three runs of 600 ids want a summary");
+        };
+        assert_eq!(ids_max, 1_200);
+        assert!(index.plan_rebuild().is_none(), "one rebuild at a time");
+        let first = Arc::new(SummaryFilter::new(ids_max));
+        fill(&first, &runs);
+        index.install_cover(Arc::clone(&first), &[1, 2, 3], true);
+        // up to its room, a run goes into the current summary
+        index.add_run(memory_run(4, sorted_keys("r4", 590), t));
+        assert!(index.plan_rebuild().is_none());
+        let Some(CoverPlan::Extend { summary, runs }) = index.plan_extend() else {
+            panic!("run 4 fits");
+        };
+        fill(&summary, &runs);
+        index.install_cover(summary, &[4], false);
+        // past it: a new one is wanted, and nothing goes in until it is under way
+        index.add_run(memory_run(5, sorted_keys("r5", 100), t));
+        assert!(index.plan_extend().is_none());
+        let Some(CoverPlan::Rebuild { ids_max, runs }) = index.plan_rebuild() else {
+            panic!("1 290 ids overfill a room of 1 200");
+        };
+        assert_eq!(ids_max, 2 * 1_290);
+        assert_eq!(runs.len(), 5);
+        let rebuilt = Arc::new(SummaryFilter::new(ids_max));
+        fill(&rebuilt, &runs);
+        // while it is built, runs go into the current one up to a quarter
+        // past its room (1 290 + 150 of 1 500), and no further (+ 300)
+        let Some(CoverPlan::Extend { summary, runs }) = index.plan_extend() else {
+            panic!("run 5 fits a quarter past the room");
+        };
+        assert!(Arc::ptr_eq(&summary, &first));
+        fill(&summary, &runs);
+        index.install_cover(Arc::clone(&summary), &[5], false);
+        index.add_run(memory_run(6, sorted_keys("r6", 150), t));
+        let Some(CoverPlan::Extend { summary, runs }) = index.plan_extend() else {
+            panic!("run 6 fits a quarter past the room");
+        };
+        fill(&summary, &runs);
+        index.install_cover(summary, &[6], false);
+        assert_eq!(covered_ids(&index), vec![1, 2, 3, 4, 5, 6]);
+        index.add_run(memory_run(7, sorted_keys("r7", 300), t));
+        assert!(index.plan_extend().is_none());
+        // the new one holds runs 1 to 5: run 6, added to the old one since,
+        // is asked on its own until it goes into the new one too
+        index.install_cover(Arc::clone(&rebuilt), &[1, 2, 3, 4, 5], true);
+        assert_eq!(covered_ids(&index), vec![1, 2, 3, 4, 5]);
+        for id in ["r6-7", "r7-7", "r3-7"] {
+            assert_eq!(
+                index.judge(id, NOW_MS, NOW_MS, DAY),
+                Ok(Admission::Duplicate),
+                "{id}"
+            );
+        }
+        let Some(CoverPlan::Extend { summary, runs }) = index.plan_extend() else {
+            panic!("runs 6 and 7 fit the new summary");
+        };
+        assert!(Arc::ptr_eq(&summary, &rebuilt));
+        assert_eq!(
+            runs.iter().map(|run| run.meta.id).collect::<Vec<_>>(),
+            vec![6, 7]
+        );
+        // a rebuild abandoned can be planned again
+        index.add_run(memory_run(8, sorted_keys("r8", 2_000), t));
+        assert!(index.plan_rebuild().is_some());
+        assert!(index.plan_rebuild().is_none());
+        index.abandon_rebuild();
+        assert!(index.plan_rebuild().is_some());
     }
 
     #[test]

@@ -627,12 +627,26 @@ impl TenantCore {
         self.dedup.install_merged(run, inputs);
     }
 
-    /// The summary filter work the runs want next, if any.
-    pub fn plan_cover(&self) -> Option<CoverPlan> {
+    /// A new summary filter over the runs, when they want one
+    /// (`DedupIndex::plan_rebuild`).
+    pub fn plan_rebuild(&mut self) -> Option<CoverPlan> {
         if self.failed.is_some() {
             return None;
         }
-        self.dedup.plan_cover()
+        self.dedup.plan_rebuild()
+    }
+
+    /// The runs not in the summary filter, to add to it
+    /// (`DedupIndex::plan_extend`).
+    pub fn plan_extend(&self) -> Option<CoverPlan> {
+        if self.failed.is_some() {
+            return None;
+        }
+        self.dedup.plan_extend()
+    }
+
+    pub fn abandon_rebuild(&mut self) {
+        self.dedup.abandon_rebuild();
     }
 
     /// `summary` holds the keys of the runs `covered` (`DedupIndex::install_cover`).
