@@ -635,28 +635,33 @@ fn history_chunks(store: &dyn Store) -> Vec<(String, i64, u64)> {
     chunks
 }
 
+/// The first second and writer of each history chunk of `gmv`, in key order
+/// (by writer).
+fn gmv_chunks(store: &dyn Store) -> Vec<(i64, u64)> {
+    history_chunks(store)
+        .into_iter()
+        .filter(|chunk| chunk.0 == "gmv")
+        .map(|(_, start_s, written_by)| (start_s, written_by))
+        .collect()
+}
+
+/// The minutes of the orders the history tests post: three back, and now.
+const OLD_MINUTE_S: i64 = (T0_MS - 180_000).div_euclid(60_000) * 60;
+const NOW_MINUTE_S: i64 = T0_MS.div_euclid(60_000) * 60;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_write_only_the_history_that_changed() {
     let node = start_node(|config| config.storage.snapshots_kept = 2).await;
     let running = node.running.as_ref().unwrap();
     let store = Arc::clone(&running.node.store);
-    let minute_s = |ts_ms: i64| ts_ms.div_euclid(60_000) * 60;
-    let (old_s, now_s) = (minute_s(T0_MS - 180_000), minute_s(T0_MS));
+    let (old_s, now_s) = (OLD_MINUTE_S, NOW_MINUTE_S);
     node.post(
         "demo-key",
         &[order("a", 100, T0_MS - 180_000), order("b", 20, T0_MS)],
     )
     .await;
     running.node.take_snapshot().await.unwrap();
-    let first = history_chunks(&*store);
-    let gmv: Vec<_> = first.iter().filter(|chunk| chunk.0 == "gmv").collect();
-    assert_eq!(
-        gmv,
-        [
-            &("gmv".to_string(), old_s, 1),
-            &("gmv".to_string(), now_s, 1)
-        ]
-    );
+    assert_eq!(gmv_chunks(&*store), [(old_s, 1), (now_s, 1)]);
 
     // two more snapshots, each after an order of this minute: the minute three
     // back is listed again, never written again; snapshot 1 is pruned, and so
@@ -666,12 +671,7 @@ async fn snapshots_write_only_the_history_that_changed() {
         let report = running.node.take_snapshot().await.unwrap();
         assert_eq!(report.id, id);
     }
-    let gmv: Vec<(i64, u64)> = history_chunks(&*store)
-        .into_iter()
-        .filter(|chunk| chunk.0 == "gmv")
-        .map(|(_, start_s, written_by)| (start_s, written_by))
-        .collect();
-    assert_eq!(gmv, [(old_s, 1), (now_s, 2), (now_s, 3)]);
+    assert_eq!(gmv_chunks(&*store), [(old_s, 1), (now_s, 2), (now_s, 3)]);
 
     // snapshot 4 with a chunk of its own gone: recovery falls back to 3 and
     // replays the order after it
@@ -714,15 +714,8 @@ async fn pruning_deletes_every_history_chunk_no_kept_snapshot_lists() {
     let node = start_node(|config| config.storage.snapshots_kept = 2).await;
     let running = node.running.as_ref().unwrap();
     let store = Arc::clone(&running.node.store);
-    let minute_s = |ts_ms: i64| ts_ms.div_euclid(60_000) * 60;
-    let (old_s, now_s) = (minute_s(T0_MS - 180_000), minute_s(T0_MS));
-    let gmv = || -> Vec<(i64, u64)> {
-        history_chunks(&*store)
-            .into_iter()
-            .filter(|chunk| chunk.0 == "gmv")
-            .map(|(_, start_s, written_by)| (start_s, written_by))
-            .collect()
-    };
+    let (old_s, now_s) = (OLD_MINUTE_S, NOW_MINUTE_S);
+    let gmv = || gmv_chunks(&*store);
     // (each list in key order: by the snapshot that wrote the chunk)
     node.post(
         "demo-key",
