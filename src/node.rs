@@ -80,8 +80,8 @@ pub struct Node {
     /// One merge at a time (two could plan the same runs); holds where the
     /// next merge looks first (`merge_runs_once`).
     pub(crate) merging: Mutex<usize>,
-    /// One summary filter step at a time (a summary has one writer); holds
-    /// where the next looks first (`cover_runs_once`).
+    /// One step extending a summary filter at a time (a summary has one
+    /// writer); holds where the next looks first (`cover_runs_once`).
     pub(crate) covering: Mutex<usize>,
     /// One new summary filter at a time, besides the steps that extend the
     /// current ones; holds where the next looks first.
@@ -200,8 +200,10 @@ impl Node {
         let record_bytes_max = self.config.storage.record_bytes_max;
         let data_dir = self.config.storage.data_dir.clone();
         // the sealed ids become runs, durable before the manifest lists them
-        let book = history.clone();
-        let (ops, next_book, installs) = tokio::task::spawn_blocking(move || {
+        // the book goes with the work and comes back (a panic there leaves it
+        // empty: the next snapshot writes every chunk)
+        let book = std::mem::take(&mut *history);
+        let (book, written) = tokio::task::spawn_blocking(move || {
             let mut parts = Vec::with_capacity(taken.len());
             let mut installs = Vec::with_capacity(taken.len());
             for (mut part, sealed) in taken {
@@ -209,12 +211,15 @@ impl Node {
                 installs.push((part.tenant.clone(), runs));
                 parts.push(part);
             }
-            snapshot_ops(id, created_ms, &mut parts, record_bytes_max, &book)
-                .map(|(ops, next_book)| (ops, next_book, installs))
+            let written = snapshot_ops(id, created_ms, &mut parts, record_bytes_max, &book)
+                .map(|(ops, next_book)| (ops, next_book, installs));
+            (book, written)
         })
         .await
-        .map_err(|_| SnapshotError::Actors)?
-        .map_err(|error| SnapshotError::Storage(StorageError::Io(error.to_string())))?;
+        .map_err(|_| SnapshotError::Actors)?;
+        *history = book;
+        let (ops, next_book, installs) =
+            written.map_err(|error| SnapshotError::Storage(StorageError::Io(error.to_string())))?;
         let bytes: usize = ops
             .iter()
             .map(|op| match op {

@@ -645,6 +645,8 @@ impl TenantCore {
         self.dedup.plan_extend()
     }
 
+    /// A new summary filter planned will not come
+    /// (`DedupIndex::abandon_rebuild`).
     pub fn abandon_rebuild(&mut self) {
         self.dedup.abandon_rebuild();
     }
