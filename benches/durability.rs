@@ -103,6 +103,7 @@ fn build_recovery_fixture(dir: &std::path::Path, now_ms: i64) -> Config {
             metrics,
             runs: Vec::new(),
             experiments: Vec::new(),
+            history_extents: Vec::new(),
         });
     }
     store

@@ -184,12 +184,18 @@ impl Node {
             return Err(SnapshotError::DiskShort { free_bytes });
         }
         let stopwatch = Stopwatch::start();
+        // The book goes with the work and comes back only with a durable
+        // snapshot: after any failure on the way (or a panic) it stays empty,
+        // and the next snapshot asks for the history whole and writes every
+        // chunk (the exports taken here mark the metrics' history unchanged).
+        let book = std::mem::take(&mut *history);
+        let whole_history = book.is_empty();
         let tenants = self.tenant_list();
         let mut taken = Vec::with_capacity(tenants.len());
         for (_, tenant) in &tenants {
             let part = tenant
                 .actor
-                .send(TakeSnapshot)
+                .send(TakeSnapshot { whole_history })
                 .await
                 .map_err(|_| SnapshotError::Actors)?
                 .map_err(|error| SnapshotError::Tenant(error.to_string()))?;
@@ -200,10 +206,7 @@ impl Node {
         let record_bytes_max = self.config.storage.record_bytes_max;
         let data_dir = self.config.storage.data_dir.clone();
         // the sealed ids become runs, durable before the manifest lists them
-        // the book goes with the work and comes back (a panic there leaves it
-        // empty: the next snapshot writes every chunk)
-        let book = std::mem::take(&mut *history);
-        let (book, written) = tokio::task::spawn_blocking(move || {
+        let written = tokio::task::spawn_blocking(move || {
             let mut parts = Vec::with_capacity(taken.len());
             let mut installs = Vec::with_capacity(taken.len());
             for (mut part, sealed) in taken {
@@ -211,13 +214,11 @@ impl Node {
                 installs.push((part.tenant.clone(), runs));
                 parts.push(part);
             }
-            let written = snapshot_ops(id, created_ms, &mut parts, record_bytes_max, &book)
-                .map(|(ops, next_book)| (ops, next_book, installs));
-            (book, written)
+            snapshot_ops(id, created_ms, &mut parts, record_bytes_max, &book)
+                .map(|(ops, next_book)| (ops, next_book, installs))
         })
         .await
         .map_err(|_| SnapshotError::Actors)?;
-        *history = book;
         let (ops, next_book, installs) =
             written.map_err(|error| SnapshotError::Storage(StorageError::Io(error.to_string())))?;
         let bytes: usize = ops
@@ -231,9 +232,10 @@ impl Node {
             .commit(ops)
             .await
             .map_err(SnapshotError::Storage)?;
-        // the first prune after a start looks at every history chunk: one of a
-        // snapshot that never finished may have an id no snapshot has
-        let sweep_history = history.is_empty();
+        // the first prune after a start (or a failed snapshot) looks at every
+        // history chunk: one of a snapshot that never finished may have an id
+        // no snapshot has
+        let sweep_history = whole_history;
         // durable: the next snapshot lists the chunks this one wrote or listed
         *history = next_book;
         let store = Arc::clone(&self.store);

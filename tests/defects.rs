@@ -350,7 +350,14 @@ async fn defect_1_a_metric_actor_gone_after_the_flush_stops_the_tenant() {
         .failure()
         .is_some_and(|reason| reason.contains("metric actor")));
     // and no snapshot of it is taken: only the log can say what counts
-    assert!(tenant.actor.send(TakeSnapshot).await.unwrap().is_err());
+    assert!(tenant
+        .actor
+        .send(TakeSnapshot {
+            whole_history: true
+        })
+        .await
+        .unwrap()
+        .is_err());
 }
 
 /// Defect 2: an all-duplicate batch waited for the flush but not for the
@@ -543,7 +550,14 @@ async fn defect_5_outcomes_are_counted_when_decided_even_if_nobody_waits() {
     drop(request);
     store.open();
     // a snapshot waits until every batch handed to the tenant is applied
-    tenant.actor.send(TakeSnapshot).await.unwrap().unwrap();
+    tenant
+        .actor
+        .send(TakeSnapshot {
+            whole_history: true,
+        })
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(tenant.gmv_today(T0_MS).await, (3, 2));
     assert_eq!(outcome_count(&handle, "accepted") - accepted_before, 2);
     assert_eq!(outcome_count(&handle, "duplicate") - duplicates_before, 1);

@@ -41,7 +41,7 @@ use tally::storage::recovery::{recover, series_settings};
 use tally::storage::runs::{commit_merge, cover_runs, merge_runs, runs_dir};
 use tally::storage::snapshot::{
     delete_unlisted_runs, plan_ops, prune_ops, snapshot_ops, write_sealed_runs, HistoryBook,
-    TenantSnapshot,
+    TenantSnapshot, HISTORY_CHUNK_S,
 };
 use tally::storage::{key_lsn, lsn_key, Op, Space, StorageError, Store};
 
@@ -650,6 +650,19 @@ impl Sim {
         }
         // as the actor does: the remembered ids are sealed for runs on disk
         let sealed = self.node.core.seal_dedup();
+        // as the node does: the history whole after a start, else only the
+        // chunks changed since the last (durable) snapshot
+        let whole_history = self.node.history.is_empty();
+        let mut history_extents = Vec::new();
+        let mut metrics = Vec::new();
+        for (def, state) in self.catalogue.metrics().iter().zip(&mut self.node.metrics) {
+            let Some(state) = state.as_mut() else {
+                continue;
+            };
+            let (export, extent) = state.export_history(whole_history, HISTORY_CHUNK_S);
+            metrics.push((def.name.clone(), export));
+            history_extents.push(extent);
+        }
         let mut part = TenantSnapshot {
             tenant: TENANT.into(),
             position_lsn: self.node.next_lsn.load(Ordering::SeqCst).saturating_sub(1),
@@ -657,13 +670,8 @@ impl Sim {
             dedup: self.node.core.export_dedup(),
             runs: self.node.core.dedup().runs(),
             experiments: Vec::new(),
-            metrics: self
-                .catalogue
-                .metrics()
-                .iter()
-                .zip(&self.node.metrics)
-                .filter_map(|(def, state)| Some((def.name.clone(), state.as_ref()?.export())))
-                .collect(),
+            metrics,
+            history_extents,
         };
         let runs = write_sealed_runs(&self.config.storage.data_dir, &mut part, &sealed);
         let id = self.node.next_snapshot_id;
@@ -677,6 +685,14 @@ impl Sim {
             &self.node.history,
         )
         .map_err(|error| error.to_string())?;
+        if self.rng.chance(8) {
+            // the commit fails before anything of it is durable and the node
+            // goes on: it keeps no book (node.rs), so the next snapshot asks
+            // for the history whole (these exports marked it unchanged)
+            self.faults += 1;
+            self.node.history = HistoryBook::default();
+            return Ok(());
+        }
         if self.rng.chance(5) {
             // the flush fails before the manifest is durable
             self.faults += 1;

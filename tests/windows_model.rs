@@ -9,7 +9,7 @@
 //! its state goes through a snapshot (export, envelope, decode, import) and the
 //! run goes on from what was restored, as recovery does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::TimeZone;
 use chrono_tz::Tz;
@@ -21,14 +21,17 @@ use tally::domain::catalogue::{Catalogue, MetricDef, MetricKind, SumField};
 use tally::domain::dedup::{Admission, DedupIndex};
 use tally::domain::event::{parse_event, validate_event, EventLimits, ValidationContext};
 use tally::domain::histogram::{empty_histogram, HistogramStats};
-use tally::domain::metric::{MetricState, SeriesReading, SeriesSettings};
+use tally::domain::metric::{
+    MetricExport, MetricState, SeriesExport, SeriesReading, SeriesSettings,
+};
 use tally::domain::quarantine::QuarantineStore;
 use tally::domain::tenant::{EventOutcome, TenantContext, TenantCore};
+use tally::domain::time::BUCKET_HISTORY_S;
 use tally::domain::window::{SlidingTally, Tally};
 use tally::storage::envelope::{decode, encode, RecordKind};
 use tally::storage::snapshot::{
     decode_history_chunk, decode_part, history_key, join_history, part_key, snapshot_ops,
-    HistoryBook, TenantSnapshot,
+    HistoryBook, TenantSnapshot, HISTORY_CHUNK_S,
 };
 use tally::storage::{Op, Space};
 
@@ -106,6 +109,8 @@ struct GenEvent {
 struct Step {
     advance_ms: i64,
     events: Vec<GenEvent>,
+    /// A snapshot after the step (`restart` takes one anyway).
+    snapshot: bool,
     restart: bool,
 }
 
@@ -150,11 +155,13 @@ fn gen_step() -> impl Strategy<Value = Step> {
             1 => 120_000i64..4_000_000,
         ],
         proptest::collection::vec(gen_event(), 0..6),
+        proptest::bool::weighted(0.3),
         proptest::bool::weighted(0.1),
     )
-        .prop_map(|(advance_ms, events, restart)| Step {
+        .prop_map(|(advance_ms, events, snapshot, restart)| Step {
             advance_ms,
             events,
+            snapshot,
             restart,
         })
 }
@@ -304,21 +311,96 @@ fn device_name(device: Option<usize>) -> String {
 }
 
 /// The engine as the actors drive it: the tenant core decides, then every
-/// metric applies the plan's events.
+/// metric applies the plan's events; snapshots go to `stored` as the node
+/// writes them.
 struct Engine {
     core: TenantCore,
     metrics: Vec<MetricState>,
     settings: SeriesSettings,
+    /// Every record the snapshots wrote (none is pruned here).
+    stored: HashMap<(Space, Vec<u8>), Vec<u8>>,
+    /// The history chunks of the last snapshot (empty after a start).
+    book: HistoryBook,
+    snapshot_id: u64,
 }
 
 fn tenant_core(context: Arc<TenantContext>, dedup: DedupIndex, now_ms: i64) -> TenantCore {
     TenantCore::new(context, dedup, QuarantineStore::new(10, 1024), now_ms)
 }
 
+/// What `MetricState::import` keeps of an export: the seconds a series still
+/// holds (a chunk listed again may carry seconds that have left since).
+fn held_history(metric: &mut MetricExport) {
+    fn held(series: &mut SeriesExport) {
+        match series {
+            SeriesExport::Counter(counter) => {
+                let head_s = counter.head_s;
+                counter
+                    .buckets
+                    .retain(|bucket| bucket.0 > head_s - BUCKET_HISTORY_S);
+            }
+            SeriesExport::Histogram(histogram) => {
+                let head_s = histogram.head_s;
+                histogram
+                    .slices
+                    .retain(|slice| slice.0 > head_s - BUCKET_HISTORY_S);
+            }
+        }
+    }
+    held(&mut metric.total);
+    for (_, values) in &mut metric.breakdowns {
+        for (_, series) in values {
+            held(series);
+        }
+    }
+}
+
 impl Engine {
-    /// Through a snapshot and back, as a restart does.
+    /// A snapshot as the node takes it (the history whole only after a
+    /// start, else the chunks changed since the last one), written to
+    /// `stored`; returns its id.
+    fn snapshot(&mut self, catalogue: &Catalogue, now_ms: i64) -> u64 {
+        let whole_history = self.book.is_empty();
+        let mut metrics = Vec::new();
+        let mut history_extents = Vec::new();
+        for (def, state) in catalogue.metrics().iter().zip(&mut self.metrics) {
+            let (export, extent) = state.export_history(whole_history, HISTORY_CHUNK_S);
+            metrics.push((def.name.clone(), export));
+            history_extents.push(extent);
+        }
+        let part = TenantSnapshot {
+            tenant: "t".into(),
+            position_lsn: 0,
+            now_ms,
+            dedup: self.core.export_dedup(),
+            runs: Vec::new(),
+            experiments: Vec::new(),
+            metrics,
+            history_extents,
+        };
+        self.snapshot_id += 1;
+        let id = self.snapshot_id;
+        let mut parts = [part.clone()];
+        let (ops, next_book) = snapshot_ops(id, now_ms, &mut parts, 1 << 30, &self.book).unwrap();
+        assert_eq!(parts[0], part, "the parts are given back as they were");
+        for op in ops {
+            match op {
+                Op::Put { space, key, value } => {
+                    self.stored.insert((space, key), value);
+                }
+                Op::Remove { space, key } => {
+                    self.stored.remove(&(space, key));
+                }
+            }
+        }
+        self.book = next_book;
+        id
+    }
+
+    /// Through a snapshot and back, as a restart does: the part read back
+    /// with the chunks it lists holds what the metrics hold.
     fn restart(&mut self, catalogue: &Catalogue, now_ms: i64) {
-        let snapshot = TenantSnapshot {
+        let whole = TenantSnapshot {
             tenant: "t".into(),
             position_lsn: 0,
             now_ms,
@@ -331,40 +413,30 @@ impl Engine {
                 .zip(&self.metrics)
                 .map(|(def, state)| (def.name.clone(), state.export()))
                 .collect(),
+            history_extents: Vec::new(),
         };
-        // as a snapshot stores it (windows as differences) and reads it back:
-        // exactly the part it was, and as the shape before still reads
-        let mut parts = [snapshot.clone()];
-        let (ops, _) =
-            snapshot_ops(1, now_ms, &mut parts, 1 << 30, &HistoryBook::default()).unwrap();
-        assert_eq!(parts[0], snapshot, "the parts are given back as they were");
-        let value_at = |space: Space, key: &[u8]| {
-            ops.iter().find_map(|op| match op {
-                Op::Put {
-                    space: at,
-                    key: put,
-                    value,
-                } if *at == space && put == key => Some(value.clone()),
-                _ => None,
-            })
-        };
-        let part = value_at(Space::Snapshot, &part_key(1, "t")).expect("the part is written");
-        let (mut restored, history) = decode_part(&part, 1 << 30).unwrap();
+        let id = self.snapshot(catalogue, now_ms);
+        let part = &self.stored[&(Space::Snapshot, part_key(id, "t"))];
+        let (mut restored, history) = decode_part(part, 1 << 30).unwrap();
         for chunk in &history {
             let key = history_key(chunk.written_by, "t", &chunk.metric, chunk.start_s);
-            let bytes = value_at(Space::History, &key).expect("every chunk listed is written");
+            let bytes = &self.stored[&(Space::History, key)];
             let (_, metric) = restored
                 .metrics
                 .iter_mut()
                 .find(|(name, _)| *name == chunk.metric)
                 .unwrap();
-            join_history(metric, decode_history_chunk(&bytes, 1 << 30).unwrap());
+            join_history(metric, decode_history_chunk(bytes, 1 << 30).unwrap());
         }
-        assert_eq!(restored, snapshot);
-        let bytes = encode(RecordKind::SnapshotPartRuns, &snapshot).unwrap();
-        let restored: TenantSnapshot =
+        for (_, metric) in &mut restored.metrics {
+            held_history(metric);
+        }
+        assert_eq!(restored, whole);
+        // as the shape before history chunks still reads
+        let bytes = encode(RecordKind::SnapshotPartRuns, &whole).unwrap();
+        let decoded: TenantSnapshot =
             decode(&bytes, RecordKind::SnapshotPartRuns, 1 << 30).unwrap();
-        assert_eq!(restored, snapshot);
+        assert_eq!(decoded, whole);
         let mut dedup = DedupIndex::new(HORIZON_S, 1_000_000);
         for (key, second) in restored.dedup {
             dedup.remember_accepted(key, second).unwrap();
@@ -378,6 +450,8 @@ impl Engine {
                 MetricState::import(index, def, self.settings, &restored.metrics[index].1).unwrap()
             })
             .collect();
+        // a start knows no earlier snapshot's chunks
+        self.book = HistoryBook::default();
     }
 }
 
@@ -424,6 +498,9 @@ fn run(start_ms: i64, steps: Vec<Step>) -> Result<(), TestCaseError> {
                     .enumerate()
                     .map(|(i, def)| MetricState::new(i, def, settings, start_ms))
                     .collect(),
+                stored: HashMap::new(),
+                book: HistoryBook::default(),
+                snapshot_id: 0,
             }
         })
         .collect();
@@ -499,6 +576,9 @@ fn run(start_ms: i64, steps: Vec<Step>) -> Result<(), TestCaseError> {
             for metric in &mut engine.metrics {
                 let report = metric.apply(&plan.events, now_ms);
                 prop_assert_eq!(report.events_refused, 0);
+            }
+            if step.snapshot {
+                engine.snapshot(&catalogue, now_ms);
             }
         }
         for (engine, reference) in engines.iter_mut().zip(&references) {

@@ -12,8 +12,8 @@ use actix::prelude::*;
 use crate::domain::catalogue::MetricDef;
 use crate::domain::event::ValidEvent;
 use crate::domain::metric::{
-    MetricExport, MetricState, SeriesPoints, SeriesReading, SeriesSettings, VariantSetExport,
-    VariantsReading, Watched,
+    HistoryExtent, MetricExport, MetricState, SeriesPoints, SeriesReading, SeriesSettings,
+    VariantSetExport, VariantsReading, Watched,
 };
 use crate::domain::time::SlidingWindow;
 use crate::telemetry;
@@ -128,16 +128,24 @@ impl Handler<ReadMetric> for MetricActor {
 }
 
 /// The state for a snapshot (sent after every apply it must include): the
-/// series, and the per-variant counts of the experiments watched.
+/// series (their history whole, or only the chunks of `chunk_s` seconds
+/// changed since the last export: `MetricState::export_history`), and the
+/// per-variant counts of the experiments watched.
 #[derive(Message)]
-#[rtype(result = "(MetricExport, Vec<VariantSetExport>)")]
-pub struct ExportState;
+#[rtype(result = "(MetricExport, HistoryExtent, Vec<VariantSetExport>)")]
+pub struct ExportState {
+    pub whole_history: bool,
+    pub chunk_s: i64,
+}
 
 impl Handler<ExportState> for MetricActor {
     type Result = MessageResult<ExportState>;
 
-    fn handle(&mut self, _: ExportState, _: &mut Context<Self>) -> Self::Result {
-        MessageResult((self.state.export(), self.state.export_variants()))
+    fn handle(&mut self, message: ExportState, _: &mut Context<Self>) -> Self::Result {
+        let (export, extent) = self
+            .state
+            .export_history(message.whole_history, message.chunk_s);
+        MessageResult((export, extent, self.state.export_variants()))
     }
 }
 

@@ -24,7 +24,7 @@ use crate::domain::quarantine::QuarantinedEvent;
 use crate::domain::tenant::{CoreError, OutcomeCounts, Plan, RetryDecision, TenantCore};
 pub use crate::domain::tenant::{EventOutcome, QuarantineCandidate, TenantContext};
 use crate::storage::commit::Committer;
-use crate::storage::snapshot::{plan_ops, TenantSnapshot};
+use crate::storage::snapshot::{plan_ops, TenantSnapshot, HISTORY_CHUNK_S};
 use crate::storage::StorageError;
 use crate::telemetry::{self, Outcome};
 
@@ -476,10 +476,15 @@ impl Handler<RetryQuarantined> for TenantActor {
 /// The tenant's state for a snapshot: waits until every batch already accepted
 /// is applied (taking no new messages meanwhile), seals the remembered ids for
 /// runs on disk, then exports. With the part come the sealed sets the snapshot
-/// must write as runs (and list) before it commits.
+/// must write as runs (and list) before it commits. Unless `whole_history`,
+/// the metrics' history holds only the chunks changed since the last export
+/// (`TenantSnapshot::history_extents`): ask for it whole after a start and
+/// whenever the last snapshot did not become durable.
 #[derive(Message)]
 #[rtype(result = "Result<(TenantSnapshot, Vec<Arc<SealedIds>>), TenantError>")]
-pub struct TakeSnapshot;
+pub struct TakeSnapshot {
+    pub whole_history: bool,
+}
 
 /// The runs a snapshot wrote are durable and listed: their ids leave memory.
 #[derive(Message)]
@@ -618,7 +623,7 @@ impl Handler<InstallCover> for TenantActor {
 impl Handler<TakeSnapshot> for TenantActor {
     type Result = AtomicResponse<Self, Result<(TenantSnapshot, Vec<Arc<SealedIds>>), TenantError>>;
 
-    fn handle(&mut self, _: TakeSnapshot, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, message: TakeSnapshot, _: &mut Context<Self>) -> Self::Result {
         let core = Rc::clone(&self.core);
         let progress = Rc::clone(&self.progress);
         let idle = async move {
@@ -631,7 +636,8 @@ impl Handler<TakeSnapshot> for TenantActor {
             }
         }
         .into_actor(self);
-        AtomicResponse::new(Box::pin(idle.then(|(), actor, _| {
+        let whole_history = message.whole_history;
+        AtomicResponse::new(Box::pin(idle.then(move |(), actor, _| {
             // Every LSN handed out so far that belongs to this tenant is applied,
             // and this actor hands out no new one until the export is done.
             let position_lsn = actor
@@ -671,18 +677,24 @@ impl Handler<TakeSnapshot> for TenantActor {
                 }
                 let mut requests = Vec::with_capacity(names.len());
                 for (name, addr) in &names {
-                    requests.push((name.clone(), addr.send(ExportState)));
+                    let export = ExportState {
+                        whole_history,
+                        chunk_s: HISTORY_CHUNK_S,
+                    };
+                    requests.push((name.clone(), addr.send(export)));
                 }
                 let mut metrics = Vec::with_capacity(requests.len());
+                let mut history_extents = Vec::with_capacity(requests.len());
                 let mut experiments = Vec::new();
                 for (name, request) in requests {
-                    let (export, variants) = request
+                    let (export, extent, variants) = request
                         .await
                         .map_err(|_| TenantError::ActorGone(tenant.clone()))?;
                     if !variants.is_empty() {
                         experiments.push((name.clone(), variants));
                     }
                     metrics.push((name, export));
+                    history_extents.push(extent);
                 }
                 Ok((
                     TenantSnapshot {
@@ -693,6 +705,7 @@ impl Handler<TakeSnapshot> for TenantActor {
                         metrics,
                         runs,
                         experiments,
+                        history_extents,
                     },
                     sealed,
                 ))

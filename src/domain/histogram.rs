@@ -241,8 +241,14 @@ impl HistogramWindows {
     }
 
     pub fn export(&self) -> HistogramExport {
+        self.export_from(i64::MIN)
+    }
+
+    /// `export`, with the slices of seconds before `from_s` left out.
+    pub fn export_from(&self, from_s: i64) -> HistogramExport {
         let mut slices = Vec::new();
-        for second in (self.head_s - BUCKET_HISTORY_S + 1)..=(self.head_s + self.ahead_s) {
+        let first_s = from_s.max(self.head_s - BUCKET_HISTORY_S + 1);
+        for second in first_s..=(self.head_s + self.ahead_s) {
             let slice = self.slice(second);
             if !slice.is_empty() {
                 slices.push((second, slice.to_vec()));
@@ -259,6 +265,12 @@ impl HistogramWindows {
             slices,
             today,
         }
+    }
+
+    /// The oldest second whose slice the series still holds (and `import`
+    /// keeps); `None` while it holds none.
+    pub fn held_from_s(&self) -> Option<i64> {
+        (!self.slices.is_empty()).then_some(self.head_s - BUCKET_HISTORY_S + 1)
     }
 
     /// Rebuilds a series from `export`; values past `value_max` (a smaller

@@ -18,7 +18,7 @@ use super::event::ValidEvent;
 use super::histogram::{
     empty_histogram, HistogramExport, HistogramReading, HistogramStats, HistogramWindows,
 };
-use super::time::{SlidingWindow, BUCKET_HISTORY_S};
+use super::time::{second_of_ms, SlidingWindow, BUCKET_HISTORY_S};
 use super::window::{CounterExport, CounterReading, CounterWindows, RecordError, Tally};
 
 /// The breakdown series that takes dim values past the cap.
@@ -46,6 +46,19 @@ enum Series {
 pub enum SeriesExport {
     Counter(CounterExport),
     Histogram(HistogramExport),
+}
+
+/// What a metric's export from `MetricState::export_history` holds of its
+/// per-second history.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HistoryExtent {
+    /// `None`: every second. `Some(s)`: the seconds from `s` on (a multiple of
+    /// the chunk length asked for); those before `s` are as the previous
+    /// export had them, less what has left the windows since.
+    pub from_s: Option<i64>,
+    /// The oldest second any series still holds (`None`: none holds any);
+    /// what lies before it has left every window.
+    pub held_from_s: Option<i64>,
 }
 
 /// A metric's state as a snapshot stores it.
@@ -114,9 +127,20 @@ impl Series {
     }
 
     fn export(&self) -> SeriesExport {
+        self.export_from(i64::MIN)
+    }
+
+    fn export_from(&self, from_s: i64) -> SeriesExport {
         match self {
-            Series::Counter(windows) => SeriesExport::Counter(windows.export()),
-            Series::Histogram(windows) => SeriesExport::Histogram(windows.export()),
+            Series::Counter(windows) => SeriesExport::Counter(windows.export_from(from_s)),
+            Series::Histogram(windows) => SeriesExport::Histogram(windows.export_from(from_s)),
+        }
+    }
+
+    fn held_from_s(&self) -> Option<i64> {
+        match self {
+            Series::Counter(windows) => windows.held_from_s(),
+            Series::Histogram(windows) => windows.held_from_s(),
         }
     }
 
@@ -348,6 +372,10 @@ pub struct MetricState {
     /// An empty histogram of the metric's range, for the HDR bucket of a
     /// value (histogram metrics with experiments only).
     shape: Option<Box<Histogram<u64>>>,
+    /// The earliest second an event was counted at since the last
+    /// `export_history` (`i64::MAX`: none; `i64::MIN`: every second counts as
+    /// changed, as for a state made or imported since).
+    history_changed_from_s: i64,
 }
 
 impl MetricState {
@@ -369,6 +397,7 @@ impl MetricState {
             breakdown_series: 0,
             experiments: Vec::new(),
             shape: None,
+            history_changed_from_s: i64::MIN,
         }
     }
 
@@ -377,8 +406,37 @@ impl MetricState {
     }
 
     pub fn export(&self) -> MetricExport {
+        self.export_from(i64::MIN)
+    }
+
+    /// The export for a snapshot that keeps the history in chunks of
+    /// `chunk_s` seconds: every second when `whole`, else the chunks counted
+    /// into since the previous call (the caller keeps the earlier ones from
+    /// the export before, which must have been made durable: after a failed
+    /// snapshot, ask for `whole`). Marks the history unchanged.
+    pub fn export_history(&mut self, whole: bool, chunk_s: i64) -> (MetricExport, HistoryExtent) {
+        let changed_from_s = std::mem::replace(&mut self.history_changed_from_s, i64::MAX);
+        let from_s = (!whole && changed_from_s != i64::MIN)
+            .then(|| changed_from_s.div_euclid(chunk_s).saturating_mul(chunk_s));
+        let mut held_from_s = self.total.held_from_s();
+        for breakdown in &self.breakdowns {
+            for series in breakdown.by_value.values() {
+                held_from_s = match (held_from_s, series.held_from_s()) {
+                    (Some(held), Some(other)) => Some(held.min(other)),
+                    (held, other) => held.or(other),
+                };
+            }
+        }
+        let extent = HistoryExtent {
+            from_s,
+            held_from_s,
+        };
+        (self.export_from(from_s.unwrap_or(i64::MIN)), extent)
+    }
+
+    fn export_from(&self, from_s: i64) -> MetricExport {
         MetricExport {
-            total: self.total.export(),
+            total: self.total.export_from(from_s),
             breakdowns: self
                 .breakdowns
                 .iter()
@@ -386,7 +444,7 @@ impl MetricState {
                     let mut values: Vec<(String, SeriesExport)> = breakdown
                         .by_value
                         .iter()
-                        .map(|(value, series)| (value.clone(), series.export()))
+                        .map(|(value, series)| (value.clone(), series.export_from(from_s)))
                         .collect();
                     values.sort_by(|a, b| a.0.cmp(&b.0));
                     (breakdown.dim.clone(), values)
@@ -470,6 +528,8 @@ impl MetricState {
                 continue;
             }
             report.events_applied += 1;
+            self.history_changed_from_s =
+                self.history_changed_from_s.min(second_of_ms(event.ts_ms));
             for breakdown in &mut self.breakdowns {
                 let value = event.dim(&breakdown.dim).unwrap_or(NONE_DIM_VALUE);
                 let key = if breakdown.by_value.contains_key(value) {

@@ -319,8 +319,14 @@ impl CounterWindows {
 
     /// The state as a snapshot keeps it: the non-zero buckets and today.
     pub fn export(&self) -> CounterExport {
+        self.export_from(i64::MIN)
+    }
+
+    /// `export`, with the buckets of seconds before `from_s` left out.
+    pub fn export_from(&self, from_s: i64) -> CounterExport {
         let mut buckets = Vec::new();
-        for second in (self.head_s - BUCKET_HISTORY_S + 1)..=(self.head_s + self.ahead_s) {
+        let first_s = from_s.max(self.head_s - BUCKET_HISTORY_S + 1);
+        for second in first_s..=(self.head_s + self.ahead_s) {
             let tally = self.bucket(second);
             if tally != Tally::default() {
                 buckets.push((second, tally.sum, tally.count));
@@ -331,6 +337,13 @@ impl CounterWindows {
             buckets,
             today: (self.today.sum, self.today.count),
         }
+    }
+
+    /// The oldest second whose bucket the series still holds (and `import`
+    /// keeps); `None` while it holds none.
+    pub fn held_from_s(&self) -> Option<i64> {
+        (self.has_rings() || !self.overflow.is_empty())
+            .then_some(self.head_s - BUCKET_HISTORY_S + 1)
     }
 
     /// Rebuilds a series from `export`. Buckets outside the ring (a smaller

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::domain::dedup::{Run, RunMeta, SealedIds};
 use crate::domain::event::ValidEvent;
 use crate::domain::histogram::HistogramExport;
-use crate::domain::metric::{MetricExport, SeriesExport, VariantSetExport};
+use crate::domain::metric::{HistoryExtent, MetricExport, SeriesExport, VariantSetExport};
 use crate::domain::tenant::{Plan, QuarantineWrite};
 use crate::domain::window::CounterExport;
 
@@ -109,6 +109,12 @@ pub struct TenantSnapshot {
     pub runs: Vec<RunMeta>,
     /// By metric name: the experiments' per-variant counts.
     pub experiments: Vec<(String, Vec<VariantSetExport>)>,
+    /// Per metric of `metrics` (the same order): which of its history the
+    /// export holds (`MetricState::export_history`). Empty, or a metric
+    /// missing: all of it. Not stored; `snapshot_ops` lists the chunks left
+    /// out again from the last durable snapshot.
+    #[serde(skip)]
+    pub history_extents: Vec<HistoryExtent>,
 }
 
 /// A part as `RecordKind::SnapshotPartHistory` stores it: the windows hold
@@ -251,7 +257,7 @@ pub fn history_key(written_by: u64, tenant: &str, metric: &str, start_s: i64) ->
 /// writes every chunk).
 #[derive(Debug, Clone, Default)]
 pub struct HistoryBook {
-    chunks: std::collections::HashMap<(String, String, i64), (u128, u64)>,
+    chunks: std::collections::BTreeMap<(String, String, i64), (u128, u64)>,
 }
 
 impl HistoryBook {
@@ -439,6 +445,7 @@ fn decode_part_before_history(
             metrics: old.metrics,
             runs: old.runs,
             experiments: Vec::new(),
+            history_extents: Vec::new(),
         }),
         Err(EnvelopeError::Kind { .. }) => {
             let old: TenantSnapshotWithoutRuns =
@@ -451,6 +458,7 @@ fn decode_part_before_history(
                 metrics: old.metrics,
                 runs: Vec::new(),
                 experiments: Vec::new(),
+                history_extents: Vec::new(),
             })
         }
         Err(error) => Err(error),
@@ -599,9 +607,11 @@ pub fn snapshot_ops(
     Ok((ops, next_book))
 }
 
-/// The chunks of one part: each encoded, written when `book` holds another
-/// digest for it (or none), listed either way. `chunks` are given back as
-/// they came (by metric index, first second).
+/// The chunks of one part: those the export left out listed again as
+/// `book` has them (less those wholly before every second a series still
+/// holds), the others each encoded, written when `book` holds another digest
+/// for it (or none), listed either way. `chunks` are given back as they came
+/// (by metric index, first second).
 fn history_ops(
     id: u64,
     part: &TenantSnapshot,
@@ -612,31 +622,53 @@ fn history_ops(
 ) -> Result<(Vec<HistoryRef>, Vec<Op>), EnvelopeError> {
     let mut history = Vec::with_capacity(chunks.len());
     let mut ops = Vec::new();
-    for (index, start_s, chunk) in chunks.iter_mut() {
-        let metric = &part.metrics[*index].0;
-        metric_deltas(chunk, true);
-        let encoded = encode_within(RecordKind::HistoryChunk, &*chunk, record_bytes_max);
-        metric_deltas(chunk, false);
-        let encoded = encoded?;
-        let digest = xxhash_rust::xxh3::xxh3_128(&encoded);
-        let book_key = (part.tenant.clone(), metric.clone(), *start_s);
-        let written_by = match book.chunks.get(&book_key) {
-            Some(&(known, written_by)) if known == digest => written_by,
-            _ => {
-                ops.push(Op::Put {
-                    space: Space::History,
-                    key: history_key(id, &part.tenant, metric, *start_s),
-                    value: encoded,
-                });
-                id
+    let mut next_chunk = 0;
+    for (index, (metric, _)) in part.metrics.iter().enumerate() {
+        let extent = part.history_extents.get(index).copied().unwrap_or_default();
+        if let (Some(from_s), Some(held_from_s)) = (extent.from_s, extent.held_from_s) {
+            let first_s = held_from_s.div_euclid(HISTORY_CHUNK_S) * HISTORY_CHUNK_S;
+            if first_s < from_s {
+                let first = (part.tenant.clone(), metric.clone(), first_s);
+                let end = (part.tenant.clone(), metric.clone(), from_s);
+                for (book_key, &(digest, written_by)) in book.chunks.range(first..end) {
+                    next_book
+                        .chunks
+                        .insert(book_key.clone(), (digest, written_by));
+                    history.push(HistoryRef {
+                        metric: metric.clone(),
+                        start_s: book_key.2,
+                        written_by,
+                    });
+                }
             }
-        };
-        next_book.chunks.insert(book_key, (digest, written_by));
-        history.push(HistoryRef {
-            metric: metric.clone(),
-            start_s: *start_s,
-            written_by,
-        });
+        }
+        while next_chunk < chunks.len() && chunks[next_chunk].0 == index {
+            let (_, start_s, chunk) = &mut chunks[next_chunk];
+            next_chunk += 1;
+            metric_deltas(chunk, true);
+            let encoded = encode_within(RecordKind::HistoryChunk, &*chunk, record_bytes_max);
+            metric_deltas(chunk, false);
+            let encoded = encoded?;
+            let digest = xxhash_rust::xxh3::xxh3_128(&encoded);
+            let book_key = (part.tenant.clone(), metric.clone(), *start_s);
+            let written_by = match book.chunks.get(&book_key) {
+                Some(&(known, written_by)) if known == digest => written_by,
+                _ => {
+                    ops.push(Op::Put {
+                        space: Space::History,
+                        key: history_key(id, &part.tenant, metric, *start_s),
+                        value: encoded,
+                    });
+                    id
+                }
+            };
+            next_book.chunks.insert(book_key, (digest, written_by));
+            history.push(HistoryRef {
+                metric: metric.clone(),
+                start_s: *start_s,
+                written_by,
+            });
+        }
     }
     Ok((history, ops))
 }
