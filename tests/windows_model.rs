@@ -22,7 +22,7 @@ use tally::domain::dedup::{Admission, DedupIndex};
 use tally::domain::event::{parse_event, validate_event, EventLimits, ValidationContext};
 use tally::domain::histogram::{empty_histogram, HistogramStats};
 use tally::domain::metric::{
-    MetricExport, MetricState, SeriesExport, SeriesReading, SeriesSettings,
+    HistoryExtent, MetricExport, MetricState, SeriesExport, SeriesReading, SeriesSettings,
 };
 use tally::domain::quarantine::QuarantineStore;
 use tally::domain::tenant::{EventOutcome, TenantContext, TenantCore};
@@ -356,6 +356,25 @@ fn held_history(metric: &mut MetricExport) {
 }
 
 impl Engine {
+    /// The tenant's part at `now_ms` with these metrics' exports.
+    fn part(
+        &self,
+        now_ms: i64,
+        metrics: Vec<(String, MetricExport)>,
+        history_extents: Vec<HistoryExtent>,
+    ) -> TenantSnapshot {
+        TenantSnapshot {
+            tenant: "t".into(),
+            position_lsn: 0,
+            now_ms,
+            dedup: self.core.export_dedup(),
+            runs: Vec::new(),
+            experiments: Vec::new(),
+            metrics,
+            history_extents,
+        }
+    }
+
     /// A snapshot as the node takes it (the history whole only after a
     /// start, else the chunks changed since the last one), written to
     /// `stored`; returns its id.
@@ -368,16 +387,7 @@ impl Engine {
             metrics.push((def.name.clone(), export));
             history_extents.push(extent);
         }
-        let part = TenantSnapshot {
-            tenant: "t".into(),
-            position_lsn: 0,
-            now_ms,
-            dedup: self.core.export_dedup(),
-            runs: Vec::new(),
-            experiments: Vec::new(),
-            metrics,
-            history_extents,
-        };
+        let part = self.part(now_ms, metrics, history_extents);
         self.snapshot_id += 1;
         let id = self.snapshot_id;
         let mut parts = [part.clone()];
@@ -400,21 +410,13 @@ impl Engine {
     /// Through a snapshot and back, as a restart does: the part read back
     /// with the chunks it lists holds what the metrics hold.
     fn restart(&mut self, catalogue: &Catalogue, now_ms: i64) {
-        let whole = TenantSnapshot {
-            tenant: "t".into(),
-            position_lsn: 0,
-            now_ms,
-            dedup: self.core.export_dedup(),
-            runs: Vec::new(),
-            experiments: Vec::new(),
-            metrics: catalogue
-                .metrics()
-                .iter()
-                .zip(&self.metrics)
-                .map(|(def, state)| (def.name.clone(), state.export()))
-                .collect(),
-            history_extents: Vec::new(),
-        };
+        let metrics = catalogue
+            .metrics()
+            .iter()
+            .zip(&self.metrics)
+            .map(|(def, state)| (def.name.clone(), state.export()))
+            .collect();
+        let whole = self.part(now_ms, metrics, Vec::new());
         let id = self.snapshot(catalogue, now_ms);
         let part = &self.stored[&(Space::Snapshot, part_key(id, "t"))];
         let (mut restored, history) = decode_part(part, 1 << 30).unwrap();
