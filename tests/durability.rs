@@ -213,6 +213,37 @@ async fn snapshots_prune_the_log_and_older_snapshots() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_larger_than_one_commit_removes_every_covered_record() {
+    // the node commits a prune a few hundred removals at a time
+    let node = start_node(|config| config.storage.snapshots_kept = 1).await;
+    let running = node.running.as_ref().unwrap();
+    for batch in 0..300 {
+        node.post("demo-key", &[order(&format!("p{batch}"), 1, T0_MS)])
+            .await;
+    }
+    let wal_records = |store: &dyn Store| {
+        let mut records = 0;
+        store
+            .scan(Space::Wal, &[], &mut |_, _| {
+                records += 1;
+                true
+            })
+            .unwrap();
+        records
+    };
+    assert_eq!(wal_records(&*running.node.store), 300);
+    running.node.take_snapshot().await.unwrap();
+    assert_eq!(wal_records(&*running.node.store), 0);
+    let before = windows(&node).await;
+    assert_eq!(before["metrics"]["gmv"]["windows"]["today"]["value"], 300);
+    let stopped = node.halt_keeping_data().await;
+    let node = start_node_in(stopped.data, stopped.clock, |_| {}).await;
+    assert_eq!(node.recovery().records_replayed, 0);
+    assert_eq!(windows(&node).await, before);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storage_failure_is_503_not_ready_and_fatal() {
     let data = tempfile::tempdir().unwrap();
     let faulty = Arc::new(tally::storage::FaultyStore::new(Arc::new(

@@ -705,6 +705,14 @@ impl Sim {
         self.node.history = next_book;
         let prune = prune_ops(&*self.store, 2, sweep_history, record_bytes_max)
             .map_err(|e| e.to_string())?;
+        if !prune.is_empty() && self.rng.chance(10) {
+            // the node commits a prune a few removals at a time: a crash may
+            // leave any prefix of it durable
+            self.faults += 1;
+            let cut = self.rng.below(prune.len() as u64) as usize;
+            self.store.persist(&prune[..cut]);
+            return self.crash();
+        }
         self.store.persist(&prune);
         for run in runs {
             self.node.core.install_run(run);
