@@ -30,10 +30,13 @@ use crate::storage::{SharedStore, StorageError};
 
 /// Removals a prune commits at a time. The one commit thread applies a
 /// commit whole before its next flush, so every acknowledgement waits for
-/// it: sled took about 50 us a removed log record, and one commit of a
-/// snapshot's prune (2 100 records at full rate, 8 400 for the first snapshot
-/// of four tenants) held every ack 100 ms to 1 s (docs/BENCHMARKS.md).
-const PRUNE_OPS_PER_COMMIT: usize = 128;
+/// it: sled took about 50 us a removed log record, and one commit of the
+/// first snapshot's prune with four tenants (8 400 records) held every ack
+/// for a second. Much smaller pieces (128) slowed the soak more than the
+/// stalls did: each piece lengthens one of ingest's flushes, and a closed
+/// loop loses throughput to every millisecond of ack (docs/BENCHMARKS.md,
+/// ninth session).
+pub const PRUNE_OPS_PER_COMMIT: usize = 1024;
 
 /// What every request handler shares.
 pub struct Node {

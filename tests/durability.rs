@@ -214,10 +214,11 @@ async fn snapshots_prune_the_log_and_older_snapshots() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prune_larger_than_one_commit_removes_every_covered_record() {
-    // the node commits a prune a few hundred removals at a time
+    // the node commits a prune in pieces: this one takes two
+    let records = tally::node::PRUNE_OPS_PER_COMMIT + 100;
     let node = start_node(|config| config.storage.snapshots_kept = 1).await;
     let running = node.running.as_ref().unwrap();
-    for batch in 0..300 {
+    for batch in 0..records {
         node.post("demo-key", &[order(&format!("p{batch}"), 1, T0_MS)])
             .await;
     }
@@ -231,11 +232,14 @@ async fn a_prune_larger_than_one_commit_removes_every_covered_record() {
             .unwrap();
         records
     };
-    assert_eq!(wal_records(&*running.node.store), 300);
+    assert_eq!(wal_records(&*running.node.store), records);
     running.node.take_snapshot().await.unwrap();
     assert_eq!(wal_records(&*running.node.store), 0);
     let before = windows(&node).await;
-    assert_eq!(before["metrics"]["gmv"]["windows"]["today"]["value"], 300);
+    assert_eq!(
+        before["metrics"]["gmv"]["windows"]["today"]["value"],
+        records as u64
+    );
     let stopped = node.halt_keeping_data().await;
     let node = start_node_in(stopped.data, stopped.clock, |_| {}).await;
     assert_eq!(node.recovery().records_replayed, 0);
