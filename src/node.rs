@@ -257,7 +257,7 @@ impl Node {
         .map_err(|_| SnapshotError::Actors)?
         .map_err(SnapshotError::Storage)?;
         let removed = prune.len();
-        // a few removals at a time: ingest's writes go between them
+        // in pieces: ingest's writes go between them
         let mut prune = prune;
         while !prune.is_empty() {
             let rest = prune.split_off(prune.len().min(PRUNE_OPS_PER_COMMIT));
