@@ -289,12 +289,33 @@ async fn a_removed_tenant_stops_at_once_stays_removed_and_its_id_is_retired() {
         1
     );
     let mut session = live_session(&node, "acme-key").await;
+    let acme_telemetry = |scrape: Reply| -> Vec<String> {
+        assert_eq!(scrape.status, StatusCode::OK);
+        let text = scrape.body.as_str().unwrap_or_default().to_string();
+        text.lines()
+            .filter(|line| line.contains("tenant=\"acme\""))
+            .map(str::to_string)
+            .collect()
+    };
+    // (its live session, at least, is in the node's telemetry)
+    let before = acme_telemetry(node.get(Some("admin-key"), "/metrics").await);
+    assert!(
+        before
+            .iter()
+            .any(|line| line.starts_with("tally_live_sessions{")),
+        "{before:?}"
+    );
     // acme is a config tenant: removing it is allowed, and it stays removed
     let removed = node
         .call(Method::DELETE, "admin-key", "/v1/tenants/acme")
         .await;
     assert_eq!(removed.status, StatusCode::NO_CONTENT, "{}", removed.body);
     assert_eq!(close_code(&mut session).await, 4401);
+    // its series leave the scrape at once (they go stale in Prometheus)
+    assert_eq!(
+        acme_telemetry(node.get(Some("admin-key"), "/metrics").await),
+        Vec::<String>::new()
+    );
     assert_eq!(
         node.get(Some("acme-key"), "/v1/metrics").await.status,
         StatusCode::UNAUTHORIZED

@@ -173,12 +173,20 @@ fn sample_tenant(line: &str) -> Option<&str> {
     value.find('"').map(|end| &value[..end])
 }
 
-/// The exporter's telemetry as `view` may see it: every line for `All`;
-/// for `Node` the samples without a tenant label; for a tenant, its own
-/// labelled samples (node-wide figures sum every tenant's traffic).
-fn telemetry_for(rendered: String, view: &ScrapeView) -> String {
+/// The exporter's telemetry as `view` may see it: for `All` every line
+/// but those of tenants no longer `serving`; for `Node` the samples without
+/// a tenant label; for a tenant, its own labelled samples (node-wide figures
+/// sum every tenant's traffic). The exporter cannot forget a series, so a
+/// removed tenant's would be scraped until the next start; left out here,
+/// they go stale in Prometheus as soon as the tenant goes (its id is
+/// retired, so no series comes back).
+fn telemetry_for(rendered: String, view: &ScrapeView, serving: impl Fn(&str) -> bool) -> String {
     match view {
-        ScrapeView::All => rendered,
+        ScrapeView::All => rendered
+            .lines()
+            .filter(|line| sample_tenant(line).is_none_or(&serving))
+            .flat_map(|line| [line, "\n"])
+            .collect(),
         ScrapeView::Node => rendered
             .lines()
             .filter(|line| sample_tenant(line).is_none())
@@ -228,7 +236,9 @@ pub async fn get_metrics(State(node): State<Arc<Node>>, caller: Caller) -> Respo
         }
     }
     // the tenant families after the exporter's, each family whole
-    let mut rendered = telemetry_for(node.prometheus.render(), &view);
+    let mut rendered = telemetry_for(node.prometheus.render(), &view, |tenant| {
+        node.tenant(tenant).is_some()
+    });
     rendered.push_str(&text);
     let mut response = (StatusCode::OK, rendered).into_response();
     response
@@ -405,13 +415,18 @@ mod tests {
 
     #[test]
     fn each_view_sees_only_what_it_may_read() {
-        let node = telemetry_for(RENDERED.to_string(), &ScrapeView::Node);
+        let serving = |_: &str| true;
+        let node = telemetry_for(RENDERED.to_string(), &ScrapeView::Node, serving);
         assert!(!node.contains("{tenant=") && !node.contains(",tenant="));
         // a dim named tenant is not the tenant label
         assert!(node.contains("dim_tenant=\"demo\""));
         assert!(node.contains("tally_events_total{outcome=\"accepted\"} 7\n"));
         assert!(node.contains("process_open_fds 12\n"));
-        let demo = telemetry_for(RENDERED.to_string(), &ScrapeView::Tenant("demo".into()));
+        let demo = telemetry_for(
+            RENDERED.to_string(),
+            &ScrapeView::Tenant("demo".into()),
+            serving,
+        );
         assert_eq!(
             demo.lines()
                 .filter(|line| !line.starts_with('#'))
@@ -419,8 +434,22 @@ mod tests {
             ["tally_quarantine_events{tenant=\"demo\"} 2"]
         );
         assert_eq!(
-            telemetry_for(RENDERED.to_string(), &ScrapeView::All),
+            telemetry_for(RENDERED.to_string(), &ScrapeView::All, serving),
             RENDERED
+        );
+    }
+
+    #[test]
+    fn a_removed_tenants_telemetry_is_left_out() {
+        let all = telemetry_for(RENDERED.to_string(), &ScrapeView::All, |tenant| {
+            tenant != "acme"
+        });
+        assert_eq!(
+            all,
+            RENDERED.replace(
+                "tally_alert_firing{rule=\"r\",tenant=\"acme\",severity=\"P1\"} 1\n",
+                ""
+            )
         );
     }
 }
