@@ -185,6 +185,15 @@ impl Node {
             .ok_or_else(|| AuthError::UnknownTenant(id.to_string()))
     }
 
+    /// Holds off every snapshot while the guard lives: for tests whose
+    /// de-dup table a snapshot asked for at half would empty (the test's
+    /// next batch would then race it). Drop it before stopping the node,
+    /// which takes a last snapshot.
+    #[doc(hidden)]
+    pub async fn hold_snapshots(&self) -> tokio::sync::MutexGuard<'_, HistoryBook> {
+        self.snapshot_lock.lock().await
+    }
+
     /// Snapshots every tenant and prunes what newer snapshots cover. The
     /// tenants' exports are collected from the actors; encoding and writing
     /// happen here, off the actor threads.

@@ -503,6 +503,10 @@ async fn a_full_dedup_table_is_503_and_forgets_nothing() {
         config.ingest.dedup_table_bytes_max = 3 * 128;
     })
     .await;
+    // the first batch fills the table past half, which asks for a snapshot
+    // at once; one that finished before the second batch would empty the
+    // table, so none may start until the 503 is seen
+    let held = node.running.as_ref().unwrap().node.hold_snapshots().await;
     assert_eq!(
         node.post(
             "demo-key",
@@ -524,6 +528,7 @@ async fn a_full_dedup_table_is_503_and_forgets_nothing() {
         node.metrics("demo-key").await["metrics"]["gmv"]["windows"]["today"]["value"],
         3
     );
+    drop(held);
     // duplicates are still recognised: the table was not evicted to make room
     assert_eq!(
         node.post("demo-key", &[order("o-1", 1, T0_MS)]).await.body["duplicates"],
