@@ -21,6 +21,11 @@ use crate::auth::{Caller, Principal};
 use crate::node::Node;
 use crate::storage::{Op, Space, StorageError, Store};
 
+/// The tenant of a record (and the `tenant` label of its telemetry) that
+/// is about every tenant: an admin's scrape, a burst of refusals. Never a
+/// tenant id (those match `[a-z0-9_-]`).
+pub const EVERY_TENANT: &str = "*";
+
 /// One access.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {
@@ -138,7 +143,7 @@ impl AuditLog {
                 seq: 0,
                 at_ms: now_ms,
                 key: "anonymous".into(),
-                tenant: "*".into(),
+                tenant: EVERY_TENANT.into(),
                 action: "auth_failure_burst".into(),
                 target: format!("more than {} refusals (401/403) in a minute", self.burst),
                 status,

@@ -96,8 +96,12 @@ pub async fn record_requests(
     let tenant = match &caller {
         Caller::Key(Principal::Tenant(own)) => own.clone(),
         // a scrape reads every tenant it may, whatever its query says
-        Caller::Key(Principal::Admin) | Caller::Scrape if route == "/metrics" => "*".into(),
-        Caller::Key(Principal::Admin) | Caller::Scrape => named.unwrap_or_else(|| "*".into()),
+        Caller::Key(Principal::Admin) | Caller::Scrape if route == "/metrics" => {
+            crate::audit::EVERY_TENANT.into()
+        }
+        Caller::Key(Principal::Admin) | Caller::Scrape => {
+            named.unwrap_or_else(|| crate::audit::EVERY_TENANT.into())
+        }
         // no tenant data without a key: nothing to record
         Caller::Anonymous | Caller::Invalid => return response,
     };

@@ -176,7 +176,8 @@ fn sample_tenant(line: &str) -> Option<&str> {
 /// The exporter's telemetry as `view` may see it: for `All` every line
 /// but those of tenants no longer `serving`; for `Node` the samples without
 /// a tenant label; for a tenant, its own labelled samples (node-wide figures
-/// sum every tenant's traffic). The exporter cannot forget a series, so a
+/// sum every tenant's traffic; the audit's `*`, about every tenant, is not
+/// one). The exporter cannot forget a series, so a
 /// removed tenant's would be scraped until the next start; left out here,
 /// they go stale in Prometheus as soon as the tenant goes (its id is
 /// retired, so no series comes back).
@@ -184,7 +185,10 @@ fn telemetry_for(rendered: String, view: &ScrapeView, serving: impl Fn(&str) -> 
     match view {
         ScrapeView::All => rendered
             .lines()
-            .filter(|line| sample_tenant(line).is_none_or(&serving))
+            .filter(|line| {
+                sample_tenant(line)
+                    .is_none_or(|tenant| tenant == crate::audit::EVERY_TENANT || serving(tenant))
+            })
             .flat_map(|line| [line, "\n"])
             .collect(),
         ScrapeView::Node => rendered
@@ -398,6 +402,7 @@ mod tests {
         tally_events_total{outcome=\"accepted\"} 7\n\
         tally_quarantine_events{tenant=\"demo\"} 2\n\
         tally_alert_firing{rule=\"r\",tenant=\"acme\",severity=\"P1\"} 1\n\
+        tally_audit_large_reads_total{tenant=\"*\"} 4\n\
         tally_series_folded_total{dim_tenant=\"demo\",metric=\"m\"} 3\n\
         process_open_fds 12\n";
 
@@ -441,8 +446,9 @@ mod tests {
 
     #[test]
     fn a_removed_tenants_telemetry_is_left_out() {
+        // demo serves, acme was removed; `*` is about every tenant
         let all = telemetry_for(RENDERED.to_string(), &ScrapeView::All, |tenant| {
-            tenant != "acme"
+            tenant == "demo"
         });
         assert_eq!(
             all,
