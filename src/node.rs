@@ -259,7 +259,7 @@ impl Node {
         *history = next_book;
         let store = Arc::clone(&self.store);
         let keep = self.config.storage.snapshots_kept;
-        let prune = tokio::task::spawn_blocking(move || {
+        let mut prune = tokio::task::spawn_blocking(move || {
             prune_ops(&*store, keep, sweep_history, record_bytes_max)
         })
         .await
@@ -267,7 +267,6 @@ impl Node {
         .map_err(SnapshotError::Storage)?;
         let removed = prune.len();
         // in pieces: ingest's writes go between them
-        let mut prune = prune;
         while !prune.is_empty() {
             let rest = prune.split_off(prune.len().min(PRUNE_OPS_PER_COMMIT));
             self.committer
